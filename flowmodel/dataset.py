@@ -1,0 +1,519 @@
+"""The FlowDataset: a documented :class:`xarray.Dataset` (DESIGN §3).
+
+Coordinates ``unit``, ``origin`` and ``destination`` (the same ids);
+``country`` is a (non-index) coordinate along ``unit`` — xarray cannot hold a
+``country`` variable on ``unit`` and a ``country`` dimension at once, so
+per-country inputs use the dim ``country_code``; optional ``period``. Unit variables have dim ``unit``; pair
+variables ``(origin, destination)`` (dense) or ``pair`` (sparse, with
+``origin``/``destination`` coordinates along ``pair``). Observed flows are
+``flow_<source>`` (NaN = unobserved or censored), censoring bounds
+``flow_<source>_max`` and exposures ``exposure_<source>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from flowmodel._version import __version__
+from flowmodel.exceptions import DataContractError, InputFileError
+from flowmodel.pairs import cross_border, geodesic_distance_km
+
+__all__ = [
+    "build_dataset",
+    "dataset_fingerprint",
+    "flow_sources",
+    "is_sparse",
+    "load_dataset",
+    "save_dataset",
+    "validate_dataset",
+]
+
+REQUIRED_UNIT_VARS = ("country", "population")
+MAX_IDS = 10
+
+
+def _fmt_ids(ids: Iterable[Any]) -> str:
+    ids = list(ids)
+    shown = ", ".join(str(i) for i in ids[:MAX_IDS])
+    more = f" (and {len(ids) - MAX_IDS} more)" if len(ids) > MAX_IDS else ""
+    return f"[{shown}]{more}"
+
+
+def _fail(variable: str, rule: str, ids: Iterable[Any], fix: str) -> DataContractError:
+    ids = list(ids)
+    return DataContractError(
+        f"variable '{variable}': {rule} — {len(ids)} offending: {_fmt_ids(ids)}. Fix: {fix}"
+    )
+
+
+def is_sparse(ds: xr.Dataset) -> bool:
+    """Whether ``ds`` uses the sparse ``pair`` form rather than dense origin x destination."""
+    return "pair" in ds.dims
+
+
+def flow_sources(ds: xr.Dataset) -> list[str]:
+    """Names of the observed flow sources (``flow_<source>`` variables) in ``ds``."""
+    out = []
+    for name in ds.data_vars:
+        if name.startswith("flow_") and not name.endswith(("_max", "_weighted")):
+            out.append(name.removeprefix("flow_"))
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------- build
+def _units_table(units: Any, id_field: str, country_field: str) -> pd.DataFrame:
+    if isinstance(units, xr.Dataset):
+        units = units.to_dataframe()
+    if not isinstance(units, pd.DataFrame):
+        raise DataContractError(
+            f"units must be a (Geo)DataFrame with '{id_field}' and '{country_field}' columns, "
+            f"got {type(units).__name__}"
+        )
+    table = units.copy()
+    if id_field not in table.columns:
+        if table.index.name == id_field or id_field == "unit_id" and table.index.name == "unit":
+            table = table.reset_index().rename(columns={table.index.name or "index": id_field})
+        else:
+            raise DataContractError(
+                f"units: no id column '{id_field}' (columns: {list(table.columns)}). "
+                "Fix: pass id_field=<name of the unit id column>."
+            )
+    if country_field not in table.columns:
+        raise DataContractError(
+            f"units: no country column '{country_field}' (columns: {list(table.columns)}). "
+            "Fix: pass country_field=<name of the country code column>."
+        )
+    ids = table[id_field]
+    if ids.isna().any():
+        raise _fail("unit", "unit ids must not be null", table.index[ids.isna()], "give every unit an id")
+    table[id_field] = ids.astype(str)
+    dup = table[id_field][table[id_field].duplicated()].unique()
+    if len(dup):
+        raise _fail("unit", "unit ids must be unique", dup, "drop or rename the duplicated units")
+    return table.set_index(id_field)
+
+
+def _centroids_lonlat(table: pd.DataFrame) -> pd.DataFrame | None:
+    geometry = getattr(table, "geometry", None)
+    if geometry is None or "geometry" not in table.columns:
+        return None
+    import geopandas as gpd
+
+    gdf = gpd.GeoDataFrame(table, geometry="geometry")
+    if gdf.crs is None:
+        return None
+    # area centroid in an equal-area CRS, back to lon/lat
+    cent = gdf.geometry.to_crs("EPSG:6933").centroid.to_crs("EPSG:4326")
+    return pd.DataFrame({"lon": cent.x.to_numpy(), "lat": cent.y.to_numpy()}, index=gdf.index)
+
+
+def _long_to_matrix(
+    table: pd.DataFrame,
+    column: str,
+    ids: pd.Index,
+    periods: pd.Index | None,
+    source: str,
+) -> np.ndarray:
+    n = len(ids)
+    pos = pd.Series(np.arange(n), index=ids)
+    o = pos.reindex(table["origin"].to_numpy()).to_numpy()
+    d = pos.reindex(table["destination"].to_numpy()).to_numpy()
+    shape = (n, n) if periods is None else (n, n, len(periods))
+    out = np.full(shape, np.nan)
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+    if periods is None:
+        out[o.astype(int), d.astype(int)] = values
+    else:
+        ppos = pd.Series(np.arange(len(periods)), index=periods)
+        p = ppos.reindex(table["period"].astype(str).to_numpy()).to_numpy().astype(int)
+        out[o.astype(int), d.astype(int), p] = values
+    return out
+
+
+def _flow_variables(
+    source: str, table: pd.DataFrame, ids: pd.Index
+) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray]], pd.Index | None]:
+    if isinstance(table, xr.Dataset | xr.DataArray):
+        raise DataContractError(f"flows['{source}']: give a long table (origin, destination, count)")
+    table = pd.DataFrame(table).copy()
+    missing = {"origin", "destination", "count"} - set(table.columns)
+    if missing:
+        raise DataContractError(
+            f"flows['{source}']: missing column(s) {sorted(missing)} (columns: {list(table.columns)}). "
+            "Fix: rename to origin, destination, count[, max][, period]."
+        )
+    table["origin"] = table["origin"].astype(str)
+    table["destination"] = table["destination"].astype(str)
+    unknown = sorted(set(table["origin"]).union(table["destination"]) - set(ids))
+    if unknown:
+        raise _fail(
+            f"flow_{source}",
+            "flows name units not in the unit table",
+            unknown,
+            "harmonise unit codes (flowmodel.inputs.census.harmonise_codes) or drop those rows",
+        )
+    diag = table["origin"] == table["destination"]
+    if diag.any():
+        warnings.warn(
+            f"flows['{source}']: dropped {int(diag.sum())} diagonal row(s) (origin == destination); "
+            "the diagonal is excluded from every likelihood and output",
+            UserWarning,
+            stacklevel=3,
+        )
+        table = table.loc[~diag]
+    keys = ["origin", "destination"] + (["period"] if "period" in table.columns else [])
+    dup = table.duplicated(keys, keep=False)
+    if dup.any():
+        bad = table.loc[dup, keys].astype(str).agg("->".join, axis=1).unique()
+        raise _fail(f"flow_{source}", "duplicate rows for the same pair", bad, "aggregate the table first")
+    periods = None
+    if "period" in table.columns:
+        table["period"] = table["period"].astype(str)
+        periods = pd.Index(sorted(table["period"].unique()), name="period")
+    dims: tuple[str, ...] = ("origin", "destination") + (("period",) if periods is not None else ())
+    out = {f"flow_{source}": (dims, _long_to_matrix(table, "count", ids, periods, source))}
+    if "max" in table.columns and table["max"].notna().any():
+        out[f"flow_{source}_max"] = (dims, _long_to_matrix(table, "max", ids, periods, source))
+    if "weighted" in table.columns:
+        out[f"flow_{source}_weighted"] = (dims, _long_to_matrix(table, "weighted", ids, periods, source))
+    if "exposure" in table.columns:
+        out[f"exposure_{source}"] = (dims, _long_to_matrix(table, "exposure", ids, periods, source))
+    return out, periods
+
+
+def build_dataset(
+    units: Any,
+    *,
+    covariates: pd.DataFrame | None = None,
+    pairs: pd.DataFrame | xr.Dataset | None = None,
+    flows: Mapping[str, pd.DataFrame] | None = None,
+    id_field: str = "unit_id",
+    country_field: str = "country",
+    attrs: Mapping[str, Any] | None = None,
+    chunks: int | None = None,
+) -> xr.Dataset:
+    """Build a FlowDataset from units, unit covariates, pair features and flow tables.
+
+    Parameters
+    ----------
+    units
+        (Geo)DataFrame with one row per unit: ``id_field``, ``country_field`` and
+        optionally ``population``, ``lon``, ``lat`` and a geometry (used for
+        centroids when lon/lat are absent).
+    covariates
+        Table indexed by unit id (e.g. from
+        :func:`flowmodel.inputs.rasters.zonal_covariates`); its columns become
+        ``unit`` variables and override same-named columns of ``units``.
+    pairs
+        Long table (``origin``, ``destination``, ``distance_km`` and any other
+        pair columns) or a Dataset of ``(origin, destination)`` variables. When
+        None, ``distance_km`` is computed from ``lon``/``lat`` (geodesic km).
+    flows
+        ``source -> long table`` with ``origin``, ``destination``, ``count`` and
+        optional ``max`` (censoring bound, count NaN), ``weighted``,
+        ``exposure`` and ``period``. Diagonal rows are dropped with a warning.
+    id_field, country_field
+        Column names of the unit id and country code in ``units``.
+    attrs
+        Extra dataset attributes (e.g. data sources).
+    chunks
+        When given, pair variables are dask arrays chunked ``chunks`` origins
+        at a time (the same code path; results are equal).
+
+    Returns
+    -------
+    xarray.Dataset
+        A FlowDataset with dims ``unit``, ``origin``, ``destination``
+        [, ``period``], validated by :func:`validate_dataset`.
+    """
+    table = _units_table(units, id_field, country_field)
+    if covariates is not None:
+        cov = pd.DataFrame(covariates).copy()
+        cov.index = cov.index.astype(str)
+        unknown = sorted(set(cov.index) - set(table.index))
+        if unknown:
+            raise _fail("covariates", "covariate rows name units not in the unit table", unknown,
+                        "index the covariate table by the same unit ids")
+        for col in cov.columns:
+            table[col] = cov[col].reindex(table.index)
+    if ("lon" not in table.columns or "lat" not in table.columns):
+        cent = _centroids_lonlat(table)
+        if cent is not None:
+            table["lon"], table["lat"] = cent["lon"], cent["lat"]
+    ids = pd.Index(table.index.astype(str), name="unit")
+    if "population" not in table.columns:
+        raise DataContractError(
+            "variable 'population': required but absent. Fix: give a population column in units or "
+            "covariates (e.g. zonal_covariates(units, {'population': 'pop.tif'}))."
+        )
+    data_vars: dict[str, Any] = {}
+    for col in table.columns:
+        if col == "geometry":
+            continue
+        series = table[col]
+        if col == country_field:
+            data_vars["country"] = ("unit", series.astype(str).to_numpy())
+        elif pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+            data_vars[col] = ("unit", series.to_numpy(dtype=float if not pd.api.types.is_bool_dtype(series) else bool))
+    ds = xr.Dataset(data_vars, coords={"unit": ids.to_numpy()})
+    ds = ds.assign_coords(origin=ids.to_numpy(), destination=ids.to_numpy())
+    n = len(ids)
+    diag = np.eye(n, dtype=bool)
+
+    # pair features
+    if pairs is not None:
+        if isinstance(pairs, xr.Dataset):
+            for name, var in pairs.data_vars.items():
+                ds[name] = var.reindex(origin=ids.to_numpy(), destination=ids.to_numpy())
+        else:
+            ptab = pd.DataFrame(pairs).copy()
+            ptab["origin"] = ptab["origin"].astype(str)
+            ptab["destination"] = ptab["destination"].astype(str)
+            unknown = sorted(set(ptab["origin"]).union(ptab["destination"]) - set(ids))
+            if unknown:
+                raise _fail("pairs", "pairs name units not in the unit table", unknown,
+                            "harmonise unit codes or drop those rows")
+            ptab = ptab.loc[ptab["origin"] != ptab["destination"]]
+            for col in ptab.columns:
+                if col in ("origin", "destination"):
+                    continue
+                mat = _long_to_matrix(ptab, col, ids, None, "pairs")
+                ds[col] = (("origin", "destination"), mat)
+    if "distance_km" not in ds:
+        if "lon" not in ds or "lat" not in ds:
+            raise DataContractError(
+                "variable 'distance_km': required but absent and no lon/lat to compute it. Fix: give "
+                "unit geometries, lon/lat columns, or a pairs table with distance_km."
+            )
+        dist = geodesic_distance_km(ds["lon"].values, ds["lat"].values)
+        ds["distance_km"] = (("origin", "destination"), dist)
+    ds["distance_km"] = ds["distance_km"].where(~diag)
+    ds["distance_km"].attrs.update(units="km", long_name="geodesic distance between centroids")
+    ds["cross_border"] = cross_border(ds["country"])
+    if "geometry" in table.columns and "contiguous" not in ds:
+        try:
+            from flowmodel.pairs import contiguity
+        except ImportError:  # pragma: no cover - older pairs module
+            contiguity = None
+        if contiguity is not None:
+            import geopandas as gpd
+
+            gdf = gpd.GeoDataFrame(table[["geometry"]], geometry="geometry")
+            if gdf.crs is not None:
+                ds["contiguous"] = (("origin", "destination"), np.asarray(contiguity(gdf)))
+
+    # flows
+    if flows:
+        for source, tab in flows.items():
+            variables, periods = _flow_variables(source, tab, ids)
+            if periods is not None:
+                if "period" in ds.coords and not np.array_equal(ds["period"].values, periods.to_numpy()):
+                    ds = ds.reindex(period=sorted(set(ds["period"].values) | set(periods)))
+                else:
+                    ds = ds.assign_coords(period=periods.to_numpy())
+            for name, (dims, values) in variables.items():
+                da = xr.DataArray(values, dims=dims, coords={"origin": ids.to_numpy(), "destination": ids.to_numpy()} | (
+                    {"period": periods.to_numpy()} if periods is not None else {}))
+                ds[name] = da.reindex_like(ds) if "period" in dims else da
+    ds.attrs.update({"flowmodel_version": __version__, "Conventions": "flowmodel FlowDataset 1"})
+    if attrs:
+        ds.attrs.update(dict(attrs))
+    if chunks:
+        ds = ds.chunk({"origin": chunks})
+    validate_dataset(ds)
+    return ds
+
+
+# -------------------------------------------------------------------------- validate
+def _pair_vars(ds: xr.Dataset) -> list[str]:
+    if is_sparse(ds):
+        return [n for n, v in ds.data_vars.items() if "pair" in v.dims]
+    return [n for n, v in ds.data_vars.items() if {"origin", "destination"} <= set(v.dims)]
+
+
+def _offending_pairs(ds: xr.Dataset, mask: xr.DataArray) -> list[str]:
+    mask = mask.compute() if hasattr(mask, "compute") else mask
+    if is_sparse(ds):
+        idx = np.flatnonzero(np.asarray(mask.any([d for d in mask.dims if d != "pair"])
+                                        if mask.ndim > 1 else mask))
+        o = ds["origin"].values[idx]
+        d = ds["destination"].values[idx]
+        return [f"{a}->{b}" for a, b in zip(o[:MAX_IDS + 1], d[:MAX_IDS + 1], strict=False)] + [""] * max(0, len(idx) - MAX_IDS - 1)
+    extra = [d for d in mask.dims if d not in ("origin", "destination")]
+    m = mask.any(extra) if extra else mask
+    m = np.asarray(m.transpose("origin", "destination"))
+    oi, di = np.nonzero(m)
+    o = ds["origin"].values
+    d = ds["destination"].values
+    names = [f"{o[a]}->{d[b]}" for a, b in zip(oi[:MAX_IDS], di[:MAX_IDS], strict=False)]
+    return names + ["…"] * (len(oi) - len(names))
+
+
+def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
+    """Check a FlowDataset against the contract of DESIGN §3.
+
+    Parameters
+    ----------
+    ds
+        Dense or sparse FlowDataset, numpy- or dask-backed.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` unchanged, so the call can be chained.
+
+    Raises
+    ------
+    DataContractError
+        Naming the variable, the rule and up to 10 offending ids: duplicate
+        ids, NaN in a required variable, negative or non-integer counts,
+        ``flow_*_max`` where the flow is not NaN, distance <= 0 between distinct
+        units, pairs or flows naming unknown units, countries without units,
+        values on the diagonal.
+    """
+    if "unit" not in ds.dims:
+        raise DataContractError("dataset has no 'unit' dim. Fix: build it with flowmodel.build_dataset().")
+    ids = pd.Index(ds["unit"].values.astype(str))
+    dup = ids[ids.duplicated()].unique()
+    if len(dup):
+        raise _fail("unit", "unit ids must be unique", dup, "drop or rename the duplicated units")
+    for var in REQUIRED_UNIT_VARS:
+        if var not in ds:
+            raise _fail(var, "required unit variable is absent", [], f"add '{var}' (dim unit)")
+    country = ds["country"].values.astype(str)
+    bad = ids[(country == "") | (country == "nan") | (country == "None")]
+    if len(bad):
+        raise _fail("country", "every unit needs a country code", bad, "fill the country column")
+    pop = np.asarray(ds["population"].values, dtype=float)
+    bad = ids[~np.isfinite(pop)]
+    if len(bad):
+        raise _fail("population", "required variable holds NaN", bad,
+                    "fill population (zonal sum of a population raster, or given)")
+    bad = ids[pop < 0]
+    if len(bad):
+        raise _fail("population", "population must be >= 0", bad, "check the raster's nodata value")
+    if "country_code" in ds.dims:
+        empty = sorted(set(ds["country_code"].values.astype(str)) - set(country))
+        if empty:
+            raise _fail("country", "per-country inputs name a country with no units", empty,
+                        "drop those countries or add their units")
+    sparse = is_sparse(ds)
+    if sparse:
+        names = set(ds["origin"].values.astype(str)) | set(ds["destination"].values.astype(str))
+    else:
+        names = set(ds["origin"].values.astype(str)) | set(ds["destination"].values.astype(str))
+    unknown = sorted(names - set(ids))
+    if unknown:
+        raise _fail("origin/destination", "pairs or flows name units not in 'unit'", unknown,
+                    "harmonise unit codes before building the dataset")
+    if "distance_km" not in ds:
+        raise _fail("distance_km", "required pair variable is absent", [],
+                    "give lon/lat, geometries or a pairs table with distance_km")
+    if sparse:
+        off_diag = ds["origin"] != ds["destination"]
+        diag_mask = ~off_diag
+    else:
+        off_diag = ds["origin"] != ds["destination"]
+        diag_mask = ~off_diag
+    for name in _pair_vars(ds):
+        var = ds[name]
+        if var.dtype.kind == "f":
+            bad = var.notnull() & diag_mask
+            if bool(bad.any()):
+                raise _fail(name, "the diagonal (origin == destination) must be NaN",
+                            _offending_pairs(ds, bad), "set the diagonal to NaN")
+    dist = ds["distance_km"]
+    bad = dist.isnull() & off_diag
+    if bool(bad.any()):
+        raise _fail("distance_km", "required variable holds NaN off the diagonal",
+                    _offending_pairs(ds, bad), "supply distances for every pair of distinct units")
+    bad = (dist <= 0) & off_diag
+    if bool(bad.any()):
+        raise _fail("distance_km", "distance must be > 0 between distinct units",
+                    _offending_pairs(ds, bad), "units share a centroid: merge them or fix the coordinates")
+    for source in flow_sources(ds):
+        flow = ds[f"flow_{source}"]
+        bad = flow < 0
+        if bool(bad.any()):
+            raise _fail(f"flow_{source}", "counts must be >= 0", _offending_pairs(ds, bad),
+                        "negative counts are errors in the input table")
+        bad = flow.notnull() & (np.abs(flow - np.round(flow)) > 1e-9)
+        if bool(bad.any()):
+            raise _fail(f"flow_{source}", "counts must be integers (unweighted sample counts)",
+                        _offending_pairs(ds, bad),
+                        f"put weighted estimates in 'flow_{source}_weighted', counts in 'flow_{source}'")
+        mx = f"flow_{source}_max"
+        if mx in ds:
+            bad = ds[mx].notnull() & flow.notnull()
+            if bool(bad.any()):
+                raise _fail(mx, "a censoring bound needs a NaN flow (the cell is censored)",
+                            _offending_pairs(ds, bad), f"set flow_{source} to NaN where {mx} is given")
+            bad = ds[mx] < 0
+            if bool(bad.any()):
+                raise _fail(mx, "censoring bounds must be >= 0", _offending_pairs(ds, bad),
+                            "use the largest possible count of the suppressed cell")
+        exp = f"exposure_{source}"
+        if exp in ds:
+            bad = ds[exp] <= 0
+            if bool(bad.any()):
+                where = ids[np.asarray(bad)] if ds[exp].dims == ("unit",) else _offending_pairs(ds, bad)
+                raise _fail(exp, "exposure must be > 0", where, "use the sampling fraction (0, 1]")
+    return ds
+
+
+# ------------------------------------------------------------------------------ I/O
+def _encodable(ds: xr.Dataset) -> xr.Dataset:
+    out = ds.copy()
+    for name, var in out.variables.items():
+        if var.dtype == object:
+            out[name] = var.astype(str)
+    return out
+
+
+def save_dataset(ds: xr.Dataset, path: str | os.PathLike[str]) -> Path:
+    """Write a FlowDataset to NetCDF (h5netcdf) atomically; returns the path."""
+    from flowmodel.outputs.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _encodable(ds).to_netcdf(tmp, engine="h5netcdf")
+    return path
+
+
+def load_dataset(path: str | os.PathLike[str], *, chunks: Mapping[str, int] | None = None) -> xr.Dataset:
+    """Read a FlowDataset written by :func:`save_dataset` and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such FlowDataset file. Fix: check the path or run 'flowmodel prepare'.")
+    if chunks is None:
+        ds = xr.load_dataset(path, engine="h5netcdf")
+    else:
+        ds = xr.open_dataset(path, engine="h5netcdf", chunks=dict(chunks))
+    for name in ("cross_border", "contiguous"):
+        if name in ds and ds[name].dtype != bool:
+            ds[name] = ds[name].astype(bool)
+    return validate_dataset(ds)
+
+
+def dataset_fingerprint(ds: xr.Dataset) -> str:
+    """A short SHA-256 of the dataset's ids and variables, for save/load and manifests."""
+    h = hashlib.sha256()
+    for name in sorted(ds.variables):
+        var = ds[name]
+        h.update(name.encode())
+        h.update(str(var.dims).encode())
+        values = np.asarray(var.values)
+        if values.dtype.kind in "OUS":
+            h.update("\x1f".join(map(str, values.ravel())).encode())
+        else:
+            h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,64 @@
+"""Named errors, all rooted at :class:`FlowModelError`.
+
+Every message says what is wrong (file, field, unit ids) and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendNotAvailableError",
+    "ConfigError",
+    "DataContractError",
+    "FlowModelError",
+    "InputFileError",
+    "MissingCRSError",
+    "ModelConfigError",
+    "ModelLoadError",
+    "NoOverlapError",
+    "PrivacyError",
+    "UnitCodeError",
+]
+
+
+class FlowModelError(Exception):
+    """Base class of every error raised by flowmodel."""
+
+
+class DataContractError(FlowModelError, ValueError):
+    """A FlowDataset (or a table that builds one) breaks the data contract."""
+
+
+class InputFileError(FlowModelError, ValueError):
+    """An input file is missing, unreadable, empty or lacks a required field."""
+
+
+class MissingCRSError(InputFileError):
+    """A vector or raster input has no coordinate reference system."""
+
+
+class NoOverlapError(InputFileError):
+    """A raster does not overlap the units (or a unit lies outside every raster)."""
+
+
+class UnitCodeError(DataContractError):
+    """Unit codes in a table do not match the unit ids of the FlowDataset."""
+
+
+class PrivacyError(FlowModelError):
+    """An operation would expose subscriber-level or small-cell CDR data."""
+
+
+class ModelConfigError(FlowModelError, ValueError):
+    """A model was configured with options that cannot work with the data."""
+
+
+class ModelLoadError(FlowModelError):
+    """A saved model cannot be loaded into this class or package version."""
+
+
+class BackendNotAvailableError(FlowModelError, ImportError):
+    """An inference backend was requested whose package is not installed."""
+
+
+class ConfigError(FlowModelError, ValueError):
+    """A run configuration file is invalid."""

@@ -1,0 +1,1 @@
+"""Writers (atomic) and the HTML report."""
