@@ -3,7 +3,9 @@
 :func:`simulate_flow_dataset` makes an in-memory FlowDataset in a second (no
 files); :func:`simulate_world` (below) writes the full file-based world of
 DESIGN §5b — polygons, rasters, census and CDR — whose flows come from the
-same generating process, :func:`gravity_log_rate`.
+same generating process, :func:`gravity_log_rate`, applied to the zonal
+statistics of the rasters it wrote; :func:`load_world` reopens one. Every file,
+column and generating rule is documented in ``docs/simulated_world.md``.
 
 Parameter names follow DESIGN §4.0; coefficients are on the raw covariate
 scale, with terms named ``origin:<var>``, ``destination:<var>``,
@@ -12,14 +14,31 @@ scale, with terms named ``origin:<var>``, ``destination:<var>``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-__all__ = ["DEFAULT_TRUTH", "gravity_log_rate", "simulate_flow_dataset"]
+from flowmodel._version import __version__
+
+__all__ = [
+    "DEFAULT_TRUTH",
+    "FILES",
+    "WORLD_TRUTH",
+    "SimulatedWorld",
+    "gravity_log_rate",
+    "load_world",
+    "simulate_flow_dataset",
+    "simulate_world",
+]
 
 #: Default generating parameters of the gravity process (raw covariate scale).
 DEFAULT_TRUTH: dict[str, Any] = {
@@ -84,6 +103,7 @@ def simulate_flow_dataset(
     sample_fraction: float = 1.0,
     source: str = "census",
     bbox: tuple[float, float, float, float] = (30.0, -6.0, 40.0, 4.0),
+    observed_pairs: str = "origin",
 ) -> tuple[xr.Dataset, dict[str, Any]]:
     """Simulate a FlowDataset from a known gravity process, in memory.
 
@@ -102,13 +122,19 @@ def simulate_flow_dataset(
     likelihood
         ``"negbin"`` (variance mu + mu²/phi) or ``"poisson"``.
     observed_countries
-        Countries whose within- and outgoing pairs are observed (origin in
-        them); default all.
+        Countries whose flows are observed (see ``observed_pairs``); default all.
     sample_fraction
         Census sampling fraction: observed counts ~ NB(mu · f, phi); stored as
         ``exposure_<source>``.
     source
         Name of the flow source variable (``flow_<source>``).
+    bbox
+        Region (lon_min, lat_min, lon_max, lat_max) of the unit points.
+    observed_pairs
+        ``"origin"``: every pair whose origin is in an observed country;
+        ``"within"``: only pairs with origin and destination in the same
+        observed country (the universe of a national census). Other pairs
+        are NaN.
 
     Returns
     -------
@@ -119,13 +145,19 @@ def simulate_flow_dataset(
     """
     from flowmodel.dataset import build_dataset
 
+    if observed_pairs not in ("origin", "within"):
+        raise ValueError(f"observed_pairs={observed_pairs!r}: use 'origin' or 'within'")
     rng = np.random.default_rng(seed)
     truth = dict(DEFAULT_TRUTH if truth is None else truth)
     lon0, lat0, lon1, lat1 = bbox
     lon = rng.uniform(lon0, lon1, n_units)
     lat = rng.uniform(lat0, lat1, n_units)
-    seeds = np.column_stack([rng.uniform(lon0, lon1, n_countries), rng.uniform(lat0, lat1, n_countries)])
-    nearest = np.argmin((lon[:, None] - seeds[:, 0]) ** 2 + (lat[:, None] - seeds[:, 1]) ** 2, axis=1)
+    seeds = np.column_stack(
+        [rng.uniform(lon0, lon1, n_countries), rng.uniform(lat0, lat1, n_countries)]
+    )
+    nearest = np.argmin(
+        (lon[:, None] - seeds[:, 0]) ** 2 + (lat[:, None] - seeds[:, 1]) ** 2, axis=1
+    )
     codes = np.array([f"C{k:02d}" for k in range(n_countries)])
     # every country gets at least one unit
     for k in range(n_countries):
@@ -167,8 +199,15 @@ def simulate_flow_dataset(
     else:
         phi = truth["phi"]
         y = rng.poisson(rng.gamma(phi, mean / phi, size=mean.shape)).astype(float)
-    observed = np.ones(n_units, dtype=bool) if observed_countries is None else np.isin(country, observed_countries)
-    y[~observed, :] = np.nan
+    observed = (
+        np.ones(n_units, dtype=bool)
+        if observed_countries is None
+        else np.isin(country, observed_countries)
+    )
+    if observed_pairs == "origin":
+        y[~observed, :] = np.nan
+    else:
+        y[~(observed[:, None] & (country[:, None] == country[None, :]))] = np.nan
     np.fill_diagonal(y, np.nan)
     ds[f"flow_{source}"] = (("origin", "destination"), y)
     if sample_fraction != 1.0:
@@ -177,6 +216,1138 @@ def simulate_flow_dataset(
     out_truth: dict[str, Any] = {
         **truth,
         "country_effect": dict(zip(codes.tolist(), effects.tolist(), strict=True)),
-        "mu": xr.DataArray(mu, dims=("origin", "destination"), coords={"origin": ids, "destination": ids}),
+        "mu": xr.DataArray(
+            mu, dims=("origin", "destination"), coords={"origin": ids, "destination": ids}
+        ),
     }
     return ds, out_truth
+
+
+# =========================================================================== the world
+#: Generating parameters of :func:`simulate_world`: the terms and values of
+#: :data:`DEFAULT_TRUTH` with a higher intercept, so that true 5-year flows have a
+#: realistic level (about 6% of residents move between units in five years; pairs
+#: carry tens to thousands of migrants).
+WORLD_TRUTH: dict[str, Any] = {**DEFAULT_TRUTH, "intercept": -6.5}
+
+#: Made-up ISO3-like country codes, from the ISO 3166 user-assigned range (X..).
+COUNTRY_CODES: tuple[str, ...] = (
+    "XAN", "XBO", "XCE", "XDU", "XEL", "XFI", "XGA", "XHO", "XIR", "XJU", "XKE", "XLO",
+)  # fmt: skip
+
+#: Region of the default world (lon_min, lat_min, lon_max, lat_max), EPSG:4326 — East Africa.
+WORLD_BBOX: tuple[float, float, float, float] = (29.0, -6.0, 41.0, 4.0)
+
+#: CRS of each written raster: population and night lights in lon/lat (as WorldPop and
+#: VIIRS ship), built-up share in UTM zone 36S (metres) so that readers must reproject.
+RASTER_CRS: dict[str, str] = {
+    "population": "EPSG:4326",
+    "built_up": "EPSG:32736",
+    "night_lights": "EPSG:4326",
+}
+
+#: Nodata value of each written raster (float32).
+RASTER_NODATA: dict[str, float] = {
+    "population": -99999.0,
+    "built_up": -1.0,
+    "night_lights": -9999.0,
+}
+
+#: Offset of the local time of the simulated region from UTC (East Africa Time); CDR
+#: timestamps are written in UTC, night and day are defined in local time.
+UTC_OFFSET_HOURS = 3
+#: IANA time zone with that offset (no daylight saving), for CDR readers.
+TIMEZONE = "Africa/Nairobi"
+#: Local hours of night-time events (21:00 to 06:00) and daytime events (08:00 to 18:00).
+NIGHT_HOURS: tuple[int, int] = (21, 6)
+DAY_HOURS: tuple[int, int] = (8, 18)
+#: Default panel size of :func:`simulate_world` per unit of the CDR countries.
+SUBSCRIBERS_PER_CDR_UNIT = 330
+#: Years covered by the true flows (census "residence five years ago").
+FLOW_YEARS = 5.0
+
+_KM_PER_DEG_LAT = 110.574
+_KM_PER_DEG_LON = 111.320
+
+FILES: dict[str, str] = {
+    "units": "units.gpkg",
+    "population": "population.tif",
+    "built_up": "built_up.tif",
+    "night_lights": "night_lights.tif",
+    "census_persons": "census_persons.csv",
+    "census_od": "census_od.csv",
+    "cdr_towers": "cdr_towers.csv",
+    "cdr_events": "cdr_events.parquet",
+    "truth": "truth.json",
+    "true_flows": "true_flows.csv",
+    "true_covariates": "true_covariates.csv",
+    "true_cdr_homes": "true_cdr_homes.csv",
+}
+
+
+@dataclass(frozen=True)
+class SimulatedWorld:
+    """A simulated world on disk: where its files are and the truth that made them.
+
+    Attributes
+    ----------
+    out_dir
+        Folder holding the files.
+    paths
+        File role -> path (keys of :data:`FILES`: ``units``, ``population``,
+        ``built_up``, ``night_lights``, ``census_persons``, ``census_od``,
+        ``cdr_towers``, ``cdr_events``, ``truth``, ``true_flows``,
+        ``true_covariates``, ``true_cdr_homes``).
+    truth
+        The content of ``truth.json`` (parameters keyed by DESIGN §4.0 node
+        names, countries with census / CDR, file names, design settings).
+    """
+
+    out_dir: Path
+    paths: dict[str, Path]
+    truth: dict[str, Any]
+
+    def units(self) -> Any:
+        """Read ``units.gpkg`` (layer ``units``) as a GeoDataFrame (``unit_id``, ``country``, geometry)."""
+        import geopandas as gpd
+
+        return gpd.read_file(self.paths["units"], layer="units", engine="pyogrio")
+
+    def covariates(self) -> pd.DataFrame:
+        """Read the unit covariates that generated the flows (``true_covariates.csv``), indexed by ``unit_id``."""
+        return pd.read_csv(self.paths["true_covariates"], index_col="unit_id")
+
+    def true_flows(self) -> pd.DataFrame:
+        """Long table ``origin``, ``destination``, ``mu`` (expected 5-year flow), ``flow`` (realised)."""
+        return pd.read_csv(self.paths["true_flows"])
+
+    def rasters(self) -> dict[str, Path]:
+        """Covariate name -> raster path, ready for ``zonal_covariates(units, world.rasters())``."""
+        return {name: self.paths[name] for name in ("population", "built_up", "night_lights")}
+
+    def describe(self) -> str:
+        """Summarise the world in a few lines: size, countries, census / CDR coverage, flow level, files."""
+        t = self.truth
+        flows = self.true_flows()
+        lines = [
+            f"simulated world in {self.out_dir} (seed {t['seed']})",
+            f"  {t['n_units']} units in {len(t['countries'])} countries: {', '.join(t['countries'])}",
+            f"  census ({t['sample_fraction']:.0%} sample): {', '.join(t['census_countries']) or '-'}",
+            f"  CDR ({len(t['cdr_periods'])} months): {', '.join(t['cdr_countries']) or '-'}",
+            f"  true 5-year flows: total {flows['mu'].sum():,.0f}, median pair {flows['mu'].median():,.1f}, "
+            f"max pair {flows['mu'].max():,.0f}",
+            "  files: " + ", ".join(sorted(p.name for p in self.paths.values())),
+        ]
+        return "\n".join(lines)
+
+
+def load_world(out_dir: str | os.PathLike[str]) -> SimulatedWorld:
+    """Open a world written by :func:`simulate_world` (reads ``truth.json``).
+
+    Raises
+    ------
+    InputFileError
+        When ``out_dir`` holds no ``truth.json``.
+    """
+    from flowmodel.exceptions import InputFileError
+
+    out = Path(out_dir)
+    truth_path = out / FILES["truth"]
+    if not truth_path.exists():
+        raise InputFileError(
+            f"{truth_path}: no truth.json, so {out} is not a simulated world. "
+            "Fix: run flowmodel.simulate.simulate_world(out_dir) first."
+        )
+    truth = json.loads(truth_path.read_text())
+    paths = {role: out / name for role, name in truth["files"].items()}
+    return SimulatedWorld(out_dir=out, paths=paths, truth=truth)
+
+
+# ------------------------------------------------------------------------- geometry
+def _outline(rng: np.random.Generator, bbox: tuple[float, float, float, float]) -> Any:
+    """Draw an irregular, star-shaped land outline filling most of ``bbox``."""
+    import shapely
+
+    lon0, lat0, lon1, lat1 = bbox
+    cx, cy = (lon0 + lon1) / 2, (lat0 + lat1) / 2
+    rx, ry = 0.46 * (lon1 - lon0), 0.46 * (lat1 - lat0)
+    theta = np.linspace(0, 2 * np.pi, 181)[:-1]
+    radius = np.ones_like(theta)
+    for k in range(2, 7):
+        radius += rng.normal(0, 0.1 / np.sqrt(k - 1)) * np.cos(
+            k * theta + rng.uniform(0, 2 * np.pi)
+        )
+    radius = radius / radius.max()
+    return shapely.Polygon(
+        np.column_stack([cx + rx * radius * np.cos(theta), cy + ry * radius * np.sin(theta)])
+    )
+
+
+def _voronoi_units(
+    rng: np.random.Generator, outline: Any, n_units: int, lloyd_iterations: int = 3
+) -> Any:
+    """Voronoi cells of ``n_units`` random seeds inside ``outline``, Lloyd-relaxed, clipped."""
+    import shapely
+
+    minx, miny, maxx, maxy = outline.bounds
+    points = np.empty((0, 2))
+    while len(points) < n_units:
+        cand = np.column_stack(
+            [rng.uniform(minx, maxx, 4 * n_units), rng.uniform(miny, maxy, 4 * n_units)]
+        )
+        points = np.vstack([points, cand[shapely.contains_xy(outline, cand[:, 0], cand[:, 1])]])
+    points = points[:n_units]
+    extent = shapely.box(minx - 5, miny - 5, maxx + 5, maxy + 5)
+    cells = None
+    for _ in range(lloyd_iterations + 1):
+        regions = shapely.voronoi_polygons(
+            shapely.MultiPoint(points), extend_to=extent, ordered=True
+        )
+        cells = shapely.intersection(np.asarray(shapely.get_parts(regions)), outline)
+        points = shapely.get_coordinates(shapely.centroid(cells))
+    cells = shapely.set_precision(cells, 1e-7)
+    return cells
+
+
+def _adjacency(cells: Any) -> np.ndarray:
+    """Boolean (n, n): the two cells share a border of positive length."""
+    import shapely
+
+    n = len(cells)
+    tree = shapely.STRtree(cells)
+    left, right = tree.query(cells, predicate="intersects")
+    keep = left < right
+    left, right = left[keep], right[keep]
+    shared = shapely.length(
+        shapely.intersection(shapely.boundary(cells[left]), shapely.boundary(cells[right]))
+    )
+    adj = np.zeros((n, n), dtype=bool)
+    ok = shared > 1e-6
+    adj[left[ok], right[ok]] = True
+    adj[right[ok], left[ok]] = True
+    return adj
+
+
+def _grow_countries(
+    rng: np.random.Generator, centres: np.ndarray, adj: np.ndarray, n_countries: int
+) -> np.ndarray:
+    """Assign units to ``n_countries`` contiguous countries by balanced region growing."""
+    n = len(centres)
+    # well-spread country seeds: farthest-point sampling from a random unit
+    seeds = [int(rng.integers(n))]
+    d2 = ((centres - centres[seeds[0]]) ** 2).sum(axis=1)
+    for _ in range(1, n_countries):
+        seeds.append(int(np.argmax(d2)))
+        d2 = np.minimum(d2, ((centres - centres[seeds[-1]]) ** 2).sum(axis=1))
+    label = np.full(n, -1)
+    label[seeds] = np.arange(n_countries)
+    sizes = np.ones(n_countries)
+    touches = adj[seeds].copy()  # (country, unit): the unit borders the country
+    for _ in range(n - n_countries):
+        progressed = False
+        for k in np.argsort(sizes, kind="stable"):
+            frontier = np.flatnonzero((label < 0) & touches[k])
+            if len(frontier):
+                # grow towards the unit nearest to the country's seed (compact countries)
+                dist = ((centres[frontier] - centres[seeds[k]]) ** 2).sum(axis=1)
+                pick = frontier[
+                    np.argsort(dist + rng.uniform(0, dist.mean() + 1e-9, len(dist)))[0]
+                ]
+                label[pick] = k
+                touches[k] |= adj[pick]
+                sizes[k] += 1
+                progressed = True
+                break
+        if not progressed:  # an island unit with no neighbour: join the nearest country
+            lone = np.flatnonzero(label < 0)[0]
+            owned = np.flatnonzero(label >= 0)
+            k = label[owned[np.argmin(((centres[owned] - centres[lone]) ** 2).sum(axis=1))]]
+            label[lone] = k
+            touches[k] |= adj[lone]
+    return label
+
+
+# -------------------------------------------------------------------------- rasters
+@dataclass
+class _Landscape:
+    """Continuous fields of the world, evaluated anywhere in lon/lat."""
+
+    towns: np.ndarray  # (k, 4): lon, lat, population, sigma_km
+    waves: np.ndarray  # (m, 4): kx, ky, phase, amplitude (rural density, log scale)
+    rural_log_density: float
+    land: Any  # shapely polygon, valid pixels
+    lake: Any  # shapely polygon, nodata inside land
+
+    def density(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """People per km² at the points."""
+        field = np.zeros_like(lon, dtype=float)
+        for kx, ky, phase, amp in self.waves:
+            field += amp * np.cos(kx * lon + ky * lat + phase)
+        dens = np.exp(self.rural_log_density + field)
+        coslat = np.cos(np.deg2rad(lat))
+        for tlon, tlat, size, sigma in self.towns:
+            dx = (lon - tlon) * _KM_PER_DEG_LON * coslat
+            dy = (lat - tlat) * _KM_PER_DEG_LAT
+            r2 = dx * dx + dy * dy
+            near = r2 < (6 * sigma) ** 2
+            dens[near] += size / (2 * np.pi * sigma**2) * np.exp(-r2[near] / (2 * sigma**2))
+        return dens
+
+    def valid(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """Whether the points hold data (on land, outside the lake)."""
+        import shapely
+
+        return shapely.contains_xy(self.land, lon, lat) & ~shapely.contains_xy(self.lake, lon, lat)
+
+
+def _landscape(
+    rng: np.random.Generator,
+    outline: Any,
+    cells: Any,
+    label: np.ndarray,
+    n_countries: int,
+    n_towns: int,
+) -> _Landscape:
+    import shapely
+
+    minx, miny, maxx, maxy = outline.bounds
+    waves = np.column_stack(
+        [
+            rng.normal(0, 0.9, 8),
+            rng.normal(0, 0.9, 8),
+            rng.uniform(0, 2 * np.pi, 8),
+            rng.uniform(0.15, 0.45, 8),
+        ]
+    )
+    # a capital per country (at a random unit of the country) and Zipf-sized towns
+    towns = []
+    for k in range(n_countries):
+        members = np.flatnonzero(label == k)
+        where = shapely.get_coordinates(shapely.point_on_surface(cells[rng.choice(members)]))[0]
+        towns.append((where[0], where[1], float(rng.uniform(1.5e6, 4e6))))
+    placed = 0
+    while placed < n_towns:
+        x, y = rng.uniform(minx, maxx), rng.uniform(miny, maxy)
+        if shapely.contains_xy(outline, x, y):
+            towns.append((x, y, float(min(8e5, 2e4 * (rng.pareto(1.1) + 1)))))
+            placed += 1
+    towns_arr = np.array(towns)
+    sigma = 3.0 + 9.0 * np.sqrt(towns_arr[:, 2] / 1e6)
+    towns_arr = np.column_stack([towns_arr, sigma])
+    # a lake inside the outline, away from the border
+    inner = outline.buffer(-1.2)
+    if inner.is_empty:
+        inner = outline
+    ix0, iy0, ix1, iy1 = inner.bounds
+    while True:
+        lx, ly = rng.uniform(ix0, ix1), rng.uniform(iy0, iy1)
+        if shapely.contains_xy(inner, lx, ly):
+            break
+    # an ellipse (axes 1 : 0.7) of 0.6 x the mean unit area, so no unit lies wholly in it
+    semi_axis = np.sqrt(0.6 * outline.area / len(cells) / (np.pi * 0.7))
+    lake = shapely.affinity.scale(shapely.Point(lx, ly).buffer(semi_axis, quad_segs=16), 1.0, 0.7)
+    lake = shapely.affinity.rotate(lake, float(rng.uniform(0, 180)))
+    return _Landscape(
+        towns=towns_arr,
+        waves=waves,
+        rural_log_density=float(np.log(40.0)),
+        land=outline.buffer(0.25),
+        lake=lake,
+    )
+
+
+def _grid(bounds: tuple[float, float, float, float], size: int) -> tuple[Any, int, int]:
+    """Affine transform and shape of a north-up grid over ``bounds``, ``size`` pixels on the long side."""
+    from rasterio.transform import from_origin
+
+    x0, y0, x1, y1 = bounds
+    res = max(x1 - x0, y1 - y0) / size
+    width = int(np.ceil((x1 - x0) / res))
+    height = int(np.ceil((y1 - y0) / res))
+    return from_origin(x0, y1, res, res), width, height
+
+
+def _pixel_centres(transform: Any, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x = transform.c + cols * transform.a
+    y = transform.f + rows * transform.e
+    return x, y
+
+
+def _write_geotiff(
+    path: Path, data: np.ndarray, transform: Any, crs: str, nodata: float, description: str
+) -> None:
+    import rasterio
+
+    from flowmodel.outputs.io import atomic_path
+
+    profile = {
+        "driver": "GTiff",
+        "dtype": "float32",
+        "count": 1,
+        "width": data.shape[1],
+        "height": data.shape[0],
+        "crs": crs,
+        "transform": transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "predictor": 3,
+    }
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data.astype(np.float32), 1)
+        dst.set_band_description(1, description)
+        dst.update_tags(generator="flowmodel.simulate.simulate_world")
+
+
+def _write_rasters(
+    rng: np.random.Generator,
+    out: Path,
+    scape: _Landscape,
+    bounds: tuple[float, float, float, float],
+    size: int,
+    unit_income: np.ndarray,
+    cells: Any,
+) -> tuple[dict[str, Path], np.ndarray, Any, np.ndarray]:
+    """Write the three GeoTIFFs.
+
+    Returns the paths, the people per pixel of the population grid (0 on
+    nodata), that grid's transform and the 1-based unit index of its pixels.
+    """
+    from pyproj import Transformer
+    from rasterio.features import rasterize
+
+    paths = {}
+    # population: people per pixel, lon/lat grid
+    transform, width, height = _grid(bounds, size)
+    lon, lat = _pixel_centres(transform, width, height)
+    area_km2 = (
+        abs(transform.a * transform.e)
+        * _KM_PER_DEG_LON
+        * _KM_PER_DEG_LAT
+        * np.cos(np.deg2rad(lat))
+    )
+    density = scape.density(lon, lat)
+    people = density * area_km2 * rng.lognormal(0.0, 0.25, density.shape)
+    valid = scape.valid(lon, lat)
+    pop = np.where(valid, people, RASTER_NODATA["population"])
+    paths["population"] = out / FILES["population"]
+    _write_geotiff(
+        paths["population"],
+        pop,
+        transform,
+        RASTER_CRS["population"],
+        RASTER_NODATA["population"],
+        "population (persons per pixel)",
+    )
+    # night lights: radiance grows faster than population, scaled by country income; dark
+    # rural pixels hold only sensor noise
+    unit_index = rasterize(
+        ((geom, k + 1) for k, geom in enumerate(cells)),
+        out_shape=(height, width),
+        transform=transform,
+        fill=0,
+        dtype="int32",
+    )  # 1-based unit index of each pixel centre, 0 outside every unit
+    income = np.concatenate([[1.0], unit_income])[unit_index]
+    lit = np.maximum(people - 40.0, 0.0) ** 1.15 * income
+    radiance = 0.5 * lit * rng.lognormal(0.0, 0.3, lit.shape) + rng.exponential(0.3, lit.shape)
+    paths["night_lights"] = out / FILES["night_lights"]
+    _write_geotiff(
+        paths["night_lights"],
+        np.where(valid, radiance, RASTER_NODATA["night_lights"]),
+        transform,
+        RASTER_CRS["night_lights"],
+        RASTER_NODATA["night_lights"],
+        "night-time radiance (arbitrary units per pixel)",
+    )
+    # built-up share in UTM 36S: logistic in log density, evaluated at the UTM pixel centres
+    to_utm = Transformer.from_crs("EPSG:4326", RASTER_CRS["built_up"], always_xy=True)
+    to_ll = Transformer.from_crs(RASTER_CRS["built_up"], "EPSG:4326", always_xy=True)
+    x0, y0, x1, y1 = to_utm.transform_bounds(*bounds)
+    utm_transform, uw, uh = _grid((x0, y0, x1, y1), size)
+    ux, uy = _pixel_centres(utm_transform, uw, uh)
+    ulon, ulat = to_ll.transform(ux, uy)
+    udens = scape.density(ulon, ulat)
+    share = 0.85 / (1.0 + np.exp(-(np.log(udens) - np.log(600.0)) / 0.7)) + rng.normal(
+        0, 0.02, udens.shape
+    )
+    share = np.clip(share, 0.0, 1.0)
+    paths["built_up"] = out / FILES["built_up"]
+    _write_geotiff(
+        paths["built_up"],
+        np.where(scape.valid(ulon, ulat), share, RASTER_NODATA["built_up"]),
+        utm_transform,
+        RASTER_CRS["built_up"],
+        RASTER_NODATA["built_up"],
+        "built-up share of the pixel (0-1)",
+    )
+    return paths, np.where(valid, people, 0.0), transform, unit_index
+
+
+# ---------------------------------------------------------------------------- flows
+def _negbin(rng: np.random.Generator, mean: np.ndarray, phi: float) -> np.ndarray:
+    """Negative-binomial draws with mean ``mean`` and variance mean + mean²/phi (gamma-Poisson)."""
+    mean = np.nan_to_num(np.asarray(mean, dtype=float))
+    lam = rng.gamma(phi, np.where(mean > 0, mean, 1.0) / phi) * (mean > 0)
+    return rng.poisson(lam)
+
+
+def _unit_terms(cov: pd.DataFrame, beta: Mapping[str, float]) -> pd.DataFrame:
+    """Add ``log_<var>`` columns needed by the ``beta`` terms."""
+    table = cov.copy()
+    for term in beta:
+        if ":" in term:
+            var = term.split(":", 1)[1]
+            if var not in table.columns and var.startswith("log_") and var[4:] in table.columns:
+                table[var] = np.log(table[var[4:]].astype(float))
+    return table
+
+
+def _resolve_countries(
+    spec: int | Sequence[str], codes: list[str], name: str, offset: int
+) -> list[str]:
+    if isinstance(spec, int | np.integer):
+        if not 0 <= spec <= len(codes):
+            raise ValueError(f"{name}={spec}: must be between 0 and n_countries={len(codes)}")
+        start = min(offset, len(codes) - int(spec))
+        return codes[start : start + int(spec)]
+    chosen = [str(c) for c in spec]
+    unknown = sorted(set(chosen) - set(codes))
+    if unknown:
+        raise ValueError(f"{name}: unknown country code(s) {unknown}; the world has {codes}")
+    return chosen
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    from flowmodel.outputs.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def _report(progress: Callable[[str], None] | bool | None, message: str) -> None:
+    if progress is True:
+        print(f"[simulate_world] {message}", file=sys.stderr, flush=True)
+    elif callable(progress):
+        progress(message)
+
+
+def simulate_world(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_countries: int = 6,
+    n_units: int = 120,
+    seed: int = 0,
+    census_countries: int | Sequence[str] = 2,
+    cdr_countries: int | Sequence[str] = 3,
+    sample_fraction: float = 0.1,
+    n_subscribers: int | None = None,
+    n_periods: int = 3,
+    truth: Mapping[str, Any] | None = None,
+    raster_size: int = 600,
+    n_towns: int | None = None,
+    census_stayer_fraction: float = 0.02,
+    cdr_scale: float = 0.25,
+    persons_per_tower: float = 40_000.0,
+    start: str = "2024-01-01",
+    bbox: tuple[float, float, float, float] = WORLD_BBOX,
+    progress: Callable[[str], None] | bool | None = None,
+) -> SimulatedWorld:
+    """Write a simulated world (DESIGN §5b) to ``out_dir`` and return its paths and truth.
+
+    The world: ``n_units`` Voronoi cells inside an irregular outline in East
+    Africa (EPSG:4326), grouped into ``n_countries`` contiguous countries that
+    share borders; population, built-up and night-light GeoTIFFs with a lake
+    and an ocean of nodata; true 5-year flows from :func:`gravity_log_rate`
+    applied to the zonal statistics of the written rasters
+    (:func:`flowmodel.inputs.rasters.zonal_covariates`); a census sample in
+    ``census_countries`` countries and CDR events in ``cdr_countries``
+    countries (one shared with the census). ``docs/simulated_world.md``
+    documents every file, column and generating rule.
+
+    Parameters
+    ----------
+    out_dir
+        Folder to write into (created; existing files of the world are replaced
+        atomically).
+    n_countries, n_units
+        Size of the world.
+    seed
+        Seed of every random draw: the same seed and arguments give
+        byte-identical CSV, GeoTIFF and Parquet files. Each stage (geometry,
+        rasters, flows, census, CDR) draws from its own stream, so e.g. a
+        different ``n_subscribers`` leaves the rasters and flows unchanged.
+    census_countries, cdr_countries
+        How many countries have a census sample / CDR, or their codes. With
+        counts, the census takes the first countries (west to east) and the
+        CDR starts at the last census country, so one country has both.
+    sample_fraction
+        Census sampling fraction of movers (person weight ≈ 1 / fraction).
+    n_subscribers
+        Subscribers in the CDR panel (movers plus a sample of stayers); sizes
+        ``cdr_events.parquet`` (about 70 events per subscriber over 3 months).
+        Default ``max(SUBSCRIBERS_PER_CDR_UNIT x CDR units, 1.5 x movers)``
+        (about 20 000 in the default world).
+    n_periods
+        Months of CDR events; relocations are counted between consecutive
+        months, labelled by the later month (``n_periods - 1`` CDR periods).
+    truth
+        Generating parameters (``intercept``, ``beta``, ``sigma_country``,
+        ``phi``); default :data:`WORLD_TRUTH` (the terms and values of
+        :data:`DEFAULT_TRUTH` with a realistic flow level).
+    raster_size
+        Pixels on the long side of each raster.
+    n_towns
+        Towns besides one capital per country; default ``min(n_units // 2, 300)``.
+    census_stayer_fraction
+        Stayers (previous unit == current unit) enter the person sample at
+        ``sample_fraction * census_stayer_fraction`` and carry the matching
+        larger weight.
+    cdr_scale
+        Share of the operator's relocating subscribers that the panel holds;
+        folded into ``period_effect``.
+    persons_per_tower
+        Residents per cell tower (towers are placed where people live).
+    start
+        First day of the first CDR month (ISO date; months are local calendar
+        months, timestamps are written in UTC).
+    bbox
+        Region (lon_min, lat_min, lon_max, lat_max) in degrees.
+    progress
+        ``True`` to print stage messages to stderr, or a callable receiving
+        each message.
+
+    Returns
+    -------
+    SimulatedWorld
+        Paths of the written files and the truth (also in ``truth.json``).
+
+    Raises
+    ------
+    ValueError
+        Impossible sizes, a sample fraction outside (0, 1], unknown country
+        codes, or ``n_subscribers`` too small for the relocating subscribers.
+
+    Examples
+    --------
+    >>> world = simulate_world("sim", seed=0)  # doctest: +SKIP
+    >>> world.truth["beta"]["log_distance"]  # doctest: +SKIP
+    -1.4
+    """
+    import geopandas as gpd
+    import shapely
+
+    from flowmodel.inputs.rasters import zonal_covariates
+    from flowmodel.outputs.io import atomic_path
+    from flowmodel.pairs import contiguity, geodesic_distance_km
+
+    if n_countries < 1 or n_units < max(2, n_countries):
+        raise ValueError(
+            f"need n_countries >= 1 and n_units >= max(2, n_countries); got {n_countries}, {n_units}"
+        )
+    if not 0 < sample_fraction <= 1:
+        raise ValueError(f"sample_fraction={sample_fraction}: must be in (0, 1]")
+    if n_periods < 2:
+        raise ValueError(f"n_periods={n_periods}: CDR relocations need at least 2 months")
+    codes_all = list(COUNTRY_CODES) + [
+        f"X{a}{b}" for a in "MNOPQRSTUVWYZ" for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    ]
+    codes = codes_all[:n_countries]
+    census_codes = _resolve_countries(census_countries, codes, "census_countries", 0)
+    cdr_codes = _resolve_countries(
+        cdr_countries, codes, "cdr_countries", max(len(census_codes) - 1, 0)
+    )
+    truth_in = dict(WORLD_TRUTH if truth is None else truth)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {role: out / name for role, name in FILES.items()}
+    geo_rng, raster_rng, flow_rng, census_rng, cdr_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
+    )
+
+    # --- geometry: units and contiguous countries
+    _report(progress, f"geometry: {n_units} units in {n_countries} countries")
+    outline = _outline(geo_rng, bbox)
+    cells = _voronoi_units(geo_rng, outline, n_units)
+    adj = _adjacency(cells)
+    centres = shapely.get_coordinates(shapely.centroid(cells))
+    label = _grow_countries(geo_rng, centres, adj, n_countries)
+    # codes west to east; unit ids numbered north to south within each country
+    west_east = np.argsort(
+        [centres[label == k, 0].mean() for k in range(n_countries)], kind="stable"
+    )
+    rank = np.empty(n_countries, dtype=int)
+    rank[west_east] = np.arange(n_countries)
+    country_of = np.array(codes_all[:n_countries])[rank[label]]
+    order = np.lexsort((centres[:, 0], -centres[:, 1], country_of))
+    cells, adj, centres, country_of, label = (
+        cells[order], adj[np.ix_(order, order)], centres[order], country_of[order], rank[label[order]],
+    )  # fmt: skip
+    ids = np.empty(n_units, dtype=object)
+    for code in np.unique(country_of):
+        members = np.flatnonzero(country_of == code)
+        ids[members] = [f"{code}{j + 1:03d}" for j in range(len(members))]
+    ids = ids.astype(str)
+    units = gpd.GeoDataFrame(
+        {"unit_id": ids, "country": country_of}, geometry=list(cells), crs="EPSG:4326"
+    )
+    with atomic_path(paths["units"]) as tmp:
+        units.to_file(tmp, layer="units", driver="GPKG", engine="pyogrio")
+    # from here on, the units as every reader sees them (the GeoPackage round trip can
+    # reorder ring vertices, which moves reprojected zonal statistics in the 7th digit)
+    units = gpd.read_file(paths["units"], layer="units", engine="pyogrio")
+
+    # --- rasters
+    _report(progress, f"rasters: {raster_size} pixels on the long side")
+    country_income = np.exp(raster_rng.normal(0.0, 0.45, n_countries))
+    unit_income = country_income[label] * np.exp(raster_rng.normal(0.0, 0.15, n_units))
+    scape = _landscape(
+        raster_rng,
+        outline,
+        cells,
+        label,
+        n_countries,
+        min(n_units // 2, 300) if n_towns is None else n_towns,
+    )
+    raster_bounds = tuple(np.round(scape.land.bounds, 2) + np.array([-0.05, -0.05, 0.05, 0.05]))
+    raster_paths, people, pop_transform, unit_index = _write_rasters(
+        raster_rng, out, scape, raster_bounds, raster_size, unit_income, cells
+    )
+
+    # --- covariates = zonal statistics of the written rasters
+    _report(progress, "zonal statistics of the written rasters")
+    cov = zonal_covariates(
+        units,
+        {name: raster_paths[name] for name in ("population", "built_up", "night_lights")},
+        progress=progress is True,
+    )
+    cov = cov.reindex(ids)
+    cov.index.name = "unit_id"
+    if cov["population"].isna().any() or (cov["population"] <= 0).any():
+        bad = cov.index[~(cov["population"] > 0)].tolist()
+        raise RuntimeError(f"simulated units without population: {bad}; try another seed")
+    table = cov.copy()
+    table.insert(0, "country", country_of)
+    _csv(table.reset_index(), paths["true_covariates"])
+
+    # --- true flows
+    _report(progress, "true flows")
+    beta = dict(truth_in["beta"])
+    unit_table = _unit_terms(cov, beta)
+    distance = geodesic_distance_km(cov["lon"].to_numpy(), cov["lat"].to_numpy())
+    np.fill_diagonal(distance, np.nan)
+    pair = {
+        "distance_km": distance,
+        "cross_border": (country_of[:, None] != country_of[None, :]).astype(float),
+        "contiguous": contiguity(units).astype(float),
+    }
+    effects = flow_rng.normal(0.0, truth_in["sigma_country"], n_countries)
+    eta = gravity_log_rate(unit_table, pair, truth_in, effects[label])
+    mu = np.exp(eta)
+    phi = float(truth_in["phi"])
+    flow = _negbin(flow_rng, mu, phi)
+    off = ~np.eye(n_units, dtype=bool)
+    o_idx, d_idx = np.nonzero(off)
+    _csv(
+        pd.DataFrame(
+            {
+                "origin": ids[o_idx],
+                "destination": ids[d_idx],
+                "mu": mu[o_idx, d_idx],
+                "flow": flow[o_idx, d_idx],
+            }
+        ),
+        paths["true_flows"],
+    )
+    # --- census
+    _report(progress, f"census sample in {census_codes}")
+    persons = _census_persons(
+        census_rng,
+        ids,
+        country_of,
+        census_codes,
+        flow,
+        cov["population"].to_numpy(),
+        sample_fraction,
+        census_stayer_fraction,
+    )
+    _csv(persons, paths["census_persons"])
+    _csv(_census_od(persons, ids, country_of, census_codes), paths["census_od"])
+
+    # --- CDR
+    _report(progress, f"CDR events in {cdr_codes}")
+    cdr = _simulate_cdr(
+        cdr_rng, seed=seed, ids=ids, country_of=country_of, cdr_codes=cdr_codes, cells=cells, mu=mu, phi=phi,
+        built_up=cov["built_up"].to_numpy() if "built_up" in cov else np.zeros(n_units),
+        population=cov["population"].to_numpy(), people=people, transform=pop_transform,
+        unit_index=unit_index, n_subscribers=n_subscribers, n_periods=n_periods, cdr_scale=cdr_scale,
+        persons_per_tower=persons_per_tower, start=start,
+    )  # fmt: skip
+    _csv(cdr["towers"], paths["cdr_towers"])
+    _csv(cdr["homes"], paths["true_cdr_homes"])
+    _write_events(cdr["events"], paths["cdr_events"])
+
+    # --- truth.json
+    out_truth: dict[str, Any] = {
+        "intercept": float(truth_in["intercept"]),
+        "beta": {k: float(v) for k, v in beta.items()},
+        "country_effect": dict(zip(codes, effects.tolist(), strict=True)),
+        "sigma_country": float(truth_in["sigma_country"]),
+        "phi": phi,
+        "market_share": cdr["market_share"],
+        "period_effect": cdr["period_effect"],
+        "true_flows": FILES["true_flows"],
+        "countries": codes,
+        "census_countries": census_codes,
+        "cdr_countries": cdr_codes,
+        "sample_fraction": float(sample_fraction),
+        "census_stayer_fraction": float(census_stayer_fraction),
+        "census_suppression": {"below": 5, "written_as": "<5", "max": 4},
+        "cdr_periods": cdr["months"],
+        "cdr_scale": float(cdr_scale),
+        "n_subscribers": int(cdr["n_subscribers"]),
+        "n_cdr_movers": int(cdr["n_movers"]),
+        "n_cdr_events": len(cdr["events"]["timestamp"]),
+        "utc_offset_hours": UTC_OFFSET_HOURS,
+        "timezone": TIMEZONE,
+        "night_hours_local": list(NIGHT_HOURS),
+        "day_hours_local": list(DAY_HOURS),
+        "flow_years": FLOW_YEARS,
+        "country_income": dict(zip(codes, country_income.tolist(), strict=True)),
+        "rasters": {
+            name: {"file": FILES[name], "crs": RASTER_CRS[name], "nodata": RASTER_NODATA[name]}
+            for name in ("population", "built_up", "night_lights")
+        },
+        "n_units": int(n_units),
+        "seed": int(seed),
+        "bbox": list(bbox),
+        "files": dict(FILES),
+        "generator": "flowmodel.simulate.simulate_world",
+        "flowmodel_version": __version__,
+    }
+    with atomic_path(paths["truth"]) as tmp:
+        tmp.write_text(json.dumps(out_truth, indent=2) + "\n")
+    _report(progress, f"done: {out}")
+    return SimulatedWorld(out_dir=out, paths=paths, truth=out_truth)
+
+
+# --------------------------------------------------------------------------- census
+def _census_persons(
+    rng: np.random.Generator,
+    ids: np.ndarray,
+    country_of: np.ndarray,
+    census_codes: Sequence[str],
+    flow: np.ndarray,
+    population: np.ndarray,
+    sample_fraction: float,
+    stayer_fraction: float,
+) -> pd.DataFrame:
+    """Person records: sampled movers within the census countries and a sample of stayers."""
+    in_census = np.isin(country_of, census_codes)
+    same = (country_of[:, None] == country_of[None, :]) & in_census[:, None]
+    np.fill_diagonal(same, False)
+    movers = np.where(same, rng.binomial(np.where(same, flow, 0), sample_fraction), 0)
+    o, d = np.nonzero(movers)
+    reps = movers[o, d]
+    prev_m, cur_m = np.repeat(o, reps), np.repeat(d, reps)
+    # stayers: residents of a census unit who lived there five years ago
+    stay_rate = sample_fraction * stayer_fraction
+    inflow = flow.sum(axis=0)
+    stay_units = np.flatnonzero(in_census)
+    stay_n = rng.binomial(
+        np.maximum(np.round(population[stay_units] - inflow[stay_units]), 0).astype(np.int64),
+        stay_rate,
+    )
+    cur_s = np.repeat(stay_units, stay_n)
+    n_m, n_s = len(cur_m), len(cur_s)
+    weight = np.concatenate([np.full(n_m, 1.0 / sample_fraction), np.full(n_s, 1.0 / stay_rate)])
+    weight = np.round(weight * np.exp(rng.normal(0.0, 0.05, n_m + n_s)), 3)
+    age = np.concatenate(
+        [
+            np.minimum(15 + rng.gamma(2.0, 6.0, n_m), 90),
+            np.minimum(5 + rng.exponential(20.0, n_s), 95),
+        ]
+    ).astype(int)
+    sex = np.where(rng.random(n_m + n_s) < 0.5, "F", "M")
+    current = np.concatenate([cur_m, cur_s])
+    previous = np.concatenate([prev_m, cur_s])
+    key = rng.random(n_m + n_s)
+    order = np.lexsort((key, previous, current))
+    return pd.DataFrame(
+        {
+            "person_id": np.arange(1, n_m + n_s + 1),
+            "current_unit": ids[current[order]],
+            "previous_unit": ids[previous[order]],
+            "weight": weight[order],
+            "age": age[order],
+            "sex": sex[order],
+        }
+    )
+
+
+def _census_od(
+    persons: pd.DataFrame, ids: np.ndarray, country_of: np.ndarray, census_codes: Sequence[str]
+) -> pd.DataFrame:
+    """Unweighted sample counts for every within-country pair of the census countries; 1-4 -> "<5"."""
+    movers = persons.loc[persons["current_unit"] != persons["previous_unit"]]
+    counts = movers.groupby(["previous_unit", "current_unit"]).size()
+    rows = []
+    for code in census_codes:
+        members = ids[country_of == code]
+        o, d = np.meshgrid(members, members, indexing="ij")
+        keep = o != d
+        rows.append(pd.DataFrame({"origin": o[keep], "destination": d[keep]}))
+    od = (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame({"origin": [], "destination": []})
+    )
+    n = counts.reindex(
+        pd.MultiIndex.from_arrays([od["origin"], od["destination"]]), fill_value=0
+    ).to_numpy()
+    od["count"] = np.where((n > 0) & (n < 5), "<5", n.astype(str))
+    return od
+
+
+# ------------------------------------------------------------------------------ CDR
+def _simulate_cdr(
+    rng: np.random.Generator,
+    *,
+    seed: int,
+    ids: np.ndarray,
+    country_of: np.ndarray,
+    cdr_codes: Sequence[str],
+    cells: Any,
+    mu: np.ndarray,
+    phi: float,
+    built_up: np.ndarray,
+    population: np.ndarray,
+    people: np.ndarray,
+    transform: Any,
+    unit_index: np.ndarray,
+    n_subscribers: int | None,
+    n_periods: int,
+    cdr_scale: float,
+    persons_per_tower: float,
+    start: str,
+) -> dict[str, Any]:
+    """Towers, market shares, period effects, subscriber homes per month and raw events."""
+    import shapely
+
+    n_units = len(ids)
+    cdr_units = np.flatnonzero(np.isin(country_of, cdr_codes))
+    months = pd.date_range(pd.Timestamp(start), periods=n_periods + 1, freq="MS")
+    labels = [m.strftime("%Y-%m") for m in months[:-1]]
+    days = np.diff(months.to_numpy()).astype("timedelta64[D]").astype(int)
+    if len(cdr_units) == 0:
+        empty = np.array([], dtype=str)
+        return {
+            "towers": pd.DataFrame({"cell_id": empty, "lon": [], "lat": []}),
+            "homes": pd.DataFrame({"subscriber_id": empty, "period": empty, "unit_id": empty}),
+            "events": {
+                "subscriber_id": empty,
+                "timestamp": np.array([], dtype=np.int64),
+                "cell_id": empty,
+            },
+            "months": labels,
+            "n_subscribers": 0,
+            "n_movers": 0,
+            "market_share": {},
+            "period_effect": {},
+        }
+
+    # towers: Poisson in population, placed on populated pixels of their unit
+    tower_unit, tower_x, tower_y = [], [], []
+    flat_people = people.ravel()
+    flat_index = unit_index.ravel()
+    for k in cdr_units:
+        n_t = 1 + rng.poisson(population[k] / persons_per_tower)
+        pix = np.flatnonzero(flat_index == k + 1)
+        if len(pix) == 0:
+            pt = shapely.get_coordinates(shapely.point_on_surface(cells[k]))
+            xs, ys = np.repeat(pt[:, 0], n_t), np.repeat(pt[:, 1], n_t)
+        else:
+            w = flat_people[pix] + 1e-9
+            chosen = rng.choice(pix, size=n_t, p=w / w.sum())
+            row, col = np.divmod(chosen, unit_index.shape[1])
+            xs = transform.c + (col + rng.uniform(0.05, 0.95, n_t)) * transform.a
+            ys = transform.f + (row + rng.uniform(0.05, 0.95, n_t)) * transform.e
+            outside = ~shapely.contains_xy(cells[k], xs, ys)
+            xs[outside] = transform.c + (col[outside] + 0.5) * transform.a
+            ys[outside] = transform.f + (row[outside] + 0.5) * transform.e
+            outside = ~shapely.contains_xy(cells[k], xs, ys)
+            if outside.any():
+                pt = shapely.get_coordinates(shapely.point_on_surface(cells[k]))[0]
+                xs[outside], ys[outside] = pt
+        tower_unit.append(np.full(n_t, k))
+        tower_x.append(xs)
+        tower_y.append(ys)
+    tower_unit_arr = np.concatenate(tower_unit) if tower_unit else np.empty(0, dtype=int)
+    n_towers = len(tower_unit_arr)
+    cell_ids = np.array([f"CELL{t + 1:05d}" for t in range(n_towers)])
+    towers = pd.DataFrame(
+        {
+            "cell_id": cell_ids,
+            "lon": np.round(np.concatenate(tower_x), 6) if n_towers else [],
+            "lat": np.round(np.concatenate(tower_y), 6) if n_towers else [],
+        }
+    )
+    tower_start = np.searchsorted(tower_unit_arr, np.arange(n_units))
+    tower_count = np.bincount(tower_unit_arr, minlength=n_units)
+
+    # market share: pooled within country, higher in built-up units, always < 1
+    share = np.zeros(n_units)
+    z = (
+        (built_up - built_up[cdr_units].mean()) / (built_up[cdr_units].std() + 1e-12)
+        if len(cdr_units)
+        else built_up
+    )
+    for code in cdr_codes:
+        members = np.flatnonzero(country_of == code)
+        centre = np.log(m := rng.uniform(0.25, 0.6)) - np.log(1 - m)
+        logit = centre + 0.35 * z[members] + rng.normal(0.0, 0.25, len(members))
+        share[members] = 1.0 / (1.0 + np.exp(-logit))
+    # period effect: the month's share of the 5-year flow, a seasonal factor and the panel scale
+    seasonal = np.exp(rng.normal(0.0, 0.15, n_periods - 1))
+    period_effect = days[1:] / (365.25 * FLOW_YEARS) * seasonal * cdr_scale
+
+    # movers between consecutive months, among units of the CDR countries
+    sub = np.ix_(cdr_units, cdr_units)
+    movers_o, movers_d, movers_t = [], [], []
+    for t in range(n_periods - 1):
+        mean = mu[sub] * share[cdr_units][:, None] * period_effect[t]
+        np.fill_diagonal(mean, 0.0)
+        counts = _negbin(rng, mean, phi)
+        o, d = np.nonzero(counts)
+        movers_o.append(np.repeat(cdr_units[o], counts[o, d]))
+        movers_d.append(np.repeat(cdr_units[d], counts[o, d]))
+        movers_t.append(np.full(counts.sum(), t + 1))
+    mo, md, mt = np.concatenate(movers_o), np.concatenate(movers_d), np.concatenate(movers_t)
+    n_movers = len(mo)
+    if n_subscribers is None:
+        n_subscribers = max(
+            SUBSCRIBERS_PER_CDR_UNIT * len(cdr_units), int(np.ceil(1.5 * n_movers))
+        )
+    if n_movers > 0.8 * n_subscribers:
+        raise ValueError(
+            f"n_subscribers={n_subscribers} is too small for the {n_movers} relocating subscribers; "
+            f"give n_subscribers >= {int(np.ceil(1.25 * n_movers))}, leave it None, or lower "
+            f"cdr_scale={cdr_scale}"
+        )
+    weights = population[cdr_units] * share[cdr_units]
+    stay = rng.multinomial(n_subscribers - n_movers, weights / weights.sum())
+    home = np.empty((n_subscribers, n_periods), dtype=int)
+    home[:n_movers] = np.where(
+        np.arange(n_periods)[None, :] < mt[:, None], mo[:, None], md[:, None]
+    )
+    home[n_movers:] = np.repeat(cdr_units, stay)[:, None]
+    home = home[rng.permutation(n_subscribers)]
+    sub_ids = np.array(
+        [
+            hashlib.blake2b(f"flowmodel-sim:{seed}:{k}".encode(), digest_size=8).hexdigest()
+            for k in range(n_subscribers)
+        ]
+    )
+    homes = pd.DataFrame(
+        {
+            "subscriber_id": np.repeat(sub_ids, n_periods),
+            "period": np.tile(labels, n_subscribers),
+            "unit_id": ids[home.ravel()],
+        }
+    )
+
+    # events: active days, night events mostly at the home tower, day events at a work tower
+    unit_xy = shapely.get_coordinates(shapely.centroid(cells))
+    near_arr = np.zeros((n_units, 6), dtype=int)  # each CDR unit and its 5 nearest CDR units
+    for k in cdr_units:
+        d2 = ((unit_xy[cdr_units] - unit_xy[k]) ** 2).sum(axis=1)
+        nearest = cdr_units[np.argsort(d2, kind="stable")[:6]]
+        near_arr[k] = np.concatenate([nearest, np.full(6 - len(nearest), k)])
+    u_home, u_work, u_worktower = (
+        rng.random(n_subscribers),
+        rng.random(n_subscribers),
+        rng.random(n_subscribers),
+    )
+    activity = rng.beta(4.0, 4.0, n_subscribers)
+    month_start = months[:-1].to_numpy().astype("datetime64[s]").astype(np.int64)
+    sub_parts, time_parts, tower_parts = [], [], []
+    for m in range(n_periods):
+        n_days = int(days[m])
+        active = rng.random((n_subscribers, n_days)) < activity[:, None]
+        s_idx, day = np.nonzero(active)
+        n_ev = 1 + rng.poisson(0.6, len(s_idx))
+        s_idx, day = np.repeat(s_idx, n_ev), np.repeat(day, n_ev)
+        n = len(s_idx)
+        h = home[s_idx, m]
+        home_tower = tower_start[h] + (u_home[s_idx] * tower_count[h]).astype(int)
+        work_unit = np.where(
+            u_work[s_idx] < 0.5, h, near_arr[h, (u_work[s_idx] * 12).astype(int) % 6]
+        )
+        work_tower = tower_start[work_unit] + (u_worktower[s_idx] * tower_count[work_unit]).astype(
+            int
+        )
+        other_home = tower_start[h] + (rng.random(n) * tower_count[h]).astype(int)
+        anywhere = rng.integers(0, max(n_towers, 1), n)
+        night = rng.random(n) < 0.55
+        u = rng.random(n)
+        tower = np.where(
+            night,
+            np.where(u < 0.8, home_tower, np.where(u < 0.92, other_home, anywhere)),
+            np.where(
+                u < 0.5,
+                work_tower,
+                np.where(u < 0.8, home_tower, np.where(u < 0.9, other_home, anywhere)),
+            ),
+        )
+        # night: from NIGHT_HOURS[0] to midnight, then from midnight to NIGHT_HOURS[1], same date
+        before_midnight = (24 - NIGHT_HOURS[0]) * 3600
+        offset = rng.uniform(0, before_midnight + NIGHT_HOURS[1] * 3600, n)
+        night_sec = np.where(
+            offset < before_midnight, NIGHT_HOURS[0] * 3600 + offset, offset - before_midnight
+        )
+        day_sec = DAY_HOURS[0] * 3600 + rng.uniform(0, (DAY_HOURS[1] - DAY_HOURS[0]) * 3600, n)
+        local = day.astype(np.int64) * 86400 + np.where(night, night_sec, day_sec).astype(np.int64)
+        sub_parts.append(s_idx)
+        time_parts.append(month_start[m] + local - UTC_OFFSET_HOURS * 3600)
+        tower_parts.append(tower)
+    s_all, t_all, c_all = (
+        np.concatenate(sub_parts),
+        np.concatenate(time_parts),
+        np.concatenate(tower_parts),
+    )
+    order = np.lexsort((c_all, s_all, t_all))
+    events = {
+        "subscriber_id": sub_ids[s_all[order]],
+        "timestamp": t_all[order],
+        "cell_id": cell_ids[c_all[order]],
+    }
+    return {
+        "towers": towers,
+        "homes": homes,
+        "events": events,
+        "months": labels,
+        "n_subscribers": n_subscribers,
+        "n_movers": n_movers,
+        "market_share": {ids[k]: float(share[k]) for k in cdr_units},
+        "period_effect": dict(zip(labels[1:], period_effect.tolist(), strict=True)),
+    }
+
+
+def _write_events(events: Mapping[str, np.ndarray], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flowmodel.outputs.io import atomic_path
+
+    table = pa.table(
+        {
+            "subscriber_id": pa.array(events["subscriber_id"], type=pa.string()),
+            "timestamp": pa.array(events["timestamp"], type=pa.timestamp("s", tz="UTC")),
+            "cell_id": pa.array(events["cell_id"], type=pa.string()),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256_000)
