@@ -7,14 +7,18 @@ from __future__ import annotations
 
 __all__ = [
     "BackendNotAvailableError",
+    "CDRInputError",
+    "CensusInputError",
     "ConfigError",
     "DataContractError",
+    "DiagnosticsWarning",
     "FlowModelError",
     "InputFileError",
     "MissingCRSError",
     "ModelConfigError",
     "ModelLoadError",
     "NoOverlapError",
+    "PriorWarning",
     "PrivacyError",
     "UnitCodeError",
 ]
@@ -40,6 +44,17 @@ class NoOverlapError(InputFileError):
     """A raster does not overlap the units (or a unit lies outside every raster)."""
 
 
+class CensusInputError(InputFileError):
+    """A census table (OD table or person records) holds values that cannot be used."""
+
+
+class CDRInputError(InputFileError):
+    """A CDR input (events, towers or an aggregated OD table) cannot be used.
+
+    Messages name fields, counts and row numbers, never subscriber ids.
+    """
+
+
 class UnitCodeError(DataContractError):
     """Unit codes in a table do not match the unit ids of the FlowDataset."""
 
@@ -62,3 +77,11 @@ class BackendNotAvailableError(FlowModelError, ImportError):
 
 class ConfigError(FlowModelError, ValueError):
     """A run configuration file is invalid."""
+
+
+class DiagnosticsWarning(UserWarning):
+    """MCMC diagnostics look bad (divergences, R-hat > 1.01, low effective sample size)."""
+
+
+class PriorWarning(UserWarning):
+    """A prior override names no parameter of the model (it is ignored)."""

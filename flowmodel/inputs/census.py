@@ -1,0 +1,783 @@
+"""Census migration data -> observed flow tables (DESIGN §3).
+
+Two inputs are supported, and both return a long table that plugs straight into
+:func:`flowmodel.dataset.build_dataset` as ``flows={"census": table}``:
+
+* :func:`read_census_od` — an aggregated origin-destination table (CSV, Parquet
+  or a DataFrame) with ``origin``, ``destination``, ``count`` and optionally
+  ``period``; suppressed cells (``"<5"``, ``".."``, ``"x"``, ...) become
+  *censored*: ``count`` NaN and ``max`` the largest count the cell can hold,
+  never zero.
+* :func:`read_census_persons` — IPUMS-style person records (current unit,
+  previous unit, person weight): ``count`` is the unweighted number of sampled
+  movers (previous residence = origin, current residence = destination),
+  ``weighted`` the sum of person weights (for reporting) and ``exposure`` the
+  sample fraction. Person records list people, so every pair of the census
+  *universe* that no record names is an observed zero, written out explicitly.
+
+Unit codes are harmonised with :func:`harmonise_codes` (a mapping table from the
+census codes to the unit ids); codes that match nothing are reported with their
+counts and raise :class:`~flowmodel.exceptions.UnitCodeError` (or are dropped
+with a warning when ``unmatched="drop"``).
+
+Output columns (one row per ordered pair of distinct units [and period]):
+
+====================  =======  ===============================================
+column                dtype    meaning
+====================  =======  ===============================================
+``origin``            str      unit id of the previous residence
+``destination``       str      unit id of the current residence
+``period``            str      optional, only when a period column was given
+``count``             float    unweighted sample count; NaN = censored
+``max``               float    censoring bound where ``count`` is NaN, else NaN
+``weighted``          float    person records only: sum of person weights
+``exposure``          float    sample fraction of the census (0, 1]
+====================  =======  ===============================================
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from flowmodel.exceptions import CensusInputError, InputFileError, UnitCodeError
+
+__all__ = [
+    "DEFAULT_SUPPRESSED",
+    "census_universe",
+    "harmonise_codes",
+    "parse_counts",
+    "read_census_od",
+    "read_census_persons",
+]
+
+#: Markers of suppressed cells and their upper bound (None: use ``suppressed_max``).
+#: Strings of the form ``"<N"`` (bound N - 1) and ``"<=N"`` / ``"≤N"`` (bound N)
+#: are recognised without being listed.
+DEFAULT_SUPPRESSED: dict[str, float | None] = {
+    "..": None,
+    "...": None,
+    "x": None,
+    "X": None,
+    "c": None,
+    "C": None,
+    "*": None,
+    "s": None,
+    "S": None,
+    "F": None,
+    "supp": None,
+    "suppressed": None,
+}
+
+Universe = Literal["within", "destination", "all"] | None
+TableLike = str | os.PathLike[str] | pd.DataFrame
+
+_LT = re.compile(r"^\s*<\s*(\d+(?:\.\d+)?)\s*$")
+_LE = re.compile(r"^\s*(?:<=|≤)\s*(\d+(?:\.\d+)?)\s*$")
+MAX_SHOWN = 10
+
+
+def _fmt(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+        shown = ", ".join(f"{k!s} ({v} {what})".replace(" )", ")") for k, v in pairs[:MAX_SHOWN])
+        n = len(pairs)
+    else:
+        items = list(items)
+        shown = ", ".join(str(i) for i in items[:MAX_SHOWN])
+        n = len(items)
+    more = f" and {n - MAX_SHOWN} more" if n > MAX_SHOWN else ""
+    return f"[{shown}{more}]"
+
+
+def _read_table(source: TableLike, what: str, **csv_kwargs: Any) -> tuple[pd.DataFrame, str]:
+    """Read a CSV/Parquet/Feather file or copy a DataFrame; return it and a label."""
+    if isinstance(source, pd.DataFrame):
+        return source.copy(), f"{what} table"
+    path = Path(source)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such {what} file. Fix: check the path.")
+    suffix = "".join(path.suffixes[-2:]).lower()
+    try:
+        if suffix.endswith((".parquet", ".pq")):
+            table = pd.read_parquet(path)
+        elif suffix.endswith((".feather", ".arrow", ".ipc")):
+            table = pd.read_feather(path)
+        else:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, **csv_kwargs)
+    except (OSError, ValueError) as err:
+        raise InputFileError(
+            f"{path}: cannot read {what} file ({type(err).__name__}: {err})."
+        ) from err
+    if table.empty:
+        raise InputFileError(f"{path}: the {what} file has no rows. Fix: check the export.")
+    return table, str(path)
+
+
+def _require(table: pd.DataFrame, columns: Mapping[str, str | None], label: str) -> None:
+    missing = {
+        role: col for role, col in columns.items() if col is not None and col not in table.columns
+    }
+    if missing:
+        wanted = ", ".join(f"{role}={col!r}" for role, col in missing.items())
+        raise InputFileError(
+            f"{label}: missing column(s) {wanted} (columns: {list(table.columns)}). "
+            f"Fix: pass the right column names, e.g. "
+            f"{', '.join(f'{role}=<name>' for role in missing)}."
+        )
+
+
+# --------------------------------------------------------------------------- counts
+def parse_counts(
+    values: pd.Series | Sequence[Any],
+    *,
+    suppressed: Mapping[str, float | None] | None = None,
+    suppressed_max: float | None = None,
+    label: str = "count",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a count column that may hold suppression markers.
+
+    Parameters
+    ----------
+    values
+        Raw cell values (numbers or strings).
+    suppressed
+        Marker -> upper bound of the suppressed cell (None: ``suppressed_max``).
+        Default :data:`DEFAULT_SUPPRESSED`. ``"<N"`` (bound N - 1) and ``"<=N"``
+        (bound N) are always recognised.
+    suppressed_max
+        Bound of markers that carry none (e.g. ``".."``). When None such cells
+        become unobserved (``count`` and ``max`` NaN) and a warning says so.
+    label
+        Name used in messages (file and column).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``count`` (float, NaN where suppressed) and ``max`` (float, the bound
+        where suppressed, NaN elsewhere).
+
+    Raises
+    ------
+    CensusInputError
+        Values that are neither numbers nor known markers, or negative counts.
+    """
+    markers = dict(DEFAULT_SUPPRESSED if suppressed is None else suppressed)
+    raw = pd.Series(values).reset_index(drop=True)
+    if pd.api.types.is_numeric_dtype(raw):
+        text = pd.Series("", index=raw.index, dtype=object)  # only NaN cells are looked at
+        numeric = raw.astype(float)
+    else:
+        text = raw.astype("string").str.strip().fillna("").astype(object)
+        numeric = pd.to_numeric(text.str.replace(",", "", regex=False), errors="coerce")
+    count = numeric.to_numpy(dtype=float)
+    bound = np.full(len(text), np.nan)
+    not_num = np.isnan(count)
+    unbounded = 0
+    bad: dict[str, int] = {}
+    for i in np.flatnonzero(not_num):
+        cell = text.iat[i]
+        if cell in markers:
+            b = markers[cell]
+            if b is None:
+                b = suppressed_max
+                unbounded += b is None
+            bound[i] = np.nan if b is None else float(b)
+        elif m := _LT.match(cell):
+            bound[i] = float(m.group(1)) - 1.0
+        elif m := _LE.match(cell):
+            bound[i] = float(m.group(1))
+        elif cell == "":
+            bad["<empty>"] = bad.get("<empty>", 0) + 1
+        else:
+            bad[cell] = bad.get(cell, 0) + 1
+    if bad:
+        raise CensusInputError(
+            f"{label}: {sum(bad.values())} value(s) are neither counts nor suppression markers: "
+            f"{_fmt(bad, 'rows')}. Fix: declare the markers, e.g. suppressed={{'<marker>': <bound>}}, "
+            "or clean the table (an empty cell is not a zero)."
+        )
+    neg = ~np.isnan(count) & (count < 0)
+    if neg.any():
+        rows = (np.flatnonzero(neg) + 1).tolist()
+        raise CensusInputError(
+            f"{label}: {int(neg.sum())} negative count(s) at data row(s) {_fmt(rows)}. "
+            "Fix: counts must be >= 0; correct or drop those rows."
+        )
+    if unbounded:
+        warnings.warn(
+            f"{label}: {unbounded} suppressed cell(s) carry no bound; they are treated as unobserved "
+            "(count NaN, no max). Fix: pass suppressed_max=<largest suppressed count> to keep them as "
+            "censored cells.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return count, bound
+
+
+# ------------------------------------------------------------------ harmonisation
+def _mapping_dict(
+    mapping: Mapping[str, str] | pd.DataFrame | str | os.PathLike[str] | None,
+    from_field: str,
+    to_field: str,
+) -> dict[str, str]:
+    if mapping is None:
+        return {}
+    if isinstance(mapping, Mapping):
+        return {str(k): str(v) for k, v in mapping.items()}
+    table, label = _read_table(mapping, "code mapping")
+    _require(table, {"from_field": from_field, "to_field": to_field}, label)
+    table = table[[from_field, to_field]].astype(str).drop_duplicates()
+    dup = table[from_field][table[from_field].duplicated()].unique().tolist()
+    if dup:
+        raise UnitCodeError(
+            f"{label}: code(s) {_fmt(dup)} map to more than one unit id. Fix: a census code must map "
+            "to exactly one unit; split flows by hand before harmonising."
+        )
+    return dict(zip(table[from_field], table[to_field], strict=True))
+
+
+def harmonise_codes(
+    table: pd.DataFrame,
+    unit_ids: Sequence[str] | pd.Index,
+    *,
+    mapping: Mapping[str, str] | pd.DataFrame | str | os.PathLike[str] | None = None,
+    columns: Sequence[str] = ("origin", "destination"),
+    from_field: str = "code",
+    to_field: str = "unit_id",
+    unmatched: Literal["error", "drop"] = "error",
+    weight: str | None = None,
+    label: str = "table",
+) -> pd.DataFrame:
+    """Translate the unit codes of ``columns`` to unit ids through a mapping table.
+
+    Codes found in ``mapping`` are replaced by their unit id; codes that already
+    are unit ids are kept; anything else is *unmatched*.
+
+    Parameters
+    ----------
+    table
+        Table whose ``columns`` hold unit codes.
+    unit_ids
+        The valid unit ids (e.g. ``units["unit_id"]``).
+    mapping
+        Dict ``code -> unit id`` or a table (file or DataFrame) with
+        ``from_field`` and ``to_field`` columns. Several codes may map to one
+        unit (merged units); one code may not map to several.
+    columns
+        Columns to translate.
+    from_field, to_field
+        Column names of the mapping table.
+    unmatched
+        ``"error"`` (default): raise :class:`UnitCodeError` listing every
+        unmatched code with its number of rows (or of ``weight``);
+        ``"drop"``: drop those rows with a warning giving the same counts.
+    weight
+        Column summed per unmatched code in the report (default: rows).
+    label
+        Name of the table in messages (e.g. the file name).
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy with translated codes (str).
+    """
+    lookup = _mapping_dict(mapping, from_field, to_field)
+    valid = {str(u) for u in unit_ids}
+    bad_targets = sorted(set(lookup.values()) - valid)
+    if bad_targets:
+        raise UnitCodeError(
+            f"code mapping: target id(s) {_fmt(bad_targets)} are not unit ids. "
+            "Fix: map census codes to ids present in the units table."
+        )
+    out = table.copy()
+    keep = np.ones(len(out), dtype=bool)
+    report: dict[str, float] = {}
+    for col in columns:
+        codes = out[col].astype(str).str.strip()
+        mapped = codes.map(lambda c: lookup.get(c, c))
+        miss = ~mapped.isin(valid).to_numpy()
+        if miss.any():
+            w = (
+                pd.to_numeric(out.loc[miss, weight], errors="coerce").fillna(0.0)
+                if weight is not None
+                else pd.Series(1.0, index=out.index[miss])
+            )
+            for code, total in w.groupby(codes[miss].to_numpy()).sum().items():
+                key = f"{col}={code}"
+                report[key] = report.get(key, 0.0) + float(total)
+        keep &= ~miss
+        out[col] = mapped
+    if report:
+        what = weight or "rows"
+        listing = {
+            k: (int(v) if float(v).is_integer() else round(v, 2)) for k, v in report.items()
+        }
+        listing = dict(sorted(listing.items(), key=lambda kv: -kv[1]))
+        msg = (
+            f"{label}: {len(report)} unit code(s) match no unit id "
+            f"({int((~keep).sum())} of {len(out)} rows): {_fmt(listing, what)}"
+        )
+        if unmatched == "error":
+            raise UnitCodeError(
+                f"{msg}. Fix: pass mapping=<table with '{from_field}' and '{to_field}' columns>, "
+                "or unmatched='drop' to drop those rows."
+            )
+        if unmatched != "drop":
+            raise ValueError(f"unmatched must be 'error' or 'drop', got {unmatched!r}")
+        warnings.warn(f"{msg}; dropped.", UserWarning, stacklevel=2)
+        out = out.loc[keep]
+    return out
+
+
+# ----------------------------------------------------------------------- universe
+def _unit_country(units: Any, id_field: str, country_field: str) -> pd.Series:
+    if isinstance(units, pd.Series):
+        return units.astype(str).set_axis(units.index.astype(str))
+    frame = pd.DataFrame(units)
+    if id_field not in frame.columns and frame.index.name in (id_field, "unit"):
+        frame = frame.reset_index().rename(columns={frame.index.name: id_field})
+    _require(frame, {"id_field": id_field, "country_field": country_field}, "units")
+    return pd.Series(
+        frame[country_field].astype(str).to_numpy(), index=frame[id_field].astype(str).to_numpy()
+    )
+
+
+def census_universe(
+    country: pd.Series,
+    countries: Sequence[str],
+    universe: Universe = "within",
+) -> pd.DataFrame:
+    """Ordered pairs of distinct units a census observes (zeros included).
+
+    Parameters
+    ----------
+    country
+        Country code of every unit, indexed by unit id.
+    countries
+        The census countries (where people were enumerated).
+    universe
+        ``"within"``: both units in the same census country (a national census
+        of internal migration); ``"destination"``: destination in a census
+        country, origin anywhere (the census enumerates everyone living there);
+        ``"all"``: every pair of units.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``origin``, ``destination`` (str).
+    """
+    ids = country.index.to_numpy().astype(str)
+    codes = country.to_numpy().astype(str)
+    in_census = np.isin(codes, np.asarray(list(countries), dtype=str))
+    if universe == "within":
+        mask = (codes[:, None] == codes[None, :]) & in_census[:, None]
+    elif universe == "destination":
+        mask = np.broadcast_to(in_census[None, :], (len(ids), len(ids))).copy()
+    elif universe == "all":
+        mask = np.ones((len(ids), len(ids)), dtype=bool)
+    else:
+        raise ValueError(
+            f"universe must be 'within', 'destination', 'all' or None, got {universe!r}"
+        )
+    np.fill_diagonal(mask, False)
+    oi, di = np.nonzero(mask)
+    return pd.DataFrame({"origin": ids[oi], "destination": ids[di]})
+
+
+def _apply_universe(
+    table: pd.DataFrame,
+    country: pd.Series,
+    countries: Sequence[str],
+    universe: Universe,
+    fill: Mapping[str, float],
+    label: str,
+    periods: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Keep rows inside the universe and add explicit zero rows for the others."""
+    if universe is None:
+        return table
+    pairs = census_universe(country, countries, universe)
+    if periods is None:
+        periods = sorted(table["period"].unique()) if "period" in table.columns else [None]
+    frames = []
+    for p in periods:
+        frame = pairs.copy()
+        if p is not None:
+            frame["period"] = p
+        frames.append(frame)
+    full = pd.concat(frames, ignore_index=True)
+    keys = ["origin", "destination"] + (["period"] if "period" in table.columns else [])
+    inside = (
+        table.merge(full.assign(_in=True), on=keys, how="left")["_in"].fillna(False).to_numpy(bool)
+    )
+    if not inside.all():
+        n_out = int((~inside).sum())
+        warnings.warn(
+            f"{label}: {n_out} row(s) name pairs outside the census universe ({universe!r}; census "
+            f"countries {sorted(countries)}) and were dropped — keeping non-zero counts where zeros "
+            "are unobserved would bias the fit. Fix: pass universe='destination' or 'all' to keep them.",
+            UserWarning,
+            stacklevel=3,
+        )
+        table = table.loc[inside]
+    out = full.merge(table.assign(_present=True), on=keys, how="left")
+    absent = out["_present"].isna().to_numpy()
+    for col, value in fill.items():
+        if col in out.columns:
+            out.loc[absent, col] = value
+    return out.drop(columns="_present")
+    return out
+
+
+def _sample_fraction(
+    sample_fraction: float | Mapping[str, float] | None,
+    destination_country: pd.Series,
+    per_country: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    if sample_fraction is None:
+        values = destination_country.map(per_country or {})
+    elif isinstance(sample_fraction, Mapping):
+        values = destination_country.map({str(k): float(v) for k, v in sample_fraction.items()})
+    else:
+        values = pd.Series(float(sample_fraction), index=destination_country.index)
+    out = values.to_numpy(dtype=float)
+    bad = ~np.isnan(out) & ((out <= 0) | (out > 1))
+    if bad.any():
+        raise CensusInputError(
+            f"sample_fraction: values must be in (0, 1], got {sorted(set(out[bad].tolist()))[:MAX_SHOWN]}. "
+            "Fix: give the share of the population sampled, e.g. 0.1 for a 10% sample."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- OD tables
+def read_census_od(
+    source: TableLike,
+    *,
+    units: Any = None,
+    origin: str = "origin",
+    destination: str = "destination",
+    count: str = "count",
+    period: str | None = None,
+    mapping: Mapping[str, str] | pd.DataFrame | str | os.PathLike[str] | None = None,
+    unmatched: Literal["error", "drop"] = "error",
+    suppressed: Mapping[str, float | None] | None = None,
+    suppressed_max: float | None = None,
+    sample_fraction: float | Mapping[str, float] | None = None,
+    universe: Universe = None,
+    countries: Sequence[str] | None = None,
+    id_field: str = "unit_id",
+    country_field: str = "country",
+) -> pd.DataFrame:
+    """Read an aggregated census OD table into a long flow table.
+
+    Parameters
+    ----------
+    source
+        CSV, Parquet or Feather file, or a DataFrame. CSV cells are read as
+        text so that suppression markers survive.
+    units
+        Units table (``id_field``, ``country_field``) used to check codes and,
+        with ``universe``, to add explicit zero rows. Required when ``mapping``
+        or ``universe`` is given.
+    origin, destination, count, period
+        Column names in ``source``.
+    mapping, unmatched
+        Code harmonisation, see :func:`harmonise_codes`.
+    suppressed, suppressed_max
+        Suppression markers and bounds, see :func:`parse_counts`. A suppressed
+        cell becomes ``count`` NaN and ``max`` = its bound, never zero.
+    sample_fraction
+        Sampling fraction of the census (scalar or ``country -> fraction`` of
+        the destination's country) written as ``exposure``; default 1 (a full
+        count).
+    universe
+        Which absent pairs are observed zeros (see :func:`census_universe`);
+        None (default) leaves absent pairs unobserved — use ``"within"`` when
+        the table lists every non-zero flow of the census countries.
+    countries
+        Census countries for ``universe`` (default: the countries of the
+        destination units in the table).
+    id_field, country_field
+        Column names of ``units``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``origin``, ``destination``[, ``period``], ``count``, ``max``,
+        ``exposure`` (see the module docstring). Several input rows mapping to
+        the same pair are summed; a sum involving a suppressed cell is censored
+        with ``max`` = the sum of the counts and bounds.
+
+    Raises
+    ------
+    InputFileError
+        Missing file or columns.
+    CensusInputError
+        Unparsable or negative counts, sample fractions outside (0, 1].
+    UnitCodeError
+        Codes matching no unit (unless ``unmatched="drop"``).
+    """
+    table, label = _read_table(source, "census OD")
+    _require(
+        table,
+        {"origin": origin, "destination": destination, "count": count, "period": period},
+        label,
+    )
+    cols = [origin, destination, count] + ([period] if period else [])
+    table = table[cols].rename(
+        columns={origin: "origin", destination: "destination", count: "count"}
+    )
+    if period:
+        table = table.rename(columns={period: "period"})
+        table["period"] = table["period"].astype(str)
+    counts, bounds = parse_counts(
+        table["count"],
+        suppressed=suppressed,
+        suppressed_max=suppressed_max,
+        label=f"{label}: column {count!r}",
+    )
+    table["count"] = counts
+    table["max"] = bounds
+    table["origin"] = table["origin"].astype(str).str.strip()
+    table["destination"] = table["destination"].astype(str).str.strip()
+    country = None
+    if units is not None:
+        country = _unit_country(units, id_field, country_field)
+        table = harmonise_codes(
+            table, country.index, mapping=mapping, unmatched=unmatched, label=label, weight=None
+        )
+    elif mapping is not None or universe is not None:
+        raise CensusInputError(
+            f"{label}: mapping= and universe= need the units table. Fix: pass units=<GeoDataFrame>."
+        )
+    diag = table["origin"] == table["destination"]
+    if diag.any():
+        warnings.warn(
+            f"{label}: dropped {int(diag.sum())} diagonal row(s) (origin == destination, stayers); "
+            "the diagonal is excluded from every likelihood and output",
+            UserWarning,
+            stacklevel=2,
+        )
+        table = table.loc[~diag]
+    table = _aggregate(table, ["origin", "destination"] + (["period"] if period else []))
+    if country is not None:
+        cens = (
+            list(countries)
+            if countries is not None
+            else sorted(set(country.reindex(table["destination"]).dropna()))
+        )
+        table = _apply_universe(table, country, cens, universe, {"count": 0.0}, label)
+        dest_country = table["destination"].map(country)
+    else:
+        dest_country = pd.Series("", index=table.index)
+    table = table.reset_index(drop=True)
+    fraction = _sample_fraction(
+        1.0 if sample_fraction is None else sample_fraction, dest_country.reset_index(drop=True)
+    )
+    table["exposure"] = fraction
+    return _order(table)
+
+
+def _aggregate(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Sum rows sharing a pair; a group with a censored cell stays censored."""
+    if not table.duplicated(keys).any():
+        return table
+    censored = table["count"].isna() & table["max"].notna()
+    unobserved = table["count"].isna() & table["max"].isna()
+    work = table.assign(
+        _upper=table["count"].fillna(table["max"]),
+        _cens=censored,
+        _unobs=unobserved,
+    )
+    extra = {c: "sum" for c in table.columns if c in ("weighted",)}
+    grouped = (
+        work.groupby(keys, sort=False, dropna=False)
+        .agg(
+            count=("count", "sum"),
+            _upper=("_upper", "sum"),
+            _cens=("_cens", "any"),
+            _unobs=("_unobs", "any"),
+            **{c: (c, how) for c, how in extra.items()},
+        )
+        .reset_index()
+    )
+    grouped["max"] = np.where(grouped["_cens"] & ~grouped["_unobs"], grouped["_upper"], np.nan)
+    grouped.loc[grouped["_cens"] | grouped["_unobs"], "count"] = np.nan
+    return grouped.drop(columns=["_upper", "_cens", "_unobs"])
+
+
+def _order(table: pd.DataFrame) -> pd.DataFrame:
+    keys = ["origin", "destination"] + (["period"] if "period" in table.columns else [])
+    cols = keys + [c for c in ("count", "max", "weighted", "exposure") if c in table.columns]
+    out = table[cols].sort_values(keys, kind="stable").reset_index(drop=True)
+    for c in ("count", "max", "weighted", "exposure"):
+        if c in out.columns:
+            out[c] = out[c].astype(float)
+    for c in keys:
+        out[c] = out[c].astype(str)
+    return out
+
+
+# ----------------------------------------------------------------- person records
+def read_census_persons(
+    source: TableLike,
+    units: Any,
+    *,
+    current: str = "current_unit",
+    previous: str = "previous_unit",
+    weight: str | None = "weight",
+    period: str | None = None,
+    mapping: Mapping[str, str] | pd.DataFrame | str | os.PathLike[str] | None = None,
+    unmatched: Literal["error", "drop"] = "error",
+    sample_fraction: float | Mapping[str, float] | None = None,
+    universe: Universe = "within",
+    countries: Sequence[str] | None = None,
+    query: str | None = None,
+    id_field: str = "unit_id",
+    country_field: str = "country",
+) -> pd.DataFrame:
+    """Aggregate IPUMS-style person records into a census flow table.
+
+    Each record is one sampled person: previous residence = ``origin``,
+    current residence = ``destination``. Stayers (same unit) fall on the
+    diagonal and are dropped; they still count towards the sample fraction.
+
+    Parameters
+    ----------
+    source
+        CSV, Parquet or Feather file, or a DataFrame of person records.
+    units
+        Units table with ``id_field`` and ``country_field`` (the unit ids and
+        their countries; used for codes and the universe).
+    current, previous, weight, period
+        Column names. ``weight`` = person weight (None: every weight is 1 /
+        ``sample_fraction``).
+    mapping, unmatched
+        Code harmonisation, see :func:`harmonise_codes`; unmatched codes are
+        reported with their number of persons.
+    sample_fraction
+        Share of the population sampled, scalar or ``country -> fraction``.
+        Default: per census country (the destination's), the number of mover
+        records divided by the sum of their weights (movers only, because
+        stayers are often sampled at another rate; all records when a country
+        has no movers).
+    universe
+        Pairs that are observed, and so hold an explicit 0 when no record names
+        them (see :func:`census_universe`); default ``"within"``: both units in
+        the same census country. Records outside it are dropped with a warning.
+        None keeps only the pairs named by records (absent = unobserved).
+    countries
+        Census countries (default: the countries of the current residences).
+    query
+        Optional :meth:`pandas.DataFrame.query` filter on the records (e.g.
+        ``"age >= 15"``) applied before aggregation.
+    id_field, country_field
+        Column names of ``units``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``origin``, ``destination``[, ``period``], ``count`` (unweighted
+        movers), ``max`` (all NaN: person records are never suppressed),
+        ``weighted`` (sum of weights), ``exposure`` (sample fraction of the
+        destination's census).
+
+    Raises
+    ------
+    InputFileError
+        Missing file or columns, empty table.
+    CensusInputError
+        Missing, non-numeric or non-positive weights; bad sample fractions.
+    UnitCodeError
+        Unit codes matching no unit (unless ``unmatched="drop"``).
+    """
+    table, label = _read_table(source, "census person records")
+    _require(
+        table,
+        {"current": current, "previous": previous, "weight": weight, "period": period},
+        label,
+    )
+    if query:
+        table = table.query(query)
+    frame = pd.DataFrame(
+        {
+            "origin": table[previous].astype(str).str.strip().to_numpy(),
+            "destination": table[current].astype(str).str.strip().to_numpy(),
+        }
+    )
+    if period:
+        frame["period"] = table[period].astype(str).to_numpy()
+    if weight is not None:
+        w = pd.to_numeric(table[weight], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isfinite(w) | (w <= 0)
+        if bad.any():
+            rows = (np.flatnonzero(bad) + 1).tolist()
+            raise CensusInputError(
+                f"{label}: column {weight!r}: {int(bad.sum())} missing, non-numeric or non-positive "
+                f"weight(s) at data row(s) {_fmt(rows)}. Fix: person weights must be > 0, or pass "
+                "weight=None with sample_fraction=<share sampled>."
+            )
+        frame["weight"] = w
+    elif sample_fraction is None:
+        raise CensusInputError(
+            f"{label}: weight=None needs sample_fraction=<share sampled>. Fix: pass the sample fraction."
+        )
+    country = _unit_country(units, id_field, country_field)
+    frame = harmonise_codes(
+        frame, country.index, mapping=mapping, unmatched=unmatched, label=label, weight=None
+    )
+    frame["dest_country"] = frame["destination"].map(country).to_numpy()
+    if weight is None:
+        fr = _sample_fraction(sample_fraction, frame["dest_country"])
+        frame["weight"] = 1.0 / fr
+
+    # sample fraction per census country: mover records / sum of their weights (stayers may be
+    # sampled at another rate); countries without movers fall back to all their records
+    def _fraction(records: pd.DataFrame) -> dict[str, float]:
+        g = records.groupby("dest_country")["weight"].agg(["size", "sum"])
+        return (g["size"] / g["sum"]).to_dict()
+
+    per_country = _fraction(frame) | _fraction(frame.loc[frame["origin"] != frame["destination"]])
+    too_big = {c: round(f, 3) for c, f in per_country.items() if f > 1.0 + 1e-9}
+    if sample_fraction is None and too_big:
+        raise CensusInputError(
+            f"{label}: weights imply a sample fraction above 1 in {too_big} (records / sum of weights). "
+            "Fix: check the weight column (it must be the inverse sampling probability) or pass "
+            "sample_fraction=."
+        )
+    cens = list(countries) if countries is not None else sorted(frame["dest_country"].unique())
+    movers = frame.loc[frame["origin"] != frame["destination"]]
+    keys = ["origin", "destination"] + (["period"] if period else [])
+    flows = (
+        movers.groupby(keys, sort=False)
+        .agg(count=("weight", "size"), weighted=("weight", "sum"))
+        .reset_index()
+    )
+    flows["count"] = flows["count"].astype(float)
+    flows["max"] = np.nan
+    if universe is not None:
+        periods = sorted(frame["period"].unique()) if period else None
+        flows = _apply_universe(
+            flows, country, cens, universe, {"count": 0.0, "weighted": 0.0}, label, periods=periods
+        )
+    flows = flows.reset_index(drop=True)
+    dest_country = flows["destination"].map(country)
+    movers_all = frame.loc[frame["origin"] != frame["destination"], "weight"]
+    overall = (
+        float(len(movers_all) / movers_all.sum())
+        if len(movers_all)
+        else float(len(frame) / frame["weight"].sum())
+    )
+    fraction = _sample_fraction(sample_fraction, dest_country, per_country)
+    fraction = np.where(np.isnan(fraction), overall, fraction)
+    flows["exposure"] = fraction
+    return _order(flows)

@@ -1,0 +1,695 @@
+"""CDR: towers -> homes -> relocation OD, redaction and privacy (issue 5)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import string
+import warnings
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import shapely
+
+from flowmodel.dataset import build_dataset, save_dataset
+from flowmodel.exceptions import CDRInputError, MissingCRSError, PrivacyError
+from flowmodel.inputs.cdr import (
+    SubscriberHasher,
+    assign_towers,
+    cdr_flows,
+    detect_homes,
+    read_cdr_od,
+    read_towers,
+    redact,
+    relocation_od,
+    write_cdr_outputs,
+)
+
+UNIT_IDS = ["A1", "A2", "B1", "B2"]
+
+
+@pytest.fixture
+def units() -> gpd.GeoDataFrame:
+    """Four 1x1 degree squares in a row: A1, A2 (country AAA), B1, B2 (country BBB)."""
+    return gpd.GeoDataFrame(
+        {
+            "unit_id": UNIT_IDS,
+            "country": ["AAA", "AAA", "BBB", "BBB"],
+            "population": [1000.0, 2000.0, 1500.0, 500.0],
+        },
+        geometry=[shapely.box(k, 0, k + 1, 1) for k in range(4)],
+        crs="EPSG:4326",
+    )
+
+
+@pytest.fixture
+def towers() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "cell_id": ["T1", "T2", "T3", "T4"],
+            "lon": [0.5, 1.5, 2.5, 3.5],
+            "lat": [0.5, 0.5, 0.5, 0.5],
+        }
+    )
+
+
+CELL_OF = {"A1": "T1", "A2": "T2", "B1": "T3", "B2": "T4"}
+
+
+def _token(rng: np.random.Generator) -> str:
+    letters = np.array(list(string.ascii_letters + string.digits))
+    return "sub_" + "".join(rng.choice(letters, 14))
+
+
+def make_events(
+    trajectories: dict[str, list[str]],
+    *,
+    months: tuple[str, ...] = ("2024-01", "2024-02", "2024-03"),
+    days: int = 6,
+    hour: int = 22,
+) -> pd.DataFrame:
+    """One night-time event on each of ``days`` days of each month at the home unit's tower."""
+    rows = []
+    for sid, homes in trajectories.items():
+        for month, home in zip(months, homes, strict=False):
+            if home is None:
+                continue
+            for d in range(days):
+                ts = np.datetime64(f"{month}-{d + 2:02d}T{hour:02d}:15:00")
+                rows.append((sid, ts, CELL_OF[home]))
+    return pd.DataFrame(rows, columns=["subscriber_id", "timestamp", "cell_id"])
+
+
+def tower_units(units, towers):
+    return assign_towers(read_towers(towers), units)
+
+
+def small_cells_od(homes):
+    with pytest.warns(UserWarning, match="allow_small_cells=True"):
+        return relocation_od(homes, threshold=0, allow_small_cells=True)
+
+
+# ------------------------------------------------------------------------ hashing
+def test_hasher_is_keyed_stable_and_hides_salt():
+    a = SubscriberHasher(b"k1")
+    assert np.array_equal(a.hash_values(["x", "y"]), a.hash_values(["x", "y"]))
+    assert not np.array_equal(a.hash_values(["x"]), SubscriberHasher(b"k2").hash_values(["x"]))
+    assert not np.array_equal(
+        SubscriberHasher().hash_values(["x"]), SubscriberHasher().hash_values(["x"])
+    )
+    assert a.hash_values([123])[0] == a.hash_values(["123"])[0]
+    assert "k1" not in repr(a)
+    with pytest.raises(PrivacyError, match="cannot be pickled"):
+        import pickle
+
+        pickle.dumps(a)
+
+
+# ------------------------------------------------------------------------- towers
+def test_point_and_voronoi_assignment(units, towers):
+    tu = assign_towers(read_towers(towers), units)
+    assert dict(zip(tu["cell_id"], tu["unit_id"], strict=True)) == {
+        "T1": "A1",
+        "T2": "A2",
+        "T3": "B1",
+        "T4": "B2",
+    }
+    vor = assign_towers(read_towers(towers), units, method="voronoi")
+    assert vor["unit_id"].tolist() == ["A1", "A2", "B1", "B2"]
+    assert np.allclose(vor["share"], 1.0, atol=0.02)
+
+
+def test_tower_outside_units(units, towers):
+    tw = read_towers(
+        pd.concat([towers, pd.DataFrame({"cell_id": ["T9"], "lon": [4.2], "lat": [0.5]})])
+    )
+    with pytest.raises(
+        CDRInputError, match=r"1 of 5 tower\(s\) lie outside every unit: cells \[T9\]"
+    ):
+        assign_towers(tw, units)
+    with pytest.warns(UserWarning, match="outside every unit"):
+        dropped = assign_towers(tw, units, outside="drop")
+    assert dropped["unit_id"].isna().sum() == 1
+    nearest = assign_towers(tw, units, outside="nearest")
+    assert nearest.set_index("cell_id").loc["T9", "unit_id"] == "B2"
+    # Voronoi: the off-shore tower's cell still overlaps B2
+    vor = assign_towers(tw, units, method="voronoi")
+    assert vor.set_index("cell_id").loc["T9", "unit_id"] == "B2"
+
+
+def test_bad_towers(units, towers):
+    with pytest.raises(CDRInputError, match="more than one location"):
+        read_towers(
+            pd.concat([towers, pd.DataFrame({"cell_id": ["T1"], "lon": [9.0], "lat": [0.5]})])
+        )
+    with pytest.raises(CDRInputError, match="out-of-range lon/lat"):
+        read_towers(towers.assign(lat=[0.5, 95.0, 0.5, 0.5]))
+    with pytest.raises(CDRInputError, match=r"missing column\(s\) \['lon'\]"):
+        read_towers(towers.drop(columns="lon"))
+    with pytest.raises(MissingCRSError, match="no CRS"):
+        assign_towers(read_towers(towers), units.set_crs(None, allow_override=True))
+
+
+# -------------------------------------------------------------------------- homes
+def test_known_homes_and_relocations_recovered_exactly(units, towers):
+    rng = np.random.default_rng(7)
+    traj = {_token(rng): [str(u) for u in rng.choice(UNIT_IDS, 3)] for _ in range(60)}
+    events = make_events(traj).sample(frac=1.0, random_state=1)  # order must not matter
+    homes = detect_homes(
+        events, tower_units(units, towers), UNIT_IDS, batch_size=97, min_active_days=5
+    )
+    assert homes.periods == ["2024-01", "2024-02", "2024-03"]
+    got = homes.counts().set_index(["unit_id", "period"])["n"]
+    exp = pd.Series(
+        [h for hs in traj.values() for h in hs], index=None
+    )  # placeholder to build expected counts below
+    rows = [(h, m) for hs in traj.values() for h, m in zip(hs, homes.periods, strict=True)]
+    exp = (
+        pd.Series(1.0, index=pd.MultiIndex.from_tuples(rows, names=["unit_id", "period"]))
+        .groupby(level=[0, 1])
+        .sum()
+    )
+    pd.testing.assert_series_equal(got.sort_index(), exp.sort_index(), check_names=False)
+    od = small_cells_od(homes).flows
+    expected = {}
+    for hs in traj.values():
+        for t in (1, 2):
+            if hs[t - 1] != hs[t]:
+                key = (hs[t - 1], hs[t], homes.periods[t])
+                expected[key] = expected.get(key, 0) + 1
+    got_od = {(r.origin, r.destination, r.period): r.count for r in od.itertuples() if r.count > 0}
+    assert got_od == expected
+    # every ordered pair of distinct covered units, for the two relocation periods
+    assert len(od) == 4 * 3 * 2
+    assert set(od["period"]) == {"2024-02", "2024-03"}
+    assert (od["origin"] != od["destination"]).all()
+
+
+def test_homes_refuse_to_be_pickled(units, towers):
+    import pickle
+
+    homes = detect_homes(make_events({"s": ["A1"]}), tower_units(units, towers), UNIT_IDS)
+    assert "1 subscriber-periods" in repr(homes)
+    with pytest.raises(PrivacyError, match="must not be pickled or persisted"):
+        pickle.dumps(homes)
+
+
+def test_periods_weeks_and_window(units, towers):
+    ev = make_events({"s": ["A1", "A2"]}, months=("2024-01", "2024-02"), days=20)
+    tu = tower_units(units, towers)
+    weeks = detect_homes(ev, tu, UNIT_IDS, period="week", min_active_days=3)
+    assert weeks.periods[0] == "W2024-01-01" and len(set(weeks.periods)) == len(weeks.periods)
+    quarters = detect_homes(ev, tu, UNIT_IDS, period="quarter")
+    assert quarters.periods == ["2024-Q1"]
+    with pytest.warns(UserWarning, match="no relocation period"):
+        assert relocation_od(quarters).flows.empty
+    window = detect_homes(ev, tu, UNIT_IDS, start="2024-02-01", end="2024-03-01")
+    assert window.periods == ["2024-02"] and window.report["outside_window"] == 20
+    with pytest.warns(UserWarning, match="no subscriber has a home"):
+        detect_homes(ev, tu, UNIT_IDS, night=(2, 5))
+
+
+def test_night_rule_changes_home(units, towers):
+    night = make_events({"s1": ["A1"]}, days=5, hour=23)
+    day = make_events({"s1": ["A2"]}, days=10, hour=11)
+    events = pd.concat([night, day])
+    tu = tower_units(units, towers)
+    with_night = detect_homes(events, tu, UNIT_IDS)
+    assert with_night.unit_ids[with_night.unit].tolist() == ["A1"]
+    all_day = detect_homes(events, tu, UNIT_IDS, night=None)
+    assert all_day.unit_ids[all_day.unit].tolist() == ["A2"]
+    # a non-wrapping window picks the daytime unit
+    office = detect_homes(events, tu, UNIT_IDS, night=(9, 17))
+    assert office.unit_ids[office.unit].tolist() == ["A2"]
+
+
+def test_night_after_midnight_belongs_to_previous_day(units, towers):
+    # 23:00 and 02:00 of the same night are one active day, so 3 nights < 4 days
+    ev = pd.concat(
+        [make_events({"s": ["A1"]}, days=3, hour=23), make_events({"s": ["A1"]}, days=3, hour=2)]
+    )
+    ev["timestamp"] = np.where(
+        ev["timestamp"].dt.hour == 2, ev["timestamp"] + pd.Timedelta(days=1), ev["timestamp"]
+    )
+    tu = tower_units(units, towers)
+    with pytest.warns(UserWarning, match="no subscriber has a home"):
+        assert len(detect_homes(ev, tu, UNIT_IDS, min_active_days=4).unit) == 0
+    assert len(detect_homes(ev, tu, UNIT_IDS, min_active_days=3).unit) == 1
+    # without the night rule days run midnight to midnight: calendar days 2, 3, 4, 5
+    assert len(detect_homes(ev, tu, UNIT_IDS, night=None, min_active_days=4).unit) == 1
+    with pytest.warns(UserWarning, match="no subscriber has a home"):
+        assert len(detect_homes(ev, tu, UNIT_IDS, night=None, min_active_days=5).unit) == 0
+
+
+def test_min_active_days_changes_answer(units, towers):
+    events = pd.concat(
+        [make_events({"few": ["A1"]}, days=3), make_events({"many": ["A2"]}, days=8)]
+    )
+    tu = tower_units(units, towers)
+    strict = detect_homes(events, tu, UNIT_IDS, min_active_days=5)
+    assert strict.unit_ids[strict.unit].tolist() == ["A2"]
+    loose = detect_homes(events, tu, UNIT_IDS, min_active_days=3)
+    assert sorted(loose.unit_ids[loose.unit].tolist()) == ["A1", "A2"]
+
+
+def test_modal_unit_by_days_then_events(units, towers):
+    # 4 nights in A1 (1 event each) vs 3 nights in A2 with 5 events each: days win
+    a = make_events({"s": ["A1"]}, days=4)
+    b = pd.concat([make_events({"s": ["A2"]}, days=3, hour=20 + k) for k in range(3)])
+    homes = detect_homes(
+        pd.concat([a, b]), tower_units(units, towers), UNIT_IDS, min_active_days=1
+    )
+    assert homes.unit_ids[homes.unit].tolist() == ["A1"]
+
+
+def test_timezone_aware_timestamps(units, towers):
+    # 22:15 local in UTC+3 is 19:15 UTC: outside a 21-06 night in UTC, inside in local time
+    ev = make_events({"s": ["A1"]}, days=6, hour=22)
+    ev["timestamp"] = (ev["timestamp"] - pd.Timedelta(hours=3)).dt.tz_localize("UTC")
+    tu = tower_units(units, towers)
+    with pytest.warns(UserWarning, match="no subscriber has a home"):
+        assert len(detect_homes(ev, tu, UNIT_IDS, night=(21, 6)).unit) == 0
+    local = detect_homes(ev, tu, UNIT_IDS, night=(21, 6), timezone="Africa/Nairobi")
+    assert local.unit_ids[local.unit].tolist() == ["A1"]
+
+
+def test_iso_text_timestamps_with_zones(units, towers):
+    ev = make_events({"s": ["A1"]}, days=6, hour=22)
+    tu = tower_units(units, towers)
+    utc = ev.assign(
+        timestamp=(ev["timestamp"] - pd.Timedelta(hours=3)).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    offset = ev.assign(timestamp=ev["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S+03:00"))
+    frac = ev.assign(timestamp=ev["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S.250"))
+    for table in (utc, offset):
+        homes = detect_homes(table, tu, UNIT_IDS, night=(21, 6), timezone="Africa/Nairobi")
+        assert homes.unit_ids[homes.unit].tolist() == ["A1"]
+    assert detect_homes(frac, tu, UNIT_IDS).unit_ids.tolist() == UNIT_IDS
+    assert detect_homes(frac, tu, UNIT_IDS).report["used"] == 6
+
+
+def test_inputs_parquet_csv_and_epoch_agree(units, towers, tmp_path):
+    rng = np.random.default_rng(3)
+    traj = {_token(rng): [str(u) for u in rng.choice(UNIT_IDS, 3)] for _ in range(20)}
+    ev = make_events(traj)
+    tu = tower_units(units, towers)
+    pq.write_table(pa.Table.from_pandas(ev, preserve_index=False), tmp_path / "ev.parquet")
+    ev.assign(timestamp=ev["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S")).to_csv(
+        tmp_path / "ev.csv", index=False
+    )
+    epoch = ev.assign(timestamp=ev["timestamp"].astype("datetime64[s]").astype(np.int64))
+    results = [
+        detect_homes(src, tu, UNIT_IDS, salt=b"same").counts()
+        for src in (ev, tmp_path / "ev.parquet", tmp_path / "ev.csv", epoch)
+    ]
+    for other in results[1:]:
+        pd.testing.assert_frame_equal(results[0], other)
+
+
+# ---------------------------------------------------------------------- redaction
+def _movers(n_a1_a2: int, n_a1_b1: int, n_a2_b1: int, rng) -> dict[str, list[str]]:
+    traj = {}
+    for o, d, n in (("A1", "A2", n_a1_a2), ("A1", "B1", n_a1_b1), ("A2", "B1", n_a2_b1)):
+        for _ in range(n):
+            traj[_token(rng)] = [o, d]
+    for _ in range(30):
+        traj[_token(rng)] = ["B2", "B2"]
+    return traj
+
+
+def test_redaction_at_threshold_and_totals_before_redaction(units, towers):
+    rng = np.random.default_rng(11)
+    ev = make_events(_movers(15, 10, 16, rng), months=("2024-01", "2024-02"))
+    res = cdr_flows(ev, towers, units)
+    flows = res.flows.set_index(["origin", "destination"])
+    assert np.isnan(flows.loc[("A1", "A2"), "count"]) and flows.loc[("A1", "A2"), "max"] == 15
+    assert flows.loc[("A2", "B1"), "count"] == 16 and np.isnan(flows.loc[("A2", "B1"), "max"])
+    # a zero cell is censored (0..15), never 0
+    assert np.isnan(flows.loc[("B2", "A1"), "count"]) and flows.loc[("B2", "A1"), "max"] == 15
+    assert not (res.flows["count"] == 0).any()
+    assert (res.flows["count"].isna() == res.flows["max"].notna()).all()
+    # totals include the redacted cells: A1 sends 15 + 10 = 25
+    tot = res.totals.set_index("unit_id")
+    assert tot.loc["A1", "outflow"] == 25
+    assert np.isnan(tot.loc["B2", "outflow"]) and tot.loc["B2", "outflow_max"] == 15
+    # B1 receives 16 (released) + 10 (redacted, from A1) + 0 (redacted, from B2): releasing 26
+    # would reveal the redacted 10, so the total is suppressed with max 16 + 2 x 15
+    assert np.isnan(tot.loc["B1", "inflow"]) and tot.loc["B1", "inflow_max"] == 46
+    # likewise A2's outflow of 16 would reveal that its two redacted cells are 0
+    assert np.isnan(tot.loc["A2", "outflow"]) and tot.loc["A2", "outflow_max"] == 46
+    # subscribers per unit and the per-resident covariate
+    subs = res.subscribers.set_index(["unit_id", "period"])["cdr_subscribers"]
+    assert subs.loc[("B1", "2024-02")] == 26 and subs.loc[("B2", "2024-01")] == 30
+    assert res.covariates.loc["B2", "cdr_subscribers_per_resident"] == pytest.approx(30 / 500)
+    # A1 holds 25 then 0 subscribers: the mean covers released periods only (25, not 12.5)
+    assert res.covariates.loc["A1", "cdr_subscribers"] == 25
+    assert res.covariates.loc["A2", "cdr_subscribers"] == 16  # 16 then 15 (redacted)
+    assert res.covariates.loc["B1", "cdr_subscribers"] == 26  # 0 (redacted) then 26
+
+
+def test_raising_threshold_is_free_lowering_needs_opt_in(units, towers):
+    rng = np.random.default_rng(12)
+    ev = make_events(_movers(15, 10, 16, rng), months=("2024-01", "2024-02"))
+    high = cdr_flows(ev, towers, units, threshold=20)
+    assert high.flows["count"].notna().sum() == 0 and set(high.flows["max"]) == {20.0}
+    with pytest.raises(PrivacyError, match=r"below 15.*allow_small_cells=True"):
+        cdr_flows(ev, towers, units, threshold=10)
+    with pytest.warns(UserWarning, match="releasing cells with 11..15"):
+        low = cdr_flows(ev, towers, units, threshold=10, allow_small_cells=True)
+    assert low.flows.set_index(["origin", "destination"]).loc[("A1", "A2"), "count"] == 15
+
+
+def test_redact_function():
+    t = pd.DataFrame({"count": [0.0, 15.0, 16.0, np.nan], "max": [np.nan, np.nan, np.nan, 15.0]})
+    out = redact(t)
+    assert out["count"].isna().tolist() == [True, True, False, True]
+    assert (
+        out["max"].tolist()[:2] == [15.0, 15.0]
+        and np.isnan(out["max"][2])
+        and out["max"][3] == 15.0
+    )
+    with pytest.raises(PrivacyError, match="threshold=3 is below 15"):
+        redact(t, threshold=3)
+
+
+def test_write_refuses_unredacted(units, towers, tmp_path):
+    rng = np.random.default_rng(13)
+    res = cdr_flows(
+        make_events(_movers(20, 0, 0, rng), months=("2024-01", "2024-02")), towers, units
+    )
+    res.flows.loc[res.flows.index[0], "count"] = 3.0
+    with pytest.raises(PrivacyError, match="refusing to write"):
+        write_cdr_outputs(res, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_within_universe_drops_cross_border(units, towers):
+    rng = np.random.default_rng(14)
+    ev = make_events(_movers(20, 17, 0, rng), months=("2024-01", "2024-02"))
+    with pytest.warns(UserWarning, match=r"17 relocation\(s\) between units outside the universe"):
+        res = cdr_flows(ev, towers, units, universe="within")
+    assert set(zip(res.flows["origin"], res.flows["destination"], strict=True)) == {
+        ("A1", "A2"),
+        ("A2", "A1"),
+        ("B1", "B2"),
+        ("B2", "B1"),
+    }
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.fixture
+def good_events() -> pd.DataFrame:
+    rng = np.random.default_rng(5)
+    return make_events(
+        {_token(rng): ["A1", "A2"] for _ in range(3)}, months=("2024-01", "2024-02")
+    )
+
+
+def test_unknown_towers(units, towers, good_events):
+    ev = good_events.copy()
+    ev.loc[ev.index[:4], "cell_id"] = "T404"
+    with pytest.raises(CDRInputError, match=r"unknown cell: 4 \(rows \[1, 2, 3, 4\]\)"):
+        cdr_flows(ev, towers, units)
+    with pytest.warns(UserWarning, match=r"dropped 4 bad event\(s\).*unknown cell: 4"):
+        res = cdr_flows(ev, towers, units, on_bad_events="drop")
+    assert res.report["unknown_cell"] == 4
+
+
+def test_unparsable_and_out_of_range_timestamps(units, towers, good_events):
+    ev = good_events.assign(timestamp=good_events["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"))
+    ev.loc[ev.index[0], "timestamp"] = "yesterday-ish"
+    ev.loc[ev.index[1], "timestamp"] = "1975-01-01 22:00:00"
+    ev.loc[ev.index[2], "timestamp"] = "2201-01-01 22:00:00"
+    with pytest.raises(
+        CDRInputError, match=r"bad timestamp: 1 \(rows \[1\]\).*out of range timestamp: 2"
+    ):
+        cdr_flows(ev, towers, units)
+    with pytest.warns(UserWarning, match=r"dropped 3 bad event"):
+        res = cdr_flows(ev, towers, units, on_bad_events="drop", min_active_days=4)
+    assert res.report["used"] == len(ev) - 3
+
+
+def test_empty_log(units, towers, good_events):
+    with pytest.raises(CDRInputError, match="the event log is empty"):
+        cdr_flows(good_events.iloc[:0], towers, units)
+
+
+def test_towers_outside_units_events_dropped(units, towers, good_events):
+    tw = pd.concat([towers, pd.DataFrame({"cell_id": ["T9"], "lon": [9.0], "lat": [9.0]})])
+    ev = pd.concat([good_events, good_events.iloc[:2].assign(cell_id="T9")])
+    with pytest.raises(CDRInputError, match="outside every unit"):
+        cdr_flows(ev, tw, units)
+    with (
+        pytest.warns(UserWarning, match=r"1 of 5 tower\(s\) lie outside every unit"),
+        pytest.warns(UserWarning, match=r"dropped 2 event\(s\) on towers outside every unit"),
+    ):
+        res = cdr_flows(ev, tw, units, outside="drop")
+    assert res.report["tower_outside_units"] == 2
+
+
+def test_duplicate_events(units, towers, good_events):
+    ev = pd.concat([good_events, good_events.iloc[:5]])
+    with pytest.warns(UserWarning, match=r"dropped 5 duplicate event\(s\)"):
+        res = cdr_flows(ev, towers, units)
+    assert res.report["duplicates"] == 5
+
+
+def test_missing_columns_and_ids(units, towers, good_events, tmp_path):
+    with pytest.raises(CDRInputError, match=r"events table: missing column\(s\) \['cell_id'\]"):
+        cdr_flows(good_events.drop(columns="cell_id"), towers, units)
+    good_events.drop(columns="cell_id").to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(CDRInputError, match="cannot read the events file"):
+        cdr_flows(tmp_path / "e.csv", towers, units)
+    ev = good_events.astype({"subscriber_id": object})
+    ev.loc[ev.index[0], "subscriber_id"] = None
+    with pytest.raises(CDRInputError, match=r"missing subscriber: 1"):
+        cdr_flows(ev, towers, units)
+
+
+# ------------------------------------------------------------- aggregated OD input
+def test_read_cdr_od_semantics():
+    table = pd.DataFrame(
+        {
+            "pcod_from": ["A1", "A1", "A2", "B1"],
+            "pcod_to": ["A2", "B1", "A1", "A1"],
+            "value": ["40", "", "10", "16"],
+        }
+    )
+    res = read_cdr_od(
+        table,
+        origin="pcod_from",
+        destination="pcod_to",
+        count="value",
+        coverage=["A1", "A2", "B1"],
+    )
+    f = res.flows.set_index(["origin", "destination"])
+    assert f.loc[("A1", "A2"), "count"] == 40
+    assert f.loc[("B1", "A1"), "count"] == 16
+    for pair in [
+        ("A1", "B1"),
+        ("A2", "A1"),
+        ("A2", "B1"),
+        ("B1", "A2"),
+    ]:  # marked, small, absent, absent
+        assert np.isnan(f.loc[pair, "count"]) and f.loc[pair, "max"] == 15
+    assert len(f) == 6 and set(res.flows["period"]) == {"all"}
+    assert res.report["redacted_on_read"] == 1
+
+
+def test_read_cdr_od_totals_and_errors(units):
+    table = pd.DataFrame(
+        {
+            "origin": ["A1", "A2"],
+            "destination": ["A2", "A1"],
+            "count": [30, 20],
+            "period": ["p1"] * 2,
+        }
+    )
+    tot = pd.DataFrame(
+        {"unit_id": ["A1", "A2"], "period": ["p1", "p1"], "outflow": [40, 12], "inflow": [21, 30]}
+    )
+    res = read_cdr_od(table, units=units, totals=tot)
+    t = res.totals.set_index("unit_id")
+    assert (
+        t.loc["A1", "outflow"] == 40
+        and np.isnan(t.loc["A2", "outflow"])
+        and t.loc["A2", "outflow_max"] == 15
+    )
+    with pytest.raises(CDRInputError, match="neither counts nor redaction markers"):
+        read_cdr_od(table.assign(count=["30", "lots"]))
+    with pytest.raises(CDRInputError, match="negative count"):
+        read_cdr_od(table.assign(count=[30, -2]))
+    from flowmodel.exceptions import UnitCodeError
+
+    with pytest.raises(UnitCodeError, match=r"origin=Z9 \(1 rows\)"):
+        read_cdr_od(table.assign(origin=["Z9", "A2"]), units=units)
+
+
+# ------------------------------------------------------------------------ dataset
+def test_flows_plug_into_build_dataset(units, towers):
+    rng = np.random.default_rng(21)
+    res = cdr_flows(
+        make_events(_movers(20, 17, 16, rng), months=("2024-01", "2024-02")), towers, units
+    )
+    ds = build_dataset(units, covariates=res.covariates, flows={"cdr": res.flows})
+    assert ds["flow_cdr"].dims == ("origin", "destination", "period")
+    assert float(ds["flow_cdr"].sel(origin="A1", destination="A2", period="2024-02")) == 20
+    assert float(ds["flow_cdr_max"].sel(origin="B2", destination="A1", period="2024-02")) == 15
+    assert "cdr_subscribers_per_resident" in ds
+
+
+# ------------------------------------------------------------------------ privacy
+def _fingerprints(raw_id: str) -> set[str]:
+    b = raw_id.encode()
+    out = {raw_id}
+    for name in ("sha256", "md5", "sha1", "sha512", "blake2b", "blake2s", "sha3_256"):
+        out.add(hashlib.new(name, b).hexdigest())
+    unkeyed = hashlib.blake2b(b, digest_size=8)
+    out.add(unkeyed.hexdigest())
+    out.add(str(int.from_bytes(unkeyed.digest(), "little")))
+    return out
+
+
+def _leaks(blobs: list[bytes], raw_ids: list[str]) -> list[str]:
+    return [
+        fp
+        for rid in raw_ids
+        for fp in _fingerprints(rid)
+        if any(fp.encode() in blob for blob in blobs)
+    ]
+
+
+def test_no_subscriber_id_leaves_the_module(units, towers, tmp_path, caplog, capsys, monkeypatch):
+    rng = np.random.default_rng(99)
+    traj = _movers(25, 18, 16, rng)
+    ev = make_events(traj, months=("2024-01", "2024-02"))
+    raw_ids = sorted(traj)
+    src = tmp_path / "in" / "events.parquet"
+    src.parent.mkdir()
+    pq.write_table(pa.Table.from_pandas(ev, preserve_index=False), src)
+    out = tmp_path / "out"
+    messages: list[str] = []
+    caplog.set_level(logging.DEBUG)
+    with pytest.warns(UserWarning) as record:
+        res = cdr_flows(
+            src, towers, units, progress=True, on_bad_events="drop", universe="within"
+        )  # warns: cross-border relocations dropped
+        bad = ev.copy()
+        bad.loc[bad.index[:3], "timestamp"] = pd.NaT
+        bad.loc[bad.index[3], "cell_id"] = "nowhere"
+        cdr_flows(bad, towers, units, on_bad_events="drop")
+    messages += [str(w.message) for w in record]
+    for broken in (
+        ev.assign(timestamp=ev["subscriber_id"]),  # ids in the timestamp column
+        ev.assign(cell_id=ev["subscriber_id"]),  # ids in the cell column
+    ):
+        with pytest.raises(CDRInputError) as info:
+            cdr_flows(broken, towers, units)
+        messages.append(str(info.value))
+    csv = tmp_path / "in" / "broken.csv"
+    csv.write_text(
+        "subscriber_id,timestamp,cell_id\n" + f"{raw_ids[0]},2024-01-01 22:00:00,T1,extra\n"
+    )
+    with pytest.raises(CDRInputError) as info:
+        cdr_flows(csv, towers, units)
+    messages.append(str(info.value))
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # a malformed row far into the file (a later CSV block) is scrubbed too
+    rows = "".join(
+        f"{rid},2024-01-0{k % 9 + 1} 22:00:00,T1\n" for k, rid in enumerate(raw_ids * 400)
+    )
+    csv.write_text("subscriber_id,timestamp,cell_id\n" + rows + f"{raw_ids[1]},x,T1,extra,cols\n")
+    with pytest.raises(CDRInputError, match="malformed") as info:
+        monkeypatch.setattr("flowmodel.inputs.cdr._CSV_BLOCK_SIZE", 1 << 12)
+        detect_homes(csv, tower_units(units, towers), UNIT_IDS)
+    messages.append(str(info.value))
+    write_cdr_outputs(res, out)
+    ds = build_dataset(units, covariates=res.covariates, flows={"cdr": res.flows})
+    save_dataset(ds, out / "dataset.nc")
+    messages += [r.getMessage() for r in caplog.records]
+    captured = capsys.readouterr()
+    messages += [captured.out, captured.err, repr(res)]
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"cdr_flows.csv", "cdr_totals.csv", "dataset.nc"}
+    blobs = [p.read_bytes() for p in written] + [m.encode() for m in messages]
+    assert any(b"CDR home detection" in m.encode() for m in messages)  # logs were captured
+    assert _leaks(blobs, raw_ids) == []
+    # the scan finds a planted id, raw or hashed
+    planted = hashlib.sha256(raw_ids[3].encode()).hexdigest()
+    assert _leaks([b"x," + planted.encode() + b",y"], raw_ids) == [planted]
+    assert _leaks([f"id {raw_ids[5]}".encode()], raw_ids) == [raw_ids[5]]
+
+
+# ----------------------------------------------------------------- simulated world
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    simulate = pytest.importorskip("flowmodel.simulate")
+    if not hasattr(simulate, "simulate_world"):
+        pytest.skip("flowmodel.simulate.simulate_world is not available")
+    return simulate.simulate_world(
+        tmp_path_factory.mktemp("world"), n_units=60, raster_size=200, seed=3
+    )
+
+
+@pytest.mark.integration
+def test_simulated_world_census_and_cdr_into_dataset(world):
+    from flowmodel.inputs.census import read_census_od, read_census_persons
+
+    units = gpd.read_file(world.paths["units"], layer="units")
+    truth = world.truth
+    persons = read_census_persons(world.paths["census_persons"], units)
+    od = read_census_od(
+        world.paths["census_od"], units=units, sample_fraction=truth["sample_fraction"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the simulator writes a few duplicate events
+        cdr = cdr_flows(
+            world.paths["cdr_events"],
+            world.paths["cdr_towers"],
+            units,
+            timezone=truth.get("timezone", "Africa/Nairobi"),
+        )
+    # census: exposure recovers the movers' sample fraction; "<5" cells are censored at 4
+    assert np.allclose(persons["exposure"], truth["sample_fraction"], rtol=0.02)
+    raw = pd.read_csv(world.paths["census_od"], dtype=str)["count"]
+    assert od["count"].isna().sum() == (raw == "<5").sum()
+    assert set(od.loc[od["count"].isna(), "max"]) <= {4.0}
+    assert (od["count"] == 0).sum() == (raw == "0").sum()
+    # the OD table is the person records aggregated, with "<5" censored
+    merged = od.merge(persons, on=["origin", "destination"], suffixes=("_od", "_p"))
+    assert len(merged) == len(od) == len(persons)
+    shown = merged["count_od"].notna()
+    assert (merged.loc[shown, "count_od"] == merged.loc[shown, "count_p"]).all()
+    assert merged.loc[~shown, "count_p"].between(1, 4).all()
+    # CDR: relocations between consecutive months, labelled by the later month
+    assert sorted(cdr.flows["period"].unique()) == truth["cdr_periods"][1:]
+    true_homes = pd.read_csv(world.paths["true_cdr_homes"])
+    assert cdr.report["subscribers"] == true_homes["subscriber_id"].nunique()
+    assert 0.85 * len(true_homes) <= cdr.report["subscriber_periods_with_home"] <= len(true_homes)
+    covered = set(cdr.flows["origin"])
+    assert {str(c) for c in units.loc[units["unit_id"].isin(covered), "country"]} == set(
+        truth["cdr_countries"]
+    )
+    ds = build_dataset(
+        units,
+        covariates=pd.read_csv(world.paths["true_covariates"]).set_index("unit_id")[
+            ["population"]
+        ],
+        flows={"census": persons, "cdr": cdr.flows},
+    )
+    assert {
+        "flow_census",
+        "flow_census_weighted",
+        "exposure_census",
+        "flow_cdr",
+        "flow_cdr_max",
+    } <= set(ds)
+    assert int(ds["flow_census"].notnull().sum()) == len(
+        persons
+    )  # every within-country pair, zeros too
+    assert int(ds["flow_cdr"].notnull().sum()) > 0 and int(ds["flow_cdr_max"].notnull().sum()) > 0
+    assert not bool((ds["flow_cdr"] <= 15).any())

@@ -1,0 +1,269 @@
+"""Census OD tables and person records -> flow tables (issue 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowmodel.dataset import build_dataset
+from flowmodel.exceptions import CensusInputError, InputFileError, UnitCodeError
+from flowmodel.inputs.census import (
+    census_universe,
+    harmonise_codes,
+    parse_counts,
+    read_census_od,
+    read_census_persons,
+)
+
+
+@pytest.fixture
+def units() -> pd.DataFrame:
+    """Three units in AAA, two in BBB, one in CCC, with coordinates for build_dataset."""
+    return pd.DataFrame(
+        {
+            "unit_id": ["A1", "A2", "A3", "B1", "B2", "C1"],
+            "country": ["AAA", "AAA", "AAA", "BBB", "BBB", "CCC"],
+            "population": [1e4, 2e4, 3e4, 1e4, 5e3, 8e3],
+            "lon": [30.0, 30.5, 31.0, 32.0, 32.5, 33.0],
+            "lat": [0.0, 0.5, 1.0, 0.0, 0.5, 1.0],
+        }
+    )
+
+
+def pairs(table: pd.DataFrame) -> set[tuple[str, str]]:
+    return set(zip(table["origin"], table["destination"], strict=True))
+
+
+# ------------------------------------------------------------------------- counts
+def test_parse_counts_markers_and_bounds():
+    count, bound = parse_counts(["12", "<5", "0", "<=3", "x", "1,204", 7], suppressed_max=9)
+    assert count[[0, 2, 5, 6]].tolist() == [12, 0, 1204, 7]
+    assert np.isnan(count[[1, 3, 4]]).all()
+    assert bound[1] == 4 and bound[3] == 3 and bound[4] == 9
+    assert np.isnan(bound[[0, 2, 5, 6]]).all()
+    custom, cb = parse_counts(["-", "3"], suppressed={"-": 2})
+    assert np.isnan(custom[0]) and cb[0] == 2
+
+
+def test_parse_counts_errors_and_warnings():
+    with pytest.raises(
+        CensusInputError, match=r"neither counts nor suppression markers: \[n/a \(2 rows\)"
+    ):
+        parse_counts(["3", "n/a", "n/a"])
+    with pytest.raises(CensusInputError, match=r"an empty cell is not a zero"):
+        parse_counts(["3", ""])
+    with pytest.raises(CensusInputError, match=r"1 negative count\(s\) at data row\(s\) \[2\]"):
+        parse_counts(["3", "-1"])
+    with pytest.warns(UserWarning, match=r"1 suppressed cell\(s\) carry no bound.*suppressed_max"):
+        count, bound = parse_counts(["..", "4"])
+    assert np.isnan(count[0]) and np.isnan(bound[0])
+
+
+# --------------------------------------------------------------------- OD tables
+def test_census_od_suppressed_cells_are_censored_never_zero(units, tmp_path):
+    path = tmp_path / "od.csv"
+    pd.DataFrame(
+        {
+            "origin": ["A1", "A1", "A2", "A2", "A3", "A3"],
+            "destination": ["A2", "A3", "A1", "A3", "A1", "A2"],
+            "count": ["10", "<5", "0", "..", "7", "3"],
+        }
+    ).to_csv(path, index=False)
+    table = read_census_od(path, units=units, suppressed_max=4, sample_fraction=0.1)
+    t = table.set_index(["origin", "destination"])
+    assert list(table.columns) == ["origin", "destination", "count", "max", "exposure"]
+    assert t.loc[("A1", "A2"), "count"] == 10
+    assert np.isnan(t.loc[("A1", "A3"), "count"]) and t.loc[("A1", "A3"), "max"] == 4
+    assert t.loc[("A2", "A1"), "count"] == 0 and np.isnan(t.loc[("A2", "A1"), "max"])
+    assert np.isnan(t.loc[("A2", "A3"), "count"]) and t.loc[("A2", "A3"), "max"] == 4
+    assert (table["exposure"] == 0.1).all()
+    ds = build_dataset(units, flows={"census": table})
+    assert float(ds["flow_census_max"].sel(origin="A1", destination="A3")) == 4
+    assert np.isnan(float(ds["flow_census"].sel(origin="A1", destination="A3")))
+    assert float(ds["flow_census"].sel(origin="A2", destination="A1")) == 0
+    assert np.isnan(
+        float(ds["flow_census"].sel(origin="B1", destination="A1"))
+    )  # not in the table
+
+
+def test_census_od_universe_fills_zeros(units):
+    table = pd.DataFrame({"origin": ["A1", "B1"], "destination": ["A2", "B2"], "count": [5, "<5"]})
+    out = read_census_od(table, units=units, universe="within")
+    assert len(out) == 3 * 2 + 2 * 1  # within AAA and BBB
+    t = out.set_index(["origin", "destination"])
+    assert t.loc[("A3", "A1"), "count"] == 0
+    assert np.isnan(t.loc[("B1", "B2"), "count"]) and t.loc[("B1", "B2"), "max"] == 4
+    assert read_census_od(table).shape[0] == 2  # default: absent = unobserved
+
+
+def test_census_od_period_and_parquet(units, tmp_path):
+    table = pd.DataFrame(
+        {"from": ["A1", "A1"], "to": ["A2", "A2"], "n": [3, 8], "year": [2010, 2020]}
+    )
+    table.to_parquet(tmp_path / "od.parquet")
+    out = read_census_od(
+        tmp_path / "od.parquet", origin="from", destination="to", count="n", period="year"
+    )
+    assert out["period"].tolist() == ["2010", "2020"] and out["count"].tolist() == [3, 8]
+
+
+def test_census_od_bad_inputs(units, tmp_path):
+    table = pd.DataFrame({"origin": ["A1", "A2"], "destination": ["A2", "A1"], "count": [3, -2]})
+    with pytest.raises(CensusInputError, match="negative count"):
+        read_census_od(table)
+    with pytest.raises(InputFileError, match=r"missing column\(s\) count='flows'"):
+        read_census_od(table, count="flows")
+    with pytest.raises(InputFileError, match="no such census OD file"):
+        read_census_od(tmp_path / "nope.csv")
+    with pytest.raises(CensusInputError, match=r"sample_fraction: values must be in \(0, 1\]"):
+        read_census_od(table.assign(count=[1, 2]), sample_fraction=5)
+    with pytest.warns(UserWarning, match=r"dropped 1 diagonal row"):
+        out = read_census_od(
+            pd.DataFrame({"origin": ["A1", "A1"], "destination": ["A1", "A2"], "count": [9, 1]})
+        )
+    assert pairs(out) == {("A1", "A2")}
+
+
+# ------------------------------------------------------------------ harmonisation
+def test_unmatched_codes_error_with_counts_or_drop(units):
+    table = pd.DataFrame(
+        {
+            "origin": ["A1", "X9", "X9", "A2"],
+            "destination": ["A2", "A1", "A2", "Y7"],
+            "count": [1, 2, 3, 4],
+        }
+    )
+    with pytest.raises(
+        UnitCodeError,
+        match=r"2 unit code\(s\) match no unit id \(3 of 4 rows\).*origin=X9 \(2 rows\).*destination=Y7 \(1 rows\)",
+    ):
+        read_census_od(table, units=units)
+    with pytest.warns(UserWarning, match=r"origin=X9 \(2 rows\).*dropped"):
+        out = read_census_od(table, units=units, unmatched="drop")
+    assert pairs(out) == {("A1", "A2")}
+
+
+def test_mapping_table_merges_codes(units, tmp_path):
+    mapping = pd.DataFrame({"code": ["old1", "old2", "old3"], "unit_id": ["A1", "A1", "A2"]})
+    mapping.to_csv(tmp_path / "map.csv", index=False)
+    table = pd.DataFrame(
+        {
+            "origin": ["old1", "old2", "old1", "old2"],
+            "destination": ["old3", "old3", "A3", "A3"],
+            "count": ["4", "6", "2", "<5"],
+        }
+    )
+    out = read_census_od(table, units=units, mapping=tmp_path / "map.csv").set_index(
+        ["origin", "destination"]
+    )
+    assert out.loc[("A1", "A2"), "count"] == 10
+    # 2 + (0..4): censored with bound 6, never a number
+    assert np.isnan(out.loc[("A1", "A3"), "count"]) and out.loc[("A1", "A3"), "max"] == 6
+    with pytest.raises(UnitCodeError, match=r"map to more than one unit id"):
+        harmonise_codes(
+            table,
+            units["unit_id"],
+            mapping=pd.concat([mapping, pd.DataFrame({"code": ["old1"], "unit_id": ["A3"]})]),
+        )
+    with pytest.raises(UnitCodeError, match=r"target id\(s\) \[Z1\] are not unit ids"):
+        harmonise_codes(table, units["unit_id"], mapping={"old1": "Z1"})
+
+
+# ------------------------------------------------------------------ person records
+@pytest.fixture
+def persons() -> pd.DataFrame:
+    """AAA census, movers at 10%: 3 A1->A2, 1 A3->A1, 1 immigrant from B1; 4 stayers at 2.5%."""
+    return pd.DataFrame(
+        {
+            "person_id": range(1, 10),
+            "current_unit": ["A2", "A2", "A2", "A1", "A1", "A2", "A3", "A3", "A2"],
+            "previous_unit": ["A1", "A1", "A1", "A3", "A1", "A2", "A3", "A3", "B1"],
+            "weight": [10.0, 10.0, 12.0, 8.0, 40.0, 40.0, 40.0, 40.0, 10.0],  # stayers at 1/40
+            "age": [20, 30, 40, 50, 60, 70, 80, 15, 33],
+            "sex": list("FMFMFMFMF"),
+        }
+    )
+
+
+def test_person_records_counts_weights_zeros_exposure(units, persons):
+    with pytest.warns(UserWarning, match=r"1 row\(s\) name pairs outside the census universe"):
+        out = read_census_persons(persons, units)
+    assert list(out.columns) == ["origin", "destination", "count", "max", "weighted", "exposure"]
+    assert pairs(out) == {(o, d) for o in ("A1", "A2", "A3") for d in ("A1", "A2", "A3") if o != d}
+    t = out.set_index(["origin", "destination"])
+    assert t.loc[("A1", "A2"), "count"] == 3 and t.loc[("A1", "A2"), "weighted"] == 32
+    assert t.loc[("A3", "A1"), "count"] == 1 and t.loc[("A3", "A1"), "weighted"] == 8
+    # zero flows are observations, not missing
+    assert t.loc[("A2", "A3"), "count"] == 0 and t.loc[("A2", "A3"), "weighted"] == 0
+    assert out["max"].isna().all()
+    # sample fraction from the movers' weights: 5 records / 50 (stayers, 4 at 1/40, are excluded)
+    assert np.allclose(out["exposure"], 5 / 50)
+    ds = build_dataset(units, flows={"census": out})
+    assert float(ds["flow_census"].sel(origin="A2", destination="A3")) == 0
+    assert np.isnan(float(ds["flow_census"].sel(origin="B1", destination="A2")))
+    assert float(ds["flow_census_weighted"].sel(origin="A1", destination="A2")) == 32
+    assert float(ds["exposure_census"].sel(origin="A1", destination="A2")) == pytest.approx(0.1)
+
+
+def test_person_records_universe_options(units, persons):
+    dest = read_census_persons(persons, units, universe="destination", sample_fraction=0.1)
+    t = dest.set_index(["origin", "destination"])
+    assert t.loc[("B1", "A2"), "count"] == 1 and t.loc[("C1", "A3"), "count"] == 0
+    assert ("A1", "B1") not in t.index  # emigration is not seen by AAA's census
+    assert (dest["exposure"] == 0.1).all()
+    none = read_census_persons(persons, units, universe=None)
+    assert pairs(none) == {("A1", "A2"), ("A3", "A1"), ("B1", "A2")}
+    assert len(read_census_persons(persons, units, universe="all")) == 6 * 5
+
+
+def test_person_records_query_period_mapping(units, persons):
+    p = persons.assign(year=[2010] * 5 + [2020] * 4)
+    with pytest.warns(UserWarning, match="outside the census universe"):
+        out = read_census_persons(p, units, period="year")
+    assert set(out["period"]) == {"2010", "2020"} and len(out) == 2 * 6
+    adults = read_census_persons(
+        persons,
+        units,
+        query="age >= 25 and current_unit != 'A2' or age >= 35",
+        universe="destination",
+    )
+    t = adults.set_index(["origin", "destination"])
+    assert t.loc[("A1", "A2"), "count"] == 1  # only the 40-year-old
+    renamed = persons.replace({"A1": "old-A1"})
+    with pytest.warns(UserWarning):
+        mapped = read_census_persons(renamed, units, mapping={"old-A1": "A1"})
+    assert mapped.set_index(["origin", "destination"]).loc[("A1", "A2"), "count"] == 3
+    with pytest.raises(UnitCodeError, match=r"previous_unit|origin=old-A1 \(4 rows\)"):
+        read_census_persons(renamed, units)
+
+
+def test_person_records_bad_inputs(units, persons, tmp_path):
+    with pytest.raises(CensusInputError, match=r"non-positive weight\(s\) at data row\(s\) \[2\]"):
+        read_census_persons(
+            persons.assign(weight=[10, 0, 1, 1, 1, 1, 1, 1, 1]), units, universe=None
+        )
+    with pytest.raises(CensusInputError, match="weight=None needs sample_fraction"):
+        read_census_persons(persons, units, weight=None)
+    with pytest.raises(InputFileError, match=r"missing column\(s\) current='cur'"):
+        read_census_persons(persons, units, current="cur")
+    pd.DataFrame(columns=["current_unit", "previous_unit", "weight"]).to_csv(
+        tmp_path / "p.csv", index=False
+    )
+    with pytest.raises(InputFileError, match="has no rows"):
+        read_census_persons(tmp_path / "p.csv", units)
+    with pytest.raises(CensusInputError, match="sample fraction above 1"):
+        read_census_persons(persons.assign(weight=0.5), units, universe=None)
+
+
+def test_census_universe():
+    country = pd.Series(["AAA", "AAA", "BBB"], index=["A1", "A2", "B1"])
+    assert pairs(census_universe(country, ["AAA"], "within")) == {("A1", "A2"), ("A2", "A1")}
+    assert pairs(census_universe(country, ["AAA"], "destination")) == {
+        ("A1", "A2"),
+        ("A2", "A1"),
+        ("B1", "A1"),
+        ("B1", "A2"),
+    }
+    with pytest.raises(ValueError, match="universe must be"):
+        census_universe(country, ["AAA"], "everything")
