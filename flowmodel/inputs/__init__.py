@@ -1,0 +1,8 @@
+"""What users bring: admin polygons, rasters, census and CDR (never imports PyMC)."""
+
+from __future__ import annotations
+
+from flowmodel.inputs.rasters import zonal_covariates, zonal_statistics
+from flowmodel.inputs.units import load_units
+
+__all__ = ["load_units", "zonal_covariates", "zonal_statistics"]

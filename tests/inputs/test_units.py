@@ -1,0 +1,138 @@
+"""load_units: formats, normalised columns, and named errors for bad inputs."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+
+from flowmodel.exceptions import DataContractError, InputFileError, MissingCRSError
+from flowmodel.inputs.units import UnitGeometryWarning, load_units
+from tests.conftest import require_data
+
+
+def sample_units(n: int = 4) -> gpd.GeoDataFrame:
+    geoms = [shapely.box(i, 0, i + 1, 1) for i in range(n)]
+    return gpd.GeoDataFrame(
+        {
+            "code": np.arange(100, 100 + n),
+            "iso": ["KEN", "KEN", "UGA", "UGA"][:n],
+            "label": [f"District {i}" for i in range(n)],
+        },
+        geometry=geoms,
+        crs="EPSG:4326",
+    )
+
+
+@pytest.mark.parametrize(
+    ("suffix", "kwargs"),
+    [(".gpkg", {"layer": "units"}), (".geojson", {}), (".shp", {}), (".parquet", {})],
+)
+def test_load_units_formats_normalise_columns(tmp_path, suffix, kwargs):
+    path = tmp_path / f"units{suffix}"
+    gdf = sample_units()
+    if suffix == ".parquet":
+        gdf.to_parquet(path)
+    else:
+        gdf.to_file(path, engine="pyogrio", **kwargs)
+    got = load_units(path, id_field="code", country_field="iso", name_field="label", **kwargs)
+    assert list(got.columns) == ["unit_id", "country", "name", "geometry"]
+    assert got["unit_id"].tolist() == ["100", "101", "102", "103"]
+    assert got["country"].tolist() == ["KEN", "KEN", "UGA", "UGA"]
+    assert got["name"].iloc[2] == "District 2"
+    assert got.crs.to_epsg() == 4326
+    assert got.geometry.area.sum() == pytest.approx(4.0)
+
+
+def test_missing_file_and_field(tmp_path):
+    with pytest.raises(InputFileError, match=r"nope.gpkg: file not found. Fix: check the path"):
+        load_units(tmp_path / "nope.gpkg", id_field="code", country_field="iso")
+    path = tmp_path / "u.geojson"
+    sample_units().to_file(path)
+    with pytest.raises(InputFileError, match=r"no field 'ISO3' for country_field .*Fix: pass"):
+        load_units(path, id_field="code", country_field="ISO3")
+
+
+def test_no_crs(tmp_path):
+    path = tmp_path / "nocrs.gpkg"
+    sample_units().set_crs(None, allow_override=True).to_file(path, layer="units")
+    with pytest.raises(MissingCRSError, match=r"no coordinate reference system. Fix: add one"):
+        load_units(path, id_field="code", country_field="iso")
+
+
+def test_duplicate_and_null_ids(tmp_path):
+    gdf = sample_units()
+    gdf.loc[3, "code"] = 101
+    path = tmp_path / "dup.gpkg"
+    gdf.to_file(path, layer="units")
+    with pytest.raises(DataContractError, match=r"field 'code' holds duplicate ids 101\. Fix"):
+        load_units(path, id_field="code", country_field="iso")
+    gdf = sample_units()
+    gdf["code"] = gdf["code"].astype(object)
+    gdf.loc[1, "code"] = None
+    gdf.to_file(tmp_path / "null.gpkg", layer="units")
+    with pytest.raises(DataContractError, match=r"'code' is null in 1 feature\(s\), rows 1"):
+        load_units(tmp_path / "null.gpkg", id_field="code", country_field="iso")
+
+
+def test_missing_country(tmp_path):
+    gdf = sample_units()
+    gdf.loc[2, "iso"] = None
+    gdf.to_file(tmp_path / "c.gpkg", layer="units")
+    with pytest.raises(DataContractError, match=r"country code\) is missing for units 102"):
+        load_units(tmp_path / "c.gpkg", id_field="code", country_field="iso")
+
+
+def test_empty_layer_and_ambiguous_layers(tmp_path):
+    path = tmp_path / "multi.gpkg"
+    sample_units().to_file(path, layer="units")
+    sample_units().iloc[:0].to_file(path, layer="empty")
+    with pytest.raises(InputFileError, match=r"holds 2 layers \(.*\)\. Fix: pass layer="):
+        load_units(path, id_field="code", country_field="iso")
+    with pytest.raises(InputFileError, match=r"layer is empty \(0 features\)"):
+        load_units(path, id_field="code", country_field="iso", layer="empty")
+    with pytest.raises(InputFileError, match=r"no layer 'admin2'"):
+        load_units(path, id_field="code", country_field="iso", layer="admin2")
+
+
+def test_invalid_geometry_repaired_with_warning(tmp_path):
+    gdf = sample_units()
+    bowtie = shapely.Polygon([(0, 0), (1, 1), (1, 0), (0, 1)])  # self-intersecting
+    gdf.loc[1, "geometry"] = shapely.affinity.translate(bowtie, 1, 0)
+    path = tmp_path / "bad.gpkg"
+    gdf.to_file(path, layer="units")
+    with pytest.warns(UnitGeometryWarning, match=r"1 invalid geometries repaired .*units 101"):
+        got = load_units(path, id_field="code", country_field="iso")
+    assert got.geometry.is_valid.all()
+    assert got.geometry.iloc[1].area == pytest.approx(0.5)
+    assert got.geom_type.iloc[1] in ("Polygon", "MultiPolygon")
+
+
+def test_empty_geometry_and_points_rejected(tmp_path):
+    gdf = sample_units()
+    gdf.loc[0, "geometry"] = shapely.Polygon()
+    gdf.to_file(tmp_path / "e.gpkg", layer="units")
+    with pytest.raises(DataContractError, match=r"units 100 have a null or empty geometry"):
+        load_units(tmp_path / "e.gpkg", id_field="code", country_field="iso")
+    pts = sample_units()
+    pts["geometry"] = pts.geometry.centroid
+    pts.to_file(tmp_path / "p.gpkg", layer="units")
+    with pytest.raises(DataContractError, match=r"are not polygons \(Point\)"):
+        load_units(tmp_path / "p.gpkg", id_field="code", country_field="iso")
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "junk.geojson"
+    path.write_text("{ not json")
+    with pytest.raises(InputFileError, match="cannot be read as polygons"):
+        load_units(path, id_field="code", country_field="iso")
+
+
+def test_real_natural_earth_countries():
+    path = require_data("naturalearth_countries_lowres", "naturalearth_lowres.shp")
+    units = load_units(path, id_field="name", country_field="iso_a3", name_field="name")
+    assert len(units) == 177
+    assert units["unit_id"].is_unique
+    assert units.loc[units["unit_id"] == "Kenya", "country"].item() == "KEN"
+    assert units.geometry.is_valid.all()
