@@ -1,0 +1,1327 @@
+"""The resumable pipeline: prepare -> fit -> predict -> evaluate -> report.
+
+A **run directory** (``[run] out_dir``) is the unit of state:
+
+================================  ==============================================
+``config.toml`` / ``.yaml``       copy of the config file as given
+``config.resolved.json``          the validated config (overrides applied, absolute paths)
+``flowmodel.log``                 log of every invocation
+``manifest.json``                 per stage: status, config hash, input and output hashes, why it ran
+``dataset.nc``, ``units.gpkg``    prepare: the FlowDataset, units with covariates
+``posterior.nc``                  fit: the fitted model (DataTree + model config)
+``flows.nc``, ``flows.csv``,      predict: predicted flows with intervals, long table,
+``flows.gpkg``                    top-k flow lines
+``metrics.json``, ``cv.csv``      evaluate: metrics, cross-validation folds
+``report.html``, ``figures/``     report
+================================  ==============================================
+
+Each stage is a plain function ``stage_<name>(ctx) -> dict[str, Path]``. Before
+a stage runs, :func:`run_pipeline` hashes its config sections and its input
+files; a stage whose previous run finished with the same hashes, and whose
+outputs are still there unchanged, is skipped (the log and the manifest say
+why). A stage is marked ``running`` in the manifest before it starts and
+``done`` only after all its outputs were written (atomically, with
+:func:`flowmodel.outputs.io.atomic_path`), so a run killed mid-stage resumes from
+the last finished stage and never reads a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowmodel.config import RunConfig, config_hash
+from flowmodel.exceptions import ConfigError, InputFileError
+
+__all__ = [
+    "DATASET",
+    "FLOWS",
+    "METRICS",
+    "POSTERIOR",
+    "REPORT",
+    "STAGES",
+    "STAGE_ORDER",
+    "RunLockedError",
+    "StageContext",
+    "StageInputMissingError",
+    "StageResult",
+    "file_sha256",
+    "read_manifest",
+    "run_pipeline",
+]
+
+logger = logging.getLogger("flowmodel.pipeline")
+
+STAGE_ORDER: tuple[str, ...] = ("prepare", "fit", "predict", "evaluate", "report")
+
+DATASET = "dataset.nc"
+UNITS = "units.gpkg"
+POSTERIOR = "posterior.nc"
+FLOWS = "flows.nc"
+FLOWS_ZARR = "flows.zarr"
+FLOWS_CSV = "flows.csv"
+FLOW_LINES = "flows.gpkg"
+METRICS = "metrics.json"
+CV_TABLE = "cv.csv"
+REPORT = "report.html"
+MANIFEST = "manifest.json"
+LOG_FILE = "flowmodel.log"
+MANIFEST_VERSION = 1
+
+
+class StageInputMissingError(InputFileError):
+    """A stage was asked to run before the stage that makes its inputs."""
+
+
+class RunLockedError(ConfigError):
+    """Another live flowmodel process is running in the same run directory."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage depends on.
+
+    Attributes
+    ----------
+    name
+        Stage name (``prepare`` ... ``report``).
+    needs
+        Files of the run directory made by earlier stages that this stage reads.
+    config
+        Function of the config returning the parts this stage depends on (hashed).
+    description
+        One line for ``--help`` and the docs.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    config: Callable[[RunConfig], dict[str, Any]]
+    description: str
+
+
+def _cfg(cfg: RunConfig, *sections: str, **extra: Any) -> dict[str, Any]:
+    return {**cfg.section_dict(*sections), **extra}
+
+
+STAGES: dict[str, StageSpec] = {
+    "prepare": StageSpec(
+        "prepare",
+        (),
+        lambda c: _cfg(c, "units", "rasters", "flows"),
+        "read units, rasters and flow tables; build and save the FlowDataset",
+    ),
+    "fit": StageSpec(
+        "fit",
+        (DATASET,),
+        lambda c: _cfg(c, "model", seed=c.run.seed),
+        "fit the model to the observed flows; save the posterior",
+    ),
+    "predict": StageSpec(
+        "predict",
+        (DATASET, POSTERIOR),
+        lambda c: _cfg(c, "predict", seed=c.run.seed),
+        "predict flows with intervals for every pair; write flows.nc/csv/gpkg",
+    ),
+    "evaluate": StageSpec(
+        "evaluate",
+        (DATASET, POSTERIOR, FLOWS),
+        lambda c: _cfg(c, "evaluate", "model", seed=c.run.seed),
+        "metrics of predicted vs observed flows, optional cross-validation",
+    ),
+    "report": StageSpec(
+        "report",
+        (DATASET, POSTERIOR, FLOWS, METRICS),
+        lambda c: _cfg(c, "report", name=c.run.name),
+        "figures and a self-contained HTML report",
+    ),
+}
+
+PRODUCER = {
+    DATASET: "prepare",
+    POSTERIOR: "fit",
+    FLOWS: "predict",
+    METRICS: "evaluate",
+}
+
+
+# ---------------------------------------------------------------------- hashing
+def file_sha256(path: str | os.PathLike[str], cache: dict[str, Any] | None = None) -> str:
+    """SHA-256 of a file (or of every file in a directory, e.g. a Zarr store).
+
+    Parameters
+    ----------
+    path
+        File or directory.
+    cache
+        Optional ``str(path) -> {size, mtime_ns, sha256}`` cache (kept in the
+        manifest): a file whose size and modification time are unchanged is not
+        read again.
+    """
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(sub.relative_to(path)).encode())
+            h.update(file_sha256(sub, cache).encode())
+        return h.hexdigest()
+    stat = path.stat()
+    key = str(path.resolve())
+    if cache is not None:
+        hit = cache.get(key)
+        if hit and hit.get("size") == stat.st_size and hit.get("mtime_ns") == stat.st_mtime_ns:
+            return str(hit["sha256"])
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if cache is not None:
+        cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return digest
+
+
+# --------------------------------------------------------------------- manifest
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the manifest of a run directory (an empty one when there is none yet).
+
+    Returns
+    -------
+    dict
+        ``{"version", "stages": {stage: {...}}, "history": [...], "file_cache"}``;
+        each stage entry has ``status`` (``running``, ``done``, ``failed``,
+        ``interrupted``), ``reason`` (why it last ran), ``config_hash``,
+        ``inputs`` and ``outputs`` (name -> SHA-256), ``started``, ``finished``
+        and ``duration_s``.
+    """
+    path = Path(run_dir) / MANIFEST
+    empty: dict[str, Any] = {
+        "version": MANIFEST_VERSION,
+        "stages": {},
+        "history": [],
+        "file_cache": {},
+    }
+    if not path.exists():
+        return empty
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("manifest %s unreadable (%s); every stage will run again", path, err)
+        return empty
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        logger.warning("manifest %s has another format; every stage will run again", path)
+        return empty
+    for key, value in empty.items():
+        data.setdefault(key, value)
+    return data
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from flowmodel.outputs.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(
+            json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8"
+        )
+
+
+# ---------------------------------------------------------------------- context
+@dataclass
+class StageContext:
+    """What a stage function gets.
+
+    Attributes
+    ----------
+    config
+        The validated run config.
+    run_dir
+        The run directory (exists).
+    progress
+        Show progress bars.
+    scheduler
+        Dask scheduler address from the command line (overrides ``[dask]``).
+    """
+
+    config: RunConfig
+    run_dir: Path
+    progress: bool = False
+    scheduler: str | None = None
+    _client: Any = field(default=None, repr=False)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def path(self, name: str) -> Path:
+        """Path of a file in the run directory."""
+        return self.run_dir / name
+
+    @property
+    def client(self) -> Any:
+        """The dask client of this run, started on first use (None for ``cluster = "none"``).
+
+        While it exists it is dask's default client, so dask computations in the
+        library (zonal statistics, blockwise prediction) run on its workers.
+        """
+        if self._client is None:
+            from flowmodel.parallel import dask_client
+
+            self._client = self._stack.enter_context(
+                dask_client(self.config.dask, scheduler=self.scheduler)
+            )
+        return self._client
+
+    def close(self) -> None:
+        """Shut the dask client (and cluster) down, if one was started."""
+        self._stack.close()
+        self._client = None
+
+
+@dataclass
+class StageResult:
+    """What happened to one stage in one invocation.
+
+    Attributes
+    ----------
+    stage
+        Stage name.
+    action
+        ``"ran"`` or ``"skipped"``.
+    reason
+        Why (e.g. ``"config changed: model"``, ``"inputs and config unchanged"``).
+    duration_s
+        Wall time of the stage function (0 when skipped).
+    outputs
+        Output name -> path.
+    """
+
+    stage: str
+    action: str
+    reason: str
+    duration_s: float = 0.0
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------ lock
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    lock = run_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            alive = False
+            if pid > 0 and pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                    alive = True
+                except (ProcessLookupError, PermissionError):
+                    alive = False
+            if alive:
+                raise RunLockedError(
+                    f"{run_dir}: another flowmodel process (pid {pid}) is running in this run "
+                    f"directory. Fix: wait for it, or delete {lock} if that process is gone."
+                ) from None
+            lock.unlink(missing_ok=True)  # stale lock of a killed run
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _log_to(run_dir: Path, level: int) -> Iterator[None]:
+    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger("flowmodel")
+    warn_log = logging.getLogger("py.warnings")
+    old_level = root.level
+    root.addHandler(handler)
+    warn_log.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        warn_log.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_level)
+
+
+def _copy_config(cfg: RunConfig, run_dir: Path) -> None:
+    from flowmodel.outputs.io import atomic_path
+
+    if cfg.source is not None and Path(cfg.source).exists():
+        target = run_dir / f"config{Path(cfg.source).suffix.lower()}"
+        if Path(cfg.source).resolve() != target.resolve():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(cfg.source, tmp)
+    resolved = {"source": str(cfg.source) if cfg.source else None, **cfg.section_dict()}
+    _write_json(run_dir / "config.resolved.json", resolved)
+
+
+# ---------------------------------------------------------------------- decide
+def _decide(
+    spec: StageSpec,
+    entry: Mapping[str, Any] | None,
+    chash: str,
+    inputs: Mapping[str, str],
+    run_dir: Path,
+    cache: dict[str, Any],
+    force: bool,
+    prev_cfg: Mapping[str, Any] | None,
+    cur_cfg: Mapping[str, Any],
+) -> str | None:
+    """Why the stage must run, or None when it can be skipped."""
+    if force:
+        return "forced (--force)"
+    if not entry:
+        return "no previous run of this stage"
+    status = entry.get("status")
+    if status == "running":
+        return f"previous attempt (started {entry.get('started')}) did not finish: resuming here"
+    if status == "interrupted":
+        return f"previous attempt (started {entry.get('started')}) was interrupted"
+    if status == "failed":
+        return f"previous attempt failed ({entry.get('error', 'unknown error')})"
+    if entry.get("config_hash") != chash:
+        changed = sorted(
+            k
+            for k in set(cur_cfg) | set(prev_cfg or {})
+            if (prev_cfg or {}).get(k) != cur_cfg.get(k)
+        )
+        return (
+            f"config changed: {', '.join(changed) if changed else 'sections hashed differently'}"
+        )
+    old_inputs = entry.get("inputs", {})
+    changed = sorted(
+        k for k in set(inputs) | set(old_inputs) if inputs.get(k) != old_inputs.get(k)
+    )
+    if changed:
+        return f"input changed: {', '.join(changed)}"
+    for name, digest in entry.get("outputs", {}).items():
+        path = run_dir / name
+        if not path.exists():
+            return f"output missing: {name}"
+        if file_sha256(path, cache) != digest:
+            return f"output modified since the stage ran: {name}"
+    return None
+
+
+def _stage_inputs(
+    spec: StageSpec,
+    cfg: RunConfig,
+    run_dir: Path,
+    cache: dict[str, Any],
+    manifest: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    if spec.name == "prepare":
+        cfg.check_files()
+        return {key: file_sha256(path, cache) for key, path in cfg.input_files().items()}
+    out = {}
+    where = cfg.source or "CONFIG"
+    for name in spec.needs:
+        path = run_dir / name
+        producer = PRODUCER.get(name, "an earlier stage")
+        if not path.exists():
+            raise StageInputMissingError(
+                f"stage '{spec.name}' needs {path}, which does not exist. "
+                f"Fix: run 'flowmodel {producer} {where}' first (or 'flowmodel run {where}')."
+            )
+        status = (manifest or {}).get("stages", {}).get(producer, {}).get("status", "done")
+        if status != "done":
+            # the file is complete (atomic writes) but belongs to an older run of that stage
+            raise StageInputMissingError(
+                f"stage '{spec.name}' needs {name} from stage '{producer}', whose last attempt "
+                f"did not finish (status: {status}). Fix: run 'flowmodel {producer} {where}' "
+                f"first (or 'flowmodel run {where}')."
+            )
+        out[name] = file_sha256(path, cache)
+    return out
+
+
+def _stage_function(name: str) -> Callable[[StageContext], Mapping[str, Path]]:
+    # looked up at call time so tests (and plugins) can replace a stage
+    return globals()[f"stage_{name}"]
+
+
+def run_pipeline(
+    config: RunConfig,
+    stages: Sequence[str] | None = None,
+    *,
+    force: bool = False,
+    scheduler: str | None = None,
+    progress: bool = False,
+    log_level: int = logging.INFO,
+    on_stage: Callable[[str, str, str], None] | None = None,
+) -> list[StageResult]:
+    """Run (or resume) the pipeline in the config's run directory.
+
+    Parameters
+    ----------
+    config
+        Validated run config (:func:`flowmodel.config.load_config`).
+    stages
+        Stages to consider, in pipeline order (default: all five).
+    force
+        Run the stages even when inputs and config are unchanged.
+    scheduler
+        Dask scheduler address, overriding ``[dask]``.
+    progress
+        Show progress bars in long stages.
+    log_level
+        Level of the run's log file handler chain (the file gets everything
+        from INFO up).
+    on_stage
+        Callback ``(stage, event, message)``, event one of ``start``, ``skip``,
+        ``done`` (the CLI prints these).
+
+    Returns
+    -------
+    list of StageResult
+        One per stage, in order.
+
+    Raises
+    ------
+    StageInputMissingError
+        A stage's input from an earlier stage does not exist.
+    RunLockedError
+        Another live process runs in the same directory.
+    """
+    names = list(STAGE_ORDER if stages is None else stages)
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; known: {', '.join(STAGE_ORDER)}")
+    names = [s for s in STAGE_ORDER if s in names]
+    if not config.report.enabled and "report" in names and stages is None:
+        names.remove("report")
+    run_dir = config.out_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results: list[StageResult] = []
+    ctx = StageContext(config=config, run_dir=run_dir, progress=progress, scheduler=scheduler)
+    with _run_lock(run_dir), _log_to(run_dir, log_level):
+        logger.info(
+            "flowmodel run '%s' in %s: stages %s (config %s)",
+            config.run.name,
+            run_dir,
+            ", ".join(names),
+            config.source or "<python>",
+        )
+        _copy_config(config, run_dir)
+        manifest = read_manifest(run_dir)
+        cache: dict[str, Any] = manifest.setdefault("file_cache", {})
+        manifest_path = run_dir / MANIFEST
+        try:
+            for name in names:
+                spec = STAGES[name]
+                cur_cfg = spec.config(config)
+                chash = config_hash(cur_cfg)
+                inputs = _stage_inputs(spec, config, run_dir, cache, manifest)
+                entry = manifest["stages"].get(name)
+                reason = _decide(
+                    spec,
+                    entry,
+                    chash,
+                    inputs,
+                    run_dir,
+                    cache,
+                    force,
+                    (entry or {}).get("config"),
+                    cur_cfg,
+                )
+                if reason is None:
+                    why = f"inputs and config unchanged since {entry.get('finished')}"  # type: ignore[union-attr]
+                    logger.info("skip %s: %s", name, why)
+                    manifest["history"].append(
+                        {"time": _now(), "stage": name, "action": "skipped", "reason": why}
+                    )
+                    entry["last_skip_reason"] = why  # type: ignore[index]
+                    _write_json(manifest_path, manifest)
+                    outs = {k: run_dir / k for k in entry.get("outputs", {})}  # type: ignore[union-attr]
+                    results.append(StageResult(name, "skipped", why, 0.0, outs))
+                    if on_stage:
+                        on_stage(name, "skip", why)
+                    continue
+                logger.info("run %s: %s", name, reason)
+                if on_stage:
+                    on_stage(name, "start", reason)
+                manifest["stages"][name] = {
+                    "status": "running",
+                    "reason": reason,
+                    "started": _now(),
+                    "config_hash": chash,
+                    "config": cur_cfg,
+                    "inputs": inputs,
+                    "outputs": {},
+                    "pid": os.getpid(),
+                }
+                manifest["history"].append(
+                    {"time": _now(), "stage": name, "action": "started", "reason": reason}
+                )
+                _write_json(manifest_path, manifest)
+                t0 = time.perf_counter()
+                try:
+                    outputs = dict(_stage_function(name)(ctx) or {})
+                except BaseException as err:
+                    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                    manifest["stages"][name].update(
+                        status=status,
+                        error=f"{type(err).__name__}: {err}".splitlines()[0][:300],
+                        finished=_now(),
+                    )
+                    manifest["history"].append({"time": _now(), "stage": name, "action": status})
+                    _write_json(manifest_path, manifest)
+                    logger.error("stage %s %s: %s: %s", name, status, type(err).__name__, err)
+                    raise
+                duration = time.perf_counter() - t0
+                out_hashes = {}
+                for key, path in outputs.items():
+                    path = Path(path)
+                    rel = os.path.relpath(path, run_dir)
+                    if not path.exists():
+                        raise FileNotFoundError(
+                            f"stage {name} reported output {key} at {path}, which is missing"
+                        )
+                    out_hashes[rel] = file_sha256(path, cache)
+                manifest["stages"][name].update(
+                    status="done",
+                    finished=_now(),
+                    duration_s=round(duration, 3),
+                    outputs=out_hashes,
+                )
+                manifest["stages"][name].pop("error", None)
+                manifest["history"].append(
+                    {
+                        "time": _now(),
+                        "stage": name,
+                        "action": "done",
+                        "duration_s": round(duration, 3),
+                    }
+                )
+                manifest["history"] = manifest["history"][-500:]
+                _write_json(manifest_path, manifest)
+                logger.info("done %s in %.1f s", name, duration)
+                if on_stage:
+                    on_stage(name, "done", f"{duration:.1f} s")
+                results.append(
+                    StageResult(
+                        name, "ran", reason, duration, {k: Path(v) for k, v in outputs.items()}
+                    )
+                )
+        finally:
+            ctx.close()
+    return results
+
+
+# ======================================================================= stages
+MODEL_CLASSES = {
+    "gravity": ("flowmodel.models.gravity", "GravityModel"),
+    "radiation": ("flowmodel.models.radiation", "RadiationModel"),
+    "fusion": ("flowmodel.models.fusion", "FusionModel"),
+}
+
+
+def _model_class(kind: str) -> type:
+    import importlib
+
+    module, name = MODEL_CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(cfg: RunConfig) -> Any:
+    """Build the unfitted model a config describes (``[model] type``, ``options``, ``priors``).
+
+    For ``type = "fusion"`` the latent model is ``options.latent``: a table
+    with ``type = "gravity"|"radiation"`` and that model's options (default: a
+    gravity model with its default options).
+
+    Raises
+    ------
+    flowmodel.exceptions.ModelConfigError
+        From the model constructor, for an unknown or invalid option.
+    """
+    options = dict(cfg.model.options)
+    priors = cfg.model.priors or None
+    if cfg.model.type == "fusion":
+        latent = options.pop("latent", None) or {}
+        if isinstance(latent, Mapping) and "class" not in latent:
+            latent = dict(latent)
+            kind = str(latent.pop("type", "gravity"))
+            if kind not in ("gravity", "radiation"):
+                raise ConfigError(
+                    f"{cfg.source or 'config'}: [model.options.latent] type: expected 'gravity' or "
+                    f"'radiation', got {kind!r}. Fix: use one of those values."
+                )
+            latent = _model_class(kind)(**latent)
+        options["latent"] = latent
+    return _model_class(cfg.model.type)(**options, priors=priors)
+
+
+def _load_units(cfg: RunConfig) -> Any:
+    import pandas as pd
+
+    from flowmodel.inputs.units import load_units
+
+    frames = [
+        load_units(
+            path,
+            id_field=cfg.units.id_field,
+            country_field=cfg.units.country_field,
+            layer=cfg.units.layer,
+            name_field=cfg.units.name_field,
+        )
+        for path in cfg.units.paths()
+    ]
+    if len(frames) == 1:
+        units = frames[0]
+    else:
+        import geopandas as gpd
+
+        crs = frames[0].crs
+        frames = [f.to_crs(crs) if f.crs != crs else f for f in frames]
+        units = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
+    if cfg.units.countries:
+        present = set(units["country"].astype(str))
+        missing = sorted(set(cfg.units.countries) - present)
+        if missing:
+            raise ConfigError(
+                f"{cfg.source or 'config'}: [units] countries: {missing} not in the units file(s) "
+                f"(countries there: {sorted(present)}). Fix: use codes from the country field."
+            )
+        units = units.loc[units["country"].astype(str).isin(cfg.units.countries)].reset_index(
+            drop=True
+        )
+    return units
+
+
+def read_flow_source(
+    name: str, source: Any, units: Any, *, population: Any = None, progress: bool = False
+) -> tuple[Any, Any]:
+    """Read one ``[flows.<name>]`` source into a long flow table.
+
+    Parameters
+    ----------
+    name
+        Source name (``census``, ``cdr``, ...): the dataset variable is ``flow_<name>``.
+    source
+        The :class:`~flowmodel.config.FlowSource` section; ``options`` are
+        passed to the reader (:func:`flowmodel.inputs.census.read_census_od`,
+        :func:`~flowmodel.inputs.census.read_census_persons`,
+        :func:`flowmodel.inputs.cdr.cdr_flows`,
+        :func:`~flowmodel.inputs.cdr.read_cdr_od`, or :func:`pandas.read_csv`
+        for ``kind = "table"``).
+    units
+        The units GeoDataFrame (codes, countries; CDR towers are assigned to
+        units through it).
+    population
+        Unit populations (indexed by unit id) for CDR penetration covariates.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    (pandas.DataFrame, pandas.DataFrame or None)
+        The long flow table (``origin, destination, count[, max][, weighted]
+        [, exposure][, period]``) and extra unit covariates (CDR subscribers
+        per resident), or None.
+    """
+    import pandas as pd
+
+    kind = source.resolved_kind(name)
+    options = dict(source.options)
+    if kind == "census_od":
+        from flowmodel.inputs.census import read_census_od
+
+        return read_census_od(source.path, units=units, **options), None
+    if kind == "census_persons":
+        from flowmodel.inputs.census import read_census_persons
+
+        return read_census_persons(source.path, units, **options), None
+    if kind in ("cdr_events", "cdr_od"):
+        from flowmodel.inputs import cdr
+
+        if kind == "cdr_events":
+            if population is not None:
+                options.setdefault("population", population)
+            options.setdefault("progress", progress)
+            result = cdr.cdr_flows(source.path, source.towers, units, **options)
+        else:
+            result = cdr.read_cdr_od(source.path, units=units, **options)
+        covariates = getattr(result, "covariates", None)
+        if covariates is not None and len(covariates.columns) == 0:
+            covariates = None
+        return result.flows, covariates
+    path = Path(source.path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path, **options), None
+    return pd.read_csv(path, **options), None
+
+
+def stage_prepare(ctx: StageContext) -> dict[str, Path]:
+    """Read units, zonal raster covariates and flow sources; write ``dataset.nc`` and ``units.gpkg``."""
+    from flowmodel.dataset import build_dataset, save_dataset
+    from flowmodel.outputs.io import provenance_attrs, write_units
+
+    cfg = ctx.config
+    units = _load_units(cfg)
+    logger.info("units: %d from %d file(s)", len(units), len(cfg.units.paths()))
+    covariates = None
+    if cfg.rasters:
+        from flowmodel.inputs.rasters import zonal_covariates
+        from flowmodel.parallel import is_remote
+
+        rasters = {k: str(v) for k, v in cfg.rasters.items()}
+        if is_remote(cfg.dask, ctx.scheduler):
+            # on a cluster the zonal statistics run as a task on a worker (its memory, its disk)
+            logger.info("zonal statistics on a dask worker")
+            covariates = ctx.client.submit(zonal_covariates, units, rasters, pure=False).result()
+        else:
+            covariates = zonal_covariates(units, rasters, progress=ctx.progress)
+        logger.info("covariates: %s", ", ".join(map(str, covariates.columns)))
+    flows = {}
+    for name, source in cfg.flows.items():
+        population = None
+        if covariates is not None and "population" in covariates:
+            population = covariates["population"]
+        flows[name], extra = read_flow_source(
+            name, source, units, population=population, progress=ctx.progress
+        )
+        logger.info("flows.%s: %d rows (%s)", name, len(flows[name]), source.resolved_kind(name))
+        if extra is not None:
+            covariates = (
+                extra
+                if covariates is None
+                else covariates.join(
+                    extra.drop(columns=[c for c in extra.columns if c in covariates.columns])
+                )
+            )
+    sources = [str(p) for p in cfg.input_files().values()]
+    ds = build_dataset(
+        units,
+        covariates=covariates,
+        flows=flows or None,
+        attrs={"run": cfg.run.name, "data_sources": "; ".join(sources)},
+    )
+    outputs = {"dataset": save_dataset(ds, ctx.path(DATASET))}
+    attrs = provenance_attrs(config=cfg.section_dict(), seed=cfg.run.seed, data=ds)
+    outputs["units"] = write_units(ds, ctx.path(UNITS), geometry=units, attrs=attrs)
+    return outputs
+
+
+def stage_fit(ctx: StageContext) -> dict[str, Path]:
+    """Fit the configured model to ``dataset.nc``; write ``posterior.nc``."""
+    from flowmodel.dataset import load_dataset
+
+    cfg = ctx.config
+    ds = load_dataset(ctx.path(DATASET))
+    model = build_model(cfg)
+    kwargs: dict[str, Any] = {
+        "draws": cfg.model.draws,
+        "tune": cfg.model.tune,
+        "chains": cfg.model.chains,
+    }
+    kwargs.update(cfg.model.sample_kwargs)
+    logger.info("fit %s model, backend %s", cfg.model.type, cfg.model.backend)
+    model.fit(
+        ds, backend=cfg.model.backend, random_seed=cfg.run.seed, progressbar=ctx.progress, **kwargs
+    )
+    return {"posterior": model.save(ctx.path(POSTERIOR))}
+
+
+def _load_model(ctx: StageContext) -> Any:
+    _model_class(ctx.config.model.type)  # registers the class (and the latent's module)
+    for module, _ in MODEL_CLASSES.values():
+        with contextlib.suppress(ImportError):
+            __import__(module)
+    from flowmodel.models.base import load_model
+
+    return load_model(ctx.path(POSTERIOR))
+
+
+def _primary_source(ds: Any) -> str | None:
+    """Return the source observed flows are reported against: the first non-CDR one, else the first."""
+    from flowmodel.dataset import flow_sources
+
+    sources = flow_sources(ds)
+    plain = [s for s in sources if not s.startswith("cdr")]
+    return (plain or sources or [None])[0]
+
+
+def _observed(ds: Any, source: str | None) -> Any:
+    if source is None:
+        return None
+    flow = ds[f"flow_{source}"]
+    if "period" in flow.dims:
+        flow = flow.sum("period", min_count=1)
+    return flow
+
+
+def stage_predict(ctx: StageContext) -> dict[str, Path]:
+    """Predict every pair with intervals; write ``flows.nc`` (and csv / gpkg / zarr)."""
+    from flowmodel.dataset import load_dataset
+    from flowmodel.outputs import io
+
+    cfg = ctx.config
+    ds = load_dataset(ctx.path(DATASET))
+    model = _load_model(ctx)
+    use_dask = use_dask_for_prediction(cfg, ds.sizes["unit"], ctx.scheduler)
+    kwargs: dict[str, Any] = {"quantiles": tuple(cfg.predict.quantiles), "seed": cfg.run.seed}
+    if cfg.predict.draws is not None:
+        kwargs["draws"] = cfg.predict.draws
+    if use_dask:
+        _ = ctx.client  # origin blocks run as tasks on the run's dask workers
+        logger.info("prediction: origin blocks on dask workers")
+        flows = model.predict(
+            ds, use_dask=True, block_size=cfg.predict.block_size, **kwargs
+        ).compute()
+    else:
+        flows = model.predict(ds, use_dask=False, block_size=cfg.predict.block_size, **kwargs)
+    source = _primary_source(ds)
+    observed = _observed(ds, source)
+    attrs = io.provenance_attrs(
+        model=model,
+        config=cfg.section_dict(),
+        seed=cfg.run.seed,
+        data=ds,
+        extra={"run": cfg.run.name, "observed_source": source or "none"},
+    )
+    formats = cfg.predict.formats
+    # flows.nc is always written: evaluate and report read it
+    outputs: dict[str, Path] = {
+        "flows": io.write_flows(flows, ctx.path(FLOWS), observed=observed, attrs=attrs)
+    }
+    if "zarr" in formats:
+        outputs["flows_zarr"] = io.write_flows(
+            flows, ctx.path(FLOWS_ZARR), observed=observed, attrs=attrs
+        )
+    if "csv" in formats:
+        outputs["flows_csv"] = io.write_flows_csv(
+            flows, ctx.path(FLOWS_CSV), observed=observed, data=ds, attrs=attrs
+        )
+    if "gpkg" in formats and "lon" in ds and "lat" in ds:
+        outputs["flow_lines"] = io.write_flow_lines(
+            flows,
+            ds,
+            ctx.path(FLOW_LINES),
+            top_k=cfg.predict.top_k,
+            observed=observed,
+            attrs=attrs,
+        )
+    return outputs
+
+
+def use_dask_for_prediction(cfg: RunConfig, n_units: int, scheduler: str | None = None) -> bool:
+    """Whether ``predict`` streams origin blocks through dask.
+
+    ``[predict] use_dask`` when given; else yes on a remote cluster (a
+    scheduler address or SLURM), with several local workers, or above
+    :data:`flowmodel.predict.DASK_UNITS` units.
+    """
+    from flowmodel.parallel import is_remote
+
+    if cfg.predict.use_dask is not None:
+        return cfg.predict.use_dask
+    if cfg.dask.cluster == "none" and scheduler is None and cfg.dask.scheduler is None:
+        return False
+    from flowmodel.predict import DASK_UNITS
+
+    return is_remote(cfg.dask, scheduler) or (cfg.dask.n_workers or 1) > 1 or n_units > DASK_UNITS
+
+
+def evaluation_sources(cfg: RunConfig, ds: Any) -> list[str]:
+    """Return the sources scored by ``evaluate``.
+
+    ``[evaluate] sources`` when given, else every non-CDR source (CDR counts
+    are on the subscriber scale), else every source.
+    """
+    from flowmodel.dataset import flow_sources
+
+    available = flow_sources(ds)
+    if cfg.evaluate.sources:
+        missing = sorted(set(cfg.evaluate.sources) - set(available))
+        if missing:
+            raise ConfigError(
+                f"{cfg.source or 'config'}: [evaluate] sources: {missing} not in the dataset "
+                f"(flow sources: {available}). Fix: name sources defined under [flows]."
+            )
+        return list(cfg.evaluate.sources)
+    plain = [s for s in available if not s.startswith("cdr")]
+    return plain or available
+
+
+def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
+    """In-sample metrics per source and optional cross-validation; write ``metrics.json`` (and ``cv.csv``)."""
+    from flowmodel.dataset import load_dataset
+    from flowmodel.evaluate import cross_validate, summarize_cv
+    from flowmodel.evaluate import evaluate as evaluate_model
+    from flowmodel.outputs.io import atomic_path
+
+    cfg = ctx.config
+    ds = load_dataset(ctx.path(DATASET))
+    model = _load_model(ctx)
+    quantiles = tuple(cfg.predict.quantiles)
+    metrics: dict[str, Any] = {"run": cfg.run.name, "model": cfg.model.type, "sources": {}}
+    sources = evaluation_sources(cfg, ds)
+    for source in sources:
+        table = evaluate_model(
+            model, ds, source=source, quantiles=quantiles, baselines=cfg.evaluate.baselines
+        )
+        metrics["sources"][source] = {
+            str(row["model"]): _jsonable({k: v for k, v in row.items() if k != "model"})
+            for row in table.to_dict("records")
+        }
+    outputs: dict[str, Path] = {}
+    if cfg.evaluate.cv != "none" and sources:
+        cv = cross_validate(
+            model,
+            ds,
+            scheme=cfg.evaluate.cv,
+            folds=cfg.evaluate.folds,
+            backend=cfg.evaluate.backend or "laplace",
+            seed=cfg.run.seed,
+            baselines=cfg.evaluate.baselines,
+            source=sources[0],
+            quantiles=quantiles,
+        )
+        with atomic_path(ctx.path(CV_TABLE)) as tmp:
+            cv.to_csv(tmp, index=False)
+        outputs["cv"] = ctx.path(CV_TABLE)
+        summary = summarize_cv(cv)
+        metrics["cv"] = {
+            "scheme": cfg.evaluate.cv,
+            "source": sources[0],
+            "models": {
+                str(row["model"]): _jsonable({k: v for k, v in row.items() if k != "model"})
+                for row in summary.to_dict("records")
+            },
+        }
+    _write_json(ctx.path(METRICS), metrics)
+    outputs["metrics"] = ctx.path(METRICS)
+    return outputs
+
+
+def stage_report(ctx: StageContext) -> dict[str, Path]:
+    """Figures and the self-contained HTML report; write ``report.html`` (and its PNGs)."""
+    import pandas as pd
+
+    from flowmodel.dataset import load_dataset
+    from flowmodel.outputs.io import provenance_attrs, read_flows, read_gpkg
+    from flowmodel.outputs.report import report
+
+    cfg = ctx.config
+    ds = load_dataset(ctx.path(DATASET))
+    flows = read_flows(ctx.path(FLOWS))
+    model = _load_model(ctx)
+    metrics = json.loads(ctx.path(METRICS).read_text())
+    rows = [
+        {"source": source, "model": name, **values}
+        for source, models in metrics.get("sources", {}).items()
+        for name, values in models.items()
+    ]
+    cv = (
+        pd.read_csv(ctx.path(CV_TABLE))
+        if ctx.path(CV_TABLE).exists() and "cv" in metrics
+        else None
+    )
+    truth = json.loads(Path(cfg.report.truth).read_text()) if cfg.report.truth else None
+    geometry = None
+    if ctx.path(UNITS).exists():
+        geometry, _ = read_gpkg(ctx.path(UNITS))
+    source = _primary_source(ds)
+    notes = [
+        f"Run '{cfg.run.name}', config {cfg.source or '(python)'}, model {cfg.model.type}, "
+        f"backend {cfg.model.backend}."
+    ]
+    path = report(
+        ctx.run_dir,
+        data=ds,
+        predictions=flows,
+        model=model,
+        metrics=pd.DataFrame(rows) if rows else None,
+        cv=cv,
+        truth=truth,
+        units_geometry=geometry,
+        observed=_observed(ds, source),
+        source=source,
+        title=cfg.report.title or f"flowmodel: {cfg.run.name}",
+        top_k=cfg.report.top_k,
+        attrs=provenance_attrs(model=model, config=cfg.section_dict(), seed=cfg.run.seed, data=ds),
+        notes=notes,
+    )
+    outputs = {"report": Path(path)}
+    for png in sorted(ctx.run_dir.glob("*.png")):
+        outputs[png.stem] = png
+    return outputs
+
+
+def _jsonable(value: Any) -> Any:
+    """Metrics (numpy scalars, Series, dicts) as plain JSON values."""
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "to_dict") and not isinstance(value, np.ndarray):
+        return _jsonable(value.to_dict())
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def stage_status(config: RunConfig) -> list[dict[str, Any]]:
+    """Per-stage status of a run directory (for ``flowmodel status``), without running anything."""
+    manifest = read_manifest(config.out_dir)
+    rows = []
+    for name in STAGE_ORDER:
+        entry = manifest["stages"].get(name, {})
+        rows.append(
+            {
+                "stage": name,
+                "status": entry.get("status", "not run"),
+                "finished": entry.get("finished"),
+                "duration_s": entry.get("duration_s"),
+                "reason": entry.get("last_skip_reason") or entry.get("reason"),
+            }
+        )
+    return rows
+
+
+# ========================================================================= demo
+#: Sizes of ``flowmodel demo --size``: keyword arguments of ``simulate_world``.
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "small": {"n_units": 60, "n_countries": 6},
+    "medium": {"n_units": 120, "n_countries": 6},
+}
+
+DEMO_CONFIG = """\
+# flowmodel demo: the simulated world of flowmodel.simulate.simulate_world.
+# Paths are relative to this file. Run it again with: flowmodel run {config_name}
+[run]
+name = "demo-{size}"
+out_dir = "."
+seed = {seed}
+
+[units]
+path = "world/units.gpkg"
+layer = "units"
+id_field = "unit_id"
+country_field = "country"
+
+[rasters]
+population = "world/population.tif"
+built_up = "world/built_up.tif"
+night_lights = "world/night_lights.tif"
+
+[flows.census]
+path = "world/census_od.csv"
+options = {{ sample_fraction = {sample_fraction} }}
+
+[flows.cdr]
+path = "world/cdr_events.parquet"
+towers = "world/cdr_towers.csv"
+
+[model]
+type = "fusion"
+backend = "laplace"
+draws = 400
+
+[model.options]
+sources = ["census", "cdr"]
+
+[model.options.latent]
+type = "gravity"
+origin_covariates = ["log_population"]
+destination_covariates = ["log_population", "night_lights_per_capita"]
+
+[predict]
+quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
+top_k = 300
+
+[evaluate]
+cv = "none"
+
+[report]
+title = "flowmodel demo: simulated world ({size})"
+truth = "world/truth.json"   # adds a true-vs-estimated table
+
+[dask]
+cluster = "local"
+n_workers = 1
+"""
+
+
+def demo_config(
+    out: str | os.PathLike[str],
+    *,
+    size: str = "small",
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+) -> RunConfig:
+    """Simulate the demo world (unless already there) and write and load its config.
+
+    Parameters
+    ----------
+    out
+        Folder of the demo: ``out/world`` gets the simulated inputs,
+        ``out/demo.toml`` the config and ``out`` itself the run outputs
+        (``out/report.html``).
+    size
+        ``"small"`` or ``"medium"`` (see :data:`DEMO_SIZES`).
+    seed
+        Seed of the simulated world and of the fit.
+    overrides
+        ``--set key=value`` overrides for the demo config.
+    force
+        Simulate the world again even if ``out/world/truth.json`` exists.
+
+    Returns
+    -------
+    RunConfig
+        The loaded demo config.
+    """
+    from flowmodel.config import load_config
+    from flowmodel.outputs.io import atomic_path
+
+    if size not in DEMO_SIZES:
+        raise ConfigError(f"--size {size!r}: expected one of {sorted(DEMO_SIZES)}")
+    out = Path(out)
+    world = out / "world"
+    stamp = world / ".demo-size"
+    wanted = json.dumps({"size": size, "seed": seed})
+    if (
+        force
+        or not (world / "truth.json").exists()
+        or not stamp.exists()
+        or stamp.read_text() != wanted
+    ):
+        from flowmodel.simulate import simulate_world
+
+        logger.info("simulating the %s demo world in %s", size, world)
+        simulate_world(world, seed=seed, **DEMO_SIZES[size])
+        stamp.write_text(wanted)
+    config = out / "demo.toml"
+    truth = json.loads((world / "truth.json").read_text())
+    text = DEMO_CONFIG.format(
+        size=size, seed=seed, config_name=config, sample_fraction=truth.get("sample_fraction", 0.1)
+    )
+    if not config.exists() or config.read_text() != text:
+        with atomic_path(config) as tmp:
+            tmp.write_text(text)
+    return load_config(config, overrides)
+
+
+def _posterior_estimates(path: Path) -> dict[str, tuple[float, float, float]]:
+    """Posterior mean and 90% equal-tailed interval of the raw-scale parameters."""
+    import numpy as np
+    import xarray as xr
+
+    out: dict[str, tuple[float, float, float]] = {}
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        post = tree["posterior"].to_dataset()
+
+        def add(label: str, values: Any) -> None:
+            draws = np.asarray(values, dtype=float).ravel()
+            draws = draws[np.isfinite(draws)]
+            if draws.size:
+                lo, hi = np.quantile(draws, [0.05, 0.95])
+                out[label] = (float(draws.mean()), float(lo), float(hi))
+
+        for name in ("intercept_raw", "intercept"):
+            if name in post:
+                add("intercept", post[name].values)
+                break
+        beta = post["beta_raw"] if "beta_raw" in post else post.get("beta")
+        if beta is not None and "term" in beta.dims:
+            for term in beta["term"].values:
+                add(f"beta[{term}]", beta.sel(term=term).values)
+        for name in ("sigma_country", "tau", "radiation_exponent"):
+            if name in post and set(post[name].dims) <= {"chain", "draw"}:
+                add(name, post[name].values)
+        if "phi" in post:
+            phi = post["phi"]
+            if "source" in phi.dims:
+                for src in phi["source"].values:
+                    add(f"phi[{src}]", phi.sel(source=src).values)
+            else:
+                add("phi", phi.values)
+    return out
+
+
+def demo_summary(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> str:
+    """Text summary of a demo run: true vs estimated parameters, metrics, where the report is.
+
+    Parameters
+    ----------
+    run_dir
+        The demo's run directory.
+    truth_path
+        The simulator's ``truth.json``.
+    """
+    run_dir = Path(run_dir)
+    lines = ["", "flowmodel demo: true vs estimated parameters (posterior mean, 90% interval)"]
+    truth: dict[str, Any] = {}
+    if Path(truth_path).exists():
+        truth = json.loads(Path(truth_path).read_text())
+    true_flat: dict[str, float] = {}
+    for key, value in truth.items():
+        if key == "beta" and isinstance(value, Mapping):
+            true_flat.update({f"beta[{k}]": v for k, v in value.items()})
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            true_flat[key] = value
+        elif key == "phi" and isinstance(value, Mapping):
+            true_flat.update({f"phi[{k}]": v for k, v in value.items()})
+    if isinstance(truth.get("phi"), int | float):
+        # the simulator's dispersion is that of the true flows, which the census samples
+        true_flat.setdefault("phi[census]", truth["phi"])
+    try:
+        estimates = _posterior_estimates(run_dir / POSTERIOR)
+    except (OSError, KeyError, ValueError) as err:
+        estimates = {}
+        lines.append(f"  (posterior unreadable: {err})")
+    width = max([len(k) for k in estimates] + [10])
+    lines.append(f"  {'parameter':<{width}}  {'true':>8}  {'estimate':>9}  90% interval")
+    for name, (mean, lo, hi) in estimates.items():
+        true = true_flat.get(name)
+        shown = f"{true:8.3f}" if isinstance(true, int | float) else f"{'-':>8}"
+        inside = "" if true is None else ("  ok" if lo <= true <= hi else "  (outside)")
+        lines.append(f"  {name:<{width}}  {shown}  {mean:9.3f}  [{lo:.3f}, {hi:.3f}]{inside}")
+    metrics_path = run_dir / METRICS
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        for source, models in metrics.get("sources", {}).items():
+            lines.append(f"metrics against observed flow_{source}:")
+            for model, values in models.items():
+                keys = ("cpc", "log_rmse", "pearson_log", "coverage_90")
+                shown = ", ".join(
+                    f"{k}={values[k]:.3f}" for k in keys if isinstance(values.get(k), int | float)
+                )
+                lines.append(f"  {model:<22} {shown}")
+    report = run_dir / REPORT
+    lines.append(f"report: {report.resolve() if report.exists() else '(not written)'}")
+    lines.append(f"flows:  {(run_dir / FLOWS).resolve()}")
+    return "\n".join(lines)

@@ -1,0 +1,432 @@
+"""Run directory, manifest, skip/resume logic of flowmodel.pipeline (stage functions faked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from flowmodel import pipeline
+from flowmodel.config import load_config
+from flowmodel.outputs.io import atomic_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+OUTPUTS = {
+    "prepare": [pipeline.DATASET, pipeline.UNITS],
+    "fit": [pipeline.POSTERIOR],
+    "predict": [pipeline.FLOWS],
+    "evaluate": [pipeline.METRICS],
+    "report": [pipeline.REPORT],
+}
+
+CONFIG = """\
+[run]
+name = "tiny"
+out_dir = "run"
+seed = 3
+
+[units]
+path = "units.gpkg"
+
+[rasters]
+population = "pop.tif"
+
+[flows.census]
+path = "census.csv"
+
+[model]
+type = "gravity"
+backend = "map"
+draws = 10
+"""
+
+
+def make_project(root: Path, config: str = CONFIG) -> Path:
+    """A config file and (fake) input files beside it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "units.gpkg").write_bytes(b"units v1")
+    (root / "pop.tif").write_bytes(b"raster v1")
+    (root / "census.csv").write_text("origin,destination,count\nA,B,1\n")
+    path = root / "run.toml"
+    path.write_text(config)
+    return path
+
+
+def install_fake_stages(
+    monkeypatch: pytest.MonkeyPatch, fail: dict[str, BaseException] | None = None
+) -> Counter:
+    """Replace every stage function by a fake that writes deterministic outputs and counts calls."""
+    calls: Counter = Counter()
+    fail = fail or {}
+
+    def make(name: str):
+        def stage(ctx: pipeline.StageContext) -> dict[str, Path]:
+            calls[name] += 1
+            spec = pipeline.STAGES[name]
+            upstream = {n: ctx.path(n).read_text() for n in spec.needs}
+            content = json.dumps(
+                {
+                    "stage": name,
+                    "config": spec.config(ctx.config),
+                    "upstream": upstream,
+                    "inputs": {
+                        k: Path(p).read_bytes().decode()
+                        for k, p in ctx.config.input_files().items()
+                    }
+                    if name == "prepare"
+                    else {},
+                },
+                sort_keys=True,
+                default=str,
+            )
+            out = {}
+            for i, fname in enumerate(OUTPUTS[name]):
+                if name in fail and i == len(OUTPUTS[name]) - 1:
+                    raise fail[name]
+                with atomic_path(ctx.path(fname)) as tmp:
+                    tmp.write_text(content)
+                out[fname] = ctx.path(fname)
+            return out
+
+        return stage
+
+    for name in pipeline.STAGE_ORDER:
+        monkeypatch.setattr(pipeline, f"stage_{name}", make(name))
+    return calls
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj")
+
+
+def manifest(cfg_path: Path) -> dict:
+    return json.loads((cfg_path.parent / "run" / "manifest.json").read_text())
+
+
+def test_first_run_runs_everything_and_writes_run_directory(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    cfg = load_config(project)
+    results = pipeline.run_pipeline(cfg)
+    assert [r.stage for r in results] == list(pipeline.STAGE_ORDER)
+    assert all(r.action == "ran" for r in results)
+    assert calls == Counter(dict.fromkeys(pipeline.STAGE_ORDER, 1))
+    run = project.parent / "run"
+    for name in (
+        "config.toml",
+        "config.resolved.json",
+        "flowmodel.log",
+        "manifest.json",
+        "report.html",
+    ):
+        assert (run / name).exists(), name
+    assert not (run / ".lock").exists()
+    data = manifest(project)
+    for stage in pipeline.STAGE_ORDER:
+        entry = data["stages"][stage]
+        assert entry["status"] == "done"
+        assert entry["reason"] == "no previous run of this stage"
+        assert len(entry["config_hash"]) == 16
+        assert entry["outputs"]
+    assert set(data["stages"]["prepare"]["inputs"]) == {
+        "units.path",
+        "rasters.population",
+        "flows.census.path",
+    }
+    assert set(data["stages"]["predict"]["inputs"]) == {pipeline.DATASET, pipeline.POSTERIOR}
+    assert "run prepare: no previous run" in (run / "flowmodel.log").read_text()
+
+
+def test_rerun_skips_unchanged_stages_and_says_why(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    results = pipeline.run_pipeline(load_config(project))
+    assert all(r.action == "skipped" for r in results)
+    assert calls == Counter(dict.fromkeys(pipeline.STAGE_ORDER, 1))
+    data = manifest(project)
+    assert data["stages"]["fit"]["last_skip_reason"].startswith(
+        "inputs and config unchanged since"
+    )
+    assert [h["action"] for h in data["history"][-5:]] == ["skipped"] * 5
+    assert (
+        "skip fit: inputs and config unchanged"
+        in (project.parent / "run" / "flowmodel.log").read_text()
+    )
+
+
+def test_config_change_reruns_from_the_affected_stage(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    results = pipeline.run_pipeline(load_config(project, ["model.draws=20"]))
+    actions = {r.stage: (r.action, r.reason) for r in results}
+    assert actions["prepare"][0] == "skipped"
+    assert actions["fit"] == ("ran", "config changed: model")
+    assert actions["predict"] == ("ran", "input changed: posterior.nc")
+    assert calls["prepare"] == 1 and calls["fit"] == 2 and calls["report"] == 2
+    assert manifest(project)["stages"]["fit"]["reason"] == "config changed: model"
+
+
+def test_input_file_change_reruns_prepare(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    (project.parent / "pop.tif").write_bytes(b"raster v2")
+    results = pipeline.run_pipeline(load_config(project))
+    assert results[0].reason == "input changed: rasters.population"
+    assert calls["prepare"] == 2
+
+
+def test_deleted_or_modified_output_reruns_its_stage(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    run = project.parent / "run"
+    (run / pipeline.REPORT).unlink()
+    (run / pipeline.METRICS).write_text("tampered")
+    results = {r.stage: r for r in pipeline.run_pipeline(load_config(project))}
+    assert results["evaluate"].reason == "output modified since the stage ran: metrics.json"
+    assert results["report"].action == "ran"
+    assert calls["evaluate"] == 2 and calls["fit"] == 1
+
+
+def test_failed_stage_is_recorded_and_resumed(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch, fail={"predict": RuntimeError("disk full")})
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.run_pipeline(load_config(project))
+    data = manifest(project)
+    assert data["stages"]["predict"]["status"] == "failed"
+    assert "RuntimeError: disk full" in data["stages"]["predict"]["error"]
+    run = project.parent / "run"
+    # nothing half-written: no flows.nc and no temporary files left behind
+    assert not (run / pipeline.FLOWS).exists()
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+    calls = install_fake_stages(monkeypatch)
+    results = {r.stage: r for r in pipeline.run_pipeline(load_config(project))}
+    assert calls["prepare"] == 0 and calls["fit"] == 0
+    assert calls["predict"] == 1 and calls["report"] == 1
+    assert results["predict"].reason.startswith("previous attempt failed (RuntimeError: disk full")
+
+
+def test_keyboard_interrupt_marks_interrupted(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch, fail={"fit": KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(load_config(project))
+    assert manifest(project)["stages"]["fit"]["status"] == "interrupted"
+    assert not (project.parent / "run" / ".lock").exists()
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import pytest
+from test_pipeline import install_fake_stages
+from flowmodel import pipeline
+from flowmodel.config import load_config
+
+mp = pytest.MonkeyPatch()
+install_fake_stages(mp)
+real_predict = pipeline.stage_predict
+
+def killed_predict(ctx):
+    # write part of an output the way a real stage would, then die without cleanup
+    (ctx.run_dir / ".flows.partial.tmp.nc").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+mp.setattr(pipeline, "stage_predict", killed_predict)
+pipeline.run_pipeline(load_config({config!r}))
+"""
+
+
+def test_run_killed_mid_stage_resumes_from_last_finished_stage(project: Path, monkeypatch) -> None:
+    script = KILL_SCRIPT.format(tests=str(REPO / "tests"), config=str(project))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = project.parent / "run"
+    data = manifest(project)
+    assert data["stages"]["fit"]["status"] == "done"
+    assert data["stages"]["predict"]["status"] == "running"
+    assert (run / ".lock").exists()  # stale lock of the killed process
+    calls = install_fake_stages(monkeypatch)
+    results = {r.stage: r for r in pipeline.run_pipeline(load_config(project))}
+    # finished stages are not called again; the manifest says why predict ran
+    assert calls == Counter({"predict": 1, "evaluate": 1, "report": 1})
+    assert results["prepare"].action == results["fit"].action == "skipped"
+    reason = manifest(project)["stages"]["predict"]["reason"]
+    assert "did not finish: resuming here" in reason
+    assert manifest(project)["stages"]["predict"]["status"] == "done"
+
+
+def test_single_stage_needs_upstream_outputs(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    with pytest.raises(
+        pipeline.StageInputMissingError, match=r"run 'flowmodel prepare .*run.toml' first"
+    ):
+        pipeline.run_pipeline(load_config(project), ["fit"])
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project), ["prepare"])
+    pipeline.run_pipeline(load_config(project), ["fit"])
+    assert calls == Counter({"prepare": 1, "fit": 1})
+    results = pipeline.run_pipeline(load_config(project), ["fit"], force=True)
+    assert results[0].reason == "forced (--force)"
+
+
+def test_live_lock_refuses_second_process(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    run = project.parent / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        (run / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(pipeline.RunLockedError, match=f"pid {sleeper.pid}"):
+            pipeline.run_pipeline(load_config(project))
+    finally:
+        sleeper.communicate(b"")
+    assert (run / ".lock").exists()  # not ours to remove while it lived
+    pipeline.run_pipeline(load_config(project))  # now stale: taken over
+    assert not (run / ".lock").exists()
+
+
+def test_unreadable_manifest_reruns_everything(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    (project.parent / "run" / "manifest.json").write_text("{not json")
+    pipeline.run_pipeline(load_config(project))
+    assert calls["prepare"] == 2
+
+
+def test_file_sha256_uses_cache_and_hashes_directories(tmp_path: Path) -> None:
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abc")
+    cache: dict = {}
+    digest = pipeline.file_sha256(f, cache)
+    assert digest == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert cache[str(f.resolve())]["sha256"] == digest
+    cache[str(f.resolve())]["sha256"] = "cached"
+    assert pipeline.file_sha256(f, cache) == "cached"  # size and mtime unchanged: not read again
+    os.utime(f, ns=(1, 1))
+    assert pipeline.file_sha256(f, cache) == digest
+    store = tmp_path / "flows.zarr"
+    (store / "x").mkdir(parents=True)
+    (store / "x" / "0").write_bytes(b"1")
+    first = pipeline.file_sha256(store)
+    (store / "x" / "0").write_bytes(b"2")
+    assert pipeline.file_sha256(store) != first
+
+
+def test_stage_status_lists_every_stage(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    cfg = load_config(project)
+    assert [r["status"] for r in pipeline.stage_status(cfg)] == ["not run"] * 5
+    pipeline.run_pipeline(cfg, ["prepare"])
+    rows = pipeline.stage_status(cfg)
+    assert rows[0]["status"] == "done" and rows[1]["status"] == "not run"
+
+
+def test_build_model_from_config(tmp_path: Path) -> None:
+    pytest.importorskip("pymc")
+    path = make_project(
+        tmp_path,
+        CONFIG
+        + textwrap.dedent("""
+        [model.options]
+        cost_func = "exp"
+    """),
+    )
+    model = pipeline.build_model(load_config(path))
+    assert type(model).__name__ == "GravityModel"
+    assert model.model_config["cost_func"] == "exp"
+
+
+# ------------------------------------------------------------------- batch driver
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_runs_is_interrupted_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    import pandas as pd
+
+    batch = _load_script("run_batch")
+    configs = [
+        make_project(tmp_path / c, CONFIG.replace('name = "tiny"', f'name = "{c}"'))
+        for c in ("ken", "uga", "tza")
+    ]
+    bad = make_project(tmp_path / "bad", CONFIG.replace('type = "gravity"', 'type = "gravty"'))
+    summary = tmp_path / "summary.csv"
+    # first attempt: interrupted (Ctrl-C / killed job) while fitting the second country
+    fit_calls = Counter()
+
+    def interrupting_fit(ctx):
+        fit_calls[ctx.config.run.name] += 1
+        if ctx.config.run.name == "uga":
+            raise KeyboardInterrupt
+        return real_fit(ctx)
+
+    calls = install_fake_stages(monkeypatch)
+    real_fit = pipeline.stage_fit
+    monkeypatch.setattr(pipeline, "stage_fit", interrupting_fit)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch([*configs, bad], summary=summary, echo=lambda *_: None)
+    table = pd.read_csv(summary)
+    assert table["status"].tolist() == ["ok", "interrupted", "not_run", "bad_input"]
+    assert calls["report"] == 1
+    # second attempt: resumes; the finished country is not recomputed
+    calls = install_fake_stages(monkeypatch)
+    rows = batch.run_batch([*configs, bad], summary=summary, echo=lambda *_: None)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "bad_input"]
+    assert calls == Counter(
+        prepare=1, fit=2, predict=2, evaluate=2, report=2
+    )  # uga resumed at fit, tza fresh
+    table = pd.read_csv(summary)
+    assert table.loc[0, "stages_ran"] == 0 and table.loc[0, "stages_skipped"] == 5
+    assert table.loc[1, "stages_ran"] == 4
+    assert "[model] type: expected one of" in table.loc[3, "error"]
+    assert table["name"].tolist()[:3] == ["ken", "uga", "tza"]
+    # summary only (after a SLURM array): nothing runs
+    calls = install_fake_stages(monkeypatch)
+    rows = batch.run_batch(configs, summary=summary, summary_only=True)
+    assert not calls and all(r["status"] == "ok" for r in rows)
+
+
+def test_batch_command_line_exit_codes(tmp_path: Path, monkeypatch, capsys) -> None:
+    batch = _load_script("run_batch")
+    good = make_project(tmp_path / "good")
+    bad = make_project(tmp_path / "bad", CONFIG + "[model]\n")  # duplicate table: bad TOML
+    install_fake_stages(monkeypatch)
+    summary = tmp_path / "s.csv"
+    assert batch.main([str(good), "--summary", str(summary), "-q"]) == 0
+    assert batch.main([str(good), str(bad), "--summary", str(summary), "-q"]) == 2
+    install_fake_stages(monkeypatch, fail={"predict": RuntimeError("boom")})
+    assert batch.main([str(good), "--summary", str(summary), "--force", "-q"]) == 1
+    assert batch.main([str(good), str(bad), "--index", "5", "--summary", str(summary)]) == 2
+
+
+def test_stage_refuses_inputs_of_an_unfinished_upstream_stage(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    install_fake_stages(monkeypatch, fail={"fit": RuntimeError("diverged")})
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(load_config(project, ["model.draws=99"]))
+    # posterior.nc is still the complete file of the earlier fit, but no longer matches the config
+    calls = install_fake_stages(monkeypatch)
+    with pytest.raises(
+        pipeline.StageInputMissingError,
+        match=r"stage 'fit', whose last attempt did not finish \(status: failed\)",
+    ):
+        pipeline.run_pipeline(load_config(project), ["predict"])
+    assert not calls
