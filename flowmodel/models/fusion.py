@@ -1,0 +1,813 @@
+"""Fusion: one latent flow field observed by a census sample and by redacted CDR (DESIGN §4.4).
+
+A :class:`FusionModel` takes the latent log-rate of a gravity or radiation model
+(:meth:`FlowModel._add_latent`) for every pair observed by any source, and adds
+one observation model per source:
+
+- **census** (``flow_census``): negative binomial with the sample fraction
+  ``exposure_census`` as exposure;
+- **CDR** (``flow_cdr``, optional ``period`` dim): negative binomial scaled by a
+  per-origin-unit ``market_share`` (logit-normal, pooled within country, centred
+  on a penetration covariate) and a ``period_effect`` per period (a free overall
+  ``period_scale`` — CDR counts per latent flow, e.g. a monthly window against a
+  5-year census question — times zero-sum log deviations);
+- **censored cells** (``flow_<source>_max``, e.g. CDR cells redacted at 15 or
+  fewer subscribers) enter as ``P(y <= max)``, never as zeros and never dropped.
+
+Prediction of the latent, population-scale flow goes through the same streamed
+:mod:`flowmodel.predict` path as every model, with the dispersion of the
+reference source (the census by default). :func:`simulate_fusion_dataset` builds
+the in-memory test world.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import pymc as pm
+import pytensor.tensor as pt
+import xarray as xr
+
+from flowmodel.dataset import flow_sources
+from flowmodel.exceptions import DataContractError, ModelConfigError
+from flowmodel.models.base import (
+    _MODEL_REGISTRY,
+    Features,
+    FlowModel,
+    ObservedPairs,
+    stack_samples,
+)
+from flowmodel.models.priors import create_prior, resolve_priors
+
+__all__ = [
+    "FUSION_PRIORS",
+    "FUSION_TRUTH",
+    "FusionModel",
+    "censored_nb_logp",
+    "simulate_fusion_dataset",
+    "source_kind",
+]
+
+CDR_KIND = "cdr"
+CENSUS_KIND = "census"
+#: Largest censoring bound handled by exact summation of the pmf (beyond it: log-CDF).
+MAX_SUMMED_BOUND = 60
+
+#: Defaults of the fusion-only nodes (the latent model's nodes keep their own defaults).
+FUSION_PRIORS: dict[str, dict[str, Any]] = {
+    "phi": {"dist": "Gamma", "alpha": 2.0, "beta": 0.2},
+    # logit(market_share_i) = logit(penetration_i) + market_share_country[c(i)]
+    #                         + sigma_market_share * market_share_z_i
+    "market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
+    "sigma_market_share": {"dist": "HalfNormal", "sigma": 0.5},
+    # overall CDR counts per latent flow beyond the market share (time windows differ:
+    # days to months of CDR against a 1- or 5-year census question); broad by default,
+    # set mu = log(CDR window / census window) when the windows are known
+    "period_scale": {"dist": "LogNormal", "mu": 0.0, "sigma": 3.0},
+    # log period_effect = log period_scale + deviation, deviation ~ ZeroSumNormal(sigma)
+    "period_effect": {"dist": "ZeroSumNormal", "sigma": 0.5},
+}
+
+
+def source_kind(source: str) -> str:
+    """Observation model of a source name: ``"cdr"`` for ``cdr`` / ``cdr_*``, else ``"census"``."""
+    return CDR_KIND if source == "cdr" or source.startswith("cdr_") else CENSUS_KIND
+
+
+def _logit(p: Any) -> np.ndarray:
+    p = np.asarray(p, dtype=float)
+    return np.log(p) - np.log1p(-p)
+
+
+def _expit(x: Any) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=float)))
+
+
+def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray) -> Any:
+    """Elementwise ``log P(y <= upper)`` of a negative binomial (a PyTensor expression).
+
+    For bounds up to :data:`MAX_SUMMED_BOUND` the CDF is the log-sum-exp of the
+    pmf over ``0..upper``: exact, cheap, and differentiable in every backend
+    (PyTensor C, JAX, numba). Larger bounds use :func:`pymc.logcdf`.
+
+    Parameters
+    ----------
+    mu
+        Expected counts, shape ``(cell,)``.
+    phi
+        Dispersion, scalar or ``(cell,)``; variance ``mu + mu**2 / phi``.
+    upper
+        Censoring bounds, shape ``(cell,)``, >= 0 (floored to integers).
+
+    Returns
+    -------
+    pytensor.tensor.TensorVariable
+        Shape ``(cell,)``.
+    """
+    upper = np.floor(np.asarray(upper, dtype=float))
+    top = int(upper.max()) if upper.size else 0
+    if top > MAX_SUMMED_BOUND:
+        return pm.logcdf(pm.NegativeBinomial.dist(mu=mu, alpha=phi), upper)
+    k = np.arange(top + 1, dtype=float)
+    mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
+    phi_t = pt.as_tensor_variable(phi)
+    phi_b = pt.shape_padright(phi_t) if phi_t.ndim else phi_t
+    terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
+    mask = k[None, :] <= upper[:, None]
+    return pt.logsumexp(pt.where(mask, terms, -np.inf), axis=1)
+
+
+def _latent_spec(latent: FlowModel) -> dict[str, Any]:
+    return {
+        "class": type(latent).__name__,
+        "model_config": copy.deepcopy(latent.model_config),
+        "priors": dict(latent.priors),
+    }
+
+
+def _latent_from(latent: Any) -> FlowModel:
+    """Return the latent model from an instance or its saved spec (``class``, ``model_config``)."""
+    if isinstance(latent, FlowModel):
+        return latent
+    if isinstance(latent, Mapping) and "class" in latent:
+        cls = _MODEL_REGISTRY.get(str(latent["class"]))
+        if cls is None:
+            raise ModelConfigError(
+                f"FusionModel: latent class '{latent['class']}' is unknown. "
+                "Fix: import the module that defines it before loading"
+            )
+        return cls(priors=latent.get("priors") or None, **dict(latent.get("model_config", {})))
+    raise ModelConfigError(
+        f"FusionModel: latent must be a GravityModel or RadiationModel instance, got {latent!r}. "
+        "Fix: FusionModel(latent=GravityModel(origin_covariates=[...], ...), ...)"
+    )
+
+
+class FusionModel(FlowModel):
+    r"""One latent flow field observed by census samples and by (redacted) CDR.
+
+    The latent model (gravity or radiation, unconstrained) gives the log expected
+    population-scale flow :math:`\eta_{ij}` of every pair; each source observes it
+    through its own negative-binomial observation model:
+
+    .. math::
+
+        y^{\mathrm{census}}_{ij} &\sim \mathrm{NB}\big(e^{\eta_{ij}} f_i,\ \phi_{\mathrm{census}}\big) \\
+        y^{\mathrm{cdr}}_{ijt} &\sim \mathrm{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\
+            \phi_{\mathrm{cdr}}\big), \qquad
+        P\big(y^{\mathrm{cdr}}_{ijt} \le 15\big) \text{ for a redacted cell} \\
+        \operatorname{logit} s_i &= \operatorname{logit} p_i + \delta_{c(i)}
+            + \sigma_s z_i, \quad \delta_c \sim N(0, 0.5^2),\ z_i \sim N(0, 1) \\
+        \log \pi_t &= \log \kappa + d_t, \quad \kappa \sim \mathrm{LogNormal}(0, 3^2),\
+            d \sim \mathrm{ZeroSumNormal}(0.5)
+
+    with :math:`f_i` the census sample fraction (``exposure_census``), :math:`s_i`
+    the operator's ``market_share`` in origin unit :math:`i`, :math:`p_i` the
+    penetration covariate (``cdr_subscribers_per_resident``; 0.3 where absent),
+    :math:`\delta_c` its per-country bias (``market_share_country``),
+    :math:`\pi_t` the ``period_effect`` (:math:`\kappa` = ``period_scale``, the CDR
+    counts per latent flow beyond the market share: CDR windows of days to months
+    against a census question over 1 or 5 years) and :math:`\phi` per source (``phi``,
+    dim ``source``). A census anchors the absolute scale; countries with only CDR
+    borrow it through the latent coefficients and the country-effect hierarchy,
+    and countries with no data get their effect from ``N(0, sigma_country)``.
+
+    Parameters
+    ----------
+    latent
+        The latent model: an unconstrained
+        :class:`~flowmodel.models.gravity.GravityModel` or a
+        :class:`~flowmodel.models.radiation.RadiationModel`. Its covariates,
+        cost function and priors define :math:`\eta`; its ``source`` is ignored.
+    sources
+        Flow sources to fit. ``cdr`` and ``cdr_*`` use the CDR observation model,
+        any other name the census one.
+    market_share_covariate
+        Unit variable giving the prior centre of the market share (subscribers
+        per resident); ignored where absent or NaN.
+    market_share_default
+        Prior centre of the market share where the covariate is absent.
+    reference_source
+        Source whose dispersion ``phi`` is used for predictive draws of
+        population flows (default: the first census-type source, else the
+        first source).
+    priors
+        Overrides keyed by node name: the latent's (``intercept``, ``beta``,
+        ``sigma_country``, ...) and the fusion's (``phi``,
+        ``market_share_country``, ``sigma_market_share``, ``period_effect``).
+    sampler_config
+        Defaults of :meth:`fit` keyword arguments.
+
+    Examples
+    --------
+    >>> from flowmodel.models.fusion import FusionModel, simulate_fusion_dataset
+    >>> from flowmodel.models.gravity import GravityModel
+    >>> ds, truth = simulate_fusion_dataset(seed=1)
+    >>> latent = GravityModel(
+    ...     destination_covariates=["log_population", "night_lights_per_capita"], noncentered=True
+    ... )
+    >>> model = FusionModel(latent=latent, sources=("census", "cdr"))
+    >>> idata = model.fit(ds, backend="nutpie", draws=300, tune=300, chains=2)  # doctest: +SKIP
+    >>> flows = model.predict(ds)  # (origin, destination): mean, q05 ... q95  # doctest: +SKIP
+    """
+
+    default_model_config: ClassVar[dict[str, Any]] = {
+        "latent": None,
+        "sources": ["census", "cdr"],
+        "market_share_covariate": "cdr_subscribers_per_resident",
+        "market_share_default": 0.3,
+        "reference_source": None,
+    }
+
+    def __init__(
+        self,
+        *,
+        latent: Any = None,
+        sources: Sequence[str] = ("census", "cdr"),
+        market_share_covariate: str | None = "cdr_subscribers_per_resident",
+        market_share_default: float = 0.3,
+        reference_source: str | None = None,
+        priors: Mapping[str, Any] | None = None,
+        sampler_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if latent is None:
+            raise ModelConfigError(
+                "FusionModel needs a latent model. "
+                "Fix: FusionModel(latent=GravityModel(...), sources=['census', 'cdr'])"
+            )
+        self.latent = _latent_from(latent)
+        if isinstance(sources, str):
+            sources = [sources]
+        super().__init__(
+            priors=priors,
+            sampler_config=sampler_config,
+            latent=_latent_spec(self.latent),
+            sources=[str(s) for s in sources],
+            market_share_covariate=market_share_covariate,
+            market_share_default=float(market_share_default),
+            reference_source=reference_source,
+        )
+
+    # ------------------------------------------------------------------ config
+    def _validate_config(self) -> None:
+        latent = self.latent
+        if isinstance(latent, FusionModel) or type(latent)._add_latent is FlowModel._add_latent:
+            raise ModelConfigError(
+                f"FusionModel: latent {type(latent).__name__} has no latent log-rate "
+                "(_add_latent). Fix: use a GravityModel or RadiationModel as latent"
+            )
+        constraint = latent.model_config.get("constraint", "none")
+        if constraint not in (None, "none"):
+            raise ModelConfigError(
+                f"FusionModel: the latent model has constraint={constraint!r}; constrained forms "
+                "condition on observed totals of one source and cannot be shared by several. "
+                "Fix: use constraint='none' (the default) for the latent model"
+            )
+        sources = self.model_config["sources"]
+        if not sources or len(set(sources)) != len(sources):
+            raise ModelConfigError(
+                f"FusionModel: sources={sources!r} must be a non-empty list of distinct names. "
+                "Fix: e.g. sources=['census', 'cdr']"
+            )
+        ref = self.model_config["reference_source"]
+        if ref is not None and ref not in sources:
+            raise ModelConfigError(
+                f"FusionModel: reference_source={ref!r} is not one of sources={sources}. "
+                "Fix: name one of the fitted sources"
+            )
+        share = self.model_config["market_share_default"]
+        if not 0.0 < share < 1.0:
+            raise ModelConfigError(
+                f"FusionModel: market_share_default={share} must lie in (0, 1). Fix: e.g. 0.3"
+            )
+
+    @property
+    def sources(self) -> list[str]:
+        """The fitted flow sources, in order (coordinate ``source`` of ``phi``)."""
+        return list(self.model_config["sources"])
+
+    @property
+    def reference_source(self) -> str:
+        """Source whose ``phi`` gives the predictive dispersion of population flows."""
+        ref = self.model_config["reference_source"]
+        if ref is not None:
+            return ref
+        census = [s for s in self.sources if source_kind(s) == CENSUS_KIND]
+        return census[0] if census else self.sources[0]
+
+    def _check_sources(self, data: xr.Dataset) -> None:
+        present = flow_sources(data)
+        missing = [s for s in self.sources if s not in present]
+        if missing:
+            raise DataContractError(
+                f"FusionModel: source(s) {missing} have no 'flow_<source>' variable in the dataset "
+                f"(flow sources present: {present}). Fix: pass sources={present} or add the "
+                "flow tables to build_dataset(flows=...)"
+            )
+        if "pair" in data.dims:
+            raise DataContractError(
+                "FusionModel fits a dense (origin, destination) FlowDataset. Fix: fit on the dense "
+                "dataset of the observed units; predict sparse pair sets with model.predict()"
+            )
+
+    # ------------------------------------------------------------------ priors
+    def _fusion_nodes(self, data: xr.Dataset | None = None) -> list[str]:
+        nodes = ["phi"]
+        for source in self.sources:
+            if source_kind(source) == CDR_KIND:
+                nodes += [
+                    self._node("market_share_country", source),
+                    self._node("sigma_market_share", source),
+                ]
+                nodes.append(self._node("period_scale", source))
+                if data is None or self._n_periods(data, source) > 1:
+                    nodes.append(self._node("period_effect", source))
+        return nodes
+
+    @staticmethod
+    def _node(name: str, source: str) -> str:
+        """Node name of a CDR-source parameter: ``market_share`` for ``cdr``, else suffixed."""
+        return name if source == "cdr" else f"{name}_{source}"
+
+    @staticmethod
+    def _n_periods(data: xr.Dataset, source: str) -> int:
+        flow = data.get(f"flow_{source}")
+        return int(data.sizes["period"]) if flow is not None and "period" in flow.dims else 1
+
+    def _latent_nodes(self, data: xr.Dataset | None = None) -> list[str]:
+        return self.latent._latent_nodes(data) + self._fusion_nodes(data)
+
+    def _defaults(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for source in self.sources:
+            for base in (
+                "market_share_country",
+                "sigma_market_share",
+                "period_scale",
+                "period_effect",
+            ):
+                out[self._node(base, source)] = FUSION_PRIORS[base]
+        out["phi"] = FUSION_PRIORS["phi"]
+        return out
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def _union_pairs(pairs: Mapping[str, ObservedPairs], n_units: int) -> ObservedPairs:
+        keys = np.unique(
+            np.concatenate([p.origin_idx * n_units + p.dest_idx for p in pairs.values()])
+        )
+        n = len(keys)
+        return ObservedPairs(
+            origin_idx=(keys // n_units).astype(np.int64),
+            dest_idx=(keys % n_units).astype(np.int64),
+            y=np.full(n, np.nan),
+            exposure=np.ones(n),
+            upper=np.full(n, np.nan),
+            period_idx=None,
+            source="+".join(pairs),
+        )
+
+    def _market_share_centre(self, data: xr.Dataset, units: np.ndarray) -> np.ndarray:
+        """Prior centre (logit scale) of the market share of each unit position in ``units``.
+
+        The penetration covariate clipped to [0.01, 0.99] where it is finite and
+        positive, else ``market_share_default``.
+        """
+        default = float(_logit(self.model_config["market_share_default"]))
+        name = self.model_config["market_share_covariate"]
+        centre = np.full(len(units), default)
+        if name and name in data and data[name].dims == ("unit",):
+            values = np.asarray(data[name].values, dtype=float)[units]
+            ok = np.isfinite(values) & (values > 0)
+            centre[ok] = _logit(np.clip(values[ok], 0.01, 0.99))
+        return centre
+
+    # ------------------------------------------------------------------ build
+    def build_model(self, data: xr.Dataset) -> pm.Model:
+        """Build (and store in :attr:`model`) the joint PyMC model of every source.
+
+        Parameters
+        ----------
+        data
+            Dense FlowDataset with ``flow_<source>`` for every source (NaN =
+            unobserved, ``flow_<source>_max`` = censoring bound).
+
+        Returns
+        -------
+        pymc.Model
+            Coordinates ``pair`` (union of the pairs any source observes),
+            ``source``, ``market_unit`` / ``market_country`` (CDR origin units and
+            their countries), ``period`` and the latent's (``term``,
+            ``country``). Observed counts are ``y_<source>``; censored cells
+            add the Potential ``y_<source>_censored``.
+
+        Raises
+        ------
+        DataContractError
+            A source has no ``flow_<source>`` variable, or the dataset is sparse.
+        ModelConfigError
+            A source has no observed or censored cell; a bad prior.
+        """
+        self._check_sources(data)
+        n_units = int(data.sizes["unit"])
+        per_source = {s: self._observed_pairs(data, s) for s in self.sources}
+        empty = [s for s, p in per_source.items() if p.n == 0]
+        if empty:
+            raise ModelConfigError(
+                f"FusionModel: source(s) {empty} have no observed or censored off-diagonal cell. "
+                "Fix: drop them from sources= or check the flow tables"
+            )
+        union = self._union_pairs(per_source, n_units)
+        latent = self.latent
+        # priors: user (fusion's, over the latent's own) > data-derived > default
+        user = {**latent.priors, **self.priors}
+        ref_pairs = per_source[self.reference_source]
+        latent_known = latent._latent_nodes(data)
+        fusion_known = self._fusion_nodes(data)
+        everything = resolve_priors(
+            latent_known + fusion_known,
+            data_derived=latent._data_priors(data, ref_pairs),
+            user=user,
+            defaults={**_latent_defaults(), **self._defaults()},
+        )
+        latent._priors_in_use = {k: everything[k] for k in latent_known if k in everything}
+        self._priors_in_use = everything
+        self.fit_meta = {
+            "sources": self.sources,
+            "n_pairs": int(union.n),
+            "n_cells": {s: int(p.n) for s, p in per_source.items()},
+            "n_censored": {s: int((~p.observed).sum()) for s, p in per_source.items()},
+        }
+        coords: dict[str, Any] = {"pair": np.arange(union.n), "source": self.sources}
+        with pm.Model(coords=coords) as model:
+            eta = latent._add_latent(data, union)
+            phi = create_prior("phi", everything["phi"], dims="source")
+            lookup = pd.Series(
+                np.arange(union.n), index=union.origin_idx * n_units + union.dest_idx
+            )
+            for s_idx, source in enumerate(self.sources):
+                pairs = per_source[source]
+                where = lookup.reindex(pairs.origin_idx * n_units + pairs.dest_idx).to_numpy()
+                log_mu = eta[where.astype(np.int64)] + np.log(pairs.exposure)
+                if source_kind(source) == CDR_KIND:
+                    log_mu = log_mu + self._add_cdr_scaling(data, source, pairs, everything)
+                self._add_source_likelihood(source, pt.exp(log_mu), phi[s_idx], pairs)
+        self.fit_meta["latent"] = copy.deepcopy(latent.fit_meta)
+        self.model = model
+        self._fit_pairs = union
+        return model
+
+    def _add_cdr_scaling(
+        self,
+        data: xr.Dataset,
+        source: str,
+        pairs: ObservedPairs,
+        priors: Mapping[str, Any],
+    ) -> Any:
+        """Register ``market_share``, ``period_scale`` (and ``period_effect``); return their log per cell."""
+        units, unit_pos = np.unique(pairs.origin_idx, return_inverse=True)
+        countries_all = np.asarray(data["country"].values).astype(str)
+        countries, country_pos = np.unique(countries_all[units], return_inverse=True)
+        unit_dim = self._node("market_unit", source)
+        country_dim = self._node("market_country", source)
+        model = pm.modelcontext(None)
+        model.add_coord(unit_dim, np.asarray(data["unit"].values).astype(str)[units])
+        model.add_coord(country_dim, countries)
+        centre = self._market_share_centre(data, units)
+        offset = create_prior(
+            self._node("market_share_country", source),
+            priors[self._node("market_share_country", source)],
+            dims=country_dim,
+        )
+        sigma = create_prior(
+            self._node("sigma_market_share", source),
+            priors[self._node("sigma_market_share", source)],
+        )
+        z = pm.Normal(self._node("market_share_z", source), 0.0, 1.0, dims=unit_dim)
+        logit_share = centre + offset[country_pos] + sigma * z
+        pm.Deterministic(
+            self._node("market_share", source), pm.math.sigmoid(logit_share), dims=unit_dim
+        )
+        log_scale = -pt.softplus(-logit_share)[unit_pos]  # log(sigmoid(x)), stable
+        period_scale = create_prior(
+            self._node("period_scale", source), priors[self._node("period_scale", source)]
+        )
+        log_level = pt.log(period_scale)
+        if pairs.period_idx is None:
+            return log_scale + log_level
+        if "period" not in model.coords:
+            model.add_coord("period", np.asarray(data["period"].values).astype(str))
+        log_pe = pt.zeros(int(data.sizes["period"])) + log_level
+        if self._n_periods(data, source) > 1:
+            spec = dict(priors[self._node("period_effect", source)])
+            if spec.get("dist", "ZeroSumNormal") != "ZeroSumNormal":
+                raise ModelConfigError(
+                    f"prior '{self._node('period_effect', source)}' must be a ZeroSumNormal of the "
+                    "log deviations (their level is period_scale). "
+                    "Fix: {'dist': 'ZeroSumNormal', 'sigma': 0.5}"
+                )
+            # iid normals projected onto the zero-sum subspace: exactly ZeroSumNormal(sigma)
+            # (the leftover mean direction keeps its N(0, sigma²/T) prior); written out
+            # because pm.ZeroSumNormal's transform breaks pm.fit (ADVI) initial points
+            raw = pm.Normal(
+                self._node("period_deviation_raw", source),
+                0.0,
+                float(spec.get("sigma", 0.5)),
+                dims="period",
+            )
+            deviation = pm.Deterministic(
+                self._node("period_deviation", source), raw - pt.mean(raw), dims="period"
+            )
+            log_pe = log_pe + deviation
+        pm.Deterministic(self._node("period_effect", source), pt.exp(log_pe), dims="period")
+        return log_scale + log_pe[pairs.period_idx]
+
+    @staticmethod
+    def _add_source_likelihood(source: str, mu: Any, phi: Any, pairs: ObservedPairs) -> None:
+        """Negative binomial of observed cells; ``P(y <= max)`` of censored ones."""
+        obs = pairs.observed
+        cen = ~obs & np.isfinite(pairs.upper)
+        if obs.any():
+            pm.NegativeBinomial(
+                f"y_{source}", mu=mu[np.flatnonzero(obs)], alpha=phi, observed=pairs.y[obs]
+            )
+        if cen.any():
+            logp = censored_nb_logp(mu[np.flatnonzero(cen)], phi, pairs.upper[cen])
+            pm.Potential(f"y_{source}_censored", logp.sum())
+
+    # ------------------------------------------------------------------ predict (latent's)
+    def _sync_latent(self) -> FlowModel:
+        """Return the latent model carrying this fit's metadata (terms, scalings, countries)."""
+        meta = self.fit_meta.get("latent")
+        if meta is not None:
+            self.latent.fit_meta = copy.deepcopy(meta)
+        return self.latent
+
+    def _prediction_params(
+        self, posterior: xr.Dataset, data: xr.Dataset, *, rng: np.random.Generator
+    ) -> dict[str, Any]:
+        params = self._sync_latent()._prediction_params(posterior, data, rng=rng)
+        if "phi" in posterior and "source" in posterior["phi"].dims:
+            params["phi"] = stack_samples(posterior["phi"].sel(source=self.reference_source))
+        return params
+
+    def _features(self, data: xr.Dataset) -> Features:
+        return self._sync_latent()._features(data)
+
+    def _pair_names(self) -> list[str]:
+        return self._sync_latent()._pair_names()
+
+    def _pair_values(
+        self, data: xr.Dataset, origin_idx: np.ndarray, dest_idx: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        return self._sync_latent()._pair_values(data, origin_idx, dest_idx)
+
+    def _log_rate_from_params(
+        self,
+        params: Mapping[str, Any],
+        features: Features,
+        origin_idx: np.ndarray,
+        dest_idx: np.ndarray,
+        pair_vals: Mapping[str, np.ndarray],
+    ) -> np.ndarray:
+        return self._sync_latent()._log_rate_from_params(
+            params, features, origin_idx, dest_idx, pair_vals
+        )
+
+    def _summary_vars(self) -> list[str]:
+        names = [*self.latent._summary_vars(), "phi", "sigma_market_share", "period_scale"]
+        return list(dict.fromkeys([*names, "period_effect"]))
+
+    def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:
+        """Posterior of the market share of each CDR origin unit.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by unit id: ``country``, ``mean``, ``sd``, ``eti_lo``,
+            ``eti_hi`` (equal-tailed ``ci_prob`` interval).
+        """
+        post = self.posterior
+        var = post[self._node("market_share", source)]
+        dim = self._node("market_unit", source)
+        values = var.stack(sample=("chain", "draw")).transpose(dim, "sample").values
+        lo, hi = (1 - ci_prob) / 2, 1 - (1 - ci_prob) / 2
+        return pd.DataFrame(
+            {
+                "mean": values.mean(axis=1),
+                "sd": values.std(axis=1, ddof=1) if values.shape[1] > 1 else 0.0,
+                "eti_lo": np.quantile(values, lo, axis=1),
+                "eti_hi": np.quantile(values, hi, axis=1),
+            },
+            index=pd.Index(var[dim].values.astype(str), name="unit"),
+        )
+
+
+def _latent_defaults() -> dict[str, Any]:
+    from flowmodel.models.priors import DEFAULT_PRIORS
+
+    return dict(DEFAULT_PRIORS)
+
+
+# ----------------------------------------------------------------------------- simulated world
+#: Generating parameters of the default fusion world (raw covariate scale).
+FUSION_TRUTH: dict[str, Any] = {
+    "intercept": -6.0,
+    "beta": {
+        "origin:log_population": 0.8,
+        "destination:log_population": 0.7,
+        "destination:night_lights_per_capita": 0.5,
+        "log_distance": -1.4,
+        "cross_border": -1.5,
+    },
+    "sigma_country": 0.4,
+    "phi": 5.0,
+}
+
+
+def _neg_binomial(rng: np.random.Generator, mean: np.ndarray, phi: float) -> np.ndarray:
+    """Gamma-Poisson draws with mean ``mean`` and variance ``mean + mean**2 / phi``."""
+    mean = np.nan_to_num(np.asarray(mean, dtype=float))
+    return rng.poisson(rng.gamma(phi, mean / phi)).astype(float)
+
+
+def simulate_fusion_dataset(
+    *,
+    units_per_country: int = 12,
+    n_countries: int = 6,
+    census_countries: Sequence[str] = ("C00", "C01"),
+    cdr_countries: Sequence[str] = ("C01", "C02", "C03"),
+    sample_fraction: float = 0.1,
+    market_share: Mapping[str, float] | None = None,
+    sigma_market_share: float = 0.4,
+    periods: Sequence[str] = ("2020Q1", "2020Q2"),
+    log_period_effect: Sequence[float] = (0.15, -0.15),
+    period_scale: float = 1.0,
+    redaction: float = 15.0,
+    truth: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[xr.Dataset, dict[str, Any]]:
+    """Simulate a FlowDataset observed by a census sample and by redacted CDR, in memory.
+
+    The default is the fusion design of DESIGN §5b: 6 countries on a 2 x 3 grid
+    (neighbours share borders), a census sample in 2 of them, CDR in 3 (one
+    overlapping a census country) and nothing in the remaining 2. One latent
+    gravity field (:func:`flowmodel.simulate.gravity_log_rate`) generates
+
+    - the population flows ``Y_ij ~ NB(mu_ij, phi)`` (the truth to predict),
+    - the census: for origins in a census country, every destination,
+      ``y_ij ~ NB(mu_ij * f, phi)`` (binomial thinning of ``Y`` keeps ``phi``),
+    - the CDR: within each CDR country, per period ``t``,
+      ``y_ijt ~ NB(mu_ij * market_share_i * period_effect_t, phi)``, with every
+      count ``<= redaction`` redacted (NaN, bound in ``flow_cdr_max``).
+
+    Parameters
+    ----------
+    units_per_country, n_countries
+        Size of the world (units are random points inside 2° x 2° country boxes).
+    census_countries, cdr_countries
+        Country codes (``C00``, ``C01``, ...) observed by each source.
+    sample_fraction
+        Census sampling fraction ``f`` (``exposure_census``).
+    market_share
+        Country code -> national market share of the operator; default
+        0.45, 0.30, 0.55 for the CDR countries in order.
+    sigma_market_share
+        Sd of the unit-level logit market share around the national value.
+    periods, log_period_effect
+        CDR period labels and their log deviations (centred to sum to zero).
+    period_scale
+        CDR counts per latent flow beyond the market share (e.g. 1/60 for
+        monthly relocations against 5-year flows); ``period_effect`` is
+        ``period_scale * exp(deviation)``.
+    redaction
+        Largest count the operator suppresses (FlowKit: 15).
+    truth
+        Generating gravity parameters (default :data:`FUSION_TRUTH`).
+    seed
+        Seed of every random draw.
+
+    Returns
+    -------
+    (xarray.Dataset, dict)
+        The FlowDataset (``flow_census``, ``exposure_census``, ``flow_cdr``,
+        ``flow_cdr_max`` with a ``period`` dim, unit covariate
+        ``cdr_subscribers_per_resident`` — a biased, noisy penetration measure,
+        NaN outside CDR countries) and the truth: DESIGN §4.0 names plus
+        ``country_effect`` (country -> value), ``market_share`` (Series over
+        the units of CDR countries), ``period_effect`` (Series over periods),
+        ``mu`` and ``flows`` (true expected and realised population flows,
+        origin x destination), ``census_countries``, ``cdr_countries``,
+        ``no_data_countries``.
+    """
+    from flowmodel.dataset import build_dataset
+    from flowmodel.simulate import gravity_log_rate
+
+    rng = np.random.default_rng(seed)
+    truth = dict(FUSION_TRUTH if truth is None else truth)
+    codes = np.array([f"C{k:02d}" for k in range(n_countries)])
+    unknown = sorted((set(census_countries) | set(cdr_countries)) - set(codes))
+    if unknown:
+        raise ModelConfigError(
+            f"simulate_fusion_dataset: countries {unknown} do not exist; the world has "
+            f"{codes.tolist()}. Fix: name countries C00..C{n_countries - 1:02d}."
+        )
+    n_units = n_countries * units_per_country
+    k = np.repeat(np.arange(n_countries), units_per_country)
+    n_cols = int(np.ceil(n_countries / 2))
+    lon = 30.0 + 2.0 * (k % n_cols) + rng.uniform(0.0, 2.0, n_units)
+    lat = -2.0 + 2.0 * (k // n_cols) + rng.uniform(0.0, 2.0, n_units)
+    country = codes[k]
+    log_pop = rng.normal(11.0, 1.0, n_units)
+    income = rng.normal(0.0, 1.0, n_countries)[k] + rng.normal(0.0, 0.5, n_units)
+    ids = np.array([f"U{i:03d}" for i in range(n_units)])
+    unit = pd.DataFrame(
+        {
+            "unit_id": ids,
+            "country": country,
+            "population": np.round(np.exp(log_pop)),
+            "lon": lon,
+            "lat": lat,
+            "night_lights_per_capita": np.exp(-3.0 + 0.3 * (log_pop - 11.0) + 0.5 * income),
+        }
+    ).set_index("unit_id")
+
+    # market share per unit (CDR countries) and a biased, noisy penetration covariate
+    shares = dict(zip(cdr_countries, (0.45, 0.30, 0.55, 0.40, 0.35, 0.50), strict=False))
+    shares.update(market_share or {})
+    in_cdr = np.isin(country, list(cdr_countries))
+    logit_share = np.full(n_units, np.nan)
+    covariate = np.full(n_units, np.nan)
+    for code in cdr_countries:
+        m = country == code
+        logit_share[m] = _logit(shares[code]) + rng.normal(0.0, sigma_market_share, m.sum())
+        bias = rng.normal(0.2, 0.2)  # multi-SIM: subscribers per resident overstate penetration
+        covariate[m] = _expit(logit_share[m] + bias + rng.normal(0.0, 0.15, m.sum()))
+    share = _expit(logit_share)
+    unit["cdr_subscribers_per_resident"] = covariate
+
+    ds = build_dataset(unit.reset_index())
+    unit["log_population"] = np.log(unit["population"])
+    pair = {
+        "distance_km": ds["distance_km"].values,
+        "cross_border": ds["cross_border"].values.astype(float),
+    }
+    effects = rng.normal(0.0, truth["sigma_country"], n_countries)
+    eta = gravity_log_rate(unit, pair, truth, effects[k])
+    mu = np.exp(eta)
+    phi = float(truth["phi"])
+    off_diag = ~np.eye(n_units, dtype=bool)
+    flows = np.where(off_diag, _neg_binomial(rng, mu, phi), np.nan)
+
+    census = np.where(off_diag, _neg_binomial(rng, mu * sample_fraction, phi), np.nan)
+    census[~np.isin(country, list(census_countries)), :] = np.nan
+
+    log_pe = np.asarray(log_period_effect, dtype=float)[: len(periods)]
+    log_pe = log_pe - log_pe.mean() + np.log(period_scale)
+    same = (country[:, None] == country[None, :]) & off_diag & in_cdr[:, None]
+    rows = []
+    for t, period in enumerate(periods):
+        mean_t = mu * np.nan_to_num(share)[:, None] * np.exp(log_pe[t])
+        y = _neg_binomial(rng, mean_t, phi)
+        o, d = np.nonzero(same)
+        counts = y[o, d]
+        redacted = counts <= redaction
+        rows.append(
+            pd.DataFrame(
+                {
+                    "origin": ids[o],
+                    "destination": ids[d],
+                    "period": period,
+                    "count": np.where(redacted, np.nan, counts),
+                    "max": np.where(redacted, redaction, np.nan),
+                }
+            )
+        )
+    o, d = np.nonzero(~np.isnan(census))
+    census_table = pd.DataFrame({"origin": ids[o], "destination": ids[d], "count": census[o, d]})
+    ds = build_dataset(
+        unit.drop(columns="log_population").reset_index(),
+        flows={"census": census_table, "cdr": pd.concat(rows, ignore_index=True)},
+    )
+    ds["exposure_census"] = ("unit", np.full(n_units, float(sample_fraction)))
+    ds.attrs.update(simulated=1, seed=seed, redaction=redaction)
+    coords = {"origin": ids, "destination": ids}
+    out: dict[str, Any] = {
+        **truth,
+        "country_effect": dict(zip(codes.tolist(), effects.tolist(), strict=True)),
+        "market_share": pd.Series(share[in_cdr], index=pd.Index(ids[in_cdr], name="unit")),
+        "period_effect": pd.Series(np.exp(log_pe), index=pd.Index(list(periods), name="period")),
+        "period_scale": float(period_scale),
+        "mu": xr.DataArray(
+            np.where(off_diag, mu, np.nan), dims=("origin", "destination"), coords=coords
+        ),
+        "flows": xr.DataArray(flows, dims=("origin", "destination"), coords=coords),
+        "census_countries": list(census_countries),
+        "cdr_countries": list(cdr_countries),
+        "no_data_countries": sorted(set(codes) - set(census_countries) - set(cdr_countries)),
+    }
+    return ds, out
