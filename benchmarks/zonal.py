@@ -6,6 +6,8 @@ is its own) and with a warm page cache:
 
 - ``floor``: one blockwise read of the whole file (rasterio, block by block);
 - ``flowmodel``: :func:`flowmodel.inputs.rasters.zonal_statistics` (sum);
+- ``flowmodel-ee``: the same call with ``engine="exactextract"`` (exactextract
+  behind flowmodel's reprojection, reader and checks; not in the default list);
 - ``exactextract``: one ``exact_extract(raster, polygons, ["sum"])`` call with
   its default strategy (and ``raster-sequential`` with ``--ee-raster-sequential``);
 - ``rasterstats``: ``zonal_stats(polygons, raster, stats=["sum"])``.
@@ -114,10 +116,13 @@ def run_one(tool: str, raster: str, zones: str | None, threads: int) -> dict:
 
     gdf = gpd.read_file(zones, engine="pyogrio")
     t, cpu = time.perf_counter(), time.process_time()
-    if tool == "flowmodel":
+    if tool in ("flowmodel", "flowmodel-ee"):
         from flowmodel.inputs.rasters import zonal_statistics
 
-        out = zonal_statistics(gdf, raster, stats=("sum",), threads=threads, progress=False)
+        engine = "exactextract" if tool == "flowmodel-ee" else "flowmodel"
+        out = zonal_statistics(
+            gdf, raster, stats=("sum",), threads=threads, progress=False, engine=engine
+        )
         values = out["sum"].to_numpy()
     elif tool in ("exactextract", "exactextract-rs"):
         from exactextract import exact_extract
@@ -171,7 +176,7 @@ def main() -> None:
         "--tools",
         nargs="+",
         default=["floor", "flowmodel", "exactextract", "rasterstats"],
-        help="floor flowmodel exactextract exactextract-rs rasterstats",
+        help="floor flowmodel flowmodel-ee exactextract exactextract-rs rasterstats",
     )
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -469,3 +469,145 @@ def test_rasters_on_different_grids_and_progress_bar(tmp_path, grid_raster, caps
     assert "zonal population" in capsys.readouterr().err
     zonal_covariates(units, {"population": path}, progress=False)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------- engine="exactextract"
+@pytest.fixture(scope="module")
+def covariate_rasters(tmp_path_factory, random_raster) -> dict[str, Path]:
+    """Population (nodata -9999), lights (int32, nodata 0) and built-up (NaN, coarser grid)."""
+    rng = np.random.default_rng(11)
+    where = tmp_path_factory.mktemp("cov")
+    lights = rng.integers(0, 60, (300, 420)).astype(np.int32)  # 0 = nodata, scattered
+    built = rng.uniform(0, 1, (150, 210)).astype(np.float32)
+    built[20:40, 30:90] = np.nan
+    coarse = tmp_path_factory.mktemp("cov") / "built.tif"
+    with rasterio.open(
+        coarse,
+        "w",
+        driver="GTiff",
+        width=210,
+        height=150,
+        count=1,
+        dtype="float32",
+        crs="EPSG:4326",
+        transform=from_origin(*ORIGIN, 2 * PIXEL, 2 * PIXEL),
+        nodata=np.nan,
+    ) as dst:
+        dst.write(built, 1)
+    return {
+        "population": random_raster,
+        "night_lights": write_raster(where / "lights.tif", lights, nodata=0, tile=64),
+        "built_up": coarse,
+    }
+
+
+def assert_engines_agree(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
+    assert list(ours.columns) == list(ref.columns)
+    assert list(ours.index) == list(ref.index)
+    for col in ours.columns:
+        a, b = ours[col].to_numpy(float), ref[col].to_numpy(float)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=col)
+        ok = ~np.isnan(a)
+        np.testing.assert_allclose(a[ok], b[ok], rtol=1e-6, atol=1e-9, err_msg=col)
+
+
+@pytest.mark.parametrize("units_crs", ["EPSG:4326", "EPSG:32736"])
+def test_engines_agree_on_every_covariate(covariate_rasters, units_crs):
+    rng = np.random.default_rng(12)
+    units = units_of(random_polygons(rng, 60, (30.0, -1.0, 34.2, 2.0))).to_crs(units_crs)
+    with pytest.warns(RasterCoverageWarning) as ours_warned:
+        ours = zonal_covariates(units, covariate_rasters)
+    with pytest.warns(RasterCoverageWarning) as ref_warned:
+        ref = zonal_covariates(units, covariate_rasters, engine="exactextract")
+    assert [str(w.message) for w in ours_warned] == [str(w.message) for w in ref_warned]
+    assert list(ours.columns) == [
+        "population",
+        "lon",
+        "lat",
+        "built_up",
+        "night_lights",
+        "night_lights_per_capita",
+        "raster_coverage",
+    ]
+    assert (ours["raster_coverage"] < 1).any()  # nodata and units outside the rasters
+    assert_engines_agree(ours, ref)
+
+
+def test_engines_agree_on_zonal_statistics_sources_and_nodata(random_raster, tmp_path):
+    import rioxarray
+
+    rng = np.random.default_rng(13)
+    units = units_of(random_polygons(rng, 40, (30.0, -1.0, 34.2, 2.0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RasterCoverageWarning)
+        ours = zonal_statistics(units, random_raster)
+        for raster in (
+            random_raster,
+            rioxarray.open_rasterio(random_raster),
+            rioxarray.open_rasterio(random_raster, chunks={"y": 50}),
+        ):
+            ref = zonal_statistics(units, raster, engine="exactextract")
+            assert_engines_agree(ours, ref)
+    # a unit wholly over nodata: count 0, mean NaN in both
+    with rasterio.open(random_raster) as src:
+        data = src.read(1)
+    assert (data[40:55, 100:300] == -9999.0).all()
+    over_nodata = units_of([pix_poly([(120.3, 41.2), (180.6, 42), (150, 53.7)])])
+    for engine in ("flowmodel", "exactextract"):
+        got = zonal_statistics(over_nodata, random_raster, engine=engine)
+        assert got["count"].iloc[0] == 0.0 and np.isnan(got["mean"].iloc[0]), engine
+        assert got["coverage"].iloc[0] == 0.0
+
+
+def test_exactextract_engine_south_up_integer_warnings_and_errors(tmp_path, grid_raster):
+    path, data = grid_raster
+    transform = rasterio.Affine(PIXEL, 0, ORIGIN[0], 0, PIXEL, ORIGIN[1] - 10 * PIXEL)
+    with rasterio.open(
+        tmp_path / "south_up.tif",
+        "w",
+        driver="GTiff",
+        width=10,
+        height=10,
+        count=1,
+        dtype="float32",
+        crs="EPSG:4326",
+        transform=transform,
+        nodata=-9999.0,
+    ) as dst:
+        dst.write(data[::-1].copy(), 1)
+    units = units_of(
+        [
+            pix_poly([(0.5, 0.5), (2.5, 0.5), (2.5, 1.5), (0.5, 1.5)]),
+            pix_poly([(3, 3), (7.5, 4), (5, 9)]),
+            pix_poly([(1, 1), (4, 1), (4, 4), (1, 4)]),
+        ]
+    )
+    north = zonal_covariates(units, {"population": path})
+    south = zonal_covariates(
+        units, {"population": tmp_path / "south_up.tif"}, engine="exactextract"
+    )
+    assert_engines_agree(north, south)
+    p_int = write_raster(
+        tmp_path / "int.tif", np.arange(16, dtype=np.int32).reshape(4, 4), nodata=5
+    )
+    poly = units_of([pix_poly([(0, 0), (2, 0), (2, 2), (0, 2)])])
+    got = zonal_statistics(poly, p_int, engine="exactextract")
+    assert got["sum"].iloc[0] == pytest.approx(0 + 1 + 4)  # 5 is nodata
+    assert got["count"].iloc[0] == pytest.approx(3.0)
+    # the same warnings and errors as the own engine
+    edge = units_of(
+        [
+            pix_poly([(0, 0), (2, 0), (2, 2), (0, 2)]),
+            pix_poly([(8, 8), (12, 8), (12, 12), (8, 12)]),
+            pix_poly([(20, 20), (22, 20), (22, 22), (20, 22)]),
+        ],
+        ids=["inside", "edge", "far"],
+    )
+    with pytest.warns(RasterCoverageWarning, match=r"wholly outside: far; partly outside: edge"):
+        got = zonal_statistics(edge, path, engine="exactextract")
+    assert got.loc["edge", "coverage"] == pytest.approx(0.25)
+    assert got.loc["far", "sum"] == 0.0
+    with pytest.raises(NoOverlapError, match="does not overlap any unit"):
+        zonal_statistics(units_of([shapely.box(-70, 40, -69, 41)]), path, engine="exactextract")
+    with pytest.raises(InputFileError, match=r"unknown engine 'gdal'"):
+        zonal_statistics(poly, path, engine="gdal")  # type: ignore[arg-type]
