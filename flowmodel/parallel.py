@@ -131,11 +131,16 @@ def get_client(
 
     n_workers = section.n_workers or 1
     threads = section.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
+    # A threaded worker lives in this process, and dask measures its memory as the
+    # whole process's RSS: a limit there would pause the workers as soon as the
+    # caller itself (PyMC, data) is large, and computations would hang. The limit
+    # therefore only applies to worker processes.
+    memory_limit = section.memory_limit if section.processes else None
     cluster = LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads,
         processes=section.processes,
-        memory_limit=section.memory_limit,
+        memory_limit=memory_limit,
         dashboard_address=None,
     )
     logger.info(
@@ -143,7 +148,7 @@ def get_client(
         n_workers,
         threads,
         "processes" if section.processes else "threads",
-        section.memory_limit,
+        memory_limit or "none (threads share this process)",
     )
     return Client(cluster)
 
