@@ -1,0 +1,185 @@
+"""Inference benchmark: effective samples per second of the gravity model, per backend.
+
+For N units of a simulated world (all pairs observed, Poisson flows) it fits the
+6-coefficient Poisson gravity model (intercept, origin and destination log
+population, destination night lights per capita, log distance, cross border;
+no country effects) with
+
+* ``naive``   a direct PyMC implementation: raw covariates, a dense design matrix,
+              ``pm.Poisson(observed=...)``, ``pm.sample()`` with its default sampler;
+* flowmodel's ``GravityModel`` with each NUTS backend (standardised covariates,
+  sufficient-statistic likelihood) and with ``laplace``;
+* a statsmodels Poisson GLM (wall time only).
+
+ESS/s = min bulk ESS over the 6 coefficients / wall time of the fit call
+(compilation included). Usage::
+
+    .venv/bin/python benchmarks/inference.py --units 50 150 400 \
+        --chains 4 --draws 1000 --tune 1000 --backends naive nutpie numpyro pymc laplace glm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+
+CHAINS_ENV = "XLA_FLAGS"
+
+
+def world(n_units: int, seed: int = 0):
+    from flowmodel.simulate import simulate_flow_dataset
+
+    truth = {
+        "intercept": -7.5,
+        "beta": {
+            "origin:log_population": 0.8,
+            "destination:log_population": 0.7,
+            "destination:night_lights_per_capita": 0.5,
+            "log_distance": -1.4,
+            "cross_border": -1.5,
+        },
+        "sigma_country": 1e-9,
+        "phi": 5.0,
+    }
+    ds, truth = simulate_flow_dataset(n_units, 3, seed=seed, truth=truth, likelihood="poisson")
+    return ds, truth
+
+
+def design(ds):
+    n = ds.sizes["unit"]
+    off = ~np.eye(n, dtype=bool)
+    lp = np.log(ds["population"].values)
+    nl = ds["night_lights_per_capita"].values
+    cols = [
+        np.broadcast_to(lp[:, None], (n, n))[off],
+        np.broadcast_to(lp[None, :], (n, n))[off],
+        np.broadcast_to(nl[None, :], (n, n))[off],
+        np.log(ds["distance_km"].values[off]),
+        ds["cross_border"].values[off].astype(float),
+    ]
+    return np.column_stack(cols), ds["flow_census"].values[off]
+
+
+def min_ess(idata, var: str, extra=()) -> float:
+    import arviz as az
+
+    post = idata["posterior"].to_dataset()
+    names = [var, *extra]
+    ess = az.ess(post[names])
+    return float(min(float(ess[v].min()) for v in names))
+
+
+def run_naive(ds, chains, draws, tune, seed):
+    import pymc as pm
+
+    X, y = design(ds)
+    with pm.Model():
+        intercept = pm.Normal("intercept", 0, 10)
+        beta = pm.Normal("beta", 0, 10, shape=X.shape[1])
+        mu = pm.math.exp(intercept + pm.math.dot(X, beta))
+        pm.Poisson("y", mu=mu, observed=y)
+        t0 = time.perf_counter()
+        idata = pm.sample(
+            draws=draws, tune=tune, chains=chains, random_seed=seed, progressbar=False
+        )
+        wall = time.perf_counter() - t0
+    return wall, min_ess(idata, "beta", ("intercept",))
+
+
+def run_flowmodel(ds, backend, chains, draws, tune, seed):
+    from flowmodel.models import GravityModel
+
+    model = GravityModel(
+        destination_covariates=["log_population", "night_lights_per_capita"],
+        likelihood="poisson",
+        country_effects=False,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = model.fit(
+            ds, backend=backend, random_seed=seed, chains=chains, draws=draws, tune=tune
+        )
+    wall = time.perf_counter() - t0
+    ess = min_ess(idata, "beta", ("intercept",)) if backend != "map" else float("nan")
+    summary = model.summary()
+    coefs = summary.loc[[r for r in summary.index if r.startswith("beta_raw")], ["mean", "sd"]]
+    return wall, ess, coefs
+
+
+def run_glm(ds):
+    import statsmodels.api as sm
+
+    X, y = design(ds)
+    t0 = time.perf_counter()
+    res = sm.GLM(y, sm.add_constant(X), family=sm.families.Poisson()).fit()
+    return time.perf_counter() - t0, res.params, res.bse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--units", type=int, nargs="+", default=[50, 150, 400])
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--tune", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--backends", nargs="+", default=["naive", "nutpie", "numpyro", "pymc", "laplace", "glm"]
+    )
+    parser.add_argument(
+        "--naive-max-units", type=int, default=10_000, help="skip naive above this N"
+    )
+    parser.add_argument("--json", default=None, help="write the results here too")
+    args = parser.parse_args(argv)
+    os.environ.setdefault(CHAINS_ENV, f"--xla_force_host_platform_device_count={args.chains}")
+    rows = []
+    for n in args.units:
+        ds, _ = world(n, seed=args.seed)
+        pairs = int(ds["flow_census"].notnull().sum())
+        base = {"units": n, "pairs": pairs}
+        for backend in args.backends:
+            if backend == "naive":
+                if n > args.naive_max_units:
+                    continue
+                wall, ess = run_naive(ds, args.chains, args.draws, args.tune, args.seed)
+                row = base | {"backend": "naive", "wall_s": wall, "min_ess": ess}
+            elif backend == "glm":
+                wall, _params, _ = run_glm(ds)
+                row = base | {"backend": "glm", "wall_s": wall, "min_ess": float("nan")}
+            else:
+                wall, ess, _ = run_flowmodel(
+                    ds, backend, args.chains, args.draws, args.tune, args.seed
+                )
+                row = base | {"backend": backend, "wall_s": wall, "min_ess": ess}
+            row["ess_per_s"] = row["min_ess"] / row["wall_s"]
+            rows.append(row)
+            print(
+                f"N={n:5d} pairs={pairs:7d} {row['backend']:8s} wall={row['wall_s']:8.2f}s "
+                f"minESS={row['min_ess']:8.0f} ESS/s={row['ess_per_s']:8.2f}",
+                flush=True,
+            )
+    for n in args.units:
+        by = {r["backend"]: r for r in rows if r["units"] == n}
+        if "naive" in by:
+            for b in ("nutpie", "numpyro", "pymc"):
+                if b in by:
+                    print(
+                        f"N={n}: {b} / naive ESS/s = {by[b]['ess_per_s'] / by['naive']['ess_per_s']:.2f}x"
+                    )
+        if "glm" in by and "laplace" in by:
+            print(
+                f"N={n}: laplace wall / GLM wall = {by['laplace']['wall_s'] / by['glm']['wall_s']:.1f}x"
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

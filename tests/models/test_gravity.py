@@ -1,0 +1,331 @@
+"""GravityModel: known answers (spint's Austria), recovery, constraints, bad configs."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from flowmodel.exceptions import BackendNotAvailableError, ModelConfigError, PriorWarning
+from flowmodel.models import GravityModel
+from tests.models.conftest import DEST_COVS, FLAT
+
+# spint tests/test_gravity.py (Poisson GLM, cost_func="exp"); see the data README
+SPINT_GRAVITY = {
+    "intercept_raw": -7.95447436,
+    "beta_raw[origin:log_o_var]": 0.863867812,
+    "beta_raw[destination:log_d_var]": 0.880474585,
+    "beta_raw[distance]": -0.00620544765,
+}
+SPINT_DOUBLY_DISTANCE = -0.00791533
+SPINT_PRODUCTION_DISTANCE = -0.00727113
+SPINT_ATTRACTION_DISTANCE = -0.00693755
+
+
+def _fit(model, ds, backend="laplace", **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend=backend, random_seed=1, draws=250, chains=2, **kw)
+    return model
+
+
+def _austria(constraint="none"):
+    priors = dict(FLAT)
+    if constraint == "doubly":
+        priors = {
+            "beta": FLAT["beta"],
+            "destination_effect": {"dist": "Normal", "mu": 0, "sigma": 100},
+        }
+    elif constraint != "none":
+        priors = {"beta": FLAT["beta"]}
+    return GravityModel(
+        origin_covariates=["log_o_var"],
+        destination_covariates=["log_d_var"],
+        cost_func="exp",
+        likelihood="poisson",
+        constraint=constraint,
+        priors=priors,
+    )
+
+
+@pytest.fixture(scope="module")
+def austria_fits(austria):
+    return {c: _fit(_austria(c), austria) for c in ("none", "production", "attraction", "doubly")}
+
+
+def test_austria_unconstrained_matches_spint_within_1pct(austria_fits):
+    summary = austria_fits["none"].summary()
+    for name, published in SPINT_GRAVITY.items():
+        assert summary.loc[name, "mean"] == pytest.approx(published, rel=0.01), name
+
+
+@pytest.mark.parametrize(
+    ("constraint", "published"),
+    [
+        ("doubly", SPINT_DOUBLY_DISTANCE),
+        ("production", SPINT_PRODUCTION_DISTANCE),
+        ("attraction", SPINT_ATTRACTION_DISTANCE),
+    ],
+)
+def test_austria_constrained_distance_matches_spint_within_1pct(
+    austria_fits, constraint, published
+):
+    mean = austria_fits[constraint].summary().loc["beta_raw[distance]", "mean"]
+    assert mean == pytest.approx(published, rel=0.01)
+
+
+def test_production_constraint_reproduces_outflows(austria_fits, austria):
+    pred = austria_fits["production"].predict(austria, kind="mean")
+    observed = austria["flow_census"].sum("destination")
+    np.testing.assert_allclose(pred["mean"].sum("destination"), observed, rtol=1e-8)
+    # predictive draws keep the margins too (multinomial given O_i)
+    draws = austria_fits["production"].predict_posterior(austria, kind="predictive", draws=5)
+    np.testing.assert_allclose(
+        draws.sum("destination"), observed.broadcast_like(draws.sum("destination"))
+    )
+
+
+def test_attraction_constraint_reproduces_inflows(austria_fits, austria):
+    pred = austria_fits["attraction"].predict(austria, kind="mean")
+    np.testing.assert_allclose(
+        pred["mean"].sum("origin"), austria["flow_census"].sum("origin"), rtol=1e-8
+    )
+
+
+def test_doubly_constraint_reproduces_both_margins(austria_fits, austria):
+    pred = austria_fits["doubly"].predict(austria, kind="mean")
+    y = austria["flow_census"]
+    np.testing.assert_allclose(pred["mean"].sum("destination"), y.sum("destination"), rtol=1e-8)
+    # inflows: the Poisson score equations hold at the mode, so the posterior mean is close
+    np.testing.assert_allclose(pred["mean"].sum("origin"), y.sum("origin"), rtol=0.01)
+
+
+def test_recovery_of_simulated_coefficients(gravity_laplace, sim_small):
+    _, truth = sim_small
+    summary = gravity_laplace.summary(ci_prob=0.94)
+    inside, total = 0, 0
+    for term, value in truth["beta"].items():
+        row = summary.loc[f"beta_raw[{term}]"]
+        assert abs(row["mean"] - value) < 3 * row["sd"], term
+        inside += row["eti_lo"] <= value <= row["eti_hi"]
+        total += 1
+    assert inside >= total - 1
+    assert abs(summary.loc["phi", "mean"] - truth["phi"]) < 3 * summary.loc["phi", "sd"]
+
+
+def test_node_names_and_dims(gravity_laplace):
+    post = gravity_laplace.posterior
+    assert {
+        "intercept",
+        "beta",
+        "country_effect",
+        "sigma_country",
+        "phi",
+        "beta_raw",
+        "intercept_raw",
+    } <= set(post)
+    assert post["beta"].dims == ("chain", "draw", "term")
+    assert list(post["term"].values) == [
+        "origin:log_population",
+        "destination:log_population",
+        "destination:night_lights_per_capita",
+        "log_distance",
+        "cross_border",
+    ]
+    assert post["country_effect"].dims == ("chain", "draw", "country")
+
+
+def test_summary_columns_and_divergences(gravity_laplace):
+    summary = gravity_laplace.summary()
+    assert {"mean", "sd", "eti_lo", "eti_hi", "ess_bulk", "ess_tail", "r_hat"} <= set(
+        summary.columns
+    )
+    assert summary.attrs["divergences"] == 0
+    assert "beta_raw[log_distance]" in summary.index
+
+
+def test_exposure_scales_expected_counts():
+    from flowmodel.simulate import simulate_flow_dataset
+
+    ds, truth = simulate_flow_dataset(50, 2, seed=4, sample_fraction=0.1, likelihood="poisson")
+    model = _fit(GravityModel(destination_covariates=DEST_COVS, likelihood="poisson"), ds)
+    summary = model.summary()
+    # the intercept is on the population scale: the sample fraction is an offset, not absorbed
+    assert (
+        abs(summary.loc["beta_raw[log_distance]", "mean"] - truth["beta"]["log_distance"]) < 0.15
+    )
+    intercept = summary.loc["intercept_raw", "mean"]
+    ce = np.mean(list(truth["country_effect"].values()))
+    assert abs(intercept - (truth["intercept"] + ce)) < 1.0
+    sampled = model.predict(ds, kind="mean", exposure="census")["mean"]
+    population = model.predict(ds, kind="mean")["mean"]
+    np.testing.assert_allclose(sampled, population * 0.1)
+
+
+def test_results_before_fit_raise():
+    model = GravityModel()
+    with pytest.raises(RuntimeError, match=r"call \.fit\(\) first"):
+        model.summary()
+    with pytest.raises(RuntimeError, match=r"call \.fit\(\) first"):
+        _ = model.idata
+
+
+def test_constructor_stores_config_and_never_touches_data():
+    model = GravityModel(cost_func="exp", constraint="production", sampler_config={"draws": 10})
+    assert model.model_config["cost_func"] == "exp"
+    assert model.model_config["constraint"] == "production"
+    assert model.sampler_config["draws"] == 10 and model.sampler_config["tune"] == 1000
+    assert model.model is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cost_func": "linear"}, r"cost_func='linear' is not valid"),
+        ({"constraint": "both"}, r"constraint='both' is not valid"),
+        ({"likelihood": "normal"}, r"likelihood='normal' is not valid"),
+        ({"origin_covariates": "log_population"}, "must be a list of names"),
+    ],
+)
+def test_bad_structural_options(kwargs, match):
+    with pytest.raises(ModelConfigError, match=match):
+        GravityModel(**kwargs)
+
+
+def test_unknown_covariate_lists_available(sim_small):
+    ds, _ = sim_small
+    model = GravityModel(destination_covariates=["log_gdp"])
+    with pytest.raises(
+        ModelConfigError, match=r"covariate 'log_gdp' is not a unit variable.*population"
+    ):
+        model.build_model(ds)
+
+
+def test_log_covariate_is_computed(sim_small):
+    ds, _ = sim_small
+    assert "log_population" not in ds
+    values = GravityModel.unit_variable(ds, "log_population")
+    np.testing.assert_allclose(values, np.log(ds["population"].values))
+
+
+def test_zero_variance_covariate_errors(sim_small):
+    ds, _ = sim_small
+    ds = ds.assign(const=("unit", np.full(ds.sizes["unit"], 3.0)))
+    with pytest.raises(ModelConfigError, match="'destination:const' has zero variance"):
+        GravityModel(destination_covariates=["const"]).build_model(ds)
+
+
+def test_prior_naming_no_parameter_warns(sim_small):
+    ds, _ = sim_small
+    model = GravityModel(priors={"tau": {"dist": "HalfNormal", "sigma": 1}})
+    with pytest.warns(PriorWarning, match="prior 'tau' names no parameter"):
+        model.build_model(ds)
+
+
+def test_missing_contiguity_and_unknown_source(sim_small):
+    ds, _ = sim_small
+    with pytest.raises(
+        ModelConfigError, match="contiguity=True needs the pair variable 'contiguous'"
+    ):
+        GravityModel(contiguity=True).build_model(ds)
+    with pytest.raises(ModelConfigError, match=r"no variable 'flow_cdr'"):
+        GravityModel(source="cdr").build_model(ds)
+
+
+def test_two_sources_need_source(sim_small):
+    ds, _ = sim_small
+    ds = ds.assign(flow_cdr=ds["flow_census"])
+    with pytest.raises(ModelConfigError, match="pass source=<name>"):
+        GravityModel().build_model(ds)
+    assert GravityModel(source="cdr").build_model(ds) is not None
+
+
+def test_unknown_backend_and_missing_backend(sim_small, monkeypatch):
+    ds, _ = sim_small
+    with pytest.raises(ModelConfigError, match="backend='stan' is not valid"):
+        GravityModel().fit(ds, backend="stan")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nutpie" else real(name, *a)
+    )
+    with pytest.raises(BackendNotAvailableError, match="pip install nutpie"):
+        GravityModel().fit(ds, backend="nutpie")
+
+
+def test_auto_backend_by_size(monkeypatch):
+    from flowmodel.models import base
+
+    model = GravityModel()
+    assert model._auto_backend(100) == "nutpie"
+    assert model._auto_backend(base.AUTO_NUMPYRO_PAIRS + 1) == "numpyro"
+    assert model._auto_backend(base.AUTO_LAPLACE_PAIRS + 1) == "laplace"
+
+
+def test_sufficient_statistic_loglik_equals_elementwise(sim_small):
+    """The Potential (sufficient statistics) equals Σ NB log pmf of the observed pairs."""
+    from scipy import stats
+
+    ds, _ = sim_small
+    model = GravityModel(destination_covariates=DEST_COVS)
+    pm_model = model.build_model(ds)
+    point = pm_model.initial_point()
+    point = {k: v + 0.1 for k, v in point.items()}
+    outs = pm_model.replace_rvs_by_values(
+        [
+            pm_model.potentials[0],
+            pm_model["phi"],
+            pm_model["intercept"],
+            pm_model["beta"],
+            pm_model["country_effect"],
+        ]
+    )
+    fn = pm_model.compile_fn(outs, inputs=pm_model.value_vars, on_unused_input="ignore")
+    loglik, *values = fn(point)
+    phi = float(values[0])
+    post = xr.Dataset(
+        {
+            "intercept": (("chain", "draw"), [[float(values[1])]]),
+            "beta": (("chain", "draw", "term"), [[values[2]]]),
+            "country_effect": (("chain", "draw", "country"), [[values[3]]]),
+            "sigma_country": (("chain", "draw"), [[1.0]]),
+            "phi": (("chain", "draw"), [[phi]]),
+        },
+        coords={"term": model.fit_meta["terms"], "country": model.fit_meta["countries"]},
+    )
+    pairs = model._fit_pairs
+    log_mu = model._log_rate_draws(post, ds, pairs.origin_idx, pairs.dest_idx)[0]
+    mu = np.exp(log_mu)
+    expected = stats.nbinom.logpmf(pairs.y, phi, phi / (phi + mu)).sum()
+    assert float(loglik) == pytest.approx(expected, rel=1e-9)
+
+
+def test_prior_and_posterior_predictive(gravity_laplace, sim_small):
+    ds, _ = sim_small
+    post = gravity_laplace.sample_posterior_predictive(ds, random_seed=1)
+    y = post["observed_data"]["flow_census"].values
+    draws = post["posterior_predictive"]["flow_census"]
+    assert draws.dims == ("chain", "draw", "pair") and draws.sizes["pair"] == y.size
+    # posterior predictive totals bracket the observed total
+    totals = draws.sum("pair").values.ravel()
+    assert np.quantile(totals, 0.01) < y.sum() < np.quantile(totals, 0.99)
+    prior = GravityModel(destination_covariates=DEST_COVS).sample_prior_predictive(
+        ds, draws=50, random_seed=2
+    )
+    assert prior["prior_predictive"]["flow_census"].sizes["draw"] == 50
+    assert {"beta", "intercept", "phi"} <= set(prior["prior"].data_vars)
+
+
+def test_constrained_predictive_points_to_predict_posterior(austria_fits, austria):
+    with pytest.raises(ModelConfigError, match="kind='predictive'"):
+        austria_fits["production"].sample_posterior_predictive(austria)
+
+
+def test_compare_needs_two_models(gravity_laplace):
+    from flowmodel.models import compare
+
+    with pytest.raises(ModelConfigError, match="at least two fitted models"):
+        compare({"gravity": gravity_laplace})
