@@ -1,4 +1,4 @@
-"""Posterior (predictive) flows for any pair set, streamed in origin blocks.
+"""Posterior (predictive) flows for any pair set, streamed in origin (or pair) blocks.
 
 Predicting every pair of N units with S posterior draws needs N x N x S values;
 at N = 5,000 and S = 200 that is 5 x 10⁹ numbers. :func:`predict_flows` never
@@ -7,6 +7,15 @@ flows, reduces them to the mean and quantiles and keeps only those
 (``(1 + n_quantiles) x block x N``). With ``use_dask=True`` each block is a dask
 task (threads by default, or any cluster), otherwise a plain loop; both paths
 seed block ``a`` with ``[seed, a]`` and give equal results.
+
+A sparse pair set (DESIGN §3: one ``pair`` dim with ``origin``/``destination``
+coordinates, e.g. from :func:`flowmodel.pairs.sparse_pairs`) is streamed in
+blocks of ``block_size`` *pairs* instead: each block draws ``(S, block)`` flows
+from the pair variables of those pairs only, and the result is a Dataset over
+``pair`` with the same variable names. The log rates, and so ``kind="mean"``
+summaries, equal the dense ones gathered at the same pairs; the predictive
+noise is seeded per block (``[seed, first pair]``), so it matches the dense
+draws in distribution, not number for number.
 
 Models plug in through the hooks of :class:`~flowmodel.models.base.FlowModel`
 (``_prediction_params`` and ``_log_rate_from_params``); constrained gravity
@@ -20,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from flowmodel.dataset import is_sparse
@@ -59,13 +69,18 @@ class _Context:
     ) -> None:
         if kind not in ("predictive", "mean"):
             raise ModelConfigError(f"kind={kind!r} is not valid; use 'predictive' or 'mean'")
-        if is_sparse(data):
-            raise ModelConfigError(
-                "predict needs a dense FlowDataset (origin x destination); Fix: for a sparse pair "
-                "set call model._log_rate_draws(posterior, data, origin_idx, dest_idx)"
-            )
+        self.sparse = is_sparse(data)
         units = np.asarray(data["unit"].values)
-        if not (
+        if self.sparse:
+            constraint = getattr(model, "constraint", "none")
+            if constraint != "none":
+                raise ModelConfigError(
+                    f"constraint='{constraint}': predictions normalise over every "
+                    "destination (or origin), which a sparse pair set does not hold. Fix: "
+                    "predict on the dense dataset and gather the pairs you need"
+                )
+            self._sparse_pairs(model, data)
+        elif not (
             np.array_equal(np.asarray(data["origin"].values), units)
             and np.array_equal(np.asarray(data["destination"].values), units)
         ):
@@ -90,11 +105,34 @@ class _Context:
                 self.exposure_unit = np.ones(self.n)
             elif data[name].dims == ("unit",):
                 self.exposure_unit = np.asarray(data[name].values, dtype=float)
+            elif self.sparse:
+                if data[name].dims != ("pair",):
+                    raise ModelConfigError(
+                        f"'{name}' has dims {data[name].dims}; a sparse pair set needs it over "
+                        "('unit',) or ('pair',). Fix: select one period or use exposure=None"
+                    )
+                self.exposure_pair = data[name]
             else:
                 self.exposure_pair = data[name].transpose("origin", "destination")
         self.margin = None
         if self.constraint != "none":
             self._margins(exposure)
+
+    def _sparse_pairs(self, model: FlowModel, data: xr.Dataset) -> None:
+        """Store unit positions of the pairs of a sparse ``data`` (diagonal pairs masked)."""
+        oi = _unit_positions(data, data["origin"].values)
+        dj = _unit_positions(data, data["destination"].values)
+        bad = np.isnan(oi) | np.isnan(dj)
+        if bad.any():
+            names = np.asarray(data["origin"].values)[bad][:10].tolist()
+            raise ModelConfigError(
+                f"{int(bad.sum())} pair(s) name units not in 'unit' (origins {names}); "
+                "Fix: build the pair set with flowmodel.pairs.sparse_pairs from this dataset"
+            )
+        self.origin_idx = oi.astype(np.int64)
+        self.dest_idx = dj.astype(np.int64)
+        self.diagonal = self.origin_idx == self.dest_idx
+        self.n_pairs = len(self.origin_idx)
 
     def _margins(self, exposure: str | None) -> None:
         """Observed margins of a constrained model (population scale unless ``exposure``)."""
@@ -128,9 +166,63 @@ class _Context:
             total += np.nansum(np.exp(log_w), axis=1)
         self.attraction_total = total
 
+    @property
+    def n_rows(self) -> int:
+        """Length of the streamed axis: origins (dense) or pairs (sparse)."""
+        return self.n_pairs if self.sparse else self.n
+
     def block_size(self) -> int:
-        per_origin = max(self.n_samples * self.n * max(self.dtype.itemsize, 8) * 3, 1)
-        return int(max(1, min(self.n, BLOCK_BYTES // per_origin)))
+        """Origins (dense) or pairs (sparse) per block, ~:data:`BLOCK_BYTES` of draws."""
+        row = 1 if self.sparse else self.n
+        per_row = max(self.n_samples * row * max(self.dtype.itemsize, 8) * 3, 1)
+        return int(max(1, min(self.n_rows, BLOCK_BYTES // per_row)))
+
+    def pair_block_log_rate(self, a: int, b: int) -> np.ndarray:
+        """``(S, b - a)`` log rates of sparse pairs ``a:b``; NaN for diagonal pairs."""
+        oi, dj = self.origin_idx[a:b], self.dest_idx[a:b]
+        eta = self.model._log_rate_from_params(
+            self.params, self.features, oi, dj, self.model._sparse_pair_block(self.data, a, b)
+        )
+        eta = np.array(eta, dtype=float).reshape(-1, b - a)
+        eta[:, self.diagonal[a:b]] = np.nan
+        return eta
+
+    def pair_block_flows(
+        self, a: int, b: int, *, kind: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, draws)`` of shape ``(S, b - a)`` for sparse pairs ``a:b``."""
+        kind = kind or self.kind
+        rng = np.random.default_rng([self.seed, a])
+        mu = np.exp(self.pair_block_log_rate(a, b))
+        scale = self.exposure_unit[self.origin_idx[a:b]][None, :]
+        if self.exposure_pair is not None:
+            scale = np.asarray(self.exposure_pair.isel(pair=slice(a, b)).values, dtype=float)[None]
+        mu = (mu * scale).astype(self.dtype, copy=False)
+        if kind == "mean":
+            return mu, mu
+        return mu, _count_noise(mu, self.params.get("phi"), rng, self.dtype)
+
+    def row_flows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """``block_flows`` (dense, ``(S, b - a, N)``) or ``pair_block_flows`` (sparse)."""
+        return self.pair_block_flows(a, b) if self.sparse else self.block_flows(a, b)
+
+    def row_shape(self, a: int, b: int) -> tuple[int, ...]:
+        """Shape of one block's summary after the leading axis."""
+        return (b - a,) if self.sparse else (b - a, self.n)
+
+    def out_dims(self) -> tuple[str, ...]:
+        return ("pair",) if self.sparse else ("origin", "destination")
+
+    def out_coords(self) -> dict[str, Any]:
+        if not self.sparse:
+            return {"origin": self.data["unit"].values, "destination": self.data["unit"].values}
+        coords: dict[str, Any] = {
+            "origin": ("pair", np.asarray(self.data["origin"].values)),
+            "destination": ("pair", np.asarray(self.data["destination"].values)),
+        }
+        if "pair" in self.data.coords:
+            coords["pair"] = np.asarray(self.data["pair"].values)
+        return coords
 
     def block_log_rate(self, a: int, b: int) -> np.ndarray:
         """``(S, b - a, N)`` log rates; NaN on the diagonal."""
@@ -195,6 +287,12 @@ class _Context:
         return mu, draws
 
 
+def _unit_positions(data: xr.Dataset, names: np.ndarray) -> np.ndarray:
+    """Float positions of ``names`` in ``data.unit``; NaN for names not there."""
+    pos = pd.Series(np.arange(data.sizes["unit"]), index=data["unit"].values.astype(str))
+    return pos.reindex(np.asarray(names).astype(str)).to_numpy(dtype=float)
+
+
 def _count_noise(
     mu: np.ndarray, phi: np.ndarray | None, rng: np.random.Generator, dtype
 ) -> np.ndarray:
@@ -223,9 +321,9 @@ def block_ranges(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _summarise(ctx: _Context, a: int, b: int, quantiles: Sequence[float]) -> np.ndarray:
-    mu, draws = ctx.block_flows(a, b)
+    mu, draws = ctx.row_flows(a, b)
     mean = np.mean(mu, axis=0, dtype=np.float64)
-    out = np.empty((1 + len(quantiles), b - a, ctx.n), dtype=np.float64)
+    out = np.empty((1 + len(quantiles), *ctx.row_shape(a, b)), dtype=np.float64)
     out[0] = mean
     if len(quantiles):
         out[1:] = sorted_quantiles(draws, quantiles)
@@ -270,7 +368,10 @@ def predict_flows(
     model
         A fitted flow model.
     data
-        A dense FlowDataset with the covariates the model uses (any units).
+        A FlowDataset with the covariates the model uses (any units): dense
+        (origin x destination), or sparse (one ``pair`` dim with
+        ``origin``/``destination`` coords, e.g. from
+        :func:`flowmodel.pairs.sparse_pairs`; unconstrained models only).
     quantiles
         Equal-tailed quantiles, named by :func:`quantile_name`.
     kind
@@ -281,9 +382,11 @@ def predict_flows(
     draws
         Posterior draws per chain to use (evenly thinned); all when None.
     block_size
-        Origins per block; default: ~64 MB of draws per block.
+        Origins per block (dense) or pairs per block (sparse); default: ~64 MB
+        of draws per block.
     use_dask
-        One dask task per block (lazy result); default when N > 2,000.
+        One dask task per block (lazy result); default when N > 2,000 (dense)
+        or more than 2,000² pairs (sparse).
     seed
         Seed of the predictive noise and of effects of unseen countries.
     dtype
@@ -292,19 +395,19 @@ def predict_flows(
     Returns
     -------
     xarray.Dataset
-        dims (origin, destination): ``mean`` (posterior mean of the expected
+        dims (origin, destination), or ``pair`` (with ``origin``/``destination``
+        coords) for a sparse ``data``: ``mean`` (posterior mean of the expected
         flow, which is also the predictive mean) and one variable per quantile;
         NaN on the diagonal. Dask-backed when ``use_dask``.
     """
     posterior = thin_posterior(model.posterior, draws)
     ctx = _Context(model, data, posterior, kind=kind, exposure=exposure, seed=seed, dtype=dtype)
-    n = ctx.n
     size = int(block_size or ctx.block_size())
-    blocks = block_ranges(n, size)
+    blocks = block_ranges(ctx.n_rows, size)
     quantiles = [float(q) for q in quantiles]
     names = ["mean", *(quantile_name(q) for q in quantiles)]
     if use_dask is None:
-        use_dask = n > DASK_UNITS
+        use_dask = ctx.n_pairs > DASK_UNITS**2 if ctx.sparse else ctx.n > DASK_UNITS
     if use_dask:
         import dask
         import dask.array as da
@@ -312,7 +415,7 @@ def predict_flows(
         parts = [
             da.from_delayed(
                 dask.delayed(_summarise)(ctx, a, b, quantiles),
-                shape=(len(names), b - a, n),
+                shape=(len(names), *ctx.row_shape(a, b)),
                 dtype=np.float64,
             )
             for a, b in blocks
@@ -320,9 +423,8 @@ def predict_flows(
         arr = da.concatenate(parts, axis=1)
     else:
         arr = np.concatenate([_summarise(ctx, a, b, quantiles) for a, b in blocks], axis=1)
-    coords = {"origin": ctx.data["unit"].values, "destination": ctx.data["unit"].values}
     ds = xr.Dataset(
-        {name: (("origin", "destination"), arr[k]) for k, name in enumerate(names)}, coords=coords
+        {name: (ctx.out_dims(), arr[k]) for k, name in enumerate(names)}, coords=ctx.out_coords()
     )
     ds.attrs.update(
         model=type(model).__name__,
@@ -346,25 +448,26 @@ def flow_draws(
     use_dask: bool | None = None,
     block_size: int | None = None,
 ) -> xr.DataArray:
-    """Posterior draws of flows, dims (chain, draw, origin, destination).
+    """Posterior draws of flows, dims (chain, draw, origin, destination) or (chain, draw, pair).
 
     ``kind="mean"`` gives the expected flow ``mu``; ``"predictive"`` adds the
-    observation noise. Dask-backed (one task per origin block) when
-    ``use_dask`` (default when N > 2,000).
+    observation noise. A sparse ``data`` gives dims (chain, draw, pair) with
+    ``origin``/``destination`` coords. Dask-backed (one task per block of
+    origins, or of pairs) when ``use_dask`` (default when N > 2,000, or more
+    than 2,000² sparse pairs).
     """
     posterior = thin_posterior(model.posterior, draws)
     ctx = _Context(
         model, data, posterior, kind=kind, exposure=exposure, seed=seed, dtype=np.float64
     )
     n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
-    n = ctx.n
-    blocks = block_ranges(n, int(block_size or ctx.block_size()))
+    blocks = block_ranges(ctx.n_rows, int(block_size or ctx.block_size()))
 
     def one(a: int, b: int) -> np.ndarray:
-        return ctx.block_flows(a, b)[1].reshape(n_chain, n_draw, b - a, n)
+        return ctx.row_flows(a, b)[1].reshape(n_chain, n_draw, *ctx.row_shape(a, b))
 
     if use_dask is None:
-        use_dask = n > DASK_UNITS
+        use_dask = ctx.n_pairs > DASK_UNITS**2 if ctx.sparse else ctx.n > DASK_UNITS
     if use_dask:
         import dask
         import dask.array as da
@@ -372,7 +475,9 @@ def flow_draws(
         arr = da.concatenate(
             [
                 da.from_delayed(
-                    dask.delayed(one)(a, b), shape=(n_chain, n_draw, b - a, n), dtype=np.float64
+                    dask.delayed(one)(a, b),
+                    shape=(n_chain, n_draw, *ctx.row_shape(a, b)),
+                    dtype=np.float64,
                 )
                 for a, b in blocks
             ],
@@ -382,12 +487,11 @@ def flow_draws(
         arr = np.concatenate([one(a, b) for a, b in blocks], axis=2)
     return xr.DataArray(
         arr,
-        dims=("chain", "draw", "origin", "destination"),
+        dims=("chain", "draw", *ctx.out_dims()),
         coords={
             "chain": posterior["chain"].values,
             "draw": posterior["draw"].values,
-            "origin": ctx.data["unit"].values,
-            "destination": ctx.data["unit"].values,
+            **ctx.out_coords(),
         },
         name="flow",
         attrs={"kind": kind, "exposure": exposure or "none (population scale)"},

@@ -23,6 +23,9 @@ or reuses — this split is stable:
 ``_log_rate_draws(posterior, data, origin_idx, dest_idx)``
     Convenience wrapper of the two above, used by fusion and tests;
     :mod:`flowmodel.predict` uses the two-step form to stream origin blocks.
+``_pair_block(data, start, stop)`` / ``_sparse_pair_block(data, start, stop)``
+    Pair variables of a block of origins x every destination (dense) or of a
+    block of pairs (sparse ``pair`` dim), as flat numpy arrays.
 """
 
 from __future__ import annotations
@@ -431,6 +434,32 @@ class FlowModel:
             out[name] = np.asarray(var.values, dtype=float).ravel()
         return out
 
+    def _sparse_pair_block(self, data: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Pair variables of pairs ``start:stop`` of a sparse ``data`` (dim ``pair``).
+
+        Used by :mod:`flowmodel.predict` to stream blocks of a sparse pair set.
+        Every variable of :meth:`_pair_names` must be in ``data`` over ``pair``
+        (pair variables cannot be computed for a few pairs from the sparse set
+        alone, e.g. the intervening population s_ij).
+
+        Raises
+        ------
+        ModelConfigError
+            When a pair variable the model needs is missing or not over ``pair``.
+        """
+        out = {}
+        for name in self._pair_names():
+            if name not in data or data[name].dims != ("pair",):
+                have = "absent" if name not in data else f"over {data[name].dims}"
+                raise ModelConfigError(
+                    f"{type(self).__name__}: predicting a sparse pair set needs the pair "
+                    f"variable '{name}' over ('pair',), but it is {have}. Fix: add it to the "
+                    "dense dataset (e.g. flowmodel.pairs.intervening_population) before "
+                    "flowmodel.pairs.sparse_pairs, which gathers every dense pair variable"
+                )
+            out[name] = np.asarray(data[name].isel(pair=slice(start, stop)).values, dtype=float)
+        return out
+
     def _log_rate_from_params(
         self,
         params: Mapping[str, Any],
@@ -748,7 +777,12 @@ class FlowModel:
         Parameters
         ----------
         data
-            Any FlowDataset (dense), including units and countries never observed.
+            Any FlowDataset, including units and countries never observed: dense
+            (origin x destination), or sparse (one ``pair`` dim with
+            ``origin``/``destination`` coords, e.g. from
+            :func:`flowmodel.pairs.sparse_pairs`), whichever form the model was
+            fitted on. Sparse prediction needs an unconstrained model and every
+            pair variable of the model over ``pair``.
         quantiles
             Equal-tailed quantiles; variables are named ``q05``, ``q25``, ...
         kind
@@ -761,9 +795,11 @@ class FlowModel:
         draws
             Use this many posterior draws (thinned evenly); default all.
         block_size
-            Origins per block (default: chosen so a block holds ~64 MB).
+            Origins per block, or pairs per block for a sparse ``data``
+            (default: chosen so a block holds ~64 MB).
         use_dask
-            Stream blocks through dask (default: when N > 2,000).
+            Stream blocks through dask (default: when N > 2,000, or more than
+            2,000² sparse pairs).
         seed
             Seed of the predictive noise (per block, so numpy == dask).
         dtype
@@ -772,8 +808,17 @@ class FlowModel:
         Returns
         -------
         xarray.Dataset
-            dims (origin, destination): ``mean`` and the quantile variables;
-            the diagonal is NaN.
+            dims (origin, destination), or ``pair`` (coords ``origin``,
+            ``destination``) for a sparse ``data``: ``mean`` and the quantile
+            variables; the diagonal is NaN. ``kind="mean"`` results equal the
+            dense ones gathered at the same pairs; predictive noise is seeded
+            per block, so it differs draw for draw (not in distribution).
+
+        Raises
+        ------
+        ModelConfigError
+            For a bad ``kind``; for a sparse ``data`` with a constrained model,
+            a missing pair variable or pairs naming units not in ``unit``.
         """
         from flowmodel.predict import predict_flows
 
@@ -805,7 +850,7 @@ class FlowModel:
         Parameters
         ----------
         data
-            Any FlowDataset (dense).
+            Any FlowDataset, dense or sparse (``pair`` dim), as :meth:`predict`.
         draws
             Keep this many draws per chain (thinned evenly); default all.
         kind
@@ -818,7 +863,8 @@ class FlowModel:
         Returns
         -------
         xarray.DataArray
-            dims (chain, draw, origin, destination).
+            dims (chain, draw, origin, destination), or (chain, draw, pair) with
+            ``origin``/``destination`` coords for a sparse ``data``.
         """
         from flowmodel.predict import flow_draws
 

@@ -131,7 +131,14 @@ class GravityModel(_CountLikelihood, FlowModel):
     with destination and pair terms only (attraction: the transpose, origin and
     pair terms; doubly: production plus a destination effect :math:`\delta_j`).
     With ``likelihood="negbin"`` the multinomial becomes a Dirichlet-multinomial
-    with concentration :math:`\phi\,\pi_{i\cdot}`.
+    with concentration :math:`\alpha_{ij} = \phi\,\pi_{ij}` (one global
+    :math:`\phi`, so :math:`\sum_j \alpha_{ij} = \phi` for every margin): the
+    variance of :math:`y_{ij}` is :math:`O_i \pi_{ij}(1-\pi_{ij})(O_i+\phi)/(1+\phi)`,
+    i.e. for :math:`O_i \gg \phi` each unit's shares are about as noisy as one
+    Dirichlet draw whatever its total, and large margins and large flows weigh
+    far less than under the multinomial. When the data are very overdispersed
+    (small :math:`\phi`) the coefficients can then differ a lot from the
+    Poisson / multinomial ones (docs/validation.md, New York).
 
     Parameters
     ----------
@@ -454,19 +461,30 @@ class GravityModel(_CountLikelihood, FlowModel):
             return
         obs = pairs.observed
         if not obs.all():
+            margin_name = "outflow" if self.constraint != "attraction" else "inflow"
             raise ModelConfigError(
-                f"constraint='{self.constraint}' cannot use censored cells (flow_{pairs.source}_max); "
-                "Fix: use constraint='none' or drop the censored cells"
+                f"constraint='{self.constraint}' cannot use the {int((~obs).sum())} censored "
+                f"cell(s) of flow_{pairs.source} (flow_{pairs.source}_max): the model conditions "
+                f"on each unit's observed {margin_name} total, which is unknown when one of its "
+                "cells is only bounded above. Fix: use constraint='none' (censored cells enter "
+                "through the count CDF), fit the source in a FusionModel, or drop the censored "
+                "cells"
             )
         group = pairs.dest_idx if self.constraint == "attraction" else pairs.origin_idx
         groups, gidx = np.unique(group, return_inverse=True)
         margin = np.bincount(gidx, weights=pairs.y, minlength=len(groups))
+        # multinomial coefficient log(O_i! / prod_j y_ij!): a constant, kept so the
+        # Potential is the exact log pmf (comparable across likelihoods)
+        log_coef = float(special.gammaln(margin + 1).sum() - special.gammaln(pairs.y + 1).sum())
         shift = pt.max(eta)
         denom = _segment_sum(pt.exp(eta - shift), gidx, len(groups))
         log_denom = pt.log(denom) + shift
         if self.model_config["likelihood"] == "poisson":
-            logp = self._linear_part - pt.dot(margin, log_denom)
+            # Σ_i log Mult(y_i. | O_i, pi_i.), Σ y_ij log pi_ij = Xᵀy·beta - Σ_i O_i log Σ_j w_ij
+            logp = self._linear_part - pt.dot(margin, log_denom) + log_coef
         else:
+            # Σ_i log DirMult(y_i. | O_i, alpha_i. = phi pi_i.): one global concentration,
+            # so Σ_j alpha_ij = phi for every margin (pi_i. sums to one over its pairs)
             phi = self._prior("phi")
             log_pi = eta - log_denom[gidx]
             alpha = phi * pt.exp(log_pi)
@@ -474,6 +492,7 @@ class GravityModel(_CountLikelihood, FlowModel):
                 len(groups) * pt.gammaln(phi)
                 - pt.sum(pt.gammaln(margin + phi))
                 + pt.sum(pt.gammaln(pairs.y + alpha) - pt.gammaln(alpha))
+                + log_coef
             )
         pm.Potential("loglik", logp)
         self.fit_meta["constraint_groups"] = len(groups)

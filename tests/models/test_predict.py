@@ -173,3 +173,147 @@ def test_sorted_quantiles_equal_numpy():
     x[:, 1, 1] = np.nan
     qs = [0.05, 0.25, 0.5, 0.75, 0.95, 0.0, 1.0]
     np.testing.assert_allclose(sorted_quantiles(x, qs), np.quantile(x, qs, axis=0))
+
+
+# ----------------------------------------------------------------------------- sparse pair sets
+def _gather(pred: xr.Dataset, sparse: xr.Dataset) -> xr.Dataset:
+    """Dense predictions at the pairs of ``sparse`` (dim ``pair``)."""
+    return pred.sel(
+        origin=xr.DataArray(sparse["origin"].values, dims="pair"),
+        destination=xr.DataArray(sparse["destination"].values, dims="pair"),
+    ).drop_vars(["origin", "destination"])
+
+
+def test_sparse_predict_equals_dense_gathered(gravity_laplace, sim_small):
+    from flowmodel.pairs import sparse_pairs
+
+    ds, _ = sim_small
+    sp = sparse_pairs(ds, k=6, include_observed=False)
+    dense = gravity_laplace.predict(ds, kind="mean", draws=40, seed=4)
+    pred = gravity_laplace.predict(sp, kind="mean", draws=40, seed=4, block_size=37)
+    assert list(pred.data_vars) == ["mean", "q05", "q25", "q50", "q75", "q95"]
+    assert pred["mean"].dims == ("pair",)
+    np.testing.assert_array_equal(pred["origin"].values, sp["origin"].values)
+    np.testing.assert_array_equal(pred["destination"].values, sp["destination"].values)
+    gathered = _gather(dense, sp)
+    for name in pred.data_vars:
+        np.testing.assert_allclose(pred[name].values, gathered[name].values, rtol=1e-10)
+    # predictive: the mean is the posterior mean of mu either way (noise is seeded per block)
+    noisy = gravity_laplace.predict(sp, draws=40, seed=4, quantiles=(0.5,))
+    np.testing.assert_allclose(noisy["mean"].values, gathered["mean"].values, rtol=1e-10)
+    assert np.isfinite(noisy["q50"].values).all()
+    # posterior draws, and the exposure scale
+    draws = gravity_laplace.predict_posterior(sp, draws=10)
+    assert draws.dims == ("chain", "draw", "pair")
+    dense_draws = gravity_laplace.predict_posterior(ds, draws=10)
+    np.testing.assert_allclose(draws.values, _gather(dense_draws.to_dataset(), sp)["flow"].values)
+    exp_d = gravity_laplace.predict(ds, kind="mean", quantiles=(), exposure="census")
+    exp_s = gravity_laplace.predict(sp, kind="mean", quantiles=(), exposure="census")
+    np.testing.assert_allclose(exp_s["mean"].values, _gather(exp_d, sp)["mean"].values)
+
+
+def test_sparse_numpy_equals_dask(gravity_laplace, sim_small):
+    from flowmodel.pairs import sparse_pairs
+
+    ds, _ = sim_small
+    sp = sparse_pairs(ds, k=5)
+    ref = gravity_laplace.predict(sp, use_dask=False, block_size=50, draws=50)
+    lazy = gravity_laplace.predict(sp, use_dask=True, block_size=50, draws=50)
+    assert hasattr(lazy["q50"].data, "dask")
+    xr.testing.assert_allclose(lazy.compute(), ref)
+    one_block = gravity_laplace.predict(sp, use_dask=False, draws=50)
+    xr.testing.assert_allclose(one_block["mean"], ref["mean"])
+    d_np = gravity_laplace.predict_posterior(sp, draws=5, kind="predictive", use_dask=False)
+    d_da = gravity_laplace.predict_posterior(sp, draws=5, kind="predictive", use_dask=True)
+    assert hasattr(d_da.data, "dask")
+    np.testing.assert_allclose(d_da.values, d_np.values)
+
+
+def test_fit_sparse_equals_dense_restricted():
+    """Fitting the sparse form == fitting the dense one with only the same pairs observed."""
+    from flowmodel.pairs import sparse_pairs
+
+    ds, _ = simulate_flow_dataset(40, 3, seed=3)
+    sp = sparse_pairs(ds, k=8, include_observed=False)
+    keep = xr.zeros_like(ds["flow_census"], dtype=bool)
+    keep.loc[{"origin": sp["origin"], "destination": sp["destination"]}] = True
+    restricted = ds.assign(flow_census=ds["flow_census"].where(keep))
+    assert int(restricted["flow_census"].notnull().sum()) == int(sp["flow_census"].notnull().sum())
+    fits = {}
+    for name, data in {"sparse": sp, "dense": restricted}.items():
+        # no country effects: the MAP of a hierarchical sigma_country runs to 0 (a funnel),
+        # where the optimiser's end point depends on summation order, not on the data
+        model = GravityModel(destination_covariates=["log_population"], country_effects=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(data, backend="map", random_seed=1)
+        fits[name] = model
+    post_s, post_d = fits["sparse"].posterior, fits["dense"].posterior
+    for var in ("intercept", "beta", "phi", "intercept_raw", "beta_raw"):
+        np.testing.assert_allclose(
+            post_s[var].mean(("chain", "draw")).values,
+            post_d[var].mean(("chain", "draw")).values,
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg=var,
+        )
+    assert fits["sparse"].fit_meta["terms"] == fits["dense"].fit_meta["terms"]
+    # a sparse-fitted model predicts dense and sparse pair sets alike
+    ps = fits["sparse"].predict(sp, kind="mean", quantiles=())
+    pd_ = fits["sparse"].predict(ds, kind="mean", quantiles=())
+    np.testing.assert_allclose(ps["mean"].values, _gather(pd_, sp)["mean"].values, rtol=1e-10)
+    np.testing.assert_allclose(
+        ps["mean"].values,
+        fits["dense"].predict(sp, kind="mean", quantiles=())["mean"].values,
+        rtol=1e-4,
+    )
+
+
+def test_sparse_predict_errors_and_diagonal(gravity_laplace, sim_small):
+    from flowmodel.pairs import sparse_pairs
+
+    ds, _ = sim_small
+    sp = sparse_pairs(ds, k=3, include_observed=False)
+    with pytest.raises(ModelConfigError, match="pair variable 'distance_km'"):
+        gravity_laplace.predict(sp.drop_vars("distance_km"), quantiles=())
+    bad = sp.assign_coords(
+        origin=("pair", np.where(np.arange(sp.sizes["pair"]) == 0, "XX", sp["origin"].values))
+    )
+    with pytest.raises(ModelConfigError, match="not in 'unit'"):
+        gravity_laplace.predict(bad, quantiles=())
+    # a diagonal pair is NaN, as on the dense diagonal
+    diag = sp.assign_coords(
+        destination=(
+            "pair",
+            np.where(
+                np.arange(sp.sizes["pair"]) == 0, sp["origin"].values, sp["destination"].values
+            ),
+        )
+    )
+    pred = gravity_laplace.predict(diag, quantiles=(0.5,))
+    assert np.isnan(pred["mean"].values[0]) and np.isnan(pred["q50"].values[0])
+    assert np.isfinite(pred["mean"].values[1:]).all()
+    constrained = GravityModel(constraint="production")
+    constrained.fit_meta = {"source": "census"}
+    constrained._idata = gravity_laplace.idata
+    with pytest.raises(ModelConfigError, match="constraint='production'"):
+        constrained.predict(sp)
+
+
+def test_sparse_predict_radiation_needs_gathered_intervening_population():
+    from flowmodel.models import RadiationModel
+    from flowmodel.pairs import intervening_population, sparse_pairs
+
+    ds, _ = simulate_flow_dataset(30, 2, seed=4)
+    model = RadiationModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend="laplace", random_seed=1, draws=20, chains=1)
+    with pytest.raises(ModelConfigError, match="'intervening_population'"):
+        model.predict(sparse_pairs(ds, k=4))
+    s = intervening_population(ds["population"].values, ds["distance_km"].values)
+    sp = sparse_pairs(ds.assign(intervening_population=(("origin", "destination"), s)), k=4)
+    pred = model.predict(sp, kind="mean", block_size=25)
+    dense = model.predict(ds, kind="mean")
+    for name in pred.data_vars:
+        np.testing.assert_allclose(pred[name].values, _gather(dense, sp)[name].values, rtol=1e-10)
