@@ -1087,6 +1087,7 @@ def _run_backend(
             if backend == "pymc" and target_accept is not None:
                 kwargs["target_accept"] = target_accept
             nuts_kwargs = dict(kwargs.pop("nuts_sampler_kwargs", {}) or {})
+            nuts_kwargs.update(kwargs.pop("nuts", {}) or {})
             if backend == "nutpie" and target_accept is not None:
                 nuts_kwargs.setdefault("target_accept", target_accept)
             if backend == "numpyro":
@@ -1101,8 +1102,8 @@ def _run_backend(
                 random_seed=random_seed,
                 progressbar=progressbar,
                 nuts_sampler=backend,
-                nuts_sampler_kwargs=nuts_kwargs or None,
                 compute_convergence_checks=False,
+                **({"nuts": nuts_kwargs} if nuts_kwargs else {}),
                 **kwargs,
             )
         for key in ("tune", "target_accept", "cores"):
