@@ -12,7 +12,12 @@ one observation model per source:
   ``period_scale`` — CDR counts per latent flow, e.g. a monthly window against a
   5-year census question — times zero-sum log deviations);
 - **censored cells** (``flow_<source>_max``, e.g. CDR cells redacted at 15 or
-  fewer subscribers) enter as ``P(y <= max)``, never as zeros and never dropped.
+  fewer subscribers) enter as ``P(y <= max)``, never as zeros and never dropped;
+- **in/out totals** of a CDR source (``<source>_outflow`` / ``<source>_inflow``,
+  dims ``unit``[, ``period``], summed by the operator before redaction; add them
+  with :func:`totals_to_dataset`) enter through the remainder ``total - released
+  cells``: the sum of the redacted and missing cells, normal with the summed
+  moments of the cells' (truncated) negative binomials.
 
 Prediction of the latent, population-scale flow goes through the same streamed
 :mod:`flowmodel.predict` path as every model, with the dispersion of the
@@ -50,10 +55,16 @@ __all__ = [
     "censored_nb_logp",
     "simulate_fusion_dataset",
     "source_kind",
+    "totals_to_dataset",
+    "truncated_nb_moments",
 ]
 
 CDR_KIND = "cdr"
 CENSUS_KIND = "census"
+#: Kinds of CDR in/out totals: variables ``<source>_outflow`` / ``<source>_inflow``.
+TOTAL_KINDS = ("outflow", "inflow")
+#: Destination universe of a total (attr ``universe`` of ``<source>_outflow``).
+TOTAL_UNIVERSES = ("covered", "within")
 #: Largest censoring bound handled by exact summation of the pmf (beyond it: log-CDF).
 MAX_SUMMED_BOUND = 60
 
@@ -119,6 +130,122 @@ def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray) -> Any:
     terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
     mask = k[None, :] <= upper[:, None]
     return pt.logsumexp(pt.where(mask, terms, -np.inf), axis=1)
+
+
+def truncated_nb_moments(mu: Any, phi: Any, upper: np.ndarray) -> tuple[Any, Any]:
+    """Mean and variance of a negative binomial truncated to ``0..upper`` (PyTensor).
+
+    Exact sums of the pmf over ``0..max(upper)``; the moments of a redacted
+    cell given that it was redacted.
+
+    Returns
+    -------
+    (TensorVariable, TensorVariable)
+        Mean and variance, shape ``(cell,)``.
+    """
+    upper = np.floor(np.asarray(upper, dtype=float))
+    top = int(upper.max()) if upper.size else 0
+    k = np.arange(top + 1, dtype=float)
+    mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
+    phi_t = pt.as_tensor_variable(phi)
+    phi_b = pt.shape_padright(phi_t) if phi_t.ndim else phi_t
+    terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
+    terms = pt.where(k[None, :] <= upper[:, None], terms, -np.inf)
+    w = pt.exp(terms - pt.logsumexp(terms, axis=1, keepdims=True))
+    mean = pt.sum(w * k[None, :], axis=1)
+    var = pt.sum(w * (k**2)[None, :], axis=1) - mean**2
+    return mean, pt.maximum(var, 0.0)
+
+
+def totals_to_dataset(
+    ds: xr.Dataset,
+    totals: pd.DataFrame,
+    *,
+    source: str = "cdr",
+    universe: str = "covered",
+) -> xr.Dataset:
+    """Return ``ds`` with the operator's in/out totals as ``<source>_outflow`` / ``_inflow``.
+
+    ``totals`` is :attr:`flowmodel.inputs.cdr.CDRFlows.totals` (``unit_id``,
+    ``period``, ``outflow``, ``inflow``, optional ``outflow_max`` /
+    ``inflow_max``): movers out of / into each unit summed by the operator
+    *before* redaction. Totals suppressed because they would reveal redacted
+    cells are NaN with their bound in ``<source>_outflow_max``.
+
+    Parameters
+    ----------
+    ds
+        FlowDataset holding ``flow_<source>``.
+    totals
+        Long table as above; units not in ``ds`` raise.
+    source
+        The CDR source the totals belong to.
+    universe
+        Destinations each total sums over: ``"covered"`` (every unit the
+        operator covers, i.e. every unit in a ``flow_<source>`` cell) or
+        ``"within"`` (those of the origin's / destination's own country) —
+        the ``universe`` of :func:`flowmodel.inputs.cdr.relocation_od`.
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with ``<source>_outflow``, ``<source>_inflow`` (dims ``unit``
+        [, ``period``] like ``flow_<source>``; NaN = unavailable) and, where
+        the table has them, ``<source>_outflow_max`` / ``<source>_inflow_max``;
+        attribute ``universe`` on each.
+    """
+    if universe not in TOTAL_UNIVERSES:
+        raise ModelConfigError(
+            f"totals_to_dataset: universe={universe!r}; Fix: one of {list(TOTAL_UNIVERSES)}"
+        )
+    flow = ds.get(f"flow_{source}")
+    if flow is None:
+        raise DataContractError(
+            f"totals_to_dataset: no 'flow_{source}' in the dataset. Fix: add the CDR OD first"
+        )
+    tab = pd.DataFrame(totals).copy()
+    if "unit_id" not in tab.columns:
+        raise DataContractError("totals_to_dataset: totals need a 'unit_id' column")
+    tab["unit_id"] = tab["unit_id"].astype(str)
+    units = np.asarray(ds["unit"].values).astype(str)
+    unknown = sorted(set(tab["unit_id"]) - set(units))
+    if unknown:
+        raise DataContractError(
+            f"totals_to_dataset: unit ids {unknown[:10]} are not in the dataset's 'unit'. "
+            "Fix: build the dataset from the same units as the CDR"
+        )
+    has_period = "period" in flow.dims
+    out = ds.copy()
+    if has_period:
+        if "period" not in tab.columns:
+            raise DataContractError(
+                f"totals_to_dataset: flow_{source} has a period dim; the totals need 'period'"
+            )
+        periods = np.asarray(ds["period"].values).astype(str)
+        tab["period"] = tab["period"].astype(str)
+    elif "period" in tab.columns and tab["period"].nunique() > 1:
+        raise DataContractError(
+            f"totals_to_dataset: flow_{source} has no period dim but the totals have "
+            f"{tab['period'].nunique()} periods. Fix: select one period"
+        )
+    for kind in TOTAL_KINDS:
+        for col in (kind, f"{kind}_max"):
+            if col not in tab.columns:
+                continue
+            if has_period:
+                if tab.duplicated(["unit_id", "period"]).any():
+                    raise DataContractError(
+                        "totals_to_dataset: duplicated (unit_id, period) rows in the totals"
+                    )
+                wide = tab.set_index(["unit_id", "period"])[col].unstack("period")
+                values = wide.reindex(index=units, columns=periods).to_numpy(dtype=float)
+                var = xr.DataArray(values, dims=("unit", "period"))
+            else:
+                values = tab.set_index("unit_id")[col].reindex(units).to_numpy(dtype=float)
+                var = xr.DataArray(values, dims=("unit",))
+            var.attrs.update(universe=universe, source=source)
+            out[f"{source}_{col}"] = var
+    return out
 
 
 def _latent_spec(latent: FlowModel) -> dict[str, Any]:
@@ -421,7 +548,14 @@ class FusionModel(FlowModel):
                 f"FusionModel: source(s) {empty} have no observed or censored off-diagonal cell. "
                 "Fix: drop them from sources= or check the flow tables"
             )
-        union = self._union_pairs(per_source, n_units)
+        universes = {
+            s: self._total_cells(data, s, per_source[s])
+            for s in self.sources
+            if source_kind(s) == CDR_KIND
+        }
+        universes = {s: u for s, u in universes.items() if u}
+        extra = {f"{s}:{k}": c for s, u in universes.items() for k, c in u.items()}
+        union = self._union_pairs({**per_source, **extra}, n_units)
         latent = self.latent
         # priors: user (fusion's, over the latent's own) > data-derived > default
         user = {**latent.priors, **self.priors}
@@ -441,6 +575,7 @@ class FusionModel(FlowModel):
             "n_pairs": int(union.n),
             "n_cells": {s: int(p.n) for s, p in per_source.items()},
             "n_censored": {s: int((~p.observed).sum()) for s, p in per_source.items()},
+            "totals": {s: sorted(u) for s, u in universes.items()},
         }
         coords: dict[str, Any] = {"pair": np.arange(union.n), "source": self.sources}
         with pm.Model(coords=coords) as model:
@@ -454,7 +589,16 @@ class FusionModel(FlowModel):
                 where = lookup.reindex(pairs.origin_idx * n_units + pairs.dest_idx).to_numpy()
                 log_mu = eta[where.astype(np.int64)] + np.log(pairs.exposure)
                 if source_kind(source) == CDR_KIND:
-                    log_mu = log_mu + self._add_cdr_scaling(data, source, pairs, everything)
+                    scale = self._add_cdr_scaling(data, source, pairs, everything)
+                    log_mu = log_mu + scale(pairs.origin_idx, pairs.period_idx)
+                    for kind, cells in universes.get(source, {}).items():
+                        where = lookup.reindex(cells.origin_idx * n_units + cells.dest_idx)
+                        log_cell = eta[where.to_numpy().astype(np.int64)] + scale(
+                            cells.origin_idx, cells.period_idx
+                        )
+                        self._add_totals_likelihood(
+                            data, source, kind, cells, pt.exp(log_cell), phi[s_idx]
+                        )
                 self._add_source_likelihood(source, pt.exp(log_mu), phi[s_idx], pairs)
         self.fit_meta["latent"] = copy.deepcopy(latent.fit_meta)
         self.model = model
@@ -468,8 +612,12 @@ class FusionModel(FlowModel):
         pairs: ObservedPairs,
         priors: Mapping[str, Any],
     ) -> Any:
-        """Register ``market_share``, ``period_scale`` (and ``period_effect``); return their log per cell."""
-        units, unit_pos = np.unique(pairs.origin_idx, return_inverse=True)
+        """Register ``market_share``, ``period_scale`` (and ``period_effect``).
+
+        Returns a function ``(origin_idx, period_idx) -> log scaling`` of any CDR
+        cells whose origins are among the origins of ``pairs``.
+        """
+        units = np.unique(pairs.origin_idx)
         countries_all = np.asarray(data["country"].values).astype(str)
         countries, country_pos = np.unique(countries_all[units], return_inverse=True)
         unit_dim = self._node("market_unit", source)
@@ -492,13 +640,17 @@ class FusionModel(FlowModel):
         pm.Deterministic(
             self._node("market_share", source), pm.math.sigmoid(logit_share), dims=unit_dim
         )
-        log_scale = -pt.softplus(-logit_share)[unit_pos]  # log(sigmoid(x)), stable
+        log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
         period_scale = create_prior(
             self._node("period_scale", source), priors[self._node("period_scale", source)]
         )
         log_level = pt.log(period_scale)
         if pairs.period_idx is None:
-            return log_scale + log_level
+
+            def scale_flat(origin_idx: np.ndarray, period_idx: np.ndarray | None) -> Any:
+                return log_share[np.searchsorted(units, origin_idx)] + log_level
+
+            return scale_flat
         if "period" not in model.coords:
             model.add_coord("period", np.asarray(data["period"].values).astype(str))
         log_pe = pt.zeros(int(data.sizes["period"])) + log_level
@@ -524,7 +676,183 @@ class FusionModel(FlowModel):
             )
             log_pe = log_pe + deviation
         pm.Deterministic(self._node("period_effect", source), pt.exp(log_pe), dims="period")
-        return log_scale + log_pe[pairs.period_idx]
+
+        def scale(origin_idx: np.ndarray, period_idx: np.ndarray | None) -> Any:
+            return log_share[np.searchsorted(units, origin_idx)] + log_pe[period_idx]
+
+        return scale
+
+    # ------------------------------------------------------------------ in/out totals
+    @staticmethod
+    def _dense_cells(data: xr.Dataset, name: str) -> np.ndarray:
+        """Return a pair variable as a ``(unit, unit, period)`` array in ``unit`` order (NaN if absent)."""
+        n = int(data.sizes["unit"])
+        var = data.get(name)
+        n_t = int(data.sizes["period"]) if "period" in data.dims else 1
+        out = np.full((n, n, n_t), np.nan)
+        if var is None:
+            return out
+        dims = (
+            "origin",
+            "destination",
+            *(d for d in var.dims if d not in ("origin", "destination")),
+        )
+        values = np.asarray(var.transpose(*dims).values, dtype=float)
+        values = values.reshape(values.shape[0], values.shape[1], -1)
+        o_pos = FlowModel._unit_positions(data, data["origin"].values)
+        d_pos = FlowModel._unit_positions(data, data["destination"].values)
+        out[o_pos[:, None], d_pos[None, :], : values.shape[2]] = values
+        return out
+
+    @staticmethod
+    def _unit_period_values(data: xr.Dataset, name: str, has_period: bool) -> np.ndarray:
+        """Return a totals variable as ``(unit, period)`` values (all NaN when absent)."""
+        n = int(data.sizes["unit"])
+        n_t = int(data.sizes["period"]) if has_period else 1
+        var = data.get(name)
+        if var is None:
+            return np.full((n, n_t), np.nan)
+        if ("period" in var.dims) != has_period or "unit" not in var.dims or var.ndim > 2:
+            raise DataContractError(
+                f"'{name}' has dims {var.dims}; in/out totals need dims ('unit', 'period') when "
+                "the flow has a period dim, else ('unit',). Fix: build them with totals_to_dataset()"
+            )
+        values = np.asarray(var.transpose("unit", ...).values, dtype=float).reshape(n, -1)
+        return values
+
+    def _total_cells(
+        self, data: xr.Dataset, source: str, pairs: ObservedPairs
+    ) -> dict[str, ObservedPairs]:
+        """Cells each in/out total of ``source`` sums over, per kind present in ``data``.
+
+        The universe of a total (attr ``universe`` of ``<source>_outflow``, default
+        ``"covered"``): origins = the CDR origin units (those with a market share),
+        destinations = every unit in a CDR cell (``"within"``: of the same
+        country), diagonal excluded. Every (origin, destination, period) cell of
+        the universe is released (``y``), censored (``upper``) or missing (both
+        NaN: e.g. held out; it then enters the totals with its full distribution).
+        """
+        has_period = pairs.period_idx is not None
+        kinds = []
+        for kind in TOTAL_KINDS:
+            for name in (f"{source}_{kind}", f"{source}_{kind}_max"):
+                if np.isfinite(self._unit_period_values(data, name, has_period)).any():
+                    kinds.append(kind)
+                    break
+        if not kinds:
+            return {}
+        n = int(data.sizes["unit"])
+        flow = self._dense_cells(data, f"flow_{source}")
+        upper = self._dense_cells(data, f"flow_{source}_max")
+        n_t = flow.shape[2] if has_period else 1
+        origins = np.unique(pairs.origin_idx)
+        covered = np.unique(np.concatenate([pairs.origin_idx, pairs.dest_idx]))
+        country = np.asarray(data["country"].values).astype(str)
+        exp_var = data.get(f"exposure_{source}")
+        out = {}
+        for kind in kinds:
+            attrs = data[f"{source}_{kind}"].attrs if f"{source}_{kind}" in data else {}
+            universe = attrs.get("universe", "covered")
+            if universe not in TOTAL_UNIVERSES:
+                raise DataContractError(
+                    f"'{source}_{kind}' has universe={universe!r}; Fix: one of {list(TOTAL_UNIVERSES)}"
+                )
+            mask = np.zeros((n, n), dtype=bool)
+            mask[np.ix_(origins, covered)] = True
+            np.fill_diagonal(mask, False)
+            if universe == "within":
+                mask &= country[:, None] == country[None, :]
+            o, d = np.nonzero(mask)
+            o, d = np.repeat(o, n_t), np.repeat(d, n_t)
+            t = np.tile(np.arange(n_t), int(mask.sum()))
+            ex = np.ones(len(o))
+            if exp_var is not None and exp_var.dims == ("unit",):
+                ex = np.asarray(exp_var.values, dtype=float)[o]
+            out[kind] = ObservedPairs(
+                origin_idx=o.astype(np.int64),
+                dest_idx=d.astype(np.int64),
+                y=flow[o, d, t],
+                exposure=ex,
+                upper=upper[o, d, t],
+                period_idx=t.astype(np.int64) if has_period else None,
+                source=f"{source}:{kind}",
+            )
+        return out
+
+    def _add_totals_likelihood(
+        self,
+        data: xr.Dataset,
+        source: str,
+        kind: str,
+        cells: ObservedPairs,
+        mu: Any,
+        phi: Any,
+    ) -> None:
+        r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
+
+        A total is the sum of its cells before redaction, so given the cells
+        already in the likelihood its only new information is the remainder
+        :math:`R = T - \sum_{\text{released}} y`, the sum of the redacted (each
+        :math:`\le` its bound) and missing cells. :math:`R` is modelled as
+        :math:`N(\sum m_c, \sum v_c + 1/12)` with :math:`m_c, v_c` the moments
+        of each cell's negative binomial — truncated to ``0..max`` for a
+        redacted cell — (the CLT for a sum of independent cells; 1/12 is the
+        rounding variance). A suppressed total (NaN, bound in
+        ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
+        """
+        has_period = cells.period_idx is not None
+        n = int(data.sizes["unit"])
+        n_t = int(data.sizes["period"]) if has_period else 1
+        total = self._unit_period_values(data, f"{source}_{kind}", has_period).ravel()
+        bound = self._unit_period_values(data, f"{source}_{kind}_max", has_period).ravel()
+        side = cells.origin_idx if kind == "outflow" else cells.dest_idx
+        key = side * n_t + (cells.period_idx if has_period else 0)
+        mu = mu * cells.exposure
+        released = np.isfinite(cells.y)
+        censored = ~released & np.isfinite(cells.upper)
+        missing = ~released & ~censored
+        rel_sum = np.bincount(key[released], cells.y[released], minlength=n * n_t)
+        n_open = np.bincount(key[~released], minlength=n * n_t)
+        remainder = total - rel_sum
+        bad = np.isfinite(total) & ((remainder < 0) | ((n_open == 0) & (remainder != 0)))
+        if bad.any():
+            ids = np.asarray(data["unit"].values).astype(str)[np.flatnonzero(bad) // n_t]
+            raise DataContractError(
+                f"'{source}_{kind}' of units {sorted(set(ids))[:10]} does not equal the sum of "
+                f"their flow_{source} cells (released cells exceed the total, or every cell is "
+                "released and the sum differs). Fix: check the totals' universe attribute "
+                "('covered' or 'within') and that the totals were computed before redaction"
+            )
+        use_obs = np.isfinite(total) & (n_open > 0)
+        use_cen = ~np.isfinite(total) & np.isfinite(bound) & (n_open > 0)
+        self.fit_meta.setdefault("n_totals", {})[f"{source}_{kind}"] = int(
+            use_obs.sum() + use_cen.sum()
+        )
+        if not (use_obs.any() or use_cen.any()):
+            return
+        mean = pt.zeros(n * n_t)
+        var = pt.zeros(n * n_t)
+        if censored.any():
+            idx = np.flatnonzero(censored)
+            m_c, v_c = truncated_nb_moments(mu[idx], phi, cells.upper[censored])
+            mean = pt.inc_subtensor(mean[key[idx]], m_c)
+            var = pt.inc_subtensor(var[key[idx]], v_c)
+        if missing.any():
+            idx = np.flatnonzero(missing)
+            m_m = mu[idx]
+            mean = pt.inc_subtensor(mean[key[idx]], m_m)
+            var = pt.inc_subtensor(var[key[idx]], m_m + m_m**2 / phi)
+        sd = pt.sqrt(var + 1.0 / 12.0)
+        logp = pt.zeros(())
+        if use_obs.any():
+            sel = np.flatnonzero(use_obs)
+            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
+            logp = logp + pm.logp(dist, remainder[sel]).sum()
+        if use_cen.any():
+            sel = np.flatnonzero(use_cen)
+            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
+            logp = logp + pm.logcdf(dist, bound[sel] - rel_sum[sel] + 0.5).sum()
+        pm.Potential(f"{source}_{kind}_total", logp)
 
     @staticmethod
     def _add_source_likelihood(source: str, mu: Any, phi: Any, pairs: ObservedPairs) -> None:
@@ -582,6 +910,81 @@ class FusionModel(FlowModel):
         names = [*self.latent._summary_vars(), "phi", "sigma_market_share", "period_scale"]
         return list(dict.fromkeys([*names, "period_effect"]))
 
+    # ------------------------------------------------------------------ LOO
+    def _cell_log_mu(
+        self, posterior: xr.Dataset, data: xr.Dataset, source: str, pairs: ObservedPairs
+    ) -> np.ndarray:
+        """``(sample, cell)`` log expected counts of the cells of ``source`` (numpy)."""
+        log_mu = self._log_rate_draws(posterior, data, pairs.origin_idx, pairs.dest_idx)
+        log_mu = log_mu + np.log(pairs.exposure)[None, :]
+        if source_kind(source) != CDR_KIND:
+            return log_mu
+        share = posterior[self._node("market_share", source)]
+        dim = self._node("market_unit", source)
+        pos = pd.Series(np.arange(share.sizes[dim]), index=share[dim].values.astype(str))
+        ids = np.asarray(data["unit"].values).astype(str)[pairs.origin_idx]
+        idx = pos.reindex(ids).to_numpy()
+        if np.isnan(idx).any():
+            raise ModelConfigError(
+                f"FusionModel.log_likelihood: CDR origins {sorted(set(ids[np.isnan(idx)]))[:10]} "
+                "have no fitted market share. Fix: pass the dataset the model was fitted to"
+            )
+        log_mu = log_mu + np.log(stack_samples(share))[:, idx.astype(np.int64)]
+        effect = self._node("period_effect", source)
+        if pairs.period_idx is not None and effect in posterior:
+            labels = np.asarray(data["period"].values).astype(str)[pairs.period_idx]
+            per = posterior[effect]
+            p_pos = pd.Series(
+                np.arange(per.sizes["period"]), index=per["period"].values.astype(str)
+            )
+            log_pe = np.log(stack_samples(per))
+            return log_mu + log_pe[:, p_pos.reindex(labels).to_numpy().astype(np.int64)]
+        scale = stack_samples(posterior[self._node("period_scale", source)])
+        return log_mu + np.log(scale)[:, None]
+
+    def log_likelihood(self, data: xr.Dataset) -> xr.DataTree:
+        """Posterior plus a pointwise ``log_likelihood`` group for LOO (:func:`compare`).
+
+        One variable ``flow`` over dim ``pair``: every cell of every source in
+        :attr:`sources` order (census cells, then CDR cells, period-resolved CDR
+        cells flattened), a count contributing its negative-binomial log pmf and a
+        censored cell ``log P(y <= max)``. In/out totals are not pointwise
+        observations and are left out (models compared by LOO should be fitted
+        with the same totals anyway). Computed in numpy from the posterior draws.
+        """
+        from scipy import stats
+
+        posterior = self.posterior
+        blocks, ys = [], []
+        for source in self.sources:
+            pairs = self._observed_pairs(data, source)
+            mu = np.exp(self._cell_log_mu(posterior, data, source, pairs))
+            phi = stack_samples(posterior["phi"].sel(source=source))[:, None]
+            p = phi / (phi + mu)
+            obs = pairs.observed
+            ll = np.empty_like(mu)
+            ll[:, obs] = stats.nbinom.logpmf(pairs.y[None, obs], phi, p[:, obs])
+            ll[:, ~obs] = stats.nbinom.logcdf(np.floor(pairs.upper[None, ~obs]), phi, p[:, ~obs])
+            blocks.append(ll)
+            ys.append(pairs.y)
+        n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
+        ll = np.concatenate(blocks, axis=1).reshape(n_chain, n_draw, -1)
+        source_of = np.concatenate(
+            [np.full(len(y), s) for s, y in zip(self.sources, ys, strict=True)]
+        )
+        tree = xr.DataTree()
+        tree["posterior"] = xr.DataTree(posterior)
+        tree["log_likelihood"] = xr.DataTree(
+            xr.Dataset(
+                {"flow": (("chain", "draw", "pair"), ll)},
+                coords={"chain": posterior["chain"].values, "draw": posterior["draw"].values},
+            )
+        )
+        tree["observed_data"] = xr.DataTree(
+            xr.Dataset({"flow": (("pair",), np.concatenate(ys)), "source": (("pair",), source_of)})
+        )
+        return tree
+
     def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:
         """Posterior of the market share of each CDR origin unit.
 
@@ -635,6 +1038,33 @@ def _neg_binomial(rng: np.random.Generator, mean: np.ndarray, phi: float) -> np.
     return rng.poisson(rng.gamma(phi, mean / phi)).astype(float)
 
 
+def _simulated_totals(
+    ids: np.ndarray,
+    y: np.ndarray,
+    o: np.ndarray,
+    d: np.ndarray,
+    redacted: np.ndarray,
+    redaction: float,
+    period: str,
+    in_cdr: np.ndarray,
+) -> pd.DataFrame:
+    """In/out totals of one simulated CDR period, redacted and protected like the operator's."""
+    table = pd.DataFrame({"unit_id": ids[in_cdr], "period": period})
+    counts = y[o, d]
+    for kind, side in (("outflow", o), ("inflow", d)):
+        n = len(ids)
+        total = np.bincount(side, counts, minlength=n)
+        released = np.bincount(side, np.where(redacted, 0.0, counts), minlength=n)
+        n_red = np.bincount(side, redacted.astype(float), minlength=n)
+        small = total <= redaction
+        reveal = (n_red > 0) & (total - released <= redaction)
+        value = np.where(small | reveal, np.nan, total)
+        bound = np.where(small, redaction, np.where(reveal, released + redaction * n_red, np.nan))
+        table[kind] = value[in_cdr]
+        table[f"{kind}_max"] = bound[in_cdr]
+    return table
+
+
 def simulate_fusion_dataset(
     *,
     units_per_country: int = 12,
@@ -648,6 +1078,7 @@ def simulate_fusion_dataset(
     log_period_effect: Sequence[float] = (0.15, -0.15),
     period_scale: float = 1.0,
     redaction: float = 15.0,
+    totals: bool = False,
     truth: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[xr.Dataset, dict[str, Any]]:
@@ -686,6 +1117,13 @@ def simulate_fusion_dataset(
         ``period_scale * exp(deviation)``.
     redaction
         Largest count the operator suppresses (FlowKit: 15).
+    totals
+        Also release the operator's in/out totals (``cdr_outflow``,
+        ``cdr_inflow``, dims ``unit``, ``period``; universe ``"within"``),
+        summed before redaction, themselves redacted when ``<= redaction`` and
+        suppressed (NaN, bound in ``cdr_<kind>_max``) when they would reveal
+        the redacted cells (:func:`flowmodel.inputs.cdr._protect_totals`'s
+        rule). Draws no random numbers: the world is the same either way.
     truth
         Generating gravity parameters (default :data:`FUSION_TRUTH`).
     seed
@@ -770,12 +1208,15 @@ def simulate_fusion_dataset(
     log_pe = log_pe - log_pe.mean() + np.log(period_scale)
     same = (country[:, None] == country[None, :]) & off_diag & in_cdr[:, None]
     rows = []
+    total_rows = []
     for t, period in enumerate(periods):
         mean_t = mu * np.nan_to_num(share)[:, None] * np.exp(log_pe[t])
         y = _neg_binomial(rng, mean_t, phi)
         o, d = np.nonzero(same)
         counts = y[o, d]
         redacted = counts <= redaction
+        if totals:
+            total_rows.append(_simulated_totals(ids, y, o, d, redacted, redaction, period, in_cdr))
         rows.append(
             pd.DataFrame(
                 {
@@ -794,6 +1235,8 @@ def simulate_fusion_dataset(
         flows={"census": census_table, "cdr": pd.concat(rows, ignore_index=True)},
     )
     ds["exposure_census"] = ("unit", np.full(n_units, float(sample_fraction)))
+    if totals:
+        ds = totals_to_dataset(ds, pd.concat(total_rows, ignore_index=True), universe="within")
     ds.attrs.update(simulated=1, seed=seed, redaction=redaction)
     coords = {"origin": ids, "destination": ids}
     out: dict[str, Any] = {
