@@ -314,7 +314,10 @@ def demo(
     ] = Path("demo-output"),
     size: Annotated[
         DemoSize,
-        typer.Option("--size", help="small (60 units, a minute or two) or medium (120 units)."),
+        typer.Option(
+            "--size",
+            help="small (60 units, about 3 min on 2 cores: NUTS, 2 chains) or medium (120 units).",
+        ),
     ] = DemoSize.small,
     set_: SetOpt = None,
     scheduler: SchedulerOpt = None,

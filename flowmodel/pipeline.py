@@ -32,6 +32,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -1043,6 +1044,11 @@ def stage_report(ctx: StageContext) -> dict[str, Path]:
         else None
     )
     truth = json.loads(Path(cfg.report.truth).read_text()) if cfg.report.truth else None
+    if truth is not None and isinstance(truth.get("true_flows"), str) and "mu" not in truth:
+        # the simulator's true expected flows: the report scores their recovery
+        true_flows = Path(cfg.report.truth).parent / truth["true_flows"]
+        if true_flows.exists():
+            truth["mu"] = pd.read_csv(true_flows, dtype={"origin": str, "destination": str})
     geometry = None
     if ctx.path(UNITS).exists():
         geometry, _ = read_gpkg(ctx.path(UNITS))
@@ -1143,19 +1149,33 @@ options = {{ sample_fraction = {sample_fraction} }}
 [flows.cdr]
 path = "world/cdr_events.parquet"
 towers = "world/cdr_towers.csv"
+# event times are UTC; night/day hours of the home detection are local
+options = {{ timezone = "{timezone}" }}
 
 [model]
 type = "fusion"
-backend = "laplace"
-draws = 400
+backend = "nutpie"   # NUTS; "laplace" is faster but approximate
+draws = 2000
+tune = 1000
+chains = 4   # 4 chains make R-hat meaningful (sigma_country has only 4 countries to learn from)
+sample_kwargs = {{ target_accept = 0.95 }}
 
 [model.options]
 sources = ["census", "cdr"]
+# the simulated CDR is a panel: subscribers per resident (~0.0004) measures the panel,
+# not the operator's market share, so the market-share prior keeps its default centre
+market_share_covariate = ""
 
 [model.options.latent]
 type = "gravity"
 origin_covariates = ["log_population"]
 destination_covariates = ["log_population", "night_lights_per_capita"]
+noncentered = true
+
+# CDR: relocations per month; census: moves over 5 years -> about 1/60 per period
+# (less where home detection misses moves): LogNormal(log(1/60), 1.5)
+[model.priors]
+period_scale = {{ dist = "LogNormal", mu = -4.0943, sigma = 1.5 }}
 
 [predict]
 quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
@@ -1227,7 +1247,11 @@ def demo_config(
     config = out / "demo.toml"
     truth = json.loads((world / "truth.json").read_text())
     text = DEMO_CONFIG.format(
-        size=size, seed=seed, config_name=config, sample_fraction=truth.get("sample_fraction", 0.1)
+        size=size,
+        seed=seed,
+        config_name=config,
+        sample_fraction=truth.get("sample_fraction", 0.1),
+        timezone=truth.get("timezone", "UTC"),
     )
     if not config.exists() or config.read_text() != text:
         with atomic_path(config) as tmp:
@@ -1269,7 +1293,107 @@ def _posterior_estimates(path: Path) -> dict[str, tuple[float, float, float]]:
                     add(f"phi[{src}]", phi.sel(source=src).values)
             else:
                 add("phi", phi.values)
+        if "period_scale" in post and set(post["period_scale"].dims) <= {"chain", "draw"}:
+            add("period_scale", post["period_scale"].values)
+        # the raw intercept extrapolates to covariates of 0; the log-rate at the covariate
+        # means is what the data identify (the raw intercept's error is mostly slope error)
+        meta = json.loads(tree.attrs.get("flowmodel_fit_meta", "{}") or "{}")
+        latent = meta.get("latent", meta)
+        terms, means = latent.get("terms"), latent.get("term_mean")
+        if (
+            "intercept_raw" in post
+            and "beta_raw" in post
+            and terms
+            and means
+            and list(post["beta_raw"]["term"].values.astype(str)) == list(terms)
+        ):
+            beta_raw = post["beta_raw"].transpose("chain", "draw", "term").values
+            add("log-rate at covariate means", post["intercept_raw"].values + beta_raw @ means)
     return out
+
+
+def _true_log_rate_at_means(path: Path, truth: Mapping[str, Any]) -> dict[str, float]:
+    """Return the true log-rate at the fitted covariate means (``intercept + Σ beta · mean``)."""
+    import xarray as xr
+
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        meta = json.loads(tree.attrs.get("flowmodel_fit_meta", "{}") or "{}")
+    latent = meta.get("latent", meta)
+    terms, means = latent.get("terms") or [], latent.get("term_mean") or []
+    beta = truth.get("beta")
+    if (
+        not isinstance(truth.get("intercept"), int | float)
+        or not isinstance(beta, Mapping)
+        or not terms
+        or any(t not in beta for t in terms)
+    ):
+        return {}
+    value = float(truth["intercept"]) + sum(
+        float(beta[t]) * float(m) for t, m in zip(terms, means, strict=True)
+    )
+    return {"log-rate at covariate means": value}
+
+
+def _market_share_line(path: Path, truth: Mapping[str, Any]) -> str:
+    """Return one line on the recovery of the true CDR market shares, or ''."""
+    import numpy as np
+    import xarray as xr
+
+    true = truth.get("market_share")
+    if not isinstance(true, Mapping) or not path.exists():
+        return ""
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        post = tree["posterior"].to_dataset()
+        if "market_share" not in post or "market_unit" not in post["market_share"].dims:
+            return ""
+        share = post["market_share"].load()
+    units = [str(u) for u in share["market_unit"].values if str(u) in true]
+    if not units:
+        return ""
+    draws = share.sel(market_unit=units).stack(s=("chain", "draw")).values
+    lo, hi = np.quantile(draws, [0.05, 0.95], axis=1)
+    t = np.array([float(true[u]) for u in units])
+    inside = float(np.mean((t >= lo) & (t <= hi)))
+    return (
+        f"  market share ({len(units)} CDR units): true mean {t.mean():.2f}, estimated "
+        f"{draws.mean():.2f}; {inside:.0%} of true shares inside their 90% intervals"
+    )
+
+
+def _recovery_lines(run_dir: Path, truth: Mapping[str, Any], truth_path: Path) -> list[str]:
+    """Recovery of the simulator's true expected flows, by the data available for each pair."""
+    import pandas as pd
+    import xarray as xr
+
+    from flowmodel.dataset import load_dataset
+    from flowmodel.outputs.io import read_flows
+    from flowmodel.outputs.report import recovery_table
+
+    name = truth.get("true_flows")
+    if not isinstance(name, str) or not (truth_path.parent / name).exists():
+        return []
+    if not (run_dir / FLOWS).exists() or not (run_dir / DATASET).exists():
+        return []
+    table = pd.read_csv(truth_path.parent / name, dtype={"origin": str, "destination": str})
+    mu = xr.DataArray.from_series(table.set_index(["origin", "destination"])["mu"])
+    flows = read_flows(run_dir / FLOWS)
+    ds = load_dataset(run_dir / DATASET)
+    mu = mu.reindex_like(flows["mean"])
+    realised = None
+    if "flow" in table:
+        realised = xr.DataArray.from_series(table.set_index(["origin", "destination"])["flow"])
+        realised = realised.reindex_like(flows["mean"])
+    groups = recovery_table(mu, flows, ds, truth, realised=realised)
+    if groups.empty:
+        return []
+    lines = [
+        "recovery of the true flows (all pairs, population scale; CPC and pred/true against "
+        "the expected flows, 90% cov of the realised flows):"
+    ]
+    lines.append(f"  {'pairs':<14} {'n':>5}  {'CPC':>5}  {'pred/true':>9}  {'90% cov':>7}")
+    for row in groups.itertuples(index=False):
+        lines.append(f"  {row[0]:<14} {row[1]:>5}  {row[2]:5.3f}  {row[3]:9.2f}  {row[4]:7.1%}")
+    return lines
 
 
 def demo_summary(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> str:
@@ -1295,21 +1419,39 @@ def demo_summary(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[
             true_flat[key] = value
         elif key == "phi" and isinstance(value, Mapping):
             true_flat.update({f"phi[{k}]": v for k, v in value.items()})
+    period_effect = truth.get("period_effect")
+    if isinstance(period_effect, Mapping) and period_effect:
+        # the model's period_scale is the geometric mean of the per-period effects
+        logs = [
+            math.log(v) for v in period_effect.values() if isinstance(v, int | float) and v > 0
+        ]
+        if logs:
+            true_flat["period_scale"] = math.exp(sum(logs) / len(logs))
     if isinstance(truth.get("phi"), int | float):
         # the simulator's dispersion is that of the true flows, which the census samples
         true_flat.setdefault("phi[census]", truth["phi"])
     try:
         estimates = _posterior_estimates(run_dir / POSTERIOR)
+        true_flat.update(_true_log_rate_at_means(run_dir / POSTERIOR, truth))
     except (OSError, KeyError, ValueError) as err:
         estimates = {}
         lines.append(f"  (posterior unreadable: {err})")
     width = max([len(k) for k in estimates] + [10])
     lines.append(f"  {'parameter':<{width}}  {'true':>8}  {'estimate':>9}  90% interval")
+
+    def num(value: float, width: int = 0) -> str:
+        # small positive scales (period_scale ~ 0.005) need significant digits, not decimals
+        text = f"{value:.3g}" if value != 0 and abs(value) < 0.1 else f"{value:.3f}"
+        return f"{text:>{width}}"
+
     for name, (mean, lo, hi) in estimates.items():
         true = true_flat.get(name)
-        shown = f"{true:8.3f}" if isinstance(true, int | float) else f"{'-':>8}"
+        shown = num(true, 8) if isinstance(true, int | float) else f"{'-':>8}"
         inside = "" if true is None else ("  ok" if lo <= true <= hi else "  (outside)")
-        lines.append(f"  {name:<{width}}  {shown}  {mean:9.3f}  [{lo:.3f}, {hi:.3f}]{inside}")
+        lines.append(f"  {name:<{width}}  {shown}  {num(mean, 9)}  [{num(lo)}, {num(hi)}]{inside}")
+    share = _market_share_line(run_dir / POSTERIOR, truth)
+    if share:
+        lines.append(share)
     metrics_path = run_dir / METRICS
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
@@ -1321,6 +1463,10 @@ def demo_summary(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[
                     f"{k}={values[k]:.3f}" for k in keys if isinstance(values.get(k), int | float)
                 )
                 lines.append(f"  {model:<22} {shown}")
+    try:
+        lines += _recovery_lines(run_dir, truth, Path(truth_path))
+    except (OSError, KeyError, ValueError) as err:
+        lines.append(f"  (true flows not scored: {err})")
     report = run_dir / REPORT
     lines.append(f"report: {report.resolve() if report.exists() else '(not written)'}")
     lines.append(f"flows:  {(run_dir / FLOWS).resolve()}")

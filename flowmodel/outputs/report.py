@@ -66,6 +66,8 @@ TRUTH_NODES = (
     "period_effect",
 )
 OUTSIDE_COLOR = "#ff7f00"
+#: Parameters drawn on a log10 axis in :func:`plot_posterior_prior`.
+LOG_SCALE_PARAMS = ("period_scale",)
 
 
 def _plt():
@@ -162,6 +164,33 @@ def plot_flow_map(
             column="population", ax=ax, cmap=cmap, norm=norm, edgecolor="white", linewidth=0.4
         )
         mappable = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+        if "country" in data:
+            # national borders and country codes: cross-border flows need them to be read
+            country = pd.Series(np.asarray(data["country"].values).astype(str), index=ids)
+            try:
+                nations = geo.assign(country=country.reindex(geo.index).to_numpy()).dissolve(
+                    "country"
+                )
+                nations.boundary.plot(ax=ax, color="0.25", linewidth=1.3, zorder=2.5)
+                for code, point in nations.representative_point().items():
+                    ax.annotate(
+                        str(code),
+                        (point.x, point.y),
+                        fontsize=9,
+                        fontweight="bold",
+                        color="0.15",
+                        ha="center",
+                        va="center",
+                        zorder=4,
+                        bbox={
+                            "boxstyle": "round,pad=0.2",
+                            "fc": "white",
+                            "ec": "none",
+                            "alpha": 0.7,
+                        },
+                    )
+            except Exception:  # pragma: no cover - invalid geometries: the map still works
+                pass
     else:
         sizes = 10 + 190 * np.sqrt(pop / max(pop.max(), 1.0))
         mappable = ax.scatter(
@@ -198,6 +227,8 @@ def plot_flow_map(
                 zorder=3,
             )
         handles = [Line2D([], [], color=WITHIN_COLOR, lw=2.5, label="within-country flow")]
+        if units_geometry is not None and "country" in data:
+            handles.append(Line2D([], [], color="0.25", lw=1.3, label="national border"))
         if cross.any():
             handles.append(Line2D([], [], color=CROSS_COLOR, lw=2.5, label="cross-border flow"))
         smallest = float(table["mean"].min())
@@ -216,7 +247,9 @@ def plot_flow_map(
     ax.set_aspect(1.0 / max(np.cos(np.deg2rad(mid_lat)), 0.2))
     ax.set_xlabel("Longitude (°E)")
     ax.set_ylabel("Latitude (°N)")
-    ax.set_title(title or f"Top {min(top_k, len(table))} predicted flows (posterior mean)")
+    ax.set_title(
+        title or f"Top {min(top_k, len(table))} predicted flows (posterior mean, persons)"
+    )
     ax.grid(alpha=0.2)
     fig.tight_layout()
     return fig
@@ -254,8 +287,12 @@ def plot_observed_vs_predicted(
     max_points: int = 3000,
     seed: int = 0,
     title: str | None = None,
+    unit: str = "persons",
 ):
     """Observed vs predicted flows with 90% predictive intervals, on log axes.
+
+    ``unit`` labels both axes (e.g. ``"persons in the sample"`` for census
+    sample counts compared with sample-scale predictions).
 
     Both axes are symmetric-log (linear below 1 person, so observed zeros are
     shown). Points whose observation lies outside the 90% interval are
@@ -316,8 +353,8 @@ def plot_observed_vs_predicted(
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
-    ax.set_xlabel("Observed flow (persons)")
-    ax.set_ylabel("Predicted flow: posterior mean and 90% interval (persons)")
+    ax.set_xlabel(f"Observed flow ({unit}, log scale)")
+    ax.set_ylabel(f"Predicted flow: posterior mean and 90% interval ({unit}, log scale)")
     ax.set_title(title or "Observed vs predicted flows")
     handles = [Line2D([], [], color="0.3", ls="--", label="1:1 line")]
     if has_int:
@@ -389,6 +426,8 @@ def plot_posterior_prior(
         "phi",
         "tau",
         "radiation_exponent",
+        "period_scale",
+        "sigma_market_share",
     ),
     max_panels: int = 12,
 ):
@@ -428,6 +467,10 @@ def plot_posterior_prior(
         pr, po = prior_draws[label], post_draws[label]
         pr = pr[np.isfinite(pr)]
         po = po[np.isfinite(po)]
+        if label.startswith(LOG_SCALE_PARAMS) and (pr > 0).all() and (po > 0).all():
+            # positive scales spanning orders of magnitude (LogNormal priors): log10 axis
+            pr, po = np.log10(pr), np.log10(po)
+            label = f"log10 {label}"
         lo, hi = (
             np.quantile(np.concatenate([pr, po]), [0.005, 0.995]) if pr.size + po.size else (0, 1)
         )
@@ -595,16 +638,120 @@ def truth_table(model: Any, truth: Mapping[str, Any], *, ci_prob: float = 0.9) -
     return out
 
 
-def _truth_flows(truth: Mapping[str, Any]) -> xr.DataArray | None:
-    """Return the true expected flows ``(origin, destination)`` from ``truth["mu"]`` (DataArray or long table)."""
+def recovery_table(
+    mu: xr.DataArray,
+    predictions: xr.Dataset,
+    data: xr.Dataset,
+    truth: Mapping[str, Any],
+    realised: xr.DataArray | None = None,
+) -> pd.DataFrame:
+    """Recovery of the true expected flows by the data available for each pair.
+
+    Groups: within-country pairs of countries with census only, census and
+    CDR, CDR only, no data (``truth["census_countries"]``,
+    ``truth["cdr_countries"]``), and cross-border pairs. CPC and the ratio of
+    totals compare the posterior mean with the true expected flows ``mu``;
+    the coverage is that of the realised true flows ``realised`` (what a
+    predictive interval is for; ``mu`` when not given).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``pairs``, ``n``, ``CPC``, ``predicted / true total``, ``90% coverage``,
+        ``mean 90% width (persons)``; empty without the country lists.
+    """
+    census = {str(c) for c in truth.get("census_countries", []) or []}
+    cdr = {str(c) for c in truth.get("cdr_countries", []) or []}
+    if not census and not cdr:
+        return pd.DataFrame()
+    mu = mu.transpose("origin", "destination")
+    units = np.asarray(data["unit"].values).astype(str)
+    country = pd.Series(np.asarray(data["country"].values).astype(str), index=units)
+    c_o = country.reindex(np.asarray(mu["origin"].values).astype(str)).to_numpy()
+    c_d = country.reindex(np.asarray(mu["destination"].values).astype(str)).to_numpy()
+    same = c_o[:, None] == c_d[None, :]
+    off = np.asarray(mu["origin"].values)[:, None] != np.asarray(mu["destination"].values)[None, :]
+    groups = {
+        "census only": census - cdr,
+        "census + CDR": census & cdr,
+        "CDR only": cdr - census,
+        "no data": set(country) - census - cdr,
+    }
+    masks = {k: same & off & np.isin(c_o, sorted(v))[:, None] for k, v in groups.items()}
+    masks["cross-border"] = ~same & off
+    rows = []
+    for label, mask in masks.items():
+        if not mask.any():
+            continue
+        m = flow_metrics(mu.where(mask), predictions)
+        if realised is not None:
+            r = flow_metrics(realised.where(mask), predictions)
+            m["coverage_90"] = r["coverage_90"]
+        rows.append(
+            {
+                "pairs": label,
+                "n": int(m["n_pairs"]),
+                "CPC": m["cpc"],
+                "predicted / true total": m["total_predicted"] / m["total_observed"]
+                if m["total_observed"]
+                else np.nan,
+                "90% coverage": m["coverage_90"],
+                "mean 90% width (persons)": m["width_90"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _market_share_recovery(model: Any, truth: Mapping[str, Any]) -> list[str]:
+    """Return sentences on the recovery of the true per-unit market shares (fusion models)."""
+    true = truth.get("market_share")
+    if not isinstance(true, Mapping) or not hasattr(model, "market_share_summary"):
+        return []
+    try:
+        shares = model.market_share_summary(ci_prob=0.9)
+    except Exception:
+        return []
+    if shares is None or len(shares) == 0 or "mean" not in shares:
+        return []
+    t = pd.Series({str(k): float(v) for k, v in true.items()}).reindex(shares.index.astype(str))
+    ok = t.notna().to_numpy()
+    if not ok.any():
+        return []
+    est = shares.loc[ok]
+    tv = t[ok].to_numpy()
+    inside = float(np.mean((tv >= est["eti_lo"].to_numpy()) & (tv <= est["eti_hi"].to_numpy())))
+    mae = float(np.mean(np.abs(est["mean"].to_numpy() - tv)))
+    centre = getattr(model, "model_config", {}).get("market_share_default")
+    covariate = getattr(model, "model_config", {}).get("market_share_covariate")
+    prior = (
+        f"prior centred on the covariate {covariate}"
+        if covariate
+        else f"prior centred on {centre:g} (no penetration covariate)"
+        if isinstance(centre, int | float)
+        else "default prior"
+    )
+    return [
+        f"{int(ok.sum())} CDR origin units: true share {tv.mean():.2f} on average, posterior mean "
+        f"{est['mean'].mean():.2f}; mean absolute error {mae:.3f}; {inside:.0%} of the true "
+        f"shares inside the 90% intervals ({prior}). The market share and the CDR period "
+        "scale are identified mainly through their product and the priors."
+    ]
+
+
+def _truth_flows(truth: Mapping[str, Any], column: str = "mu") -> xr.DataArray | None:
+    """Return true flows ``(origin, destination)`` from ``truth["mu"]`` (DataArray or long table).
+
+    ``column`` picks the column of a long table: ``"mu"`` (expected flows) or
+    ``"flow"`` (realised flows); a DataArray is returned only for ``"mu"``.
+    """
     mu = truth.get("mu")
     if isinstance(mu, xr.DataArray):
-        return mu
-    if isinstance(mu, pd.DataFrame) and {"origin", "destination", "mu"} <= set(mu.columns):
+        return mu if column == "mu" else None
+    if isinstance(mu, pd.DataFrame) and {"origin", "destination", column} <= set(mu.columns):
         series = mu.assign(
             origin=mu["origin"].astype(str), destination=mu["destination"].astype(str)
         )
-        return xr.DataArray.from_series(series.set_index(["origin", "destination"])["mu"])
+        return xr.DataArray.from_series(series.set_index(["origin", "destination"])[column])
     return None
 
 
@@ -657,6 +804,79 @@ def _metrics_frame(metrics: Mapping[str, Any] | pd.DataFrame) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------------------- report
+def _source_countries(data: xr.Dataset) -> str:
+    """Return a sentence naming the countries each flow source observes (by origin)."""
+    from flowmodel.dataset import flow_sources
+
+    if "country" not in data:
+        return ""
+    country = np.asarray(data["country"].values).astype(str)
+    units = pd.Series(country, index=np.asarray(data["unit"].values).astype(str))
+    parts, seen = [], set()
+    for source in flow_sources(data):
+        flow = data[f"flow_{source}"]
+        bound = data.get(f"flow_{source}_max")
+        present = flow.notnull() if bound is None else flow.notnull() | bound.notnull()
+        extra = [d for d in present.dims if d not in ("origin", "destination")]
+        if extra:
+            present = present.any(extra)
+        if "origin" not in present.dims:
+            continue
+        rows = present.any("destination")
+        origins = np.asarray(rows["origin"].values).astype(str)[np.asarray(rows.values, bool)]
+        codes = sorted(set(units.reindex(origins).dropna()))
+        seen |= set(codes)
+        if codes:
+            parts.append(f"{source} in {', '.join(codes)}")
+    if not parts:
+        return ""
+    missing = sorted(set(country) - seen)
+    tail = f"; no flow data in {', '.join(missing)}" if missing else ""
+    return "Data: " + "; ".join(parts) + tail + ". "
+
+
+def _prior_draws(model: Any, data: xr.Dataset, *, draws: int = 500, seed: int = 0) -> xr.DataTree:
+    """Prior draws of the model's parameters (group ``prior``), drawn quietly.
+
+    Only the parameters are drawn (the report compares their prior with the
+    posterior), so this works for every model, including multi-source fusion
+    models, whose likelihood terms are ``Potential``s. PyMC's "Potentials ...
+    ignored" warning is expected here and silenced, as is its "Sampling: [...]"
+    log line.
+    """
+    import copy
+    import logging
+
+    import pymc as pm
+
+    # build_model resets fit metadata (backend, seed, term scalings): keep the fitted ones
+    saved = [
+        (obj, name, obj.__dict__[name] if name == "model" else copy.deepcopy(obj.__dict__[name]))
+        for obj in (model, getattr(model, "latent", None))
+        if obj is not None
+        for name in ("fit_meta", "model", "_priors_in_use")
+        if name in getattr(obj, "__dict__", {})
+    ]
+    try:
+        pm_model = model.build_model(data)
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+    names = [v.name for v in pm_model.free_RVs] + [v.name for v in pm_model.deterministics]
+    forward = logging.getLogger("pymc.sampling.forward")
+    level = forward.level
+    forward.setLevel(logging.WARNING)
+    try:
+        with pm_model, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*[Pp]otential", category=UserWarning)
+            prior = pm.sample_prior_predictive(draws=draws, var_names=names, random_seed=seed)
+    finally:
+        forward.setLevel(level)
+    group = prior["prior"]
+    group = group.to_dataset() if hasattr(group, "to_dataset") else group
+    return xr.DataTree.from_dict({"prior": group})
+
+
 def _png(fig: Any, path: Path) -> str:
     plt = _plt()
     buf = io.BytesIO()
@@ -692,6 +912,7 @@ def report(
     truth: Mapping[str, Any] | None = None,
     units_geometry: Any = None,
     observed: xr.DataArray | None = None,
+    observed_predictions: xr.Dataset | None = None,
     source: str | None = None,
     title: str = "flowmodel: estimated migration flows",
     top_k: int = 200,
@@ -725,6 +946,11 @@ def report(
         Unit polygons for the map (else points at the centroids).
     observed
         Observed flows; default ``data["flow_<source>"]`` when present.
+    observed_predictions
+        Predictions on the scale of ``observed`` (``exposure_<source>``, e.g.
+        the census sample fraction, applied) for the observed-vs-predicted,
+        calibration and default metrics. Default: ``predictions`` when the
+        source has no exposure, else ``model.predict(data, exposure=source)``.
     source
         Flow source; default the only one.
     title
@@ -759,6 +985,41 @@ def report(
                     observed.sum("period", min_count=1) if "period" in observed.dims else observed
                 )
     sections: list[str] = []
+    exposure = data.get(f"exposure_{source}") if source is not None else None
+    scale_note = ""
+    if observed_predictions is None:
+        observed_predictions = predictions
+        if observed is not None and exposure is not None:
+            if model is not None and hasattr(model, "predict"):
+                try:
+                    observed_predictions = model.predict(
+                        data,
+                        quantiles=tuple(p for p, _ in _quantile_levels(predictions)),
+                        exposure=source,
+                        seed=0,
+                    )
+                except Exception as err:  # pragma: no cover - depends on the model
+                    notes = [
+                        *notes,
+                        f"Observed-scale predictions unavailable ({err}); observed "
+                        f"{source} counts are compared with population-scale predictions.",
+                    ]
+            else:
+                notes = [
+                    *notes,
+                    f"flow_{source} has an exposure (sample fraction) and no model was given: "
+                    "the predictions are compared with the observed counts as given, so they "
+                    "should be on the observed (sample) scale.",
+                ]
+    if exposure is not None and observed_predictions is not predictions:
+        values = np.asarray(exposure.values, dtype=float)
+        values = np.unique(np.round(values[np.isfinite(values)], 6))
+        shown = f"{values[0]:g}" if values.size == 1 else f"{values.min():g}–{values.max():g}"
+        scale_note = (
+            f" The {source} counts are a sample (exposure = sample fraction {shown}), so the "
+            "predictions in this section are on the same sample scale: population-scale flows "
+            "× sample fraction, with the sampling noise."
+        )
 
     def figure(fig: Any, name: str, caption: str) -> None:
         if fig is None:
@@ -771,6 +1032,7 @@ def report(
 
     n_units = data.sizes["unit"]
     countries = sorted(set(np.asarray(data["country"].values).astype(str)))
+    coverage = _source_countries(data)
     sections.append("<h2>Flow map</h2>")
     has_xy = "lon" in data and "lat" in data
     figure(
@@ -781,7 +1043,9 @@ def report(
             "countr"
             + ("y" if len(countries) == 1 else "ies")
             + "; line width is proportional to the square root of the "
-            "posterior mean flow (persons); red lines cross a national border. Units are shaded by population"
+            "posterior mean flow (persons); red lines cross a national border (dark lines). "
+            + coverage
+            + "Units are shaded by population"
             + (
                 " (polygons)."
                 if units_geometry is not None
@@ -794,31 +1058,48 @@ def report(
     )
     if observed is not None and bool(np.isfinite(np.asarray(observed.values, dtype=float)).any()):
         sections.append("<h2>Observed vs predicted</h2>")
+        sample = scale_note != ""
         figure(
-            plot_observed_vs_predicted(observed, predictions),
+            plot_observed_vs_predicted(
+                observed,
+                observed_predictions,
+                title=f"Observed vs predicted flows ({source}"
+                + (", sample scale)" if sample else ")"),
+                unit="persons in the sample" if sample else "persons",
+            ),
             "observed_vs_predicted.png",
             "Each point is an observed origin–destination pair: observed flow against the posterior "
-            "predictive mean, with the 90% predictive interval (q05–q95) as a vertical line. Axes are "
-            "logarithmic above 1 person and linear below, so observed zeros are shown. These are "
-            "in-sample predictions; see the cross-validation table for held-out performance.",
+            "predictive mean, with the 90% predictive interval (q05–q95) as a vertical line; blue "
+            "points lie inside their interval, orange ones outside. Axes are logarithmic above 1 "
+            "person and linear below, so observed zeros are shown. These are in-sample "
+            "predictions; see the cross-validation table (when run) for held-out performance."
+            + scale_note,
         )
         sections.append("<h2>Calibration</h2>")
         figure(
-            plot_calibration(observed, predictions, cv=cv),
+            plot_calibration(observed, observed_predictions, cv=cv),
             "calibration.png",
             "Left: shares of observed flows strictly below and at or below each predicted quantile q_p; "
             "counts are discrete, so for a calibrated model the shaded band between them contains the "
             "diagonal. Right: share of observed flows inside the 50% and 90% predictive intervals; "
-            "the dashed lines are the nominal levels. Held-out bars come from the cross-validation below.",
+            "the dashed lines are the nominal levels. Held-out bars come from the cross-validation "
+            "(when run)." + scale_note,
         )
         if metrics is None:
-            metrics = flow_metrics(observed, predictions)
+            metrics = flow_metrics(observed, observed_predictions)
     if metrics is not None:
         sections.append("<h2>Metrics</h2>")
         sections.append(
             "<p>CPC = 2·Σmin(T, T̂)/(ΣT + ΣT̂) (1 = identical flows); correlations on log(1+flow); "
             "coverage = share of observed flows inside the predictive interval. "
-            "Computed over the observed off-diagonal pairs.</p>"
+            "Computed over the observed off-diagonal pairs."
+            + (
+                " Predictions are on the observed (sample) scale: the census sample fraction "
+                "multiplies the population-scale flows."
+                if scale_note
+                else ""
+            )
+            + "</p>"
         )
         sections.append(_table_html(_metrics_frame(metrics)))
     if cv is not None and not cv.empty:
@@ -860,10 +1141,7 @@ def report(
             and hasattr(model, "sample_prior_predictive")
         ):
             try:
-                with warnings.catch_warnings():
-                    # only the prior of the parameters is used, not the prior predictive
-                    warnings.simplefilter("ignore", UserWarning)
-                    prior = model.sample_prior_predictive(data, draws=500, random_seed=0)
+                prior = _prior_draws(model, data, draws=2000, seed=0)
             except Exception as err:
                 notes = [*notes, f"Prior draws unavailable: {err}"]
         tree = idata
@@ -881,6 +1159,18 @@ def report(
             f"<b>{html.escape(str(fit_meta.get('backend', '?')))}</b>, configuration "
             f"<code>{html.escape(json.dumps(getattr(model, 'model_config', {}), default=str))}</code>.</p>"
         )
+        cells, censored = fit_meta.get("n_cells"), fit_meta.get("n_censored")
+        if isinstance(cells, Mapping) and isinstance(censored, Mapping):
+            parts = [
+                f"{html.escape(str(src))}: {int(n):,} cells, {int(censored.get(src, 0)):,} censored"
+                for src, n in cells.items()
+            ]
+            sections.append(
+                "<p>Observations by source (" + "; ".join(parts) + "). A censored cell is a "
+                "count suppressed for privacy (e.g. below a threshold): only its upper bound "
+                "enters the likelihood, so a source with mostly censored cells carries little "
+                "information about the size of flows.</p>"
+            )
         figure(
             plot_posterior_prior(tree),
             "posterior_prior.png",
@@ -901,14 +1191,27 @@ def report(
                 "ESS ≥ 100 per chain for NUTS; they are undefined (–) for single-draw MAP fits. "
                 f"Divergent transitions: {summary.attrs.get('divergences', 0)}.</p>"
             )
-            sections.append(_table_html(summary, index=True))
+            shown = summary.copy()
+            for col in ("ess_bulk", "ess_tail"):
+                if col in shown:
+                    # ESS are counts of draws: whole numbers read better
+                    shown[col] = (
+                        shown[col]
+                        .map(lambda v: round(v) if np.isfinite(v) else np.nan)
+                        .astype(object)
+                    )
+            sections.append(_table_html(shown, index=True))
         if truth is not None:
             sections.append("<h2>True vs estimated</h2>")
             tt = truth_table(model, truth, ci_prob=0.9)
             sections.append(
                 "<p>Known generating parameters (raw covariate scale) against the posterior mean and "
                 f"90% interval; {int(tt['covered'].fillna(False).sum())} of {int(tt['covered'].notna().sum())} "
-                "intervals cover the truth.</p>"
+                "intervals cover the truth. The raw-scale intercept is the log-rate extrapolated to "
+                "covariates of zero (e.g. log population 0, a unit of one resident), so its error "
+                "is mostly the slope errors × the covariate means; the log-rate at the covariate "
+                "means is what the data pin down. Country effects of countries without census "
+                "data are identified only through the CDR (confounded with the market share).</p>"
             )
             sections.append(_table_html(tt))
     true_mu = _truth_flows(truth) if truth is not None else None
@@ -917,10 +1220,37 @@ def report(
             sections.append("<h2>True vs estimated</h2>")
         mu = true_mu.reindex_like(predictions["mean"])
         rec = flow_metrics(mu, predictions)
+        true_flow = _truth_flows(truth or {}, "flow")
+        realised = true_flow.reindex_like(predictions["mean"]) if true_flow is not None else None
+        covered = (
+            f"share of the realised true flows inside the 90% predictive interval "
+            f"{flow_metrics(realised, predictions)['coverage_90']:.1%}"
+            if realised is not None
+            else f"share of true μ inside the 90% predictive interval {rec['coverage_90']:.1%}"
+        )
         sections.append(
-            "<p>Recovery of the true expected flows μ (before sampling noise): "
-            f"CPC {rec['cpc']:.3f}, Pearson r on log(1+flow) {rec['pearson_log']:.3f}, "
-            f"share of true μ inside the 90% predictive interval {rec['coverage_90']:.1%}.</p>"
+            "<h3>Recovery of the true expected flows</h3>"
+            "<p>True expected flows μ (persons, population scale, before sampling noise) of "
+            "every pair against the population-scale posterior mean: "
+            f"CPC {rec['cpc']:.3f}, Pearson r on log(1+flow) {rec['pearson_log']:.3f}; "
+            f"{covered}.</p>"
+        )
+        groups = recovery_table(mu, predictions, data, truth or {}, realised=realised)
+        if not groups.empty:
+            sections.append(
+                "<p>By the data available for the pair (within-country pairs by their country's "
+                "sources; cross-border pairs are never observed). <i>predicted / true total</i> "
+                "is Σ posterior mean / Σ μ; coverage is the share of the "
+                + ("realised true flows" if realised is not None else "true μ")
+                + " inside the 90% predictive interval (nominal 90%).</p>"
+            )
+            sections.append(_table_html(groups))
+    share_rows = _market_share_recovery(model, truth) if truth is not None else None
+    if share_rows:
+        sections.append(
+            "<h3>Operator market share (CDR)</h3><p>"
+            + " ".join(html.escape(r) for r in share_rows)
+            + "</p>"
         )
 
     meta = {
