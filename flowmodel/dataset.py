@@ -80,7 +80,7 @@ def _units_table(units: Any, id_field: str, country_field: str) -> pd.DataFrame:
         )
     table = units.copy()
     if id_field not in table.columns:
-        if table.index.name == id_field or id_field == "unit_id" and table.index.name == "unit":
+        if table.index.name == id_field or (id_field == "unit_id" and table.index.name == "unit"):
             table = table.reset_index().rename(columns={table.index.name or "index": id_field})
         else:
             raise DataContractError(
@@ -94,7 +94,9 @@ def _units_table(units: Any, id_field: str, country_field: str) -> pd.DataFrame:
         )
     ids = table[id_field]
     if ids.isna().any():
-        raise _fail("unit", "unit ids must not be null", table.index[ids.isna()], "give every unit an id")
+        raise _fail(
+            "unit", "unit ids must not be null", table.index[ids.isna()], "give every unit an id"
+        )
     table[id_field] = ids.astype(str)
     dup = table[id_field][table[id_field].duplicated()].unique()
     if len(dup):
@@ -143,7 +145,9 @@ def _flow_variables(
     source: str, table: pd.DataFrame, ids: pd.Index
 ) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray]], pd.Index | None]:
     if isinstance(table, xr.Dataset | xr.DataArray):
-        raise DataContractError(f"flows['{source}']: give a long table (origin, destination, count)")
+        raise DataContractError(
+            f"flows['{source}']: give a long table (origin, destination, count)"
+        )
     table = pd.DataFrame(table).copy()
     missing = {"origin", "destination", "count"} - set(table.columns)
     if missing:
@@ -174,19 +178,29 @@ def _flow_variables(
     dup = table.duplicated(keys, keep=False)
     if dup.any():
         bad = table.loc[dup, keys].astype(str).agg("->".join, axis=1).unique()
-        raise _fail(f"flow_{source}", "duplicate rows for the same pair", bad, "aggregate the table first")
+        raise _fail(
+            f"flow_{source}", "duplicate rows for the same pair", bad, "aggregate the table first"
+        )
     periods = None
     if "period" in table.columns:
         table["period"] = table["period"].astype(str)
         periods = pd.Index(sorted(table["period"].unique()), name="period")
-    dims: tuple[str, ...] = ("origin", "destination") + (("period",) if periods is not None else ())
+    dims: tuple[str, ...] = ("origin", "destination") + (
+        ("period",) if periods is not None else ()
+    )
     out = {f"flow_{source}": (dims, _long_to_matrix(table, "count", ids, periods, source))}
     if "max" in table.columns and table["max"].notna().any():
         out[f"flow_{source}_max"] = (dims, _long_to_matrix(table, "max", ids, periods, source))
     if "weighted" in table.columns:
-        out[f"flow_{source}_weighted"] = (dims, _long_to_matrix(table, "weighted", ids, periods, source))
+        out[f"flow_{source}_weighted"] = (
+            dims,
+            _long_to_matrix(table, "weighted", ids, periods, source),
+        )
     if "exposure" in table.columns:
-        out[f"exposure_{source}"] = (dims, _long_to_matrix(table, "exposure", ids, periods, source))
+        out[f"exposure_{source}"] = (
+            dims,
+            _long_to_matrix(table, "exposure", ids, periods, source),
+        )
     return out, periods
 
 
@@ -241,11 +255,15 @@ def build_dataset(
         cov.index = cov.index.astype(str)
         unknown = sorted(set(cov.index) - set(table.index))
         if unknown:
-            raise _fail("covariates", "covariate rows name units not in the unit table", unknown,
-                        "index the covariate table by the same unit ids")
+            raise _fail(
+                "covariates",
+                "covariate rows name units not in the unit table",
+                unknown,
+                "index the covariate table by the same unit ids",
+            )
         for col in cov.columns:
             table[col] = cov[col].reindex(table.index)
-    if ("lon" not in table.columns or "lat" not in table.columns):
+    if "lon" not in table.columns or "lat" not in table.columns:
         cent = _centroids_lonlat(table)
         if cent is not None:
             table["lon"], table["lat"] = cent["lon"], cent["lat"]
@@ -263,7 +281,10 @@ def build_dataset(
         if col == country_field:
             data_vars["country"] = ("unit", series.astype(str).to_numpy())
         elif pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-            data_vars[col] = ("unit", series.to_numpy(dtype=float if not pd.api.types.is_bool_dtype(series) else bool))
+            data_vars[col] = (
+                "unit",
+                series.to_numpy(dtype=float if not pd.api.types.is_bool_dtype(series) else bool),
+            )
     ds = xr.Dataset(data_vars, coords={"unit": ids.to_numpy()})
     ds = ds.assign_coords(origin=ids.to_numpy(), destination=ids.to_numpy())
     n = len(ids)
@@ -280,8 +301,12 @@ def build_dataset(
             ptab["destination"] = ptab["destination"].astype(str)
             unknown = sorted(set(ptab["origin"]).union(ptab["destination"]) - set(ids))
             if unknown:
-                raise _fail("pairs", "pairs name units not in the unit table", unknown,
-                            "harmonise unit codes or drop those rows")
+                raise _fail(
+                    "pairs",
+                    "pairs name units not in the unit table",
+                    unknown,
+                    "harmonise unit codes or drop those rows",
+                )
             ptab = ptab.loc[ptab["origin"] != ptab["destination"]]
             for col in ptab.columns:
                 if col in ("origin", "destination"):
@@ -316,13 +341,19 @@ def build_dataset(
         for source, tab in flows.items():
             variables, periods = _flow_variables(source, tab, ids)
             if periods is not None:
-                if "period" in ds.coords and not np.array_equal(ds["period"].values, periods.to_numpy()):
+                if "period" in ds.coords and not np.array_equal(
+                    ds["period"].values, periods.to_numpy()
+                ):
                     ds = ds.reindex(period=sorted(set(ds["period"].values) | set(periods)))
                 else:
                     ds = ds.assign_coords(period=periods.to_numpy())
             for name, (dims, values) in variables.items():
-                da = xr.DataArray(values, dims=dims, coords={"origin": ids.to_numpy(), "destination": ids.to_numpy()} | (
-                    {"period": periods.to_numpy()} if periods is not None else {}))
+                da = xr.DataArray(
+                    values,
+                    dims=dims,
+                    coords={"origin": ids.to_numpy(), "destination": ids.to_numpy()}
+                    | ({"period": periods.to_numpy()} if periods is not None else {}),
+                )
                 ds[name] = da.reindex_like(ds) if "period" in dims else da
     ds.attrs.update({"flowmodel_version": __version__, "Conventions": "flowmodel FlowDataset 1"})
     if attrs:
@@ -343,11 +374,14 @@ def _pair_vars(ds: xr.Dataset) -> list[str]:
 def _offending_pairs(ds: xr.Dataset, mask: xr.DataArray) -> list[str]:
     mask = mask.compute() if hasattr(mask, "compute") else mask
     if is_sparse(ds):
-        idx = np.flatnonzero(np.asarray(mask.any([d for d in mask.dims if d != "pair"])
-                                        if mask.ndim > 1 else mask))
+        idx = np.flatnonzero(
+            np.asarray(mask.any([d for d in mask.dims if d != "pair"]) if mask.ndim > 1 else mask)
+        )
         o = ds["origin"].values[idx]
         d = ds["destination"].values[idx]
-        return [f"{a}->{b}" for a, b in zip(o[:MAX_IDS + 1], d[:MAX_IDS + 1], strict=False)] + [""] * max(0, len(idx) - MAX_IDS - 1)
+        return [f"{a}->{b}" for a, b in zip(o[: MAX_IDS + 1], d[: MAX_IDS + 1], strict=False)] + [
+            ""
+        ] * max(0, len(idx) - MAX_IDS - 1)
     extra = [d for d in mask.dims if d not in ("origin", "destination")]
     m = mask.any(extra) if extra else mask
     m = np.asarray(m.transpose("origin", "destination"))
@@ -381,7 +415,9 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
         values on the diagonal.
     """
     if "unit" not in ds.dims:
-        raise DataContractError("dataset has no 'unit' dim. Fix: build it with flowmodel.build_dataset().")
+        raise DataContractError(
+            "dataset has no 'unit' dim. Fix: build it with flowmodel.build_dataset()."
+        )
     ids = pd.Index(ds["unit"].values.astype(str))
     dup = ids[ids.duplicated()].unique()
     if len(dup):
@@ -396,16 +432,26 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
     pop = np.asarray(ds["population"].values, dtype=float)
     bad = ids[~np.isfinite(pop)]
     if len(bad):
-        raise _fail("population", "required variable holds NaN", bad,
-                    "fill population (zonal sum of a population raster, or given)")
+        raise _fail(
+            "population",
+            "required variable holds NaN",
+            bad,
+            "fill population (zonal sum of a population raster, or given)",
+        )
     bad = ids[pop < 0]
     if len(bad):
-        raise _fail("population", "population must be >= 0", bad, "check the raster's nodata value")
+        raise _fail(
+            "population", "population must be >= 0", bad, "check the raster's nodata value"
+        )
     if "country_code" in ds.dims:
         empty = sorted(set(ds["country_code"].values.astype(str)) - set(country))
         if empty:
-            raise _fail("country", "per-country inputs name a country with no units", empty,
-                        "drop those countries or add their units")
+            raise _fail(
+                "country",
+                "per-country inputs name a country with no units",
+                empty,
+                "drop those countries or add their units",
+            )
     sparse = is_sparse(ds)
     if sparse:
         names = set(ds["origin"].values.astype(str)) | set(ds["destination"].values.astype(str))
@@ -413,11 +459,19 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
         names = set(ds["origin"].values.astype(str)) | set(ds["destination"].values.astype(str))
     unknown = sorted(names - set(ids))
     if unknown:
-        raise _fail("origin/destination", "pairs or flows name units not in 'unit'", unknown,
-                    "harmonise unit codes before building the dataset")
+        raise _fail(
+            "origin/destination",
+            "pairs or flows name units not in 'unit'",
+            unknown,
+            "harmonise unit codes before building the dataset",
+        )
     if "distance_km" not in ds:
-        raise _fail("distance_km", "required pair variable is absent", [],
-                    "give lon/lat, geometries or a pairs table with distance_km")
+        raise _fail(
+            "distance_km",
+            "required pair variable is absent",
+            [],
+            "give lon/lat, geometries or a pairs table with distance_km",
+        )
     if sparse:
         off_diag = ds["origin"] != ds["destination"]
         diag_mask = ~off_diag
@@ -429,43 +483,74 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
         if var.dtype.kind == "f":
             bad = var.notnull() & diag_mask
             if bool(bad.any()):
-                raise _fail(name, "the diagonal (origin == destination) must be NaN",
-                            _offending_pairs(ds, bad), "set the diagonal to NaN")
+                raise _fail(
+                    name,
+                    "the diagonal (origin == destination) must be NaN",
+                    _offending_pairs(ds, bad),
+                    "set the diagonal to NaN",
+                )
     dist = ds["distance_km"]
     bad = dist.isnull() & off_diag
     if bool(bad.any()):
-        raise _fail("distance_km", "required variable holds NaN off the diagonal",
-                    _offending_pairs(ds, bad), "supply distances for every pair of distinct units")
+        raise _fail(
+            "distance_km",
+            "required variable holds NaN off the diagonal",
+            _offending_pairs(ds, bad),
+            "supply distances for every pair of distinct units",
+        )
     bad = (dist <= 0) & off_diag
     if bool(bad.any()):
-        raise _fail("distance_km", "distance must be > 0 between distinct units",
-                    _offending_pairs(ds, bad), "units share a centroid: merge them or fix the coordinates")
+        raise _fail(
+            "distance_km",
+            "distance must be > 0 between distinct units",
+            _offending_pairs(ds, bad),
+            "units share a centroid: merge them or fix the coordinates",
+        )
     for source in flow_sources(ds):
         flow = ds[f"flow_{source}"]
         bad = flow < 0
         if bool(bad.any()):
-            raise _fail(f"flow_{source}", "counts must be >= 0", _offending_pairs(ds, bad),
-                        "negative counts are errors in the input table")
+            raise _fail(
+                f"flow_{source}",
+                "counts must be >= 0",
+                _offending_pairs(ds, bad),
+                "negative counts are errors in the input table",
+            )
         bad = flow.notnull() & (np.abs(flow - np.round(flow)) > 1e-9)
         if bool(bad.any()):
-            raise _fail(f"flow_{source}", "counts must be integers (unweighted sample counts)",
-                        _offending_pairs(ds, bad),
-                        f"put weighted estimates in 'flow_{source}_weighted', counts in 'flow_{source}'")
+            raise _fail(
+                f"flow_{source}",
+                "counts must be integers (unweighted sample counts)",
+                _offending_pairs(ds, bad),
+                f"put weighted estimates in 'flow_{source}_weighted', counts in 'flow_{source}'",
+            )
         mx = f"flow_{source}_max"
         if mx in ds:
             bad = ds[mx].notnull() & flow.notnull()
             if bool(bad.any()):
-                raise _fail(mx, "a censoring bound needs a NaN flow (the cell is censored)",
-                            _offending_pairs(ds, bad), f"set flow_{source} to NaN where {mx} is given")
+                raise _fail(
+                    mx,
+                    "a censoring bound needs a NaN flow (the cell is censored)",
+                    _offending_pairs(ds, bad),
+                    f"set flow_{source} to NaN where {mx} is given",
+                )
             bad = ds[mx] < 0
             if bool(bad.any()):
-                raise _fail(mx, "censoring bounds must be >= 0", _offending_pairs(ds, bad),
-                            "use the largest possible count of the suppressed cell")
+                raise _fail(
+                    mx,
+                    "censoring bounds must be >= 0",
+                    _offending_pairs(ds, bad),
+                    "use the largest possible count of the suppressed cell",
+                )
         exp = f"exposure_{source}"
         if exp in ds:
             bad = ds[exp] <= 0
             if bool(bad.any()):
-                where = ids[np.asarray(bad)] if ds[exp].dims == ("unit",) else _offending_pairs(ds, bad)
+                where = (
+                    ids[np.asarray(bad)]
+                    if ds[exp].dims == ("unit",)
+                    else _offending_pairs(ds, bad)
+                )
                 raise _fail(exp, "exposure must be > 0", where, "use the sampling fraction (0, 1]")
     return ds
 
@@ -489,11 +574,15 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_dataset(path: str | os.PathLike[str], *, chunks: Mapping[str, int] | None = None) -> xr.Dataset:
+def load_dataset(
+    path: str | os.PathLike[str], *, chunks: Mapping[str, int] | None = None
+) -> xr.Dataset:
     """Read a FlowDataset written by :func:`save_dataset` and validate it."""
     path = Path(path)
     if not path.exists():
-        raise InputFileError(f"{path}: no such FlowDataset file. Fix: check the path or run 'flowmodel prepare'.")
+        raise InputFileError(
+            f"{path}: no such FlowDataset file. Fix: check the path or run 'flowmodel prepare'."
+        )
     if chunks is None:
         ds = xr.load_dataset(path, engine="h5netcdf")
     else:
@@ -505,7 +594,7 @@ def load_dataset(path: str | os.PathLike[str], *, chunks: Mapping[str, int] | No
 
 
 def dataset_fingerprint(ds: xr.Dataset) -> str:
-    """A short SHA-256 of the dataset's ids and variables, for save/load and manifests."""
+    """Return a short SHA-256 of the dataset's ids and variables (for save/load and manifests)."""
     h = hashlib.sha256()
     for name in sorted(ds.variables):
         var = ds[name]

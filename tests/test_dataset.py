@@ -154,7 +154,10 @@ def _modify(ds: xr.Dataset, how: str) -> xr.Dataset:
         ("zero distance", r"'distance_km': distance must be > 0.*a->b"),
         ("nan distance", r"'distance_km': required variable holds NaN.*a->d"),
         ("unknown pair unit", r"pairs or flows name units not in 'unit'.*zz"),
-        ("country without units", r"'country': per-country inputs name a country with no units.*Q"),
+        (
+            "country without units",
+            r"'country': per-country inputs name a country with no units.*Q",
+        ),
         ("diagonal value", r"'flow_census': the diagonal .* must be NaN.*c->c"),
         ("missing country", r"'country': every unit needs a country code.*\[b\]"),
         ("zero exposure", r"'exposure_census': exposure must be > 0.*\[b\]"),
@@ -166,8 +169,12 @@ def test_validate_rejects(ds, how, match):
 
 
 def test_build_rejects_unknown_flow_units(units, flows):
-    bad = pd.concat([flows, pd.DataFrame({"origin": ["a"], "destination": ["nowhere"], "count": [1]})])
-    with pytest.raises(DataContractError, match=r"flows name units not in the unit table.*nowhere.*harmonise"):
+    bad = pd.concat(
+        [flows, pd.DataFrame({"origin": ["a"], "destination": ["nowhere"], "count": [1]})]
+    )
+    with pytest.raises(
+        DataContractError, match=r"flows name units not in the unit table.*nowhere.*harmonise"
+    ):
         build_dataset(units, flows={"census": bad})
 
 
@@ -179,7 +186,9 @@ def test_build_rejects_duplicate_flow_rows(units, flows):
 
 def test_build_rejects_missing_columns(units):
     with pytest.raises(DataContractError, match=r"missing column\(s\) \['count'\]"):
-        build_dataset(units, flows={"census": pd.DataFrame({"origin": ["a"], "destination": ["b"]})})
+        build_dataset(
+            units, flows={"census": pd.DataFrame({"origin": ["a"], "destination": ["b"]})}
+        )
     with pytest.raises(DataContractError, match="no id column 'code'"):
         build_dataset(units, id_field="code")
     with pytest.raises(DataContractError, match="'population': required but absent"):
@@ -188,7 +197,10 @@ def test_build_rejects_missing_columns(units):
 
 def test_distance_supplied_without_coordinates(units):
     pairs = pd.DataFrame(
-        [(o, d, 10.0 + i) for i, (o, d) in enumerate((o, d) for o in "abcd" for d in "abcd" if o != d)],
+        [
+            (o, d, 10.0 + i)
+            for i, (o, d) in enumerate((o, d) for o in "abcd" for d in "abcd" if o != d)
+        ],
         columns=["origin", "destination", "distance_km"],
     )
     ds = build_dataset(units.drop(columns=["lon", "lat"]), pairs=pairs)
@@ -202,5 +214,7 @@ def test_simulated_dataset_is_valid_and_deterministic():
     c, _ = simulate_flow_dataset(40, 3, seed=4)
     validate_dataset(a)
     xr.testing.assert_identical(a, b)
-    assert not np.array_equal(np.nan_to_num(a["flow_census"].values), np.nan_to_num(c["flow_census"].values))
+    assert not np.array_equal(
+        np.nan_to_num(a["flow_census"].values), np.nan_to_num(c["flow_census"].values)
+    )
     assert set(truth) >= {"intercept", "beta", "sigma_country", "phi", "country_effect", "mu"}
