@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 
 help:
 	@echo "make demo       set up .venv if needed, run the simulated-world pipeline, write demo-output/report.html"
-	@echo "make test       set up .venv if needed, run the whole test suite (slow tests and docs build included)"
+	@echo "make test       set up .venv if needed, lint, run the whole test suite (slow tests and docs build included)"
 	@echo "make test-fast  the suite without slow tests"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make docs       build the docs site (warnings are errors)"
@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/flowmodel demo --out demo-output
 
 test: $(STAMP)
+	$(MAKE) lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
 	$(MAKE) docs
 
