@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 export FLOWMODEL_DATA ?= $(abspath ../shared/data)
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
+export NO_MKDOCS_2_WARNING := 1
 PYTEST_WORKERS ?= 2
 
 .PHONY: help venv demo test test-fast lint format docs bench clean
