@@ -47,6 +47,7 @@ from flowmodel.models.base import (
     stack_samples,
 )
 from flowmodel.models.priors import create_prior, resolve_priors
+from flowmodel.simulate import DEFAULT_TRUTH, gravity_log_rate
 
 __all__ = [
     "FUSION_PRIORS",
@@ -1018,17 +1019,11 @@ def _latent_defaults() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- simulated world
 #: Generating parameters of the default fusion world (raw covariate scale).
+#: The simulator's default gravity process, with a higher intercept (more moves).
 FUSION_TRUTH: dict[str, Any] = {
+    **DEFAULT_TRUTH,
+    "beta": dict(DEFAULT_TRUTH["beta"]),
     "intercept": -6.0,
-    "beta": {
-        "origin:log_population": 0.8,
-        "destination:log_population": 0.7,
-        "destination:night_lights_per_capita": 0.5,
-        "log_distance": -1.4,
-        "cross_border": -1.5,
-    },
-    "sigma_country": 0.4,
-    "phi": 5.0,
 }
 
 
@@ -1143,7 +1138,6 @@ def simulate_fusion_dataset(
         ``no_data_countries``.
     """
     from flowmodel.dataset import build_dataset
-    from flowmodel.simulate import gravity_log_rate
 
     rng = np.random.default_rng(seed)
     truth = dict(FUSION_TRUTH if truth is None else truth)
