@@ -32,20 +32,10 @@ CHAINS_ENV = "XLA_FLAGS"
 
 
 def world(n_units: int, seed: int = 0):
-    from flowmodel.simulate import simulate_flow_dataset
+    from flowmodel.simulate import DEFAULT_TRUTH, simulate_flow_dataset
 
-    truth = {
-        "intercept": -7.5,
-        "beta": {
-            "origin:log_population": 0.8,
-            "destination:log_population": 0.7,
-            "destination:night_lights_per_capita": 0.5,
-            "log_distance": -1.4,
-            "cross_border": -1.5,
-        },
-        "sigma_country": 1e-9,
-        "phi": 5.0,
-    }
+    # the simulator's process without country effects (the benchmarked model has none)
+    truth = {**DEFAULT_TRUTH, "sigma_country": 1e-9}
     ds, truth = simulate_flow_dataset(n_units, 3, seed=seed, truth=truth, likelihood="poisson")
     return ds, truth
 
