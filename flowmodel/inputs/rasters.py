@@ -378,6 +378,185 @@ def _fragments(segs: _Segments, row0: int, row1: int, col0: int, col1: int) -> _
 _SPARSE_FACTOR = 16
 
 
+def _row_suffix_py(x, row, col, a, b):  # pragma: no cover - compiled by numba
+    """Per fragment ``a S(r, c) + b S(r, c + 1)``, one row's running sum at a time.
+
+    Fragments are bucketed by row (counting sort); each row with fragments gets a
+    float64 running sum in a buffer of ``width + 1`` values, so no prefix sum of
+    the whole strip is materialised. Rows without fragments are not summed.
+    """
+    rows, width = x.shape
+    m = row.shape[0]
+    start = np.zeros(rows + 1, dtype=np.int64)
+    for k in range(m):
+        start[row[k] + 1] += 1
+    for r in range(rows):
+        start[r + 1] += start[r]
+    fill = start[:-1].copy()
+    order = np.empty(m, dtype=np.int64)
+    for k in range(m):
+        r = row[k]
+        order[fill[r]] = k
+        fill[r] += 1
+    out = np.empty(m, dtype=np.float64)
+    g = np.empty(width + 1, dtype=np.float64)
+    for r in range(rows):
+        lo, hi = start[r], start[r + 1]
+        if lo == hi:
+            continue
+        acc = 0.0
+        g[0] = 0.0
+        for j in range(width):
+            acc += x[r, j]
+            g[j + 1] = acc
+        for i in range(lo, hi):
+            k = order[i]
+            c = col[k]
+            ia = c if c < width else width
+            ib = c + 1 if c + 1 < width else width
+            out[k] = a[k] * (acc - g[ia]) + b[k] * (acc - g[ib])
+    return out
+
+
+def _fragments_py(v0, u0, v1, u1, zone, row0, row1, col0, col1, cap):  # pragma: no cover
+    """:func:`_fragments` for downward segments (``v0 < v1``), one segment at a time."""
+    o_zone = np.empty(cap, dtype=np.int64)
+    o_row = np.empty(cap, dtype=np.int64)
+    o_col = np.empty(cap, dtype=np.int64)
+    o_a = np.empty(cap, dtype=np.float64)
+    o_b = np.empty(cap, dtype=np.float64)
+    n = 0
+    pa = np.empty(3, dtype=np.float64)  # v at the column cuts
+    pb = np.empty(3, dtype=np.float64)  # u at the column cuts
+    for s in range(v0.shape[0]):
+        sv0, su0, sv1, su1 = v0[s], u0[s], v1[s], u1[s]
+        if sv1 <= row0 or sv0 >= row1:
+            continue
+        # clip to the strip's rows
+        if sv0 < row0:
+            su0 = su0 + (row0 - sv0) / (sv1 - sv0) * (su1 - su0)
+            sv0 = float(row0)
+        if sv1 > row1:
+            su1 = su0 + (row1 - sv0) / (sv1 - sv0) * (su1 - su0)
+            sv1 = float(row1)
+        sv0 -= row0
+        sv1 -= row0
+        if sv0 == sv1:
+            continue
+        # cut where the segment crosses the window's side columns, then clamp
+        np_ = 0
+        pa[0], pb[0] = sv0, su0
+        for level in (col0, col1):
+            if min(su0, su1) < level < max(su0, su1):
+                t = (level - su0) / (su1 - su0)
+                np_ += 1
+                pa[np_] = sv0 + t * (sv1 - sv0)
+                pb[np_] = float(level)
+        if np_ == 2 and (pa[2] < pa[1]):
+            pa[1], pa[2] = pa[2], pa[1]
+            pb[1], pb[2] = pb[2], pb[1]
+        for p in range(np_ + 1):
+            qa0, qb0 = pa[p], pb[p]
+            if p < np_:
+                qa1, qb1 = pa[p + 1], pb[p + 1]
+            else:
+                qa1, qb1 = sv1, su1
+            qb0 = min(max(qb0, col0), col1) - col0
+            qb1 = min(max(qb1, col0), col1) - col0
+            if qa0 == qa1:
+                continue
+            # split at every integer row
+            slope = (qb1 - qb0) / (qa1 - qa0)
+            kf = np.floor(qa0) + 1.0
+            kl = np.ceil(qa1) - 1.0
+            nr = int(max(kl - kf + 1.0, 0.0))
+            for j in range(nr + 1):
+                if j == 0:
+                    ra0, rb0 = qa0, qb0
+                else:
+                    k = kf + (j - 1)
+                    ra0, rb0 = k, qb0 + (k - qa0) * slope
+                if j == nr:
+                    ra1, rb1 = qa1, qb1
+                else:
+                    k = kf + j
+                    ra1, rb1 = k, qb0 + (k - qa0) * slope
+                if ra0 == ra1:
+                    continue
+                row = int(np.floor(0.5 * (ra0 + ra1)))
+                # split at every integer column (a = u, b = v here)
+                lo, hi = min(rb0, rb1), max(rb0, rb1)
+                cf = np.floor(lo) + 1.0
+                cl = np.ceil(hi) - 1.0
+                nc = int(max(cl - cf + 1.0, 0.0))
+                asc = rb1 > rb0
+                cslope = (ra1 - ra0) / (rb1 - rb0) if nc > 0 else 0.0
+                for i in range(nc + 1):
+                    if i == 0:
+                        xa0, xb0 = rb0, ra0
+                    else:
+                        k = cf + (i - 1) if asc else cl - (i - 1)
+                        xa0, xb0 = k, ra0 + (k - rb0) * cslope
+                    if i == nc:
+                        xa1, xb1 = rb1, ra1
+                    else:
+                        k = cf + i if asc else cl - i
+                        xa1, xb1 = k, ra0 + (k - rb0) * cslope
+                    dv = xb1 - xb0
+                    if dv == 0:
+                        continue
+                    umid = 0.5 * (xa0 + xa1)
+                    col = int(np.floor(umid))
+                    bb = dv * (umid - col)
+                    if n == cap:  # more fragments than bounded (cannot happen): give up
+                        return o_zone[:0], o_row[:0], o_col[:0], o_a[:0], o_b[:0], False
+                    o_zone[n] = zone[s]
+                    o_row[n] = row
+                    o_col[n] = col
+                    o_a[n] = dv - bb
+                    o_b[n] = bb
+                    n += 1
+    return o_zone[:n], o_row[:n], o_col[:n], o_a[:n], o_b[:n], True
+
+
+@functools.cache
+def _fragments_kernel() -> Callable | None:
+    """Return :func:`_fragments_py` compiled by numba (cached on disk), or None."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is optional
+        return None
+    return numba.njit(nogil=True, cache=True)(_fragments_py)
+
+
+def _fragments_fast(segs: _Segments, row0: int, row1: int, col0: int, col1: int) -> _Fragments:
+    """:func:`_fragments` by the numba kernel (the same fragments, up to round-off)."""
+    hi = np.searchsorted(segs.vmin, row1, side="left")
+    sel = np.flatnonzero(segs.vmax[:hi] > row0)
+    v0, u0, v1, u1 = segs.v0[sel], segs.u0[sel], segs.v1[sel], segs.u1[sel]
+    # at most 3 + (rows crossed) + (columns crossed) fragments per segment
+    cap = int(np.sum(np.ceil(np.abs(v1 - v0)) + np.ceil(np.abs(u1 - u0)))) + 8 * len(sel)
+    kernel = _fragments_kernel()
+    *out, ok = kernel(v0, u0, v1, u1, segs.zone[sel], row0, row1, col0, col1, cap)
+    if not ok:  # pragma: no cover - defensive
+        return _fragments(segs, row0, row1, col0, col1)
+    return _Fragments(*out)
+
+
+@functools.cache
+def _row_suffix_kernel() -> Callable | None:
+    """Return :func:`_row_suffix_py` compiled by numba (cached on disk), or None."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is optional
+        return None
+    kernel = numba.njit(nogil=True, cache=True)(_row_suffix_py)
+    # load (or compile) the float32 specialisation now, the common raster type
+    one = np.ones(1)
+    kernel(np.ones((1, 1), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64), one, one)
+    return kernel
+
+
 class _Lookup:
     """Where each fragment reads a strip's exclusive prefix sums.
 
@@ -392,17 +571,19 @@ class _Lookup:
     no cumulative sum); otherwise from a full cumulative sum.
     """
 
-    def __init__(self, frag: _Fragments, width: int, size: int):
+    def __init__(self, frag: _Fragments, width: int, size: int, kernel: Callable | None = None):
         start = frag.row * width
         end = start + width
         ia = start + np.minimum(frag.col, width)
         ib = start + np.minimum(frag.col + 1, width)
         self.a, self.b = frag.a, frag.b
+        self.row, self.col = frag.row, frag.col
         self.width = width
         self.size = size
         self.ca = (ia - start).astype(np.float64)
         self.cb = (ib - start).astype(np.float64)
         self.sparse = 3 * len(ia) * _SPARSE_FACTOR < size
+        self.kernel = None if self.sparse else kernel
         if self.sparse:
             keys, inverse = np.unique(np.concatenate([[0], end, ia, ib]), return_inverse=True)
             m = len(ia)
@@ -433,6 +614,12 @@ class _Lookup:
 
     def weighted(self, values: np.ndarray) -> np.ndarray:
         """Per-fragment sum of w_rc x_rc over the strip ``values``."""
+        kernel = self.kernel
+        if kernel is not None:
+            x = values.reshape(-1, self.width)
+            if x.dtype == np.bool_:
+                x = x.view(np.uint8)
+            return kernel(np.ascontiguousarray(x), self.row, self.col, self.a, self.b)
         g = self.prefix(values)
         ge = g[self.iend]
         return self.a * (ge - g[self.ia]) + self.b * (ge - g[self.ib])
@@ -479,13 +666,18 @@ def _zonal_grid(
     strip = max(tile, (strip // tile) * tile) if tile <= 1024 else strip
     starts = list(range(row0, row1, strip))
     u_center = np.arange(width, dtype=np.float64) + col0 + 0.5
+    # fine zones (fragments in most rows) use numba kernels; importing numba and
+    # loading their cached machine code costs ~0.3 s once per process
+    fast = (
+        3 * len(segs.zone) * _SPARSE_FACTOR >= strip * width and _row_suffix_kernel() is not None
+    )
 
     def compute(r0: int, r1: int, data: Mapping[str, tuple]) -> dict[str, dict[str, np.ndarray]]:
-        frag = _fragments(segs, r0, r1, col0, col1)
+        frag = (_fragments_fast if fast else _fragments)(segs, r0, r1, col0, col1)
         res: dict[str, dict[str, np.ndarray]] = {}
         if len(frag.zone) == 0:
             return res
-        look = _Lookup(frag, width, (r1 - r0) * width)
+        look = _Lookup(frag, width, (r1 - r0) * width, _row_suffix_kernel() if fast else None)
         v_center = frag.row + r0 + 0.5
         for src in sources:
             need = wanted[src.name]

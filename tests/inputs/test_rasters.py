@@ -611,3 +611,37 @@ def test_exactextract_engine_south_up_integer_warnings_and_errors(tmp_path, grid
         zonal_statistics(units_of([shapely.box(-70, 40, -69, 41)]), path, engine="exactextract")
     with pytest.raises(InputFileError, match=r"unknown engine 'gdal'"):
         zonal_statistics(poly, path, engine="gdal")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("factor", [0, 10**12], ids=["numpy-path", "numba-kernels"])
+def test_both_interior_paths_equal_exactextract(random_raster, monkeypatch, factor):
+    """The engine picks numpy (coarse zones) or numba kernels (fine zones): both are exact."""
+    from exactextract import exact_extract
+
+    import flowmodel.inputs.rasters as rasters_module
+
+    calls = []
+    kernel = rasters_module._row_suffix_kernel()
+    if factor and kernel is None:
+        pytest.skip("numba is not importable: the kernel path cannot run")
+    if kernel is not None:
+
+        def counted(*args):
+            calls.append(1)
+            return kernel(*args)
+
+        monkeypatch.setattr(rasters_module, "_row_suffix_kernel", lambda: counted)
+    monkeypatch.setattr(rasters_module, "_SPARSE_FACTOR", factor)
+    rng = np.random.default_rng(11)
+    with rasterio.open(random_raster) as src:
+        b = src.bounds
+    units = units_of(random_polygons(rng, 60, (b.left, b.bottom, b.right, b.top)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RasterCoverageWarning)
+        ours = zonal_statistics(units, random_raster, block_cells=5000, threads=2)
+    ref = exact_extract(
+        str(random_raster), units, ["sum", "count"], include_cols=["unit_id"], output="pandas"
+    ).set_index("unit_id")
+    for stat in ("sum", "count"):
+        np.testing.assert_allclose(ours[stat], ref[stat], rtol=1e-6, atol=1e-9, err_msg=stat)
+    assert bool(calls) == bool(factor), "the intended interior path did not run"
