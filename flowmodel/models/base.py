@@ -30,6 +30,7 @@ or reuses — this split is stable:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import hashlib
@@ -157,7 +158,7 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class FlowModel:
+class FlowModel(abc.ABC):
     """Abstract base of every flow model (gravity, radiation, fusion).
 
     Parameters
@@ -220,7 +221,7 @@ class FlowModel:
         self.fit_meta: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ config
-    def _validate_config(self) -> None:
+    def _validate_config(self) -> None:  # noqa: B027 - optional hook, nothing to check here
         """Check structural options (no data needed); raise ModelConfigError."""
 
     def _choice(self, key: str, allowed: Sequence[str]) -> None:
@@ -364,9 +365,9 @@ class FlowModel:
         )
 
     # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
     def _latent_nodes(self, data: xr.Dataset | None = None) -> list[str]:
         """Names of the nodes the latent part registers (for priors)."""
-        raise NotImplementedError
 
     def _likelihood_nodes(self) -> list[str]:
         """Names of the nodes the likelihood registers (for priors)."""
@@ -385,18 +386,26 @@ class FlowModel:
         return create_prior(name, self._priors_in_use[name], dims=dims)
 
     def _add_latent(self, data: xr.Dataset, pairs: ObservedPairs):
-        """Register the latent parameters; return the ``(pair,)`` log-rate tensor."""
-        raise NotImplementedError
+        """Register the latent parameters; return the ``(pair,)`` log-rate tensor.
+
+        Used by :meth:`build_model`; a model that overrides ``build_model`` (the
+        FusionModel delegates to its latent model's hook instead) need not define it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} uses FlowModel.build_model, so it must define _add_latent"
+        )
 
     def _add_likelihood(self, data: xr.Dataset, eta, pairs: ObservedPairs) -> None:
-        """Register the likelihood of ``pairs`` given the log rates ``eta``."""
-        raise NotImplementedError
+        """Register the likelihood of ``pairs`` given the log rates ``eta`` (see _add_latent)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} uses FlowModel.build_model, so it must define _add_likelihood"
+        )
 
+    @abc.abstractmethod
     def _prediction_params(
         self, posterior: xr.Dataset, data: xr.Dataset, *, rng: np.random.Generator
     ) -> dict[str, Any]:
         """Posterior draws as numpy arrays with a leading sample axis (see module doc)."""
-        raise NotImplementedError
 
     def _features(self, data: xr.Dataset) -> Features:
         """Unit-level inputs of the model for ``data`` (numpy)."""
@@ -460,6 +469,7 @@ class FlowModel:
             out[name] = np.asarray(data[name].isel(pair=slice(start, stop)).values, dtype=float)
         return out
 
+    @abc.abstractmethod
     def _log_rate_from_params(
         self,
         params: Mapping[str, Any],
@@ -469,7 +479,6 @@ class FlowModel:
         pair_vals: Mapping[str, np.ndarray],
     ) -> np.ndarray:
         """``(sample, pair)`` log expected population-scale flows (pure numpy)."""
-        raise NotImplementedError
 
     def _log_rate_draws(
         self,

@@ -149,9 +149,27 @@ def test_predict_bad_kind_and_sparse(gravity_laplace, sim_small):
         gravity_laplace.predict(ds, kind="median")
 
 
+class _MinimalModel(FlowModel):
+    """The smallest concrete FlowModel: exercises the base's shared option check."""
+
+    def _latent_nodes(self, data=None):
+        return []
+
+    def _prediction_params(self, posterior, data, *, rng):
+        return {}
+
+    def _log_rate_from_params(self, params, features, origin_idx, dest_idx, pair_vals):
+        return np.zeros((1, len(origin_idx)))
+
+
 def test_base_rejects_unknown_option():
     with pytest.raises(ModelConfigError, match=r"unknown option\(s\) \['foo'\]"):
-        FlowModel(foo=1)
+        _MinimalModel(foo=1)
+
+
+def test_base_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        FlowModel()
 
 
 def test_map_backend_gives_single_draw(sim_small):
