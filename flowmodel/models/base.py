@@ -1275,6 +1275,16 @@ def _laplace(
             dims = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 2))
         data_vars[name] = (("chain", "draw", *dims), arr)
     ds = xr.Dataset(data_vars)
+    bad = [name for name, (_, arr) in data_vars.items() if not np.all(np.isfinite(arr))]
+    if bad:
+        warnings.warn(
+            f"Laplace: non-finite posterior draws of {bad[:6]}: the mode ran off to a boundary "
+            "(e.g. a hierarchical sd at 0 or infinity), and predictions from this fit will be "
+            "NaN. Fix: noncentered=True when countries have few pairs, stronger priors, or a "
+            "NUTS backend",
+            DiagnosticsWarning,
+            stacklevel=4,
+        )
     coords = {k: np.asarray(v) for k, v in model.coords.items() if v is not None and k in ds.dims}
     ds = ds.assign_coords(coords | {"chain": np.arange(chains), "draw": np.arange(draws)})
     ds.attrs.update(
