@@ -79,8 +79,7 @@ def main() -> None:
         latent=GravityModel(
             origin_covariates=["log_population"],
             destination_covariates=["log_population", "night_lights_per_capita"],
-            noncentered=True,
-        ),
+        ),  # centred country levels (the default): every fitted country has many pairs
         sources=["census", "cdr"],
         # the simulated CDR is a panel of ~20,000 subscribers: subscribers per resident
         # (~0.0004) measures the panel, not the operator's market share, so the prior of the

@@ -336,10 +336,11 @@ class FusionModel(FlowModel):
     >>> from flowmodel.models.gravity import GravityModel
     >>> ds, truth = simulate_fusion_dataset(seed=1)
     >>> latent = GravityModel(
-    ...     destination_covariates=["log_population", "night_lights_per_capita"], noncentered=True
+    ...     origin_covariates=["log_population"],
+    ...     destination_covariates=["log_population", "night_lights_per_capita"],
     ... )
     >>> model = FusionModel(latent=latent, sources=("census", "cdr"))
-    >>> idata = model.fit(ds, backend="nutpie", draws=300, tune=300, chains=2)  # doctest: +SKIP
+    >>> idata = model.fit(ds, backend="nutpie", draws=600, tune=600, chains=2)  # doctest: +SKIP
     >>> flows = model.predict(ds)  # (origin, destination): mean, q05 ... q95  # doctest: +SKIP
     """
 
@@ -598,7 +599,13 @@ class FusionModel(FlowModel):
                             cells.origin_idx, cells.period_idx
                         )
                         self._add_totals_likelihood(
-                            data, source, kind, cells, pt.exp(log_cell), phi[s_idx]
+                            data,
+                            source,
+                            kind,
+                            cells,
+                            pt.exp(log_cell),
+                            phi[s_idx],
+                            weight=1.0 / len(universes[source]),
                         )
                 self._add_source_likelihood(source, pt.exp(log_mu), phi[s_idx], pairs)
         self.fit_meta["latent"] = copy.deepcopy(latent.fit_meta)
@@ -788,6 +795,7 @@ class FusionModel(FlowModel):
         cells: ObservedPairs,
         mu: Any,
         phi: Any,
+        weight: float = 1.0,
     ) -> None:
         r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
 
@@ -800,6 +808,9 @@ class FusionModel(FlowModel):
         redacted cell — (the CLT for a sum of independent cells; 1/12 is the
         rounding variance). A suppressed total (NaN, bound in
         ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
+        ``weight`` multiplies the log-likelihood: ``1/2`` when both outflow and
+        inflow totals are used, whose remainders sum the same redacted cells
+        (a composite likelihood that would otherwise count them twice).
         """
         has_period = cells.period_idx is not None
         n = int(data.sizes["unit"])
@@ -853,7 +864,7 @@ class FusionModel(FlowModel):
             sel = np.flatnonzero(use_cen)
             dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
             logp = logp + pm.logcdf(dist, bound[sel] - rel_sum[sel] + 0.5).sum()
-        pm.Potential(f"{source}_{kind}_total", logp)
+        pm.Potential(f"{source}_{kind}_total", weight * logp)
 
     @staticmethod
     def _add_source_likelihood(source: str, mu: Any, phi: Any, pairs: ObservedPairs) -> None:
@@ -1129,8 +1140,9 @@ def simulate_fusion_dataset(
     (xarray.Dataset, dict)
         The FlowDataset (``flow_census``, ``exposure_census``, ``flow_cdr``,
         ``flow_cdr_max`` with a ``period`` dim, unit covariate
-        ``cdr_subscribers_per_resident`` — a biased, noisy penetration measure,
-        NaN outside CDR countries) and the truth: DESIGN §4.0 names plus
+        ``cdr_subscribers_per_resident`` — a penetration measure biased by
+        country (+0.2 ± 0.2 on the logit scale), around which the unit's
+        market share scatters with sd 0.15; NaN outside CDR countries) and the truth: DESIGN §4.0 names plus
         ``country_effect`` (country -> value), ``market_share`` (Series over
         the units of CDR countries), ``period_effect`` (Series over periods),
         ``mu`` and ``flows`` (true expected and realised population flows,
@@ -1168,7 +1180,10 @@ def simulate_fusion_dataset(
         }
     ).set_index("unit_id")
 
-    # market share per unit (CDR countries) and a biased, noisy penetration covariate
+    # penetration covariate per unit (CDR countries), biased by country; the operator's share
+    # of the movers scatters around it (DESIGN §4.4: the share's prior is centred on the
+    # covariate; a share drawn first with the covariate measured from it makes the logit
+    # link's curvature a spurious signal of the share's level, see docs/fusion.md)
     shares = dict(zip(cdr_countries, (0.45, 0.30, 0.55, 0.40, 0.35, 0.50), strict=False))
     shares.update(market_share or {})
     in_cdr = np.isin(country, list(cdr_countries))
@@ -1176,9 +1191,11 @@ def simulate_fusion_dataset(
     covariate = np.full(n_units, np.nan)
     for code in cdr_countries:
         m = country == code
-        logit_share[m] = _logit(shares[code]) + rng.normal(0.0, sigma_market_share, m.sum())
+        spread = rng.normal(0.0, sigma_market_share, m.sum())
         bias = rng.normal(0.2, 0.2)  # multi-SIM: subscribers per resident overstate penetration
-        covariate[m] = _expit(logit_share[m] + bias + rng.normal(0.0, 0.15, m.sum()))
+        noise = rng.normal(0.0, 0.15, m.sum())
+        covariate[m] = _expit(_logit(shares[code]) + bias + spread)
+        logit_share[m] = _logit(shares[code]) + spread - noise
     share = _expit(logit_share)
     unit["cdr_subscribers_per_resident"] = covariate
 
