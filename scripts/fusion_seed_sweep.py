@@ -8,7 +8,7 @@ test printed. It is how the robustness table of ``docs/fusion.md`` is made::
 
     .venv/bin/python scripts/fusion_seed_sweep.py --seeds 0-9 --out fusion-sweep.md
 
-About 75-90 s per seed on 2 cores. A seed whose pytest run crashes is reported
+About 2 minutes per seed on 2 cores. A seed whose pytest run crashes is reported
 as such, not skipped.
 """
 

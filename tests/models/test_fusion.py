@@ -63,6 +63,7 @@ HELD_OUT_SHARE = 0.15
 #: What the analyst of the test world knows and states: the operator's relocations cover the
 #: census question's own window, so CDR counts per latent flow beyond the market share
 #: (period_scale) are 1 up to +-10%. The raw-CDR baseline of (b) assumes exactly 1.
+#: FLOWMODEL_FUSION_PRIORS='<json>' replaces these priors (for prior-sensitivity sweeps).
 PRIORS = json.loads(os.environ.get("FLOWMODEL_FUSION_PRIORS", "null")) or {
     "period_scale": {"dist": "LogNormal", "mu": 0.0, "sigma": 0.1},
 }
