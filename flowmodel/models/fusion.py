@@ -19,6 +19,11 @@ one observation model per source:
   cells``: the sum of the redacted and missing cells, normal with the summed
   moments of the cells' (truncated) negative binomials.
 
+- **country-pair marginals** (``marginal_<name>``, dims ``origin_country`` x
+  ``destination_country``, e.g. migrant flows or stocks by country pair from a
+  bilateral estimate; add them with :func:`marginals_to_dataset`) constrain sums
+  of the latent flow: ``log M_cd ~ N(log sum_{i in c, j in d} exp(eta_ij), rel_sd)``.
+
 Prediction of the latent, population-scale flow goes through the same streamed
 :mod:`flowmodel.predict` path as every model, with the dispersion of the
 reference source (the census by default). :func:`simulate_fusion_dataset` builds
@@ -54,6 +59,7 @@ __all__ = [
     "FUSION_TRUTH",
     "FusionModel",
     "censored_nb_logp",
+    "marginals_to_dataset",
     "simulate_fusion_dataset",
     "source_kind",
     "totals_to_dataset",
@@ -246,6 +252,99 @@ def totals_to_dataset(
                 var = xr.DataArray(values, dims=("unit",))
             var.attrs.update(universe=universe, source=source)
             out[f"{source}_{col}"] = var
+    return out
+
+
+MARGINAL_PREFIX = "marginal_"
+#: Dims of a country-pair marginal.
+MARGINAL_DIMS = ("origin_country", "destination_country")
+
+
+def marginals_to_dataset(
+    ds: xr.Dataset,
+    table: pd.DataFrame,
+    *,
+    name: str = "flow",
+    rel_sd: float = 0.1,
+) -> xr.Dataset:
+    """Return ``ds`` with country-pair totals of the latent flow as ``marginal_<name>``.
+
+    A marginal is an external estimate of the total population-scale flow from
+    every unit of one country to every unit of another (or the same) country
+    over the latent's window, e.g. a bilateral migration-flow estimate or
+    flows derived from migrant stocks. :class:`FusionModel` uses every
+    ``marginal_*`` variable present as the observation
+    ``log M_cd ~ N(log sum_{i in c, j in d, i != j} exp(eta_ij), rel_sd)``.
+    They give the level of countries that no census or CDR sees, and of the
+    border friction where no source observes cross-border cells.
+
+    Parameters
+    ----------
+    ds
+        FlowDataset (``country`` on ``unit``).
+    table
+        Columns ``origin_country``, ``destination_country``, ``value`` (persons,
+        > 0); country pairs not in the table are unknown (NaN).
+    name
+        Suffix of the variable (``marginal_<name>``).
+    rel_sd
+        Error of the estimates on the log scale (0.1: about ±10%), stored as the
+        attribute ``rel_sd``.
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with ``marginal_<name>`` (dims ``origin_country``,
+        ``destination_country``: every country of ``ds``).
+
+    Raises
+    ------
+    DataContractError
+        Missing columns, countries not in ``ds``, non-positive or duplicated values.
+    ModelConfigError
+        ``rel_sd`` not positive.
+    """
+    if not rel_sd > 0:
+        raise ModelConfigError(f"marginals_to_dataset: rel_sd={rel_sd} must be > 0. Fix: e.g. 0.1")
+    tab = pd.DataFrame(table).copy()
+    need = ["origin_country", "destination_country", "value"]
+    missing = [c for c in need if c not in tab.columns]
+    if missing:
+        raise DataContractError(
+            f"marginals_to_dataset: the table lacks columns {missing}; it needs {need}"
+        )
+    countries = sorted(set(np.asarray(ds["country"].values).astype(str)))
+    for col in need[:2]:
+        tab[col] = tab[col].astype(str)
+    named = set(tab["origin_country"]) | set(tab["destination_country"])
+    unknown = sorted(named - set(countries))
+    if unknown:
+        raise DataContractError(
+            f"marginals_to_dataset: countries {unknown[:10]} are not in the dataset's 'country' "
+            f"({countries}). Fix: use the same country codes as the units"
+        )
+    values = tab["value"].astype(float)
+    if not (values > 0).all():
+        raise DataContractError(
+            "marginals_to_dataset: every 'value' must be > 0 (a log-normal observation). "
+            "Fix: drop unknown or zero country pairs from the table"
+        )
+    if tab.duplicated(need[:2]).any():
+        raise DataContractError("marginals_to_dataset: duplicated country pairs in the table")
+    wide = (
+        tab.assign(value=values)
+        .set_index(need[:2])["value"]
+        .unstack("destination_country")
+        .reindex(index=countries, columns=countries)
+    )
+    out = ds.copy()
+    var = xr.DataArray(
+        wide.to_numpy(dtype=float),
+        dims=MARGINAL_DIMS,
+        coords={MARGINAL_DIMS[0]: countries, MARGINAL_DIMS[1]: countries},
+    )
+    var.attrs.update(rel_sd=float(rel_sd))
+    out[f"{MARGINAL_PREFIX}{name}"] = var
     return out
 
 
@@ -557,6 +656,8 @@ class FusionModel(FlowModel):
         }
         universes = {s: u for s, u in universes.items() if u}
         extra = {f"{s}:{k}": c for s, u in universes.items() for k, c in u.items()}
+        marginals = self._marginal_cells(data)
+        extra.update({f"marginal:{name}": m[0] for name, m in marginals.items()})
         union = self._union_pairs({**per_source, **extra}, n_units)
         latent = self.latent
         # priors: user (fusion's, over the latent's own) > data-derived > default
@@ -578,6 +679,7 @@ class FusionModel(FlowModel):
             "n_cells": {s: int(p.n) for s, p in per_source.items()},
             "n_censored": {s: int((~p.observed).sum()) for s, p in per_source.items()},
             "totals": {s: sorted(u) for s, u in universes.items()},
+            "marginals": {name: len(m[2]) for name, m in marginals.items()},
         }
         coords: dict[str, Any] = {"pair": np.arange(union.n), "source": self.sources}
         with pm.Model(coords=coords) as model:
@@ -608,6 +710,18 @@ class FusionModel(FlowModel):
                             weight=1.0 / len(universes[source]),
                         )
                 self._add_source_likelihood(source, pt.exp(log_mu), phi[s_idx], pairs)
+            for name, (cells, group, observed, rel_sd, labels) in marginals.items():
+                where = lookup.reindex(cells.origin_idx * n_units + cells.dest_idx).to_numpy()
+                total = pt.zeros(len(observed))
+                total = pt.inc_subtensor(total[group], pt.exp(eta[where.astype(np.int64)]))
+                dim = f"{MARGINAL_PREFIX}{name}_pair"
+                model.add_coord(dim, labels)
+                pm.Deterministic(f"{MARGINAL_PREFIX}{name}_expected", total, dims=dim)
+                log_sum = pt.log(total)
+                pm.Potential(
+                    f"{MARGINAL_PREFIX}{name}",
+                    pm.logp(pm.Normal.dist(mu=log_sum, sigma=rel_sd), np.log(observed)).sum(),
+                )
         self.fit_meta["latent"] = copy.deepcopy(latent.fit_meta)
         self.model = model
         self._fit_pairs = union
@@ -689,6 +803,61 @@ class FusionModel(FlowModel):
             return log_share[np.searchsorted(units, origin_idx)] + log_pe[period_idx]
 
         return scale
+
+    # ------------------------------------------------------------------ marginals
+    @staticmethod
+    def _marginal_cells(
+        data: xr.Dataset,
+    ) -> dict[str, tuple[ObservedPairs, np.ndarray, np.ndarray, float, list[str]]]:
+        """Cells of every country-pair marginal in ``data``.
+
+        Returns ``{name: (cells, group, observed, rel_sd, labels)}``: the (origin,
+        destination) pairs summed (every off-diagonal pair of each known country
+        pair), the index of each cell's country pair in ``observed`` (the known
+        marginal values), the log-scale error and the country pairs' labels
+        (``"C00>C01"``).
+        """
+        out = {}
+        country = np.asarray(data["country"].values).astype(str)
+        for var_name in sorted(v for v in data.data_vars if str(v).startswith(MARGINAL_PREFIX)):
+            var = data[var_name]
+            name = str(var_name)[len(MARGINAL_PREFIX) :]
+            if tuple(var.dims) != MARGINAL_DIMS:
+                raise DataContractError(
+                    f"'{var_name}' has dims {var.dims}; a country-pair marginal needs dims "
+                    f"{MARGINAL_DIMS}. Fix: build it with marginals_to_dataset()"
+                )
+            rel_sd = float(var.attrs.get("rel_sd", 0.1))
+            origins = np.asarray(var[MARGINAL_DIMS[0]].values).astype(str)
+            dests = np.asarray(var[MARGINAL_DIMS[1]].values).astype(str)
+            values = np.asarray(var.values, dtype=float)
+            o_idx, d_idx, group, observed, labels = [], [], [], [], []
+            for a, b in zip(*np.nonzero(np.isfinite(values)), strict=True):
+                o = np.flatnonzero(country == origins[a])
+                d = np.flatnonzero(country == dests[b])
+                oo, dd = np.repeat(o, len(d)), np.tile(d, len(o))
+                keep = oo != dd
+                if not keep.any() or values[a, b] <= 0:
+                    continue
+                o_idx.append(oo[keep])
+                d_idx.append(dd[keep])
+                group.append(np.full(int(keep.sum()), len(observed)))
+                observed.append(values[a, b])
+                labels.append(f"{origins[a]}>{dests[b]}")
+            if not observed:
+                continue
+            o_all, d_all = np.concatenate(o_idx), np.concatenate(d_idx)
+            cells = ObservedPairs(
+                origin_idx=o_all.astype(np.int64),
+                dest_idx=d_all.astype(np.int64),
+                y=np.full(len(o_all), np.nan),
+                exposure=np.ones(len(o_all)),
+                upper=np.full(len(o_all), np.nan),
+                period_idx=None,
+                source=f"marginal:{name}",
+            )
+            out[name] = (cells, np.concatenate(group), np.asarray(observed), rel_sd, labels)
+        return out
 
     # ------------------------------------------------------------------ in/out totals
     @staticmethod

@@ -36,6 +36,7 @@ from flowmodel.models import compare
 from flowmodel.models.fusion import (
     FusionModel,
     censored_nb_logp,
+    marginals_to_dataset,
     simulate_fusion_dataset,
     source_kind,
     totals_to_dataset,
@@ -821,3 +822,100 @@ def test_compare_fusion_with_gravity_and_radiation_latents(small_gravity_fit):
     assert set(table.index) == {"gravity", "radiation"}
     assert np.isfinite(table["elpd"]).all()
     assert list(stored.index) == list(table.index)
+
+
+# ----------------------------------------------------------------------------- marginals
+def _country_pair_table(ds, mu, countries=None, noise=0.0, seed=0):
+    """Country-pair sums of the true expected flows, optionally with log-normal noise."""
+    country = ds["country"].values.astype(str)
+    codes = sorted(set(country)) if countries is None else countries
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a in codes:
+        for b in codes:
+            sel = np.outer(country == a, country == b) & ~np.eye(len(country), dtype=bool)
+            rows.append((a, b, float(np.nansum(mu[sel])) * np.exp(rng.normal(0.0, noise))))
+    return pd.DataFrame(rows, columns=["origin_country", "destination_country", "value"])
+
+
+def test_marginals_enter_as_a_lognormal_on_country_pair_sums():
+    ds, truth = simulate_fusion_dataset(units_per_country=4, seed=0)
+    table = _country_pair_table(ds, truth["mu"].values, countries=["C04", "C05"])
+    data = marginals_to_dataset(ds, table, name="desa", rel_sd=0.2)
+    assert data["marginal_desa"].dims == ("origin_country", "destination_country")
+    assert int(data["marginal_desa"].notnull().sum()) == 4 and data["marginal_desa"].rel_sd == 0.2
+    without = FusionModel(latent=small_world_gravity())
+    without.build_model(ds)
+    model = FusionModel(latent=small_world_gravity())
+    pm_model = model.build_model(data)
+    assert model.fit_meta["marginals"] == {"desa": 4}
+    # the no-data countries' 8 units: every pair among them now enters the latent field
+    assert model.fit_meta["n_pairs"] == without.fit_meta["n_pairs"] + 8 * 7
+    assert list(pm_model.coords["marginal_desa_pair"]) == [
+        "C04>C04",
+        "C04>C05",
+        "C05>C04",
+        "C05>C05",
+    ]
+    point = pm_model.initial_point()
+    expected, logp = pm_model.compile_fn(
+        [pm_model["marginal_desa_expected"], pm_model["marginal_desa"]],
+        inputs=pm_model.value_vars,
+        on_unused_input="ignore",
+    )(point)
+    observed = table.set_index(["origin_country", "destination_country"])["value"]
+    labels = [tuple(k.split(">")) for k in pm_model.coords["marginal_desa_pair"]]
+    reference = stats.norm.logpdf(np.log(observed[labels].values), np.log(expected), 0.2).sum()
+    np.testing.assert_allclose(logp, reference, rtol=1e-9)
+    assert np.all(expected > 0)
+
+
+def test_marginals_to_dataset_errors_name_the_fix(world):
+    ds, _ = world
+    table = pd.DataFrame(
+        {"origin_country": ["C00"], "destination_country": ["X99"], "value": [5.0]}
+    )
+    with pytest.raises(DataContractError, match="X99"):
+        marginals_to_dataset(ds, table)
+    with pytest.raises(DataContractError, match="> 0"):
+        marginals_to_dataset(ds, table.assign(destination_country="C01", value=0.0))
+    with pytest.raises(DataContractError, match="value"):
+        marginals_to_dataset(ds, table.drop(columns="value"))
+    with pytest.raises(ModelConfigError, match="rel_sd"):
+        marginals_to_dataset(ds, table.assign(destination_country="C01"), rel_sd=0)
+    bad = ds.assign(marginal_x=xr.DataArray(np.ones(3), dims="other"))
+    with pytest.raises(DataContractError, match="marginals_to_dataset"):
+        FusionModel(latent=gravity()).build_model(bad)
+
+
+@pytest.mark.slow
+def test_g_marginals_give_the_no_data_countries_their_level(world, split, fused):
+    """Country-pair totals (±10%) of every country pair pin the no-data countries' level."""
+    ds, truth = world
+    train, _ = split
+    table = _country_pair_table(ds, truth["mu"].values, noise=0.1, seed=SEED)
+    _, pred = _fit(marginals_to_dataset(train, table, name="desa", rel_sd=0.1), ["census", "cdr"])
+    n = ds.sizes["unit"]
+    no_data = np.isin(ds["country"].values, truth["no_data_countries"])
+    groups = {
+        "within no-data countries": np.outer(no_data, no_data) & ~np.eye(n, dtype=bool),
+        "cross-border": ds["cross_border"].values & ~np.eye(n, dtype=bool),
+    }
+    flows, mu = truth["flows"].values, truth["mu"].values
+    lines = []
+    for label, sel in groups.items():
+        for tag, p in (("without", fused[1]), ("with marginals", pred)):
+            c = cpc(mu[sel], p["mean"].values[sel])
+            cov = interval_coverage(flows[sel], p["q05"].values[sel], p["q95"].values[sel])
+            w = interval_width(p["q05"].values[sel], p["q95"].values[sel])
+            lines.append(f"{label} {tag}: CPC {c:.3f} coverage {cov:.3f} width {w:.1f}")
+    print("\n".join(lines))
+    sel = groups["within no-data countries"]
+    base_cpc = cpc(mu[sel], fused[1]["mean"].values[sel])
+    new_cpc = cpc(mu[sel], pred["mean"].values[sel])
+    base_w = interval_width(fused[1]["q05"].values[sel], fused[1]["q95"].values[sel])
+    new_w = interval_width(pred["q05"].values[sel], pred["q95"].values[sel])
+    new_cov = interval_coverage(flows[sel], pred["q05"].values[sel], pred["q95"].values[sel])
+    assert new_cpc >= base_cpc, lines
+    assert new_w < base_w, lines
+    assert new_cov >= 0.85, lines
