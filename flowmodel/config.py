@@ -203,6 +203,22 @@ class FlowSource(_Section):
         return self
 
 
+class MarginalSource(_Section):
+    """``[marginals.<name>]``: country-pair totals of the flow, for the fusion model.
+
+    Attributes
+    ----------
+    path
+        CSV or Parquet with ``origin_country``, ``destination_country``, ``value``
+        (persons over the latent's window; country codes as in the units).
+    rel_sd
+        Error of the values on the log scale (0.1: about ±10%).
+    """
+
+    path: RelPath
+    rel_sd: float = Field(0.1, gt=0)
+
+
 ModelType = Literal["gravity", "radiation", "fusion"]
 Backend = Literal["auto", "pymc", "nutpie", "numpyro", "laplace", "advi", "map"]
 
@@ -381,10 +397,11 @@ class RunConfig(_Section):
 
     Attributes
     ----------
-    run, units, rasters, flows, model, predict, evaluate, report, dask
+    run, units, rasters, flows, marginals, model, predict, evaluate, report, dask
         The sections (see their classes). ``rasters`` maps a covariate role
         (``population``, ``built_up``, ``night_lights``, or any name) to a
-        GeoTIFF; ``flows`` maps a source name to a :class:`FlowSource`.
+        GeoTIFF; ``flows`` maps a source name to a :class:`FlowSource`;
+        ``marginals`` maps a name to a :class:`MarginalSource`.
     source
         The config file this was read from (None when built in Python).
     """
@@ -393,6 +410,7 @@ class RunConfig(_Section):
     units: UnitsSection
     rasters: dict[str, RelPath] = Field(default_factory=dict)
     flows: dict[str, FlowSource] = Field(default_factory=dict)
+    marginals: dict[str, MarginalSource] = Field(default_factory=dict)
     model: ModelSection = Field(default_factory=ModelSection)
     predict: PredictSection = Field(default_factory=PredictSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
@@ -426,6 +444,8 @@ class RunConfig(_Section):
             files[f"flows.{name}.path"] = src.path
             if src.towers is not None:
                 files[f"flows.{name}.towers"] = src.towers
+        for name, marg in self.marginals.items():
+            files[f"marginals.{name}.path"] = marg.path
         return files
 
     def check_files(self) -> None:

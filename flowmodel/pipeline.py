@@ -118,7 +118,8 @@ STAGES: dict[str, StageSpec] = {
     "prepare": StageSpec(
         "prepare",
         (),
-        lambda c: _cfg(c, "units", "rasters", "flows"),
+        # marginals join the hash only when given, so older run directories stay valid
+        lambda c: _cfg(c, "units", "rasters", "flows", *(["marginals"] if c.marginals else [])),
         "read units, rasters and flow tables; build and save the FlowDataset",
     ),
     "fit": StageSpec(
@@ -777,6 +778,26 @@ def read_flow_source(
     return pd.read_csv(path, **options), None
 
 
+def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
+    """Add every ``[marginals.<name>]`` table as ``marginal_<name>`` (FusionModel uses them)."""
+    import pandas as pd
+
+    from flowmodel.exceptions import DataContractError, ModelConfigError
+    from flowmodel.models.fusion import marginals_to_dataset
+
+    for name, src in cfg.marginals.items():
+        path = Path(src.path)
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        try:
+            ds = marginals_to_dataset(ds, table, name=name, rel_sd=src.rel_sd)
+        except (DataContractError, ModelConfigError) as err:
+            raise DataContractError(f"{path} (marginals.{name}): {err}") from err
+        logger.info(
+            "marginals.%s: %d country pairs", name, int(ds[f"marginal_{name}"].notnull().sum())
+        )
+    return ds
+
+
 def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     """Read units, zonal raster covariates and flow sources; write ``dataset.nc`` and ``units.gpkg``."""
     from flowmodel.dataset import build_dataset, save_dataset
@@ -822,6 +843,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         flows=flows or None,
         attrs={"run": cfg.run.name, "data_sources": "; ".join(sources)},
     )
+    ds = _add_marginals(ds, cfg)
     outputs = {"dataset": save_dataset(ds, ctx.path(DATASET))}
     attrs = provenance_attrs(config=cfg.section_dict(), seed=cfg.run.seed, data=ds)
     outputs["units"] = write_units(ds, ctx.path(UNITS), geometry=units, attrs=attrs)

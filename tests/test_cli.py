@@ -356,3 +356,36 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path: Path, capsys, mo
     resolved = json.loads((tmp_path / "a" / "b" / "run" / "config.resolved.json").read_text())
     assert resolved["units"]["path"] == str(tmp_path / "a" / "b" / "units.gpkg")
     assert textwrap.dedent(CONFIG) == (tmp_path / "a" / "b" / "run" / "config.toml").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("tiny_world")
+def test_prepare_adds_marginals_and_names_a_bad_file(tiny_world: Path, capsys) -> None:
+    import pandas as pd
+    import xarray as xr
+
+    codes = json.loads((tiny_world / "world" / "truth.json").read_text())["countries"]
+    table = pd.DataFrame(
+        [(a, b, 1000.0) for a in codes for b in codes],
+        columns=["origin_country", "destination_country", "value"],
+    )
+    table.to_csv(tiny_world / "bilateral.csv", index=False)
+    text = (
+        (tiny_world / "run.toml")
+        .read_text()
+        .replace('out_dir = "run"', 'out_dir = "run-marginals"')
+    )
+    assert 'out_dir = "run-marginals"' in text
+    text += '\n[marginals.bilateral]\npath = "bilateral.csv"\nrel_sd = 0.2\n'
+    config = tiny_world / "marginals.toml"
+    config.write_text(text)
+    code, _, err = run_cli(capsys, "prepare", str(config))
+    assert code == EXIT_OK, err
+    with xr.open_dataset(tiny_world / "run-marginals" / "dataset.nc", engine="h5netcdf") as ds:
+        marg = ds["marginal_bilateral"].load()
+    assert marg.dims == ("origin_country", "destination_country")
+    assert int(marg.notnull().sum()) == len(codes) ** 2 and float(marg.attrs["rel_sd"]) == 0.2
+    table.assign(origin_country="XYZ").to_csv(tiny_world / "bilateral.csv", index=False)
+    code, _, err = run_cli(capsys, "prepare", str(config))
+    assert code == EXIT_BAD_INPUT
+    assert "bilateral.csv (marginals.bilateral)" in err and "XYZ" in err
