@@ -7,7 +7,8 @@ per-country inputs use the dim ``country_code``; optional ``period``. Unit varia
 variables ``(origin, destination)`` (dense) or ``pair`` (sparse, with
 ``origin``/``destination`` coordinates along ``pair``). Observed flows are
 ``flow_<source>`` (NaN = unobserved or censored), censoring bounds
-``flow_<source>_max`` and exposures ``exposure_<source>``.
+``flow_<source>_max`` (and, optionally, lower bounds ``flow_<source>_min``;
+absent or NaN = 0) and exposures ``exposure_<source>``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def flow_sources(ds: xr.Dataset) -> list[str]:
     """Names of the observed flow sources (``flow_<source>`` variables) in ``ds``."""
     out = []
     for name in ds.data_vars:
-        if name.startswith("flow_") and not name.endswith(("_max", "_weighted")):
+        if name.startswith("flow_") and not name.endswith(("_max", "_min", "_weighted")):
             out.append(name.removeprefix("flow_"))
     return sorted(out)
 
@@ -191,6 +192,8 @@ def _flow_variables(
     out = {f"flow_{source}": (dims, _long_to_matrix(table, "count", ids, periods, source))}
     if "max" in table.columns and table["max"].notna().any():
         out[f"flow_{source}_max"] = (dims, _long_to_matrix(table, "max", ids, periods, source))
+    if "min" in table.columns and (table["min"].fillna(0) > 0).any():
+        out[f"flow_{source}_min"] = (dims, _long_to_matrix(table, "min", ids, periods, source))
     if "weighted" in table.columns:
         out[f"flow_{source}_weighted"] = (
             dims,
@@ -233,7 +236,8 @@ def build_dataset(
         None, ``distance_km`` is computed from ``lon``/``lat`` (geodesic km).
     flows
         ``source -> long table`` with ``origin``, ``destination``, ``count`` and
-        optional ``max`` (censoring bound, count NaN), ``weighted``,
+        optional ``max`` (censoring bound, count NaN), ``min`` (lower bound of
+        a censored cell, default 0), ``weighted``,
         ``exposure`` and ``period``. Diagonal rows are dropped with a warning.
     id_field, country_field
         Column names of the unit id and country code in ``units``.
@@ -410,7 +414,8 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
     DataContractError
         Naming the variable, the rule and up to 10 offending ids: duplicate
         ids, NaN in a required variable, negative or non-integer counts,
-        ``flow_*_max`` where the flow is not NaN, distance <= 0 between distinct
+        ``flow_*_max`` where the flow is not NaN, ``flow_*_min`` outside
+        ``0..flow_*_max``, distance <= 0 between distinct
         units, pairs or flows naming unknown units, countries without units,
         values on the diagonal.
     """
@@ -541,6 +546,17 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
                     "censoring bounds must be >= 0",
                     _offending_pairs(ds, bad),
                     "use the largest possible count of the suppressed cell",
+                )
+        mn = f"flow_{source}_min"
+        if mn in ds:
+            upper = ds[mx] if mx in ds else xr.full_like(ds[mn], np.nan)
+            bad = ds[mn].notnull() & (upper.isnull() | (ds[mn] < 0) | (ds[mn] > upper))
+            if bool(bad.any()):
+                raise _fail(
+                    mn,
+                    f"a lower censoring bound needs 0 <= {mn} <= {mx} on a censored cell",
+                    _offending_pairs(ds, bad),
+                    f"give {mn} only where {mx} is given, at most {mx}",
                 )
         exp = f"exposure_{source}"
         if exp in ds:

@@ -780,14 +780,14 @@ def holdout_folds(
 
 
 def _with_held_out(data: xr.Dataset, source: str, mask: np.ndarray) -> xr.Dataset:
-    """Copy of ``data`` with ``flow_<source>`` (and its bound) set to NaN on the held-out pairs."""
+    """Copy of ``data`` with ``flow_<source>`` (and its bounds) set to NaN on the held-out pairs."""
     train = data.copy()
     hold = xr.DataArray(
         mask,
         dims=("origin", "destination"),
         coords={"origin": data["origin"], "destination": data["destination"]},
     )
-    for name in (f"flow_{source}", f"flow_{source}_max"):
+    for name in (f"flow_{source}", f"flow_{source}_max", f"flow_{source}_min"):
         if name in train:
             train[name] = train[name].where(~hold)
     return train

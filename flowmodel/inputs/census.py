@@ -30,6 +30,8 @@ column                dtype    meaning
 ``period``            str      optional, only when a period column was given
 ``count``             float    unweighted sample count; NaN = censored
 ``max``               float    censoring bound where ``count`` is NaN, else NaN
+``min``               float    OD tables with ``suppressed_min`` > 0 only: the
+                               smallest count a censored cell can hold
 ``weighted``          float    person records only: sum of person weights
 ``exposure``          float    sample fraction of the census (0, 1]
 ====================  =======  ===============================================
@@ -471,6 +473,7 @@ def read_census_od(
     unmatched: Literal["error", "drop"] = "error",
     suppressed: Mapping[str, float | None] | None = None,
     suppressed_max: float | None = None,
+    suppressed_min: float | None = None,
     sample_fraction: float | Mapping[str, float] | None = None,
     universe: Universe = None,
     countries: Sequence[str] | None = None,
@@ -495,6 +498,14 @@ def read_census_od(
     suppressed, suppressed_max
         Suppression markers and bounds, see :func:`parse_counts`. A suppressed
         cell becomes ``count`` NaN and ``max`` = its bound, never zero.
+    suppressed_min
+        Smallest count a suppressed cell can hold. Tables that print zeros as
+        ``0`` and suppress only small non-zero counts (``"<5"`` = 1-4) need
+        ``suppressed_min=1``: read as 0-4 the suppressed cells pull small
+        flows towards zero and bias the fit (a distance-decay and population
+        coefficients too steep). Written as ``min`` (the likelihood becomes
+        P(min <= y <= max)) when > 0. Default None: 0, with a warning when the
+        table has both explicit zeros and suppressed cells.
     sample_fraction
         Sampling fraction of the census (scalar or ``country -> fraction`` of
         the destination's country) written as ``exposure``; default 1 (a full
@@ -547,6 +558,26 @@ def read_census_od(
     )
     table["count"] = counts
     table["max"] = bounds
+    censored = np.isnan(counts) & ~np.isnan(bounds)
+    if suppressed_min is None:
+        if censored.any() and (counts == 0).any():
+            warnings.warn(
+                f"{label}: column {count!r} has {int((counts == 0).sum())} explicit zero(s) and "
+                f"{int(censored.sum())} suppressed cell(s); they are read as 0..max. If the table "
+                "suppresses only non-zero counts (e.g. '<5' = 1-4), pass suppressed_min=1 — "
+                "reading them as possibly zero biases the fit.",
+                UserWarning,
+                stacklevel=2,
+            )
+        suppressed_min = 0.0
+    if suppressed_min < 0 or (censored.any() and (bounds[censored] < suppressed_min).any()):
+        raise CensusInputError(
+            f"{label}: suppressed_min={suppressed_min} must be >= 0 and <= every suppression "
+            f"bound (smallest bound {np.nanmin(bounds) if censored.any() else 'none'}). "
+            "Fix: give the smallest count a suppressed cell can hold (1 when zeros are printed)."
+        )
+    if suppressed_min > 0:
+        table["min"] = np.where(censored, float(suppressed_min), np.nan)
     table["origin"] = table["origin"].astype(str).str.strip()
     table["destination"] = table["destination"].astype(str).str.strip()
     country = None
@@ -593,8 +624,10 @@ def _aggregate(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         return table
     censored = table["count"].isna() & table["max"].notna()
     unobserved = table["count"].isna() & table["max"].isna()
+    has_min = "min" in table.columns
     work = table.assign(
         _upper=table["count"].fillna(table["max"]),
+        _lower=table["count"].fillna(table["min"].fillna(0.0) if has_min else 0.0),
         _cens=censored,
         _unobs=unobserved,
     )
@@ -604,6 +637,7 @@ def _aggregate(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         .agg(
             count=("count", "sum"),
             _upper=("_upper", "sum"),
+            _lower=("_lower", "sum"),
             _cens=("_cens", "any"),
             _unobs=("_unobs", "any"),
             **{c: (c, how) for c, how in extra.items()},
@@ -611,15 +645,18 @@ def _aggregate(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         .reset_index()
     )
     grouped["max"] = np.where(grouped["_cens"] & ~grouped["_unobs"], grouped["_upper"], np.nan)
+    if has_min:
+        grouped["min"] = np.where(grouped["_cens"] & ~grouped["_unobs"], grouped["_lower"], np.nan)
     grouped.loc[grouped["_cens"] | grouped["_unobs"], "count"] = np.nan
-    return grouped.drop(columns=["_upper", "_cens", "_unobs"])
+    return grouped.drop(columns=["_upper", "_lower", "_cens", "_unobs"])
 
 
 def _order(table: pd.DataFrame) -> pd.DataFrame:
     keys = ["origin", "destination"] + (["period"] if "period" in table.columns else [])
-    cols = keys + [c for c in ("count", "max", "weighted", "exposure") if c in table.columns]
+    values = ("count", "max", "min", "weighted", "exposure")
+    cols = keys + [c for c in values if c in table.columns]
     out = table[cols].sort_values(keys, kind="stable").reset_index(drop=True)
-    for c in ("count", "max", "weighted", "exposure"):
+    for c in values:
         if c in out.columns:
             out[c] = out[c].astype(float)
     for c in keys:

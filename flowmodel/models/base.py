@@ -98,6 +98,9 @@ class ObservedPairs:
         Censoring bound (``flow_<source>_max``) where the cell is censored, else NaN.
     period_idx
         Position into ``data.period`` for period-resolved sources, else None.
+    lower
+        Lower censoring bound (``flow_<source>_min``; 0 when absent): a censored
+        cell holds a count in ``lower..upper``.
     """
 
     origin_idx: np.ndarray
@@ -107,6 +110,12 @@ class ObservedPairs:
     upper: np.ndarray
     period_idx: np.ndarray | None = None
     source: str = ""
+    lower: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.lower is None:
+            self.lower = np.zeros(len(self.origin_idx))
+        self.lower = np.nan_to_num(np.asarray(self.lower, dtype=float), nan=0.0)
 
     @property
     def n(self) -> int:
@@ -128,6 +137,7 @@ class ObservedPairs:
             self.upper[mask],
             None if self.period_idx is None else self.period_idx[mask],
             self.source,
+            self.lower[mask],
         )
 
 
@@ -263,6 +273,7 @@ class FlowModel(abc.ABC):
         """
         flow = data[f"flow_{source}"]
         upper_var = data.get(f"flow_{source}_max")
+        lower_var = data.get(f"flow_{source}_min")
         exp_var = data.get(f"exposure_{source}")
         if is_sparse(data):
             dims = ("pair", *(d for d in flow.dims if d != "pair"))
@@ -278,9 +289,17 @@ class FlowModel(abc.ABC):
                     flow_v.shape
                 )
             )
+            lower_v = (
+                np.zeros_like(flow_v)
+                if lower_var is None
+                else np.asarray(lower_var.transpose(*dims).values, dtype=float).reshape(
+                    flow_v.shape
+                )
+            )
             pair_i, per = np.nonzero(~np.isnan(flow_v) | ~np.isnan(upper_v))
             oi, dj = origin_all[pair_i], dest_all[pair_i]
             y, up = flow_v[pair_i, per], upper_v[pair_i, per]
+            lo = lower_v[pair_i, per]
             if exp_var is None:
                 ex = np.ones(len(oi))
             elif exp_var.dims == ("unit",):
@@ -305,6 +324,13 @@ class FlowModel(abc.ABC):
                     flow_v.shape
                 )
             )
+            lower_v = (
+                np.zeros_like(flow_v)
+                if lower_var is None
+                else np.asarray(lower_var.transpose(*dims).values, dtype=float).reshape(
+                    flow_v.shape
+                )
+            )
             o_pos = self._unit_positions(data, data["origin"].values)
             d_pos = self._unit_positions(data, data["destination"].values)
             mask = ~np.isnan(flow_v) | ~np.isnan(upper_v)
@@ -312,6 +338,7 @@ class FlowModel(abc.ABC):
             a, b, per = np.nonzero(mask)
             oi, dj = o_pos[a], d_pos[b]
             y, up = flow_v[a, b, per], upper_v[a, b, per]
+            lo = lower_v[a, b, per]
             if exp_var is None:
                 ex = np.ones(len(oi))
             elif exp_var.dims == ("unit",):
@@ -328,6 +355,7 @@ class FlowModel(abc.ABC):
             upper=up,
             period_idx=per.astype(np.int64) if has_period else None,
             source=source,
+            lower=np.where(np.isnan(y), lo, 0.0),
         )
 
     @staticmethod

@@ -105,12 +105,13 @@ def _expit(x: Any) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=float)))
 
 
-def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray) -> Any:
-    """Elementwise ``log P(y <= upper)`` of a negative binomial (a PyTensor expression).
+def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray | None = None) -> Any:
+    """Elementwise ``log P(lower <= y <= upper)`` of a negative binomial (a PyTensor expression).
 
-    For bounds up to :data:`MAX_SUMMED_BOUND` the CDF is the log-sum-exp of the
-    pmf over ``0..upper``: exact, cheap, and differentiable in every backend
-    (PyTensor C, JAX, numba). Larger bounds use :func:`pymc.logcdf`.
+    For bounds up to :data:`MAX_SUMMED_BOUND` it is the log-sum-exp of the pmf
+    over ``lower..upper``: exact, cheap, and differentiable in every backend
+    (PyTensor C, JAX, numba). Larger bounds use :func:`pymc.logcdf`
+    (``log(F(upper) - F(lower - 1))``).
 
     Parameters
     ----------
@@ -120,6 +121,9 @@ def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray) -> Any:
         Dispersion, scalar or ``(cell,)``; variance ``mu + mu**2 / phi``.
     upper
         Censoring bounds, shape ``(cell,)``, >= 0 (floored to integers).
+    lower
+        Lower bounds, shape ``(cell,)`` (ceiled to integers; default 0): a
+        census that prints zeros and suppresses ``"<5"`` holds 1..4 there.
 
     Returns
     -------
@@ -127,23 +131,38 @@ def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray) -> Any:
         Shape ``(cell,)``.
     """
     upper = np.floor(np.asarray(upper, dtype=float))
+    lower = (
+        np.zeros_like(upper)
+        if lower is None
+        else np.ceil(np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0))
+    )
     top = int(upper.max()) if upper.size else 0
     if top > MAX_SUMMED_BOUND:
-        return pm.logcdf(pm.NegativeBinomial.dist(mu=mu, alpha=phi), upper)
+        log_hi = pm.logcdf(pm.NegativeBinomial.dist(mu=mu, alpha=phi), upper)
+        idx = np.flatnonzero(lower > 0)
+        if not idx.size:
+            return log_hi
+        # only the cells with a lower bound: log(F(upper) - F(lower - 1)) (no NaN gradients)
+        mu_t, phi_t = pt.as_tensor_variable(mu), pt.as_tensor_variable(phi)
+        lo_dist = pm.NegativeBinomial.dist(mu=mu_t[idx], alpha=phi_t[idx] if phi_t.ndim else phi_t)
+        log_lo = pm.logcdf(lo_dist, lower[idx] - 1)
+        return pt.set_subtensor(log_hi[idx], pm.math.logdiffexp(log_hi[idx], log_lo))
     k = np.arange(top + 1, dtype=float)
     mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
     phi_t = pt.as_tensor_variable(phi)
     phi_b = pt.shape_padright(phi_t) if phi_t.ndim else phi_t
     terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
-    mask = k[None, :] <= upper[:, None]
+    mask = (k[None, :] <= upper[:, None]) & (k[None, :] >= lower[:, None])
     return pt.logsumexp(pt.where(mask, terms, -np.inf), axis=1)
 
 
-def truncated_nb_moments(mu: Any, phi: Any, upper: np.ndarray) -> tuple[Any, Any]:
-    """Mean and variance of a negative binomial truncated to ``0..upper`` (PyTensor).
+def truncated_nb_moments(
+    mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray | None = None
+) -> tuple[Any, Any]:
+    """Mean and variance of a negative binomial truncated to ``lower..upper`` (PyTensor).
 
     Exact sums of the pmf over ``0..max(upper)``; the moments of a redacted
-    cell given that it was redacted.
+    cell given that it was redacted (``lower`` default 0).
 
     Returns
     -------
@@ -151,13 +170,19 @@ def truncated_nb_moments(mu: Any, phi: Any, upper: np.ndarray) -> tuple[Any, Any
         Mean and variance, shape ``(cell,)``.
     """
     upper = np.floor(np.asarray(upper, dtype=float))
+    lower = (
+        np.zeros_like(upper)
+        if lower is None
+        else np.ceil(np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0))
+    )
     top = int(upper.max()) if upper.size else 0
     k = np.arange(top + 1, dtype=float)
     mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
     phi_t = pt.as_tensor_variable(phi)
     phi_b = pt.shape_padright(phi_t) if phi_t.ndim else phi_t
     terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
-    terms = pt.where(k[None, :] <= upper[:, None], terms, -np.inf)
+    inside = (k[None, :] <= upper[:, None]) & (k[None, :] >= lower[:, None])
+    terms = pt.where(inside, terms, -np.inf)
     w = pt.exp(terms - pt.logsumexp(terms, axis=1, keepdims=True))
     mean = pt.sum(w * k[None, :], axis=1)
     var = pt.sum(w * (k**2)[None, :], axis=1) - mean**2
@@ -921,6 +946,7 @@ class FusionModel(FlowModel):
         n = int(data.sizes["unit"])
         flow = self._dense_cells(data, f"flow_{source}")
         upper = self._dense_cells(data, f"flow_{source}_max")
+        lower = self._dense_cells(data, f"flow_{source}_min")
         n_t = flow.shape[2] if has_period else 1
         origins = np.unique(pairs.origin_idx)
         covered = np.unique(np.concatenate([pairs.origin_idx, pairs.dest_idx]))
@@ -953,6 +979,7 @@ class FusionModel(FlowModel):
                 upper=upper[o, d, t],
                 period_idx=t.astype(np.int64) if has_period else None,
                 source=f"{source}:{kind}",
+                lower=np.where(np.isnan(flow[o, d, t]), lower[o, d, t], 0.0),
             )
         return out
 
@@ -1015,7 +1042,9 @@ class FusionModel(FlowModel):
         var = pt.zeros(n * n_t)
         if censored.any():
             idx = np.flatnonzero(censored)
-            m_c, v_c = truncated_nb_moments(mu[idx], phi, cells.upper[censored])
+            m_c, v_c = truncated_nb_moments(
+                mu[idx], phi, cells.upper[censored], cells.lower[censored]
+            )
             mean = pt.inc_subtensor(mean[key[idx]], m_c)
             var = pt.inc_subtensor(var[key[idx]], v_c)
         if missing.any():
@@ -1037,7 +1066,7 @@ class FusionModel(FlowModel):
 
     @staticmethod
     def _add_source_likelihood(source: str, mu: Any, phi: Any, pairs: ObservedPairs) -> None:
-        """Negative binomial of observed cells; ``P(y <= max)`` of censored ones."""
+        """Negative binomial of observed cells; ``P(min <= y <= max)`` of censored ones."""
         obs = pairs.observed
         cen = ~obs & np.isfinite(pairs.upper)
         if obs.any():
@@ -1045,7 +1074,9 @@ class FusionModel(FlowModel):
                 f"y_{source}", mu=mu[np.flatnonzero(obs)], alpha=phi, observed=pairs.y[obs]
             )
         if cen.any():
-            logp = censored_nb_logp(mu[np.flatnonzero(cen)], phi, pairs.upper[cen])
+            logp = censored_nb_logp(
+                mu[np.flatnonzero(cen)], phi, pairs.upper[cen], pairs.lower[cen]
+            )
             pm.Potential(f"y_{source}_censored", logp.sum())
 
     # ------------------------------------------------------------------ predict (latent's)
@@ -1145,7 +1176,9 @@ class FusionModel(FlowModel):
             obs = pairs.observed
             ll = np.empty_like(mu)
             ll[:, obs] = stats.nbinom.logpmf(pairs.y[None, obs], phi, p[:, obs])
-            ll[:, ~obs] = stats.nbinom.logcdf(np.floor(pairs.upper[None, ~obs]), phi, p[:, ~obs])
+            ll[:, ~obs] = _censored_nb_logp_np(
+                pairs.upper[~obs], pairs.lower[~obs], phi, p[:, ~obs]
+            )
             blocks.append(ll)
             ys.append(pairs.y)
         n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
@@ -1189,6 +1222,22 @@ class FusionModel(FlowModel):
             },
             index=pd.Index(var[dim].values.astype(str), name="unit"),
         )
+
+
+def _censored_nb_logp_np(
+    upper: np.ndarray, lower: np.ndarray, phi: np.ndarray, p: np.ndarray
+) -> np.ndarray:
+    """``log P(lower <= y <= upper)`` of ``nbinom(phi, p)`` per draw (rows) and cell (columns)."""
+    from scipy import stats
+
+    hi = stats.nbinom.logcdf(np.floor(upper)[None, :], phi, p)
+    lo_k = np.ceil(np.nan_to_num(lower, nan=0.0))[None, :] - 1
+    if not (lo_k >= 0).any():
+        return hi
+    lo = stats.nbinom.logcdf(np.maximum(lo_k, 0), phi, p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = hi + np.log1p(-np.exp(np.minimum(lo - hi, 0.0)))
+    return np.where(lo_k >= 0, diff, hi)
 
 
 def _latent_defaults() -> dict[str, Any]:

@@ -84,11 +84,19 @@ class _CountLikelihood:
             eta_c = eta[np.flatnonzero(cens)]
             mu_c = pt.exp(eta_c + log_e[cens])
             upper = pairs.upper[cens]
-            if self.model_config["likelihood"] == "poisson":
-                dist = pm.Poisson.dist(mu=mu_c)
-            else:
-                dist = pm.NegativeBinomial.dist(mu=mu_c, alpha=phi)
-            pm.Potential("loglik_censored", pm.logcdf(dist, upper).sum())
+            lower = np.ceil(pairs.lower[cens])
+
+            def dist(mu: Any) -> Any:
+                if self.model_config["likelihood"] == "poisson":
+                    return pm.Poisson.dist(mu=mu)
+                return pm.NegativeBinomial.dist(mu=mu, alpha=phi)
+
+            logp_c = pm.logcdf(dist(mu_c), upper)
+            idx = np.flatnonzero(lower > 0)
+            if idx.size:  # P(lower <= y <= upper) = F(upper) - F(lower - 1)
+                log_lo = pm.logcdf(dist(mu_c[idx]), lower[idx] - 1)
+                logp_c = pt.set_subtensor(logp_c[idx], pm.math.logdiffexp(logp_c[idx], log_lo))
+            pm.Potential("loglik_censored", logp_c.sum())
 
     @staticmethod
     def _pointwise_count_loglik(

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from flowmodel.dataset import build_dataset
-from flowmodel.exceptions import CensusInputError, InputFileError, UnitCodeError
+from flowmodel.dataset import build_dataset, flow_sources, validate_dataset
+from flowmodel.exceptions import (
+    CensusInputError,
+    DataContractError,
+    InputFileError,
+    UnitCodeError,
+)
 from flowmodel.inputs.census import (
     census_universe,
     harmonise_codes,
@@ -70,7 +77,10 @@ def test_census_od_suppressed_cells_are_censored_never_zero(units, tmp_path):
             "count": ["10", "<5", "0", "..", "7", "3"],
         }
     ).to_csv(path, index=False)
-    table = read_census_od(path, units=units, suppressed_max=4, sample_fraction=0.1)
+    with pytest.warns(
+        UserWarning, match=r"1 explicit zero\(s\) and 2 suppressed.*suppressed_min=1"
+    ):
+        table = read_census_od(path, units=units, suppressed_max=4, sample_fraction=0.1)
     t = table.set_index(["origin", "destination"])
     assert list(table.columns) == ["origin", "destination", "count", "max", "exposure"]
     assert t.loc[("A1", "A2"), "count"] == 10
@@ -85,6 +95,43 @@ def test_census_od_suppressed_cells_are_censored_never_zero(units, tmp_path):
     assert np.isnan(
         float(ds["flow_census"].sel(origin="B1", destination="A1"))
     )  # not in the table
+
+
+def test_census_od_suppressed_min_bounds_cells_from_below(units):
+    # zeros printed as "0": "<5" can only be 1..4, and the dataset carries the lower bound
+    table = pd.DataFrame(
+        {
+            "origin": ["A1", "A1", "A2", "A2"],
+            "destination": ["A2", "A3", "A1", "A1"],
+            "count": ["0", "<5", "<5", "2"],
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "explicit zeros" warning once suppressed_min is given
+        out = read_census_od(table, units=units, suppressed_min=1)
+    t = out.set_index(["origin", "destination"])
+    assert list(out.columns) == ["origin", "destination", "count", "max", "min", "exposure"]
+    assert t.loc[("A1", "A3"), "min"] == 1 and t.loc[("A1", "A3"), "max"] == 4
+    assert np.isnan(t.loc[("A1", "A2"), "min"]) and t.loc[("A1", "A2"), "count"] == 0
+    # duplicate rows are summed: "<5" + 2 holds 3..6
+    assert t.loc[("A2", "A1"), "min"] == 3 and t.loc[("A2", "A1"), "max"] == 6
+    ds = build_dataset(units, flows={"census": out})
+    assert float(ds["flow_census_min"].sel(origin="A1", destination="A3")) == 1
+    assert "census" in flow_sources(ds) and "census_min" not in flow_sources(ds)
+    from flowmodel.models.gravity import GravityModel
+
+    pairs = GravityModel()._observed_pairs(ds, "census")
+    censored = ~pairs.observed
+    assert sorted(pairs.lower[censored].tolist()) == [1.0, 3.0]
+    assert (pairs.lower[~censored] == 0).all()
+    with pytest.raises(CensusInputError, match=r"suppressed_min=5.*<= every suppression bound"):
+        read_census_od(table, units=units, suppressed_min=5)
+    bad = ds.copy()
+    bad["flow_census_min"] = (
+        bad["flow_census_min"].fillna(0).where(bad["flow_census"].isnull(), 1.0)
+    )
+    with pytest.raises(DataContractError, match=r"flow_census_min"):
+        validate_dataset(bad)
 
 
 def test_census_od_universe_fills_zeros(units):

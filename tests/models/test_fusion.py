@@ -144,6 +144,28 @@ def test_censored_logp_mixed_bounds_and_large_bounds():
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
 
 
+def test_censored_logp_with_lower_bounds_is_a_cdf_difference():
+    # "<5" in a table that prints zeros holds 1..4: P(1 <= y <= 4) = F(4) - F(0)
+    mu = np.array([0.5, 3.0, 8.0, 20.0, 200.0, 5.0])
+    upper = np.array([4.0, 4.0, 15.0, 4.0, 150.0, 4.0])  # 150 > summation cap
+    lower = np.array([1.0, 0.0, 1.0, 2.0, 100.0, 4.0])
+    p = 2.5 / (2.5 + mu)
+    expected = np.log(stats.nbinom.cdf(upper, 2.5, p) - stats.nbinom.cdf(lower - 1, 2.5, p))
+    got = censored_nb_logp(mu, 2.5, upper, lower).eval()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # lower = 0 everywhere is the plain CDF
+    np.testing.assert_allclose(
+        censored_nb_logp(mu, 2.5, upper, np.zeros(6)).eval(),
+        stats.nbinom.logcdf(upper, 2.5, p),
+        rtol=1e-6,
+    )
+    mean = truncated_nb_moments(mu[:4], 2.5, upper[:4], lower[:4])[0].eval()
+    for k in range(4):
+        support = np.arange(int(lower[k]), int(upper[k]) + 1)
+        w = stats.nbinom.pmf(support, 2.5, p[k])
+        np.testing.assert_allclose(mean[k], (w * support).sum() / w.sum(), rtol=1e-6)
+
+
 def test_source_kinds():
     assert source_kind("cdr") == source_kind("cdr_operator_b") == "cdr"
     assert source_kind("census") == source_kind("survey") == "census"
