@@ -1166,7 +1166,8 @@ night_lights = "world/night_lights.tif"
 
 [flows.census]
 path = "world/census_od.csv"
-options = {{ sample_fraction = {sample_fraction} }}
+# "<5" marks 1-4 (zeros are printed as 0), so suppressed cells are censored to 1..4
+options = {{ sample_fraction = {sample_fraction}, suppressed_min = 1 }}
 
 [flows.cdr]
 path = "world/cdr_events.parquet"

@@ -750,6 +750,7 @@ def simulate_world(
     raster_size: int = 600,
     n_towns: int | None = None,
     census_stayer_fraction: float = 0.02,
+    census_universe: str = "destination",
     cdr_scale: float = 0.25,
     persons_per_tower: float = 40_000.0,
     start: str = "2024-01-01",
@@ -806,6 +807,12 @@ def simulate_world(
         Stayers (previous unit == current unit) enter the person sample at
         ``sample_fraction * census_stayer_fraction`` and carry the matching
         larger weight.
+    census_universe
+        Whom the census enumerates (:func:`flowmodel.inputs.census.census_universe`):
+        ``"destination"`` (default) — everyone living in a census country,
+        in-migrants from abroad included with their previous unit, so the
+        census observes cross-border flows into its countries; ``"within"`` —
+        movers within one census country only (a census of internal migration).
     cdr_scale
         Share of the operator's relocating subscribers that the panel holds;
         folded into ``period_effect``.
@@ -852,6 +859,8 @@ def simulate_world(
         raise ValueError(f"sample_fraction={sample_fraction}: must be in (0, 1]")
     if n_periods < 2:
         raise ValueError(f"n_periods={n_periods}: CDR relocations need at least 2 months")
+    if census_universe not in ("within", "destination"):
+        raise ValueError(f"census_universe={census_universe!r}: must be 'within' or 'destination'")
     codes_all = list(COUNTRY_CODES) + [
         f"X{a}{b}" for a in "MNOPQRSTUVWYZ" for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     ]
@@ -973,9 +982,13 @@ def simulate_world(
         cov["population"].to_numpy(),
         sample_fraction,
         census_stayer_fraction,
+        census_universe,
     )
     _csv(persons, paths["census_persons"])
-    _csv(_census_od(persons, ids, country_of, census_codes), paths["census_od"])
+    _csv(
+        _census_od(persons, ids, country_of, census_codes, census_universe),
+        paths["census_od"],
+    )
 
     # --- CDR
     _report(progress, f"CDR events in {cdr_codes}")
@@ -1005,7 +1018,8 @@ def simulate_world(
         "cdr_countries": cdr_codes,
         "sample_fraction": float(sample_fraction),
         "census_stayer_fraction": float(census_stayer_fraction),
-        "census_suppression": {"below": 5, "written_as": "<5", "max": 4},
+        "census_universe": census_universe,
+        "census_suppression": {"below": 5, "written_as": "<5", "min": 1, "max": 4},
         "cdr_periods": cdr["months"],
         "cdr_scale": float(cdr_scale),
         "n_subscribers": int(cdr["n_subscribers"]),
@@ -1044,12 +1058,12 @@ def _census_persons(
     population: np.ndarray,
     sample_fraction: float,
     stayer_fraction: float,
+    universe: str = "within",
 ) -> pd.DataFrame:
-    """Person records: sampled movers within the census countries and a sample of stayers."""
+    """Person records: sampled movers into the census universe and a sample of stayers."""
     in_census = np.isin(country_of, census_codes)
-    same = (country_of[:, None] == country_of[None, :]) & in_census[:, None]
-    np.fill_diagonal(same, False)
-    movers = np.where(same, rng.binomial(np.where(same, flow, 0), sample_fraction), 0)
+    seen = _census_mask(country_of, census_codes, universe)
+    movers = np.where(seen, rng.binomial(np.where(seen, flow, 0), sample_fraction), 0)
     o, d = np.nonzero(movers)
     reps = movers[o, d]
     prev_m, cur_m = np.repeat(o, reps), np.repeat(d, reps)
@@ -1088,23 +1102,29 @@ def _census_persons(
     )
 
 
+def _census_mask(country_of: np.ndarray, census_codes: Sequence[str], universe: str) -> np.ndarray:
+    """Origin x destination mask of the pairs the census observes (no diagonal)."""
+    from flowmodel.inputs.census import census_universe
+
+    ids = np.arange(len(country_of)).astype(str)
+    pairs = census_universe(pd.Series(country_of, index=ids), census_codes, universe)
+    mask = np.zeros((len(ids), len(ids)), dtype=bool)
+    mask[pairs["origin"].astype(int), pairs["destination"].astype(int)] = True
+    return mask
+
+
 def _census_od(
-    persons: pd.DataFrame, ids: np.ndarray, country_of: np.ndarray, census_codes: Sequence[str]
+    persons: pd.DataFrame,
+    ids: np.ndarray,
+    country_of: np.ndarray,
+    census_codes: Sequence[str],
+    universe: str = "within",
 ) -> pd.DataFrame:
-    """Unweighted sample counts for every within-country pair of the census countries; 1-4 -> "<5"."""
+    """Unweighted sample counts for every pair of the census universe; 1-4 -> "<5"."""
     movers = persons.loc[persons["current_unit"] != persons["previous_unit"]]
     counts = movers.groupby(["previous_unit", "current_unit"]).size()
-    rows = []
-    for code in census_codes:
-        members = ids[country_of == code]
-        o, d = np.meshgrid(members, members, indexing="ij")
-        keep = o != d
-        rows.append(pd.DataFrame({"origin": o[keep], "destination": d[keep]}))
-    od = (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame({"origin": [], "destination": []})
-    )
+    o, d = np.nonzero(_census_mask(country_of, census_codes, universe))
+    od = pd.DataFrame({"origin": ids[o], "destination": ids[d]})
     n = counts.reindex(
         pd.MultiIndex.from_arrays([od["origin"], od["destination"]]), fill_value=0
     ).to_numpy()

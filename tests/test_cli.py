@@ -208,7 +208,7 @@ night_lights = "world/night_lights.tif"
 
 [flows.census]
 path = "world/census_od.csv"
-options = {{ sample_fraction = {fraction} }}
+options = {{ sample_fraction = {fraction}, suppressed_min = 1 }}
 
 [model]
 type = "gravity"

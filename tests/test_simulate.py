@@ -317,7 +317,11 @@ def test_census_files(world):
     cur_country = units.loc[persons["current_unit"], "country"].to_numpy()
     prev_country = units.loc[persons["previous_unit"], "country"].to_numpy()
     assert set(cur_country) == set(truth["census_countries"])
-    assert (cur_country == prev_country).all()  # the census universe: within each census country
+    # the census universe: everyone living in a census country, in-migrants from abroad too
+    assert truth["census_universe"] == "destination"
+    abroad = cur_country != prev_country
+    assert set(prev_country[abroad]) == set(truth["countries"])
+    assert 0.05 < abroad.mean() < 0.5
     movers = persons["current_unit"] != persons["previous_unit"]
     assert movers.sum() > 1000 and (~movers).sum() > 1000
     f = truth["sample_fraction"]
@@ -326,14 +330,10 @@ def test_census_files(world):
     assert persons["age"].between(5, 95).all() and set(persons["sex"]) == {"F", "M"}
     # the sample of movers is a 10% thinning of the realised flows
     flows = world.true_flows()
-    within = (
-        units.loc[flows["origin"], "country"].to_numpy()
-        == units.loc[flows["destination"], "country"].to_numpy()
-    )
     in_census = np.isin(
-        units.loc[flows["origin"], "country"].to_numpy(), truth["census_countries"]
+        units.loc[flows["destination"], "country"].to_numpy(), truth["census_countries"]
     )
-    assert movers.sum() == pytest.approx(f * flows.loc[within & in_census, "flow"].sum(), rel=0.03)
+    assert movers.sum() == pytest.approx(f * flows.loc[in_census, "flow"].sum(), rel=0.03)
 
     od = pd.read_csv(world.paths["census_od"], dtype={"count": str})
     assert list(od.columns) == ["origin", "destination", "count"]
@@ -451,6 +451,22 @@ def test_bad_arguments(tmp_path):
         simulate_world(tmp_path, **{**SMALL, "n_subscribers": 10})
     with pytest.raises(ValueError, match=r"unknown country code"):
         simulate_world(tmp_path, **{**SMALL, "census_countries": ["NOPE"]})
+    with pytest.raises(ValueError, match=r"census_universe='all'"):
+        simulate_world(tmp_path, **{**SMALL, "census_universe": "all"})
+
+
+def test_census_universe_within_records_internal_moves_only(tmp_path):
+    w = simulate_world(tmp_path, seed=1, census_universe="within", **SMALL)
+    units = w.units().set_index("unit_id")
+    persons = pd.read_csv(w.paths["census_persons"])
+    cur = units.loc[persons["current_unit"], "country"].to_numpy()
+    prev = units.loc[persons["previous_unit"], "country"].to_numpy()
+    assert (cur == prev).all() and w.truth["census_universe"] == "within"
+    od = pd.read_csv(w.paths["census_od"], dtype={"count": str})
+    o = units.loc[od["origin"], "country"].to_numpy()
+    assert (o == units.loc[od["destination"], "country"].to_numpy()).all()
+    n = (units["country"].isin(w.truth["census_countries"])).groupby(units["country"]).sum()
+    assert len(od) == int((n * (n - 1)).sum())
 
 
 def test_country_choices_by_code(tmp_path):
@@ -490,7 +506,9 @@ def test_world_builds_a_valid_flow_dataset(world):
     od = pd.read_csv(world.paths["census_od"], dtype={"count": str})
     censored = od["count"] == "<5"
     census = od.assign(
-        count=pd.to_numeric(od["count"].where(~censored)), max=np.where(censored, 4.0, np.nan)
+        count=pd.to_numeric(od["count"].where(~censored)),
+        max=np.where(censored, 4.0, np.nan),
+        min=np.where(censored, 1.0, np.nan),
     )
     ds = build_dataset(units, covariates=cov, flows={"census": census})
     assert ds.sizes["unit"] == 120
@@ -499,9 +517,12 @@ def test_world_builds_a_valid_flow_dataset(world):
     )
     observed = int(ds["flow_census"].notnull().sum()) + int(ds["flow_census_max"].notnull().sum())
     assert observed == len(od)
-    assert set(
-        np.unique(ds["country"].values[np.any(ds["flow_census"].notnull().values, axis=1)])
-    ) == set(world.truth["census_countries"])
+    assert float(ds["flow_census_min"].max()) == 1.0
+    # the census observes flows into its countries, from everywhere
+    into = np.any(ds["flow_census"].notnull().values, axis=0)
+    assert set(np.unique(ds["country"].values[into])) == set(world.truth["census_countries"])
+    out_of = np.any(ds["flow_census"].notnull().values, axis=1)
+    assert set(np.unique(ds["country"].values[out_of])) == set(world.truth["countries"])
 
 
 @pytest.mark.integration

@@ -641,9 +641,15 @@ def test_simulated_world_census_and_cdr_into_dataset(world):
 
     units = gpd.read_file(world.paths["units"], layer="units")
     truth = world.truth
-    persons = read_census_persons(world.paths["census_persons"], units)
+    # the simulated census enumerates everyone living in its countries (in-migrants from
+    # abroad too) and prints zeros, so "<5" holds 1..4
+    universe = truth["census_universe"]
+    persons = read_census_persons(world.paths["census_persons"], units, universe=universe)
     od = read_census_od(
-        world.paths["census_od"], units=units, sample_fraction=truth["sample_fraction"]
+        world.paths["census_od"],
+        units=units,
+        sample_fraction=truth["sample_fraction"],
+        suppressed_min=truth["census_suppression"]["min"],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the simulator writes a few duplicate events
@@ -658,6 +664,7 @@ def test_simulated_world_census_and_cdr_into_dataset(world):
     raw = pd.read_csv(world.paths["census_od"], dtype=str)["count"]
     assert od["count"].isna().sum() == (raw == "<5").sum()
     assert set(od.loc[od["count"].isna(), "max"]) <= {4.0}
+    assert set(od.loc[od["count"].isna(), "min"]) <= {1.0}
     assert (od["count"] == 0).sum() == (raw == "0").sum()
     # the OD table is the person records aggregated, with "<5" censored
     merged = od.merge(persons, on=["origin", "destination"], suffixes=("_od", "_p"))
