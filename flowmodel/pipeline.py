@@ -1240,7 +1240,9 @@ def demo_config(
     overrides
         ``--set key=value`` overrides for the demo config.
     force
-        Simulate the world again even if ``out/world/truth.json`` exists.
+        Simulate the world again even if ``out/world/truth.json`` exists. It is
+        simulated again anyway when it was written for another size, seed or
+        :data:`flowmodel.simulate.WORLD_VERSION`.
 
     Returns
     -------
@@ -1255,7 +1257,10 @@ def demo_config(
     out = Path(out)
     world = out / "world"
     stamp = world / ".demo-size"
-    wanted = json.dumps({"size": size, "seed": seed})
+    from flowmodel.simulate import WORLD_VERSION
+
+    # a world written by another version of the simulator is simulated again
+    wanted = json.dumps({"size": size, "seed": seed, "world_version": WORLD_VERSION})
     if (
         force
         or not (world / "truth.json").exists()

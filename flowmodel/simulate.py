@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_TRUTH",
     "FILES",
     "WORLD_TRUTH",
+    "WORLD_VERSION",
     "SimulatedWorld",
     "gravity_log_rate",
     "load_world",
@@ -229,6 +230,11 @@ def simulate_flow_dataset(
 #: realistic level (about 6% of residents move between units in five years; pairs
 #: carry tens to thousands of migrants).
 WORLD_TRUTH: dict[str, Any] = {**DEFAULT_TRUTH, "intercept": -6.5}
+
+#: Version of what :func:`simulate_world` writes for a given seed and arguments; bumped
+#: whenever the files change (2: the census enumerates in-migrants from abroad). Written
+#: to ``truth.json``; ``flowmodel demo`` simulates its world again when it differs.
+WORLD_VERSION = 2
 
 #: Made-up ISO3-like country codes, from the ISO 3166 user-assigned range (X..).
 COUNTRY_CODES: tuple[str, ...] = (
@@ -1040,6 +1046,7 @@ def simulate_world(
         "bbox": list(bbox),
         "files": dict(FILES),
         "generator": "flowmodel.simulate.simulate_world",
+        "world_version": WORLD_VERSION,
         "flowmodel_version": __version__,
     }
     with atomic_path(paths["truth"]) as tmp:

@@ -430,3 +430,20 @@ def test_stage_refuses_inputs_of_an_unfinished_upstream_stage(project: Path, mon
     ):
         pipeline.run_pipeline(load_config(project), ["predict"])
     assert not calls
+
+
+def test_demo_world_is_simulated_again_for_another_simulator_version(tmp_path: Path) -> None:
+    from flowmodel.simulate import WORLD_VERSION
+
+    cfg = pipeline.demo_config(tmp_path, size="small")
+    truth = tmp_path / "world" / "truth.json"
+    assert json.loads(truth.read_text())["world_version"] == WORLD_VERSION
+    assert cfg.flows["census"].options["suppressed_min"] == 1
+    first = truth.stat().st_mtime_ns
+    pipeline.demo_config(tmp_path, size="small")  # same size, seed and version: reused
+    assert truth.stat().st_mtime_ns == first
+    stamp = tmp_path / "world" / ".demo-size"
+    stamp.write_text(json.dumps({"size": "small", "seed": 0}))  # a world of an older version
+    pipeline.demo_config(tmp_path, size="small")
+    assert truth.stat().st_mtime_ns != first
+    assert json.loads(stamp.read_text())["world_version"] == WORLD_VERSION
