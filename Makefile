@@ -8,6 +8,9 @@ export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 export NO_MKDOCS_2_WARNING := 1
 PYTEST_WORKERS ?= 2
+# --dist loadfile: one worker per test file, so a file's expensive fixtures (the fusion
+# fits) are built once. (--dist loadgroup with xdist_group marks no longer groups under
+# pytest 9.2: pytest-dev/pytest-xdist#1386.)
 
 .PHONY: help venv demo test test-fast lint format docs bench clean
 
@@ -34,11 +37,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 	$(MAKE) docs
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flowmodel tests benchmarks scripts
