@@ -2,9 +2,10 @@
 
 Run from the repository root::
 
-    .venv/bin/python scripts/fusion_example.py            # ~1.5-2 min on 2 cores
+    .venv/bin/python scripts/fusion_example.py            # ~1 min on 2 cores
     .venv/bin/python scripts/fusion_example.py --out /tmp/fusion --backend laplace
     .venv/bin/python scripts/fusion_example.py --marginals  # + country-pair totals
+    .venv/bin/python scripts/fusion_example.py --docs-img   # refresh docs/img/fusion_*.png
 
 ``--marginals`` adds what a bilateral migration estimate would give: the true flow
 summed over each country pair, with 10% log-normal error, as ``marginal_bilateral``
@@ -16,7 +17,8 @@ with one overlapping, nothing in 1) with :func:`flowmodel.simulate.simulate_worl
 prepare the FlowDataset from its files (units, rasters, census OD, raw CDR
 events) with the pipeline's ``prepare`` stage, fit a :class:`FusionModel`,
 predict every pair, compare with the truth, and write the figures
-``docs/img/fusion_*.png``. The numbers quoted in docs/fusion.md are printed.
+``OUT/figures/fusion_*.png`` (with ``--docs-img``: ``docs/img/``, the figures of
+docs/fusion.md). The numbers quoted in docs/fusion.md are printed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from flowmodel.models.fusion import FusionModel, marginals_to_dataset
 from flowmodel.models.gravity import GravityModel
 
 REPO = Path(__file__).resolve().parents[1]
-IMG = REPO / "docs" / "img"
+DOCS_IMG = REPO / "docs" / "img"
 
 
 def prepare(out: Path, seed: int) -> tuple[Path, dict]:
@@ -70,13 +72,19 @@ def main() -> None:
         "--reuse", action="store_true", help="load OUT/fusion_posterior.nc instead of refitting"
     )
     parser.add_argument(
+        "--docs-img",
+        action="store_true",
+        help="write the figures to docs/img/ (the docs' figures) instead of OUT/figures/",
+    )
+    parser.add_argument(
         "--marginals",
         action="store_true",
         help="add country-pair totals of the true flows (10%% error); no figures written",
     )
     args = parser.parse_args()
     out = Path(args.out)
-    IMG.mkdir(parents=True, exist_ok=True)
+    img = DOCS_IMG if args.docs_img else out / "figures"
+    img.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     path, truth = prepare(out, args.seed)
@@ -222,7 +230,7 @@ def main() -> None:
     )
     ax.legend(markerscale=3, fontsize=8)
     fig.tight_layout()
-    fig.savefig(IMG / "fusion_predicted_vs_true.png", dpi=120)
+    fig.savefig(img / "fusion_predicted_vs_true.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -241,7 +249,7 @@ def main() -> None:
         title="90% predictive intervals: coverage and mean width (persons)",
     )
     fig.tight_layout()
-    fig.savefig(IMG / "fusion_coverage.png", dpi=120)
+    fig.savefig(img / "fusion_coverage.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -275,7 +283,7 @@ def main() -> None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(IMG / "fusion_market_share.png", dpi=120)
+    fig.savefig(img / "fusion_market_share.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -290,9 +298,9 @@ def main() -> None:
         title="Parameter recovery (default world)",
     )
     fig.tight_layout()
-    fig.savefig(IMG / "fusion_recovery.png", dpi=120)
+    fig.savefig(img / "fusion_recovery.png", dpi=120)
     plt.close(fig)
-    print("figures:", ", ".join(sorted(p.name for p in IMG.glob("fusion_*.png"))))
+    print(f"figures in {img}:", ", ".join(sorted(p.name for p in img.glob("fusion_*.png"))))
 
 
 if __name__ == "__main__":
