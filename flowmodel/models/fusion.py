@@ -12,7 +12,9 @@ one observation model per source:
   ``period_scale`` — CDR counts per latent flow, e.g. a monthly window against a
   5-year census question — times zero-sum log deviations);
 - **censored cells** (``flow_<source>_max``, e.g. CDR cells redacted at 15 or
-  fewer subscribers) enter as ``P(y <= max)``, never as zeros and never dropped;
+  fewer subscribers) enter as ``P(y <= max)`` — ``P(min <= y <= max)`` with a lower
+  bound ``flow_<source>_min``, e.g. census "<5" cells next to printed zeros —
+  never as zeros and never dropped;
 - **in/out totals** of a CDR source (``<source>_outflow`` / ``<source>_inflow``,
   dims ``unit``[, ``period``], summed by the operator before redaction; add them
   with :func:`totals_to_dataset`) enter through the remainder ``total - released
@@ -1160,7 +1162,7 @@ class FusionModel(FlowModel):
         One variable ``flow`` over dim ``pair``: every cell of every source in
         :attr:`sources` order (census cells, then CDR cells, period-resolved CDR
         cells flattened), a count contributing its negative-binomial log pmf and a
-        censored cell ``log P(y <= max)``. In/out totals are not pointwise
+        censored cell ``log P(min <= y <= max)``. In/out totals are not pointwise
         observations and are left out (models compared by LOO should be fitted
         with the same totals anyway). Computed in numpy from the posterior draws.
         """

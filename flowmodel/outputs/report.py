@@ -1167,9 +1167,10 @@ def report(
             ]
             sections.append(
                 "<p>Observations by source (" + "; ".join(parts) + "). A censored cell is a "
-                "count suppressed for privacy (e.g. below a threshold): only its upper bound "
-                "enters the likelihood, so a source with mostly censored cells carries little "
-                "information about the size of flows.</p>"
+                "count suppressed for privacy (e.g. below a threshold): only its bounds (0 or "
+                "the table's smallest suppressed count, and the threshold) enter the likelihood, "
+                "so a source with mostly censored cells carries little information about the "
+                "size of flows.</p>"
             )
         figure(
             plot_posterior_prior(tree),
