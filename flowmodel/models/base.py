@@ -82,6 +82,15 @@ AUTO_NUMPYRO_PAIRS = 10_000
 _MODEL_REGISTRY: dict[str, type[FlowModel]] = {}
 
 
+def _like(
+    var: xr.DataArray | None, dims: tuple[str, ...], like: np.ndarray, fill: float
+) -> np.ndarray:
+    """``var`` as a float array shaped like ``like`` (dims ``dims``), or ``fill`` when absent."""
+    if var is None:
+        return np.full_like(like, fill)
+    return np.asarray(var.transpose(*dims).values, dtype=float).reshape(like.shape)
+
+
 @dataclass
 class ObservedPairs:
     """Observed pairs of one flow source, as flat arrays (dim ``pair``).
@@ -282,20 +291,8 @@ class FlowModel(abc.ABC):
             dest_all = self._unit_positions(data, data["destination"].values)
             if flow_v.ndim == 1:
                 flow_v = flow_v[:, None]
-            upper_v = (
-                np.full_like(flow_v, np.nan)
-                if upper_var is None
-                else np.asarray(upper_var.transpose(*dims).values, dtype=float).reshape(
-                    flow_v.shape
-                )
-            )
-            lower_v = (
-                np.zeros_like(flow_v)
-                if lower_var is None
-                else np.asarray(lower_var.transpose(*dims).values, dtype=float).reshape(
-                    flow_v.shape
-                )
-            )
+            upper_v = _like(upper_var, dims, flow_v, np.nan)
+            lower_v = _like(lower_var, dims, flow_v, 0.0)
             pair_i, per = np.nonzero(~np.isnan(flow_v) | ~np.isnan(upper_v))
             oi, dj = origin_all[pair_i], dest_all[pair_i]
             y, up = flow_v[pair_i, per], upper_v[pair_i, per]
@@ -317,20 +314,8 @@ class FlowModel(abc.ABC):
             flow_v = np.asarray(flow.transpose(*dims).values, dtype=float)
             if flow_v.ndim == 2:
                 flow_v = flow_v[..., None]
-            upper_v = (
-                np.full_like(flow_v, np.nan)
-                if upper_var is None
-                else np.asarray(upper_var.transpose(*dims).values, dtype=float).reshape(
-                    flow_v.shape
-                )
-            )
-            lower_v = (
-                np.zeros_like(flow_v)
-                if lower_var is None
-                else np.asarray(lower_var.transpose(*dims).values, dtype=float).reshape(
-                    flow_v.shape
-                )
-            )
+            upper_v = _like(upper_var, dims, flow_v, np.nan)
+            lower_v = _like(lower_var, dims, flow_v, 0.0)
             o_pos = self._unit_positions(data, data["origin"].values)
             d_pos = self._unit_positions(data, data["destination"].values)
             mask = ~np.isnan(flow_v) | ~np.isnan(upper_v)
