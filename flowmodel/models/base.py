@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import pymc as pm
+import pytensor.tensor as pt
 import xarray as xr
 
 from flowmodel._version import __version__
@@ -80,6 +81,32 @@ LOG_LIKELIHOOD_MAX_VALUES = 20_000_000
 AUTO_NUMPYRO_PAIRS = 10_000
 
 _MODEL_REGISTRY: dict[str, type[FlowModel]] = {}
+
+
+def censored_bounds(
+    upper: np.ndarray, lower: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer censoring bounds: ``upper`` floored, ``lower`` ceiled (None or NaN: 0)."""
+    upper = np.floor(np.asarray(upper, dtype=float))
+    if lower is None:
+        return upper, np.zeros_like(upper)
+    return upper, np.ceil(np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0))
+
+
+def interval_logcdf(make_dist: Any, upper: np.ndarray, lower: np.ndarray) -> Any:
+    """``log P(lower <= y <= upper)`` per cell with :func:`pymc.logcdf` (a PyTensor expression).
+
+    ``make_dist(idx)`` returns the count distribution of every cell (``idx``
+    None) or of the cells ``idx``. Only cells with ``lower > 0`` get the
+    difference ``log(F(upper) - F(lower - 1))``, so the others keep the plain
+    CDF and its gradient (no NaN from a difference of equal terms).
+    """
+    log_hi = pm.logcdf(make_dist(None), upper)
+    idx = np.flatnonzero(lower > 0)
+    if not idx.size:
+        return log_hi
+    log_lo = pm.logcdf(make_dist(idx), lower[idx] - 1)
+    return pt.set_subtensor(log_hi[idx], pm.math.logdiffexp(log_hi[idx], log_lo))
 
 
 def _like(

@@ -51,6 +51,8 @@ from flowmodel.models.base import (
     Features,
     FlowModel,
     ObservedPairs,
+    censored_bounds,
+    interval_logcdf,
     stack_samples,
 )
 from flowmodel.models.priors import create_prior, resolve_priors
@@ -132,23 +134,19 @@ def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray | N
     pytensor.tensor.TensorVariable
         Shape ``(cell,)``.
     """
-    upper = np.floor(np.asarray(upper, dtype=float))
-    lower = (
-        np.zeros_like(upper)
-        if lower is None
-        else np.ceil(np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0))
-    )
+    upper, lower = censored_bounds(upper, lower)
     top = int(upper.max()) if upper.size else 0
     if top > MAX_SUMMED_BOUND:
-        log_hi = pm.logcdf(pm.NegativeBinomial.dist(mu=mu, alpha=phi), upper)
-        idx = np.flatnonzero(lower > 0)
-        if not idx.size:
-            return log_hi
-        # only the cells with a lower bound: log(F(upper) - F(lower - 1)) (no NaN gradients)
         mu_t, phi_t = pt.as_tensor_variable(mu), pt.as_tensor_variable(phi)
-        lo_dist = pm.NegativeBinomial.dist(mu=mu_t[idx], alpha=phi_t[idx] if phi_t.ndim else phi_t)
-        log_lo = pm.logcdf(lo_dist, lower[idx] - 1)
-        return pt.set_subtensor(log_hi[idx], pm.math.logdiffexp(log_hi[idx], log_lo))
+
+        def dist(idx: np.ndarray | None) -> Any:
+            if idx is None:
+                return pm.NegativeBinomial.dist(mu=mu_t, alpha=phi_t)
+            return pm.NegativeBinomial.dist(
+                mu=mu_t[idx], alpha=phi_t[idx] if phi_t.ndim else phi_t
+            )
+
+        return interval_logcdf(dist, upper, lower)
     k = np.arange(top + 1, dtype=float)
     mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
     phi_t = pt.as_tensor_variable(phi)
@@ -171,12 +169,7 @@ def truncated_nb_moments(
     (TensorVariable, TensorVariable)
         Mean and variance, shape ``(cell,)``.
     """
-    upper = np.floor(np.asarray(upper, dtype=float))
-    lower = (
-        np.zeros_like(upper)
-        if lower is None
-        else np.ceil(np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0))
-    )
+    upper, lower = censored_bounds(upper, lower)
     top = int(upper.max()) if upper.size else 0
     k = np.arange(top + 1, dtype=float)
     mu_b = pt.shape_padright(pt.as_tensor_variable(mu))

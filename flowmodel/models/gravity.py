@@ -20,7 +20,14 @@ import xarray as xr
 from scipy import special
 
 from flowmodel.exceptions import ModelConfigError
-from flowmodel.models.base import Features, FlowModel, ObservedPairs, stack_samples
+from flowmodel.models.base import (
+    Features,
+    FlowModel,
+    ObservedPairs,
+    censored_bounds,
+    interval_logcdf,
+    stack_samples,
+)
 from flowmodel.models.priors import PriorSpec
 
 __all__ = ["GravityModel"]
@@ -83,20 +90,15 @@ class _CountLikelihood:
         if cens.any():
             eta_c = eta[np.flatnonzero(cens)]
             mu_c = pt.exp(eta_c + log_e[cens])
-            upper = pairs.upper[cens]
-            lower = np.ceil(pairs.lower[cens])
+            upper, lower = censored_bounds(pairs.upper[cens], pairs.lower[cens])
 
-            def dist(mu: Any) -> Any:
+            def dist(idx: np.ndarray | None) -> Any:
+                mu = mu_c if idx is None else mu_c[idx]
                 if self.model_config["likelihood"] == "poisson":
                     return pm.Poisson.dist(mu=mu)
                 return pm.NegativeBinomial.dist(mu=mu, alpha=phi)
 
-            logp_c = pm.logcdf(dist(mu_c), upper)
-            idx = np.flatnonzero(lower > 0)
-            if idx.size:  # P(lower <= y <= upper) = F(upper) - F(lower - 1)
-                log_lo = pm.logcdf(dist(mu_c[idx]), lower[idx] - 1)
-                logp_c = pt.set_subtensor(logp_c[idx], pm.math.logdiffexp(logp_c[idx], log_lo))
-            pm.Potential("loglik_censored", logp_c.sum())
+            pm.Potential("loglik_censored", interval_logcdf(dist, upper, lower).sum())
 
     @staticmethod
     def _pointwise_count_loglik(

@@ -494,3 +494,24 @@ def test_country_slopes_recover_country_specific_distance_decay():
     single = float(pooled.posterior["beta_raw"].sel(term="log_distance").mean())
     assert min(slopes.values()) < single < max(slopes.values())
     assert max(abs(single - value) for value in slopes.values()) > 0.3
+
+
+def test_interval_logcdf_of_censored_cells_matches_scipy():
+    """The censored-cell term of the gravity likelihood: log P(lower <= y <= upper)."""
+    import pymc as pm
+    from scipy import stats
+
+    from flowmodel.models.base import censored_bounds, interval_logcdf
+
+    mu = np.array([0.5, 3.0, 8.0, 2.0])
+    upper, lower = censored_bounds(
+        np.array([4.0, 4.9, 15.0, 0.0]), np.array([1.0, np.nan, 0.2, 0.0])
+    )
+    assert upper.tolist() == [4, 4, 15, 0] and lower.tolist() == [1, 0, 1, 0]
+
+    def dist(idx):
+        return pm.Poisson.dist(mu=mu if idx is None else mu[idx])
+
+    got = interval_logcdf(dist, upper, lower).eval()
+    expected = np.log(stats.poisson.cdf(upper, mu) - stats.poisson.cdf(lower - 1, mu))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
