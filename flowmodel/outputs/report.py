@@ -805,7 +805,13 @@ def _metrics_frame(metrics: Mapping[str, Any] | pd.DataFrame) -> pd.DataFrame:
 
 # -------------------------------------------------------------------------- report
 def _source_countries(data: xr.Dataset) -> str:
-    """Return a sentence naming the countries each flow source observes (by origin)."""
+    """Return a sentence naming the countries each flow source observes.
+
+    A source is *in* a country when it observes pairs within it (a census is
+    taken, an operator covers it); cross-border cells are named separately, so
+    a census that enumerates in-migrants from abroad is not said to be in every
+    origin country.
+    """
     from flowmodel.dataset import flow_sources
 
     if "country" not in data:
@@ -822,12 +828,16 @@ def _source_countries(data: xr.Dataset) -> str:
             present = present.any(extra)
         if "origin" not in present.dims:
             continue
-        rows = present.any("destination")
-        origins = np.asarray(rows["origin"].values).astype(str)[np.asarray(rows.values, bool)]
-        codes = sorted(set(units.reindex(origins).dropna()))
+        o_c = units.reindex(np.asarray(present["origin"].values).astype(str)).to_numpy()
+        d_c = units.reindex(np.asarray(present["destination"].values).astype(str)).to_numpy()
+        cells = np.asarray(present.transpose("origin", "destination").values, bool)
+        same = o_c[:, None] == d_c[None, :]
+        codes = sorted(set(o_c[np.nonzero(cells & same)[0]]))
         seen |= set(codes)
         if codes:
-            parts.append(f"{source} in {', '.join(codes)}")
+            n_cross = int((cells & ~same).sum())
+            cross = f" (+ {n_cross:,} cross-border pairs)" if n_cross else ""
+            parts.append(f"{source} in {', '.join(codes)}{cross}")
     if not parts:
         return ""
     missing = sorted(set(country) - seen)

@@ -183,3 +183,17 @@ def test_truth_table_uses_raw_scale_and_known_nodes_only():
     assert table.loc["intercept", "estimate"] == -7.4 and bool(table.loc["intercept", "covered"])
     assert not bool(table.loc["beta[log_distance]", "covered"])  # -1.4 outside [-1.35, -1.25]
     assert bool(table.loc["phi", "covered"])  # closed interval [5.0, 6.0]
+
+
+def test_source_sentence_names_where_each_source_is_not_every_origin():
+    """A census of in-migrants observes pairs from every country; it is *in* its own only."""
+    from flowmodel.outputs.report import _source_countries
+
+    ds, _ = simulate_flow_dataset(30, 3, seed=1)
+    country = ds["country"].values.astype(str)
+    into_c00 = np.broadcast_to(country[None, :] == "C00", (30, 30)) & ~np.eye(30, dtype=bool)
+    ds["flow_census"] = ds["flow_census"].where(into_c00)
+    n_cross = int((into_c00 & (country[:, None] != "C00")).sum())
+    sentence = _source_countries(ds)
+    assert sentence.startswith(f"Data: census in C00 (+ {n_cross:,} cross-border pairs)")
+    assert "no flow data in C01, C02" in sentence
