@@ -1081,7 +1081,8 @@ def report(
             "Each point is an observed origin–destination pair: observed flow against the posterior "
             "predictive mean, with the 90% predictive interval (q05–q95) as a vertical line; blue "
             "points lie inside their interval, orange ones outside. Axes are logarithmic above 1 "
-            "person and linear below, so observed zeros are shown. These are in-sample "
+            "person and linear below, so observed zeros are shown; censored (suppressed or "
+            "redacted) cells have no single observed value and are not drawn. These are in-sample "
             "predictions; see the cross-validation table (when run) for held-out performance."
             + scale_note,
         )
@@ -1221,8 +1222,10 @@ def report(
                 "intervals cover the truth. The raw-scale intercept is the log-rate extrapolated to "
                 "covariates of zero (e.g. log population 0, a unit of one resident), so its error "
                 "is mostly the slope errors × the covariate means; the log-rate at the covariate "
-                "means is what the data pin down. Country effects of countries without census "
-                "data are identified only through the CDR (confounded with the market share).</p>"
+                "means is what the data pin down. A country effect (of the origin country) is "
+                "measured where a census sees flows out of that country — within it, or as "
+                "in-migrants abroad; otherwise only through the CDR (confounded with the market "
+                "share) or, with no data, from the population distribution.</p>"
             )
             sections.append(_table_html(tt))
     true_mu = _truth_flows(truth) if truth is not None else None
@@ -1250,7 +1253,8 @@ def report(
         if not groups.empty:
             sections.append(
                 "<p>By the data available for the pair (within-country pairs by their country's "
-                "sources; cross-border pairs are never observed). <i>predicted / true total</i> "
+                "sources; cross-border pairs as one group, whichever source observes some of "
+                "them). <i>predicted / true total</i> "
                 "is Σ posterior mean / Σ μ; coverage is the share of the "
                 + ("realised true flows" if realised is not None else "true μ")
                 + " inside the 90% predictive interval (nominal 90%).</p>"
