@@ -18,7 +18,7 @@ help:
 	@echo "make demo       set up .venv if needed, run the simulated-world pipeline, write demo-output/report.html"
 	@echo "make test       set up .venv if needed, lint, run the whole test suite (slow tests and docs build included)"
 	@echo "make test-fast  the suite without slow tests"
-	@echo "make lint       ruff check + ruff format --check"
+	@echo "make lint       ruff check + ruff format --check + import-linter contracts (the layering)"
 	@echo "make docs       build the docs site (warnings are errors)"
 
 # .venv is (re)built when missing or older than pyproject.toml.
@@ -46,6 +46,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flowmodel tests benchmarks scripts
 	$(VENV)/bin/ruff format --check flowmodel tests benchmarks scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix flowmodel tests benchmarks scripts

@@ -84,7 +84,7 @@ def main(argv=None):
         flush=True,
     )
 
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -25,16 +25,22 @@ import pandas as pd
 import xarray as xr
 
 from flowmodel._version import __version__
-from flowmodel.exceptions import DataContractError, InputFileError
+from flowmodel.exceptions import DataContractError, InputFileError, ModelConfigError
 from flowmodel.pairs import cross_border, geodesic_distance_km
 
 __all__ = [
+    "MARGINAL_DIMS",
+    "MARGINAL_PREFIX",
+    "TOTAL_KINDS",
+    "TOTAL_UNIVERSES",
     "build_dataset",
     "dataset_fingerprint",
     "flow_sources",
     "is_sparse",
     "load_dataset",
+    "marginals_to_dataset",
     "save_dataset",
+    "totals_to_dataset",
     "validate_dataset",
 ]
 
@@ -582,7 +588,7 @@ def _encodable(ds: xr.Dataset) -> xr.Dataset:
 
 def save_dataset(ds: xr.Dataset, path: str | os.PathLike[str]) -> Path:
     """Write a FlowDataset to NetCDF (h5netcdf) atomically; returns the path."""
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -622,3 +628,194 @@ def dataset_fingerprint(ds: xr.Dataset) -> str:
         else:
             h.update(np.ascontiguousarray(values).tobytes())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------- aggregate observations
+#: Kinds of CDR in/out totals: variables ``<source>_outflow`` / ``<source>_inflow``.
+TOTAL_KINDS = ("outflow", "inflow")
+#: Destination universe of a total (attr ``universe`` of ``<source>_outflow``).
+TOTAL_UNIVERSES = ("covered", "within")
+
+
+def totals_to_dataset(
+    ds: xr.Dataset,
+    totals: pd.DataFrame,
+    *,
+    source: str = "cdr",
+    universe: str = "covered",
+) -> xr.Dataset:
+    """Return ``ds`` with the operator's in/out totals as ``<source>_outflow`` / ``_inflow``.
+
+    ``totals`` is :attr:`flowmodel.inputs.cdr.CDRFlows.totals` (``unit_id``,
+    ``period``, ``outflow``, ``inflow``, optional ``outflow_max`` /
+    ``inflow_max``): movers out of / into each unit summed by the operator
+    *before* redaction. Totals suppressed because they would reveal redacted
+    cells are NaN with their bound in ``<source>_outflow_max``.
+
+    Parameters
+    ----------
+    ds
+        FlowDataset holding ``flow_<source>``.
+    totals
+        Long table as above; units not in ``ds`` raise.
+    source
+        The CDR source the totals belong to.
+    universe
+        Destinations each total sums over: ``"covered"`` (every unit the
+        operator covers, i.e. every unit in a ``flow_<source>`` cell) or
+        ``"within"`` (those of the origin's / destination's own country) —
+        the ``universe`` of :func:`flowmodel.inputs.cdr.relocation_od`.
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with ``<source>_outflow``, ``<source>_inflow`` (dims ``unit``
+        [, ``period``] like ``flow_<source>``; NaN = unavailable) and, where
+        the table has them, ``<source>_outflow_max`` / ``<source>_inflow_max``;
+        attribute ``universe`` on each.
+    """
+    if universe not in TOTAL_UNIVERSES:
+        raise ModelConfigError(
+            f"totals_to_dataset: universe={universe!r}; Fix: one of {list(TOTAL_UNIVERSES)}"
+        )
+    flow = ds.get(f"flow_{source}")
+    if flow is None:
+        raise DataContractError(
+            f"totals_to_dataset: no 'flow_{source}' in the dataset. Fix: add the CDR OD first"
+        )
+    tab = pd.DataFrame(totals).copy()
+    if "unit_id" not in tab.columns:
+        raise DataContractError("totals_to_dataset: totals need a 'unit_id' column")
+    tab["unit_id"] = tab["unit_id"].astype(str)
+    units = np.asarray(ds["unit"].values).astype(str)
+    unknown = sorted(set(tab["unit_id"]) - set(units))
+    if unknown:
+        raise DataContractError(
+            f"totals_to_dataset: unit ids {unknown[:10]} are not in the dataset's 'unit'. "
+            "Fix: build the dataset from the same units as the CDR"
+        )
+    has_period = "period" in flow.dims
+    out = ds.copy()
+    if has_period:
+        if "period" not in tab.columns:
+            raise DataContractError(
+                f"totals_to_dataset: flow_{source} has a period dim; the totals need 'period'"
+            )
+        periods = np.asarray(ds["period"].values).astype(str)
+        tab["period"] = tab["period"].astype(str)
+    elif "period" in tab.columns and tab["period"].nunique() > 1:
+        raise DataContractError(
+            f"totals_to_dataset: flow_{source} has no period dim but the totals have "
+            f"{tab['period'].nunique()} periods. Fix: select one period"
+        )
+    for kind in TOTAL_KINDS:
+        for col in (kind, f"{kind}_max"):
+            if col not in tab.columns:
+                continue
+            if has_period:
+                if tab.duplicated(["unit_id", "period"]).any():
+                    raise DataContractError(
+                        "totals_to_dataset: duplicated (unit_id, period) rows in the totals"
+                    )
+                wide = tab.set_index(["unit_id", "period"])[col].unstack("period")
+                values = wide.reindex(index=units, columns=periods).to_numpy(dtype=float)
+                var = xr.DataArray(values, dims=("unit", "period"))
+            else:
+                values = tab.set_index("unit_id")[col].reindex(units).to_numpy(dtype=float)
+                var = xr.DataArray(values, dims=("unit",))
+            var.attrs.update(universe=universe, source=source)
+            out[f"{source}_{col}"] = var
+    return out
+
+
+MARGINAL_PREFIX = "marginal_"
+#: Dims of a country-pair marginal.
+MARGINAL_DIMS = ("origin_country", "destination_country")
+
+
+def marginals_to_dataset(
+    ds: xr.Dataset,
+    table: pd.DataFrame,
+    *,
+    name: str = "flow",
+    rel_sd: float = 0.1,
+) -> xr.Dataset:
+    """Return ``ds`` with country-pair totals of the latent flow as ``marginal_<name>``.
+
+    A marginal is an external estimate of the total population-scale flow from
+    every unit of one country to every unit of another (or the same) country
+    over the latent's window, e.g. a bilateral migration-flow estimate or
+    flows derived from migrant stocks. :class:`FusionModel` uses every
+    ``marginal_*`` variable present as the observation
+    ``log M_cd ~ N(log sum_{i in c, j in d, i != j} exp(eta_ij), rel_sd)``.
+    They give the level of countries that no census or CDR sees, and of the
+    border friction where no source observes cross-border cells.
+
+    Parameters
+    ----------
+    ds
+        FlowDataset (``country`` on ``unit``).
+    table
+        Columns ``origin_country``, ``destination_country``, ``value`` (persons,
+        > 0); country pairs not in the table are unknown (NaN).
+    name
+        Suffix of the variable (``marginal_<name>``).
+    rel_sd
+        Error of the estimates on the log scale (0.1: about ±10%), stored as the
+        attribute ``rel_sd``.
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with ``marginal_<name>`` (dims ``origin_country``,
+        ``destination_country``: every country of ``ds``).
+
+    Raises
+    ------
+    DataContractError
+        Missing columns, countries not in ``ds``, non-positive or duplicated values.
+    ModelConfigError
+        ``rel_sd`` not positive.
+    """
+    if not rel_sd > 0:
+        raise ModelConfigError(f"marginals_to_dataset: rel_sd={rel_sd} must be > 0. Fix: e.g. 0.1")
+    tab = pd.DataFrame(table).copy()
+    need = ["origin_country", "destination_country", "value"]
+    missing = [c for c in need if c not in tab.columns]
+    if missing:
+        raise DataContractError(
+            f"marginals_to_dataset: the table lacks columns {missing}; it needs {need}"
+        )
+    countries = sorted(set(np.asarray(ds["country"].values).astype(str)))
+    for col in need[:2]:
+        tab[col] = tab[col].astype(str)
+    named = set(tab["origin_country"]) | set(tab["destination_country"])
+    unknown = sorted(named - set(countries))
+    if unknown:
+        raise DataContractError(
+            f"marginals_to_dataset: countries {unknown[:10]} are not in the dataset's 'country' "
+            f"({countries}). Fix: use the same country codes as the units"
+        )
+    values = tab["value"].astype(float)
+    if not (values > 0).all():
+        raise DataContractError(
+            "marginals_to_dataset: every 'value' must be > 0 (a log-normal observation). "
+            "Fix: drop unknown or zero country pairs from the table"
+        )
+    if tab.duplicated(need[:2]).any():
+        raise DataContractError("marginals_to_dataset: duplicated country pairs in the table")
+    wide = (
+        tab.assign(value=values)
+        .set_index(need[:2])["value"]
+        .unstack("destination_country")
+        .reindex(index=countries, columns=countries)
+    )
+    out = ds.copy()
+    var = xr.DataArray(
+        wide.to_numpy(dtype=float),
+        dims=MARGINAL_DIMS,
+        coords={MARGINAL_DIMS[0]: countries, MARGINAL_DIMS[1]: countries},
+    )
+    var.attrs.update(rel_sd=float(rel_sd))
+    out[f"{MARGINAL_PREFIX}{name}"] = var
+    return out

@@ -35,6 +35,7 @@ from scipy import stats
 
 from flowmodel.dataset import flow_sources, is_sparse
 from flowmodel.exceptions import DataContractError, FlowModelError, ModelConfigError
+from flowmodel.naming import quantile_name
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -63,14 +64,6 @@ DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 INTERVALS: tuple[tuple[str, str, float], ...] = (("q25", "q75", 0.5), ("q05", "q95", 0.9))
 
 ArrayLike = np.ndarray | xr.DataArray | Sequence[float]
-
-
-def quantile_name(q: float) -> str:
-    """Variable name of quantile ``q``: 0.05 -> ``"q05"``, 0.5 -> ``"q50"``, 0.975 -> ``"q975"``."""
-    pct = round(q * 100, 6)
-    if float(pct).is_integer():
-        return f"q{int(pct):02d}"
-    return "q" + f"{pct:.6g}".replace(".", "")
 
 
 # ---------------------------------------------------------------------- alignment

@@ -232,7 +232,7 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(
@@ -370,7 +370,7 @@ def _log_to(run_dir: Path, level: int) -> Iterator[None]:
 
 
 def _copy_config(cfg: RunConfig, run_dir: Path) -> None:
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     if cfg.source is not None and Path(cfg.source).exists():
         target = run_dir / f"config{Path(cfg.source).suffix.lower()}"
@@ -782,8 +782,8 @@ def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
     """Add every ``[marginals.<name>]`` table as ``marginal_<name>`` (FusionModel uses them)."""
     import pandas as pd
 
+    from flowmodel.dataset import marginals_to_dataset
     from flowmodel.exceptions import DataContractError, ModelConfigError
-    from flowmodel.models.fusion import marginals_to_dataset
 
     for name, src in cfg.marginals.items():
         path = Path(src.path)
@@ -993,10 +993,10 @@ def evaluation_sources(cfg: RunConfig, ds: Any) -> list[str]:
 
 def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
     """In-sample metrics per source and optional cross-validation; write ``metrics.json`` (and ``cv.csv``)."""
+    from flowmodel.atomic import atomic_path
     from flowmodel.dataset import load_dataset
     from flowmodel.evaluate import cross_validate, summarize_cv
     from flowmodel.evaluate import evaluate as evaluate_model
-    from flowmodel.outputs.io import atomic_path
 
     cfg = ctx.config
     ds = load_dataset(ctx.path(DATASET))
@@ -1249,8 +1249,8 @@ def demo_config(
     RunConfig
         The loaded demo config.
     """
+    from flowmodel.atomic import atomic_path
     from flowmodel.config import load_config
-    from flowmodel.outputs.io import atomic_path
 
     if size not in DEMO_SIZES:
         raise ConfigError(f"--size {size!r}: expected one of {sorted(DEMO_SIZES)}")

@@ -35,6 +35,7 @@ import xarray as xr
 from flowmodel.dataset import is_sparse
 from flowmodel.exceptions import ModelConfigError
 from flowmodel.models.base import FlowModel, thin_posterior
+from flowmodel.naming import quantile_name
 
 __all__ = ["flow_draws", "predict_flows", "quantile_name"]
 
@@ -42,15 +43,6 @@ __all__ = ["flow_draws", "predict_flows", "quantile_name"]
 BLOCK_BYTES = 64 * 2**20
 #: Units above which the dask path is used by default.
 DASK_UNITS = 2_000
-
-
-def quantile_name(q: float) -> str:
-    """Variable name of a quantile: 0.05 -> ``q05``, 0.5 -> ``q50``, 0.025 -> ``q02_5``."""
-    pct = q * 100
-    if abs(pct - round(pct)) < 1e-9:
-        return f"q{round(pct):02d}"
-    whole, frac = f"{pct:.6g}".split(".")
-    return f"q{int(whole):02d}_{frac}"
 
 
 class _Context:

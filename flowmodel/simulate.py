@@ -32,12 +32,14 @@ from flowmodel._version import __version__
 __all__ = [
     "DEFAULT_TRUTH",
     "FILES",
+    "FUSION_TRUTH",
     "WORLD_TRUTH",
     "WORLD_VERSION",
     "SimulatedWorld",
     "gravity_log_rate",
     "load_world",
     "simulate_flow_dataset",
+    "simulate_fusion_dataset",
     "simulate_world",
 ]
 
@@ -585,7 +587,7 @@ def _write_geotiff(
 ) -> None:
     import rasterio
 
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     profile = {
         "driver": "GTiff",
@@ -728,7 +730,7 @@ def _resolve_countries(
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
@@ -853,8 +855,8 @@ def simulate_world(
     import geopandas as gpd
     import shapely
 
+    from flowmodel.atomic import atomic_path
     from flowmodel.inputs.rasters import zonal_covariates
-    from flowmodel.outputs.io import atomic_path
     from flowmodel.pairs import contiguity, geodesic_distance_km
 
     if n_countries < 1 or n_units < max(2, n_countries):
@@ -1367,7 +1369,7 @@ def _write_events(events: Mapping[str, np.ndarray], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     table = pa.table(
         {
@@ -1378,3 +1380,245 @@ def _write_events(events: Mapping[str, np.ndarray], path: Path) -> None:
     )
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256_000)
+
+
+# ------------------------------------------------------------- the in-memory fusion world
+#: Generating parameters of the default fusion world (raw covariate scale).
+#: The simulator's default gravity process, with a higher intercept (more moves).
+FUSION_TRUTH: dict[str, Any] = {
+    **DEFAULT_TRUTH,
+    "beta": dict(DEFAULT_TRUTH["beta"]),
+    "intercept": -6.0,
+}
+
+
+def _neg_binomial(rng: np.random.Generator, mean: np.ndarray, phi: float) -> np.ndarray:
+    """Gamma-Poisson draws with mean ``mean`` and variance ``mean + mean**2 / phi``."""
+    mean = np.nan_to_num(np.asarray(mean, dtype=float))
+    return rng.poisson(rng.gamma(phi, mean / phi)).astype(float)
+
+
+def _simulated_totals(
+    ids: np.ndarray,
+    y: np.ndarray,
+    o: np.ndarray,
+    d: np.ndarray,
+    redacted: np.ndarray,
+    redaction: float,
+    period: str,
+    in_cdr: np.ndarray,
+) -> pd.DataFrame:
+    """In/out totals of one simulated CDR period, redacted and protected like the operator's."""
+    table = pd.DataFrame({"unit_id": ids[in_cdr], "period": period})
+    counts = y[o, d]
+    for kind, side in (("outflow", o), ("inflow", d)):
+        n = len(ids)
+        total = np.bincount(side, counts, minlength=n)
+        released = np.bincount(side, np.where(redacted, 0.0, counts), minlength=n)
+        n_red = np.bincount(side, redacted.astype(float), minlength=n)
+        small = total <= redaction
+        reveal = (n_red > 0) & (total - released <= redaction)
+        value = np.where(small | reveal, np.nan, total)
+        bound = np.where(small, redaction, np.where(reveal, released + redaction * n_red, np.nan))
+        table[kind] = value[in_cdr]
+        table[f"{kind}_max"] = bound[in_cdr]
+    return table
+
+
+def simulate_fusion_dataset(
+    *,
+    units_per_country: int = 12,
+    n_countries: int = 6,
+    census_countries: Sequence[str] = ("C00", "C01"),
+    cdr_countries: Sequence[str] = ("C01", "C02", "C03"),
+    sample_fraction: float = 0.1,
+    market_share: Mapping[str, float] | None = None,
+    sigma_market_share: float = 0.4,
+    periods: Sequence[str] = ("2020Q1", "2020Q2"),
+    log_period_effect: Sequence[float] = (0.15, -0.15),
+    period_scale: float = 1.0,
+    redaction: float = 15.0,
+    totals: bool = False,
+    truth: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[xr.Dataset, dict[str, Any]]:
+    """Simulate a FlowDataset observed by a census sample and by redacted CDR, in memory.
+
+    The default is the fusion design of DESIGN §5b: 6 countries on a 2 x 3 grid
+    (neighbours share borders), a census sample in 2 of them, CDR in 3 (one
+    overlapping a census country) and nothing in the remaining 2. One latent
+    gravity field (:func:`flowmodel.simulate.gravity_log_rate`) generates
+
+    - the population flows ``Y_ij ~ NB(mu_ij, phi)`` (the truth to predict),
+    - the census: for origins in a census country, every destination,
+      ``y_ij ~ NB(mu_ij * f, phi)`` (binomial thinning of ``Y`` keeps ``phi``),
+    - the CDR: within each CDR country, per period ``t``,
+      ``y_ijt ~ NB(mu_ij * market_share_i * period_effect_t, phi)``, with every
+      count ``<= redaction`` redacted (NaN, bound in ``flow_cdr_max``).
+
+    Parameters
+    ----------
+    units_per_country, n_countries
+        Size of the world (units are random points inside 2° x 2° country boxes).
+    census_countries, cdr_countries
+        Country codes (``C00``, ``C01``, ...) observed by each source.
+    sample_fraction
+        Census sampling fraction ``f`` (``exposure_census``).
+    market_share
+        Country code -> national market share of the operator; default
+        0.45, 0.30, 0.55 for the CDR countries in order.
+    sigma_market_share
+        Sd of the unit-level logit market share around the national value.
+    periods, log_period_effect
+        CDR period labels and their log deviations (centred to sum to zero).
+    period_scale
+        CDR counts per latent flow beyond the market share (e.g. 1/60 for
+        monthly relocations against 5-year flows); ``period_effect`` is
+        ``period_scale * exp(deviation)``.
+    redaction
+        Largest count the operator suppresses (FlowKit: 15).
+    totals
+        Also release the operator's in/out totals (``cdr_outflow``,
+        ``cdr_inflow``, dims ``unit``, ``period``; universe ``"within"``),
+        summed before redaction, themselves redacted when ``<= redaction`` and
+        suppressed (NaN, bound in ``cdr_<kind>_max``) when they would reveal
+        the redacted cells (:func:`flowmodel.inputs.cdr._protect_totals`'s
+        rule). Draws no random numbers: the world is the same either way.
+    truth
+        Generating gravity parameters (default :data:`FUSION_TRUTH`).
+    seed
+        Seed of every random draw.
+
+    Returns
+    -------
+    (xarray.Dataset, dict)
+        The FlowDataset (``flow_census``, ``exposure_census``, ``flow_cdr``,
+        ``flow_cdr_max`` with a ``period`` dim, unit covariate
+        ``cdr_subscribers_per_resident`` — a penetration measure biased by
+        country (+0.2 ± 0.2 on the logit scale), around which the unit's
+        market share scatters with sd 0.15; NaN outside CDR countries) and the truth: DESIGN §4.0 names plus
+        ``country_effect`` (country -> value), ``market_share`` (Series over
+        the units of CDR countries), ``period_effect`` (Series over periods),
+        ``mu`` and ``flows`` (true expected and realised population flows,
+        origin x destination), ``census_countries``, ``cdr_countries``,
+        ``no_data_countries``.
+    """
+    from scipy.special import expit, logit
+
+    from flowmodel.dataset import build_dataset, totals_to_dataset
+    from flowmodel.exceptions import ModelConfigError
+
+    rng = np.random.default_rng(seed)
+    truth = dict(FUSION_TRUTH if truth is None else truth)
+    codes = np.array([f"C{k:02d}" for k in range(n_countries)])
+    unknown = sorted((set(census_countries) | set(cdr_countries)) - set(codes))
+    if unknown:
+        raise ModelConfigError(
+            f"simulate_fusion_dataset: countries {unknown} do not exist; the world has "
+            f"{codes.tolist()}. Fix: name countries C00..C{n_countries - 1:02d}."
+        )
+    n_units = n_countries * units_per_country
+    k = np.repeat(np.arange(n_countries), units_per_country)
+    n_cols = int(np.ceil(n_countries / 2))
+    lon = 30.0 + 2.0 * (k % n_cols) + rng.uniform(0.0, 2.0, n_units)
+    lat = -2.0 + 2.0 * (k // n_cols) + rng.uniform(0.0, 2.0, n_units)
+    country = codes[k]
+    log_pop = rng.normal(11.0, 1.0, n_units)
+    income = rng.normal(0.0, 1.0, n_countries)[k] + rng.normal(0.0, 0.5, n_units)
+    ids = np.array([f"U{i:03d}" for i in range(n_units)])
+    unit = pd.DataFrame(
+        {
+            "unit_id": ids,
+            "country": country,
+            "population": np.round(np.exp(log_pop)),
+            "lon": lon,
+            "lat": lat,
+            "night_lights_per_capita": np.exp(-3.0 + 0.3 * (log_pop - 11.0) + 0.5 * income),
+        }
+    ).set_index("unit_id")
+
+    # penetration covariate per unit (CDR countries), biased by country; the operator's share
+    # of the movers scatters around it (DESIGN §4.4: the share's prior is centred on the
+    # covariate; a share drawn first with the covariate measured from it makes the logit
+    # link's curvature a spurious signal of the share's level, see docs/fusion.md)
+    shares = dict(zip(cdr_countries, (0.45, 0.30, 0.55, 0.40, 0.35, 0.50), strict=False))
+    shares.update(market_share or {})
+    in_cdr = np.isin(country, list(cdr_countries))
+    logit_share = np.full(n_units, np.nan)
+    covariate = np.full(n_units, np.nan)
+    for code in cdr_countries:
+        m = country == code
+        spread = rng.normal(0.0, sigma_market_share, m.sum())
+        bias = rng.normal(0.2, 0.2)  # multi-SIM: subscribers per resident overstate penetration
+        noise = rng.normal(0.0, 0.15, m.sum())
+        covariate[m] = expit(logit(shares[code]) + bias + spread)
+        logit_share[m] = logit(shares[code]) + spread - noise
+    share = expit(logit_share)
+    unit["cdr_subscribers_per_resident"] = covariate
+
+    ds = build_dataset(unit.reset_index())
+    unit["log_population"] = np.log(unit["population"])
+    pair = {
+        "distance_km": ds["distance_km"].values,
+        "cross_border": ds["cross_border"].values.astype(float),
+    }
+    effects = rng.normal(0.0, truth["sigma_country"], n_countries)
+    eta = gravity_log_rate(unit, pair, truth, effects[k])
+    mu = np.exp(eta)
+    phi = float(truth["phi"])
+    off_diag = ~np.eye(n_units, dtype=bool)
+    flows = np.where(off_diag, _neg_binomial(rng, mu, phi), np.nan)
+
+    census = np.where(off_diag, _neg_binomial(rng, mu * sample_fraction, phi), np.nan)
+    census[~np.isin(country, list(census_countries)), :] = np.nan
+
+    log_pe = np.asarray(log_period_effect, dtype=float)[: len(periods)]
+    log_pe = log_pe - log_pe.mean() + np.log(period_scale)
+    same = (country[:, None] == country[None, :]) & off_diag & in_cdr[:, None]
+    rows = []
+    total_rows = []
+    for t, period in enumerate(periods):
+        mean_t = mu * np.nan_to_num(share)[:, None] * np.exp(log_pe[t])
+        y = _neg_binomial(rng, mean_t, phi)
+        o, d = np.nonzero(same)
+        counts = y[o, d]
+        redacted = counts <= redaction
+        if totals:
+            total_rows.append(_simulated_totals(ids, y, o, d, redacted, redaction, period, in_cdr))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "origin": ids[o],
+                    "destination": ids[d],
+                    "period": period,
+                    "count": np.where(redacted, np.nan, counts),
+                    "max": np.where(redacted, redaction, np.nan),
+                }
+            )
+        )
+    o, d = np.nonzero(~np.isnan(census))
+    census_table = pd.DataFrame({"origin": ids[o], "destination": ids[d], "count": census[o, d]})
+    ds = build_dataset(
+        unit.drop(columns="log_population").reset_index(),
+        flows={"census": census_table, "cdr": pd.concat(rows, ignore_index=True)},
+    )
+    ds["exposure_census"] = ("unit", np.full(n_units, float(sample_fraction)))
+    if totals:
+        ds = totals_to_dataset(ds, pd.concat(total_rows, ignore_index=True), universe="within")
+    ds.attrs.update(simulated=1, seed=seed, redaction=redaction)
+    coords = {"origin": ids, "destination": ids}
+    out: dict[str, Any] = {
+        **truth,
+        "country_effect": dict(zip(codes.tolist(), effects.tolist(), strict=True)),
+        "market_share": pd.Series(share[in_cdr], index=pd.Index(ids[in_cdr], name="unit")),
+        "period_effect": pd.Series(np.exp(log_pe), index=pd.Index(list(periods), name="period")),
+        "period_scale": float(period_scale),
+        "mu": xr.DataArray(
+            np.where(off_diag, mu, np.nan), dims=("origin", "destination"), coords=coords
+        ),
+        "flows": xr.DataArray(flows, dims=("origin", "destination"), coords=coords),
+        "census_countries": list(census_countries),
+        "cdr_countries": list(cdr_countries),
+        "no_data_countries": sorted(set(codes) - set(census_countries) - set(cdr_countries)),
+    }
+    return ds, out

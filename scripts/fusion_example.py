@@ -9,7 +9,7 @@ Run from the repository root::
 
 ``--marginals`` adds what a bilateral migration estimate would give: the true flow
 summed over each country pair, with 10% log-normal error, as ``marginal_bilateral``
-(:func:`flowmodel.models.fusion.marginals_to_dataset`); it prints the table and
+(:func:`flowmodel.dataset.marginals_to_dataset`); it prints the table and
 writes no figures.
 
 Steps: simulate the default world (6 countries, 120 units: census in 2, CDR in 3
@@ -36,9 +36,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from flowmodel.dataset import load_dataset
+from flowmodel.dataset import load_dataset, marginals_to_dataset
 from flowmodel.evaluate import cpc, interval_coverage, interval_width, log_rmse
-from flowmodel.models.fusion import FusionModel, marginals_to_dataset
+from flowmodel.models.fusion import FusionModel
 from flowmodel.models.gravity import GravityModel
 
 REPO = Path(__file__).resolve().parents[1]

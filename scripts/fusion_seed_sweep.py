@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"{table}\n\n{summary}\n"
     print(text)
     if args.out:
-        from flowmodel.outputs.io import atomic_path
+        from flowmodel.atomic import atomic_path
 
         with atomic_path(args.out) as tmp:
             Path(tmp).write_text(text)

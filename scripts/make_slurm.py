@@ -141,7 +141,7 @@ def write_job(
     **kwargs: Any,
 ) -> tuple[Path, Path]:
     """Validate the configs, write ``out`` (the script) and ``out``'s config list; return both paths."""
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     paths = validate_configs(configs)
     out = Path(out).resolve()

@@ -129,7 +129,7 @@ def write_summary(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) 
     """Write the summary table (CSV) atomically."""
     import pandas as pd
 
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     frame = pd.DataFrame(list(rows))
     for col in COLUMNS:

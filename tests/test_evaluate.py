@@ -26,12 +26,12 @@ from flowmodel.evaluate import (
     log_rmse,
     mae,
     pearson_log,
-    quantile_name,
     radiation_baseline,
     spearman_log,
     summarize_cv,
 )
 from flowmodel.exceptions import DataContractError, ModelConfigError
+from flowmodel.naming import quantile_name
 from flowmodel.simulate import simulate_flow_dataset
 from tests.conftest import require_data
 
@@ -131,17 +131,6 @@ def test_flow_metrics_returns_all_and_matches_parts():
     assert np.isnan(no_q["coverage_50"]) and np.isnan(no_q["width_90"])
     with pytest.raises(DataContractError, match="no 'mean' variable"):
         flow_metrics(_da(OBS), preds[["q05"]])
-
-
-def test_quantile_names():
-    assert [quantile_name(q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)] == [
-        "q05",
-        "q25",
-        "q50",
-        "q75",
-        "q95",
-    ]
-    assert quantile_name(0.975) == "q975"
 
 
 # ------------------------------------------------------------------------ baselines

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from flowmodel import pipeline
+from flowmodel.atomic import atomic_path
 from flowmodel.config import load_config
-from flowmodel.outputs.io import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 

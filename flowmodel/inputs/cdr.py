@@ -1666,7 +1666,7 @@ def write_cdr_outputs(result: CDRFlows, out_dir: str | os.PathLike[str]) -> dict
         If a count at or below the threshold is about to be written (cannot
         happen for tables made by this module; guards hand-edited results).
     """
-    from flowmodel.outputs.io import atomic_path
+    from flowmodel.atomic import atomic_path
 
     checks = {
         "flows": (result.flows, ["count"]),

@@ -649,6 +649,7 @@ class FlowModel(abc.ABC):
         kwargs = self.sampler_config | sample_kwargs
         progressbar = bool(progressbar) if progressbar is not None else False
         idata = _run_backend(model, backend, kwargs, random_seed, progressbar)
+        idata["prior"] = xr.DataTree(prior_draws(model, random_seed=random_seed))
         self.fit_meta.update(backend=backend, random_seed=random_seed)
         self._finalise_idata(idata, data)
         self._idata = idata
@@ -1012,7 +1013,7 @@ class FlowModel(abc.ABC):
         -------
         pathlib.Path
         """
-        from flowmodel.outputs.io import atomic_path
+        from flowmodel.atomic import atomic_path
 
         idata = self.idata
         out = xr.DataTree()
@@ -1378,6 +1379,41 @@ def _point_to_idata(model: pm.Model, point: Mapping[str, np.ndarray]) -> xr.Data
     out = xr.DataTree()
     out["posterior"] = xr.DataTree(ds)
     return out
+
+
+#: Draws of the ``prior`` group stored by :meth:`FlowModel.fit`.
+PRIOR_DRAWS = 500
+
+
+def prior_draws(
+    model: pm.Model, *, draws: int = PRIOR_DRAWS, random_seed: int | None = None
+) -> xr.Dataset:
+    """Prior draws of every parameter of ``model`` (its free variables and deterministics).
+
+    Variables over the ``pair`` dim are left out (they grow with the data). The
+    likelihood terms are ``Potential``s, which forward sampling ignores: PyMC's
+    warning about it, and its "Sampling: [...]" log line, are silenced.
+    """
+    import logging
+
+    names = [
+        v.name
+        for v in [*model.free_RVs, *model.deterministics]
+        if "pair" not in model.named_vars_to_dims.get(v.name, ())
+    ]
+    forward = logging.getLogger("pymc.sampling.forward")
+    level = forward.level
+    forward.setLevel(logging.WARNING)
+    try:
+        with model, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*[Pp]otential", category=UserWarning)
+            prior = pm.sample_prior_predictive(
+                draws=draws, var_names=names, random_seed=random_seed
+            )
+    finally:
+        forward.setLevel(level)
+    group = prior["prior"]
+    return group.to_dataset() if hasattr(group, "to_dataset") else group
 
 
 def thin_posterior(posterior: xr.Dataset, draws: int | None) -> xr.Dataset:

@@ -43,8 +43,15 @@ import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
 import xarray as xr
+from scipy.special import logit
 
-from flowmodel.dataset import flow_sources
+from flowmodel.dataset import (
+    MARGINAL_DIMS,
+    MARGINAL_PREFIX,
+    TOTAL_KINDS,
+    TOTAL_UNIVERSES,
+    flow_sources,
+)
 from flowmodel.exceptions import DataContractError, ModelConfigError
 from flowmodel.models.base import (
     _MODEL_REGISTRY,
@@ -56,26 +63,17 @@ from flowmodel.models.base import (
     stack_samples,
 )
 from flowmodel.models.priors import create_prior, resolve_priors
-from flowmodel.simulate import DEFAULT_TRUTH, gravity_log_rate
 
 __all__ = [
     "FUSION_PRIORS",
-    "FUSION_TRUTH",
     "FusionModel",
     "censored_nb_logp",
-    "marginals_to_dataset",
-    "simulate_fusion_dataset",
     "source_kind",
-    "totals_to_dataset",
     "truncated_nb_moments",
 ]
 
 CDR_KIND = "cdr"
 CENSUS_KIND = "census"
-#: Kinds of CDR in/out totals: variables ``<source>_outflow`` / ``<source>_inflow``.
-TOTAL_KINDS = ("outflow", "inflow")
-#: Destination universe of a total (attr ``universe`` of ``<source>_outflow``).
-TOTAL_UNIVERSES = ("covered", "within")
 #: Largest censoring bound handled by exact summation of the pmf (beyond it: log-CDF).
 MAX_SUMMED_BOUND = 60
 
@@ -98,15 +96,6 @@ FUSION_PRIORS: dict[str, dict[str, Any]] = {
 def source_kind(source: str) -> str:
     """Observation model of a source name: ``"cdr"`` for ``cdr`` / ``cdr_*``, else ``"census"``."""
     return CDR_KIND if source == "cdr" or source.startswith("cdr_") else CENSUS_KIND
-
-
-def _logit(p: Any) -> np.ndarray:
-    p = np.asarray(p, dtype=float)
-    return np.log(p) - np.log1p(-p)
-
-
-def _expit(x: Any) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=float)))
 
 
 def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray | None = None) -> Any:
@@ -182,190 +171,6 @@ def truncated_nb_moments(
     mean = pt.sum(w * k[None, :], axis=1)
     var = pt.sum(w * (k**2)[None, :], axis=1) - mean**2
     return mean, pt.maximum(var, 0.0)
-
-
-def totals_to_dataset(
-    ds: xr.Dataset,
-    totals: pd.DataFrame,
-    *,
-    source: str = "cdr",
-    universe: str = "covered",
-) -> xr.Dataset:
-    """Return ``ds`` with the operator's in/out totals as ``<source>_outflow`` / ``_inflow``.
-
-    ``totals`` is :attr:`flowmodel.inputs.cdr.CDRFlows.totals` (``unit_id``,
-    ``period``, ``outflow``, ``inflow``, optional ``outflow_max`` /
-    ``inflow_max``): movers out of / into each unit summed by the operator
-    *before* redaction. Totals suppressed because they would reveal redacted
-    cells are NaN with their bound in ``<source>_outflow_max``.
-
-    Parameters
-    ----------
-    ds
-        FlowDataset holding ``flow_<source>``.
-    totals
-        Long table as above; units not in ``ds`` raise.
-    source
-        The CDR source the totals belong to.
-    universe
-        Destinations each total sums over: ``"covered"`` (every unit the
-        operator covers, i.e. every unit in a ``flow_<source>`` cell) or
-        ``"within"`` (those of the origin's / destination's own country) —
-        the ``universe`` of :func:`flowmodel.inputs.cdr.relocation_od`.
-
-    Returns
-    -------
-    xarray.Dataset
-        A copy with ``<source>_outflow``, ``<source>_inflow`` (dims ``unit``
-        [, ``period``] like ``flow_<source>``; NaN = unavailable) and, where
-        the table has them, ``<source>_outflow_max`` / ``<source>_inflow_max``;
-        attribute ``universe`` on each.
-    """
-    if universe not in TOTAL_UNIVERSES:
-        raise ModelConfigError(
-            f"totals_to_dataset: universe={universe!r}; Fix: one of {list(TOTAL_UNIVERSES)}"
-        )
-    flow = ds.get(f"flow_{source}")
-    if flow is None:
-        raise DataContractError(
-            f"totals_to_dataset: no 'flow_{source}' in the dataset. Fix: add the CDR OD first"
-        )
-    tab = pd.DataFrame(totals).copy()
-    if "unit_id" not in tab.columns:
-        raise DataContractError("totals_to_dataset: totals need a 'unit_id' column")
-    tab["unit_id"] = tab["unit_id"].astype(str)
-    units = np.asarray(ds["unit"].values).astype(str)
-    unknown = sorted(set(tab["unit_id"]) - set(units))
-    if unknown:
-        raise DataContractError(
-            f"totals_to_dataset: unit ids {unknown[:10]} are not in the dataset's 'unit'. "
-            "Fix: build the dataset from the same units as the CDR"
-        )
-    has_period = "period" in flow.dims
-    out = ds.copy()
-    if has_period:
-        if "period" not in tab.columns:
-            raise DataContractError(
-                f"totals_to_dataset: flow_{source} has a period dim; the totals need 'period'"
-            )
-        periods = np.asarray(ds["period"].values).astype(str)
-        tab["period"] = tab["period"].astype(str)
-    elif "period" in tab.columns and tab["period"].nunique() > 1:
-        raise DataContractError(
-            f"totals_to_dataset: flow_{source} has no period dim but the totals have "
-            f"{tab['period'].nunique()} periods. Fix: select one period"
-        )
-    for kind in TOTAL_KINDS:
-        for col in (kind, f"{kind}_max"):
-            if col not in tab.columns:
-                continue
-            if has_period:
-                if tab.duplicated(["unit_id", "period"]).any():
-                    raise DataContractError(
-                        "totals_to_dataset: duplicated (unit_id, period) rows in the totals"
-                    )
-                wide = tab.set_index(["unit_id", "period"])[col].unstack("period")
-                values = wide.reindex(index=units, columns=periods).to_numpy(dtype=float)
-                var = xr.DataArray(values, dims=("unit", "period"))
-            else:
-                values = tab.set_index("unit_id")[col].reindex(units).to_numpy(dtype=float)
-                var = xr.DataArray(values, dims=("unit",))
-            var.attrs.update(universe=universe, source=source)
-            out[f"{source}_{col}"] = var
-    return out
-
-
-MARGINAL_PREFIX = "marginal_"
-#: Dims of a country-pair marginal.
-MARGINAL_DIMS = ("origin_country", "destination_country")
-
-
-def marginals_to_dataset(
-    ds: xr.Dataset,
-    table: pd.DataFrame,
-    *,
-    name: str = "flow",
-    rel_sd: float = 0.1,
-) -> xr.Dataset:
-    """Return ``ds`` with country-pair totals of the latent flow as ``marginal_<name>``.
-
-    A marginal is an external estimate of the total population-scale flow from
-    every unit of one country to every unit of another (or the same) country
-    over the latent's window, e.g. a bilateral migration-flow estimate or
-    flows derived from migrant stocks. :class:`FusionModel` uses every
-    ``marginal_*`` variable present as the observation
-    ``log M_cd ~ N(log sum_{i in c, j in d, i != j} exp(eta_ij), rel_sd)``.
-    They give the level of countries that no census or CDR sees, and of the
-    border friction where no source observes cross-border cells.
-
-    Parameters
-    ----------
-    ds
-        FlowDataset (``country`` on ``unit``).
-    table
-        Columns ``origin_country``, ``destination_country``, ``value`` (persons,
-        > 0); country pairs not in the table are unknown (NaN).
-    name
-        Suffix of the variable (``marginal_<name>``).
-    rel_sd
-        Error of the estimates on the log scale (0.1: about ±10%), stored as the
-        attribute ``rel_sd``.
-
-    Returns
-    -------
-    xarray.Dataset
-        A copy with ``marginal_<name>`` (dims ``origin_country``,
-        ``destination_country``: every country of ``ds``).
-
-    Raises
-    ------
-    DataContractError
-        Missing columns, countries not in ``ds``, non-positive or duplicated values.
-    ModelConfigError
-        ``rel_sd`` not positive.
-    """
-    if not rel_sd > 0:
-        raise ModelConfigError(f"marginals_to_dataset: rel_sd={rel_sd} must be > 0. Fix: e.g. 0.1")
-    tab = pd.DataFrame(table).copy()
-    need = ["origin_country", "destination_country", "value"]
-    missing = [c for c in need if c not in tab.columns]
-    if missing:
-        raise DataContractError(
-            f"marginals_to_dataset: the table lacks columns {missing}; it needs {need}"
-        )
-    countries = sorted(set(np.asarray(ds["country"].values).astype(str)))
-    for col in need[:2]:
-        tab[col] = tab[col].astype(str)
-    named = set(tab["origin_country"]) | set(tab["destination_country"])
-    unknown = sorted(named - set(countries))
-    if unknown:
-        raise DataContractError(
-            f"marginals_to_dataset: countries {unknown[:10]} are not in the dataset's 'country' "
-            f"({countries}). Fix: use the same country codes as the units"
-        )
-    values = tab["value"].astype(float)
-    if not (values > 0).all():
-        raise DataContractError(
-            "marginals_to_dataset: every 'value' must be > 0 (a log-normal observation). "
-            "Fix: drop unknown or zero country pairs from the table"
-        )
-    if tab.duplicated(need[:2]).any():
-        raise DataContractError("marginals_to_dataset: duplicated country pairs in the table")
-    wide = (
-        tab.assign(value=values)
-        .set_index(need[:2])["value"]
-        .unstack("destination_country")
-        .reindex(index=countries, columns=countries)
-    )
-    out = ds.copy()
-    var = xr.DataArray(
-        wide.to_numpy(dtype=float),
-        dims=MARGINAL_DIMS,
-        coords={MARGINAL_DIMS[0]: countries, MARGINAL_DIMS[1]: countries},
-    )
-    var.attrs.update(rel_sd=float(rel_sd))
-    out[f"{MARGINAL_PREFIX}{name}"] = var
-    return out
 
 
 def _latent_spec(latent: FlowModel) -> dict[str, Any]:
@@ -451,7 +256,8 @@ class FusionModel(FlowModel):
 
     Examples
     --------
-    >>> from flowmodel.models.fusion import FusionModel, simulate_fusion_dataset
+    >>> from flowmodel.models.fusion import FusionModel
+    >>> from flowmodel.simulate import simulate_fusion_dataset
     >>> from flowmodel.models.gravity import GravityModel
     >>> ds, truth = simulate_fusion_dataset(seed=1)
     >>> latent = GravityModel(
@@ -625,13 +431,13 @@ class FusionModel(FlowModel):
         The penetration covariate clipped to [0.01, 0.99] where it is finite and
         positive, else ``market_share_default``.
         """
-        default = float(_logit(self.model_config["market_share_default"]))
+        default = float(logit(self.model_config["market_share_default"]))
         name = self.model_config["market_share_covariate"]
         centre = np.full(len(units), default)
         if name and name in data and data[name].dims == ("unit",):
             values = np.asarray(data[name].values, dtype=float)[units]
             ok = np.isfinite(values) & (values > 0)
-            centre[ok] = _logit(np.clip(values[ok], 0.01, 0.99))
+            centre[ok] = logit(np.clip(values[ok], 0.01, 0.99))
         return centre
 
     # ------------------------------------------------------------------ build
@@ -1239,242 +1045,3 @@ def _latent_defaults() -> dict[str, Any]:
     from flowmodel.models.priors import DEFAULT_PRIORS
 
     return dict(DEFAULT_PRIORS)
-
-
-# ----------------------------------------------------------------------------- simulated world
-#: Generating parameters of the default fusion world (raw covariate scale).
-#: The simulator's default gravity process, with a higher intercept (more moves).
-FUSION_TRUTH: dict[str, Any] = {
-    **DEFAULT_TRUTH,
-    "beta": dict(DEFAULT_TRUTH["beta"]),
-    "intercept": -6.0,
-}
-
-
-def _neg_binomial(rng: np.random.Generator, mean: np.ndarray, phi: float) -> np.ndarray:
-    """Gamma-Poisson draws with mean ``mean`` and variance ``mean + mean**2 / phi``."""
-    mean = np.nan_to_num(np.asarray(mean, dtype=float))
-    return rng.poisson(rng.gamma(phi, mean / phi)).astype(float)
-
-
-def _simulated_totals(
-    ids: np.ndarray,
-    y: np.ndarray,
-    o: np.ndarray,
-    d: np.ndarray,
-    redacted: np.ndarray,
-    redaction: float,
-    period: str,
-    in_cdr: np.ndarray,
-) -> pd.DataFrame:
-    """In/out totals of one simulated CDR period, redacted and protected like the operator's."""
-    table = pd.DataFrame({"unit_id": ids[in_cdr], "period": period})
-    counts = y[o, d]
-    for kind, side in (("outflow", o), ("inflow", d)):
-        n = len(ids)
-        total = np.bincount(side, counts, minlength=n)
-        released = np.bincount(side, np.where(redacted, 0.0, counts), minlength=n)
-        n_red = np.bincount(side, redacted.astype(float), minlength=n)
-        small = total <= redaction
-        reveal = (n_red > 0) & (total - released <= redaction)
-        value = np.where(small | reveal, np.nan, total)
-        bound = np.where(small, redaction, np.where(reveal, released + redaction * n_red, np.nan))
-        table[kind] = value[in_cdr]
-        table[f"{kind}_max"] = bound[in_cdr]
-    return table
-
-
-def simulate_fusion_dataset(
-    *,
-    units_per_country: int = 12,
-    n_countries: int = 6,
-    census_countries: Sequence[str] = ("C00", "C01"),
-    cdr_countries: Sequence[str] = ("C01", "C02", "C03"),
-    sample_fraction: float = 0.1,
-    market_share: Mapping[str, float] | None = None,
-    sigma_market_share: float = 0.4,
-    periods: Sequence[str] = ("2020Q1", "2020Q2"),
-    log_period_effect: Sequence[float] = (0.15, -0.15),
-    period_scale: float = 1.0,
-    redaction: float = 15.0,
-    totals: bool = False,
-    truth: Mapping[str, Any] | None = None,
-    seed: int = 0,
-) -> tuple[xr.Dataset, dict[str, Any]]:
-    """Simulate a FlowDataset observed by a census sample and by redacted CDR, in memory.
-
-    The default is the fusion design of DESIGN §5b: 6 countries on a 2 x 3 grid
-    (neighbours share borders), a census sample in 2 of them, CDR in 3 (one
-    overlapping a census country) and nothing in the remaining 2. One latent
-    gravity field (:func:`flowmodel.simulate.gravity_log_rate`) generates
-
-    - the population flows ``Y_ij ~ NB(mu_ij, phi)`` (the truth to predict),
-    - the census: for origins in a census country, every destination,
-      ``y_ij ~ NB(mu_ij * f, phi)`` (binomial thinning of ``Y`` keeps ``phi``),
-    - the CDR: within each CDR country, per period ``t``,
-      ``y_ijt ~ NB(mu_ij * market_share_i * period_effect_t, phi)``, with every
-      count ``<= redaction`` redacted (NaN, bound in ``flow_cdr_max``).
-
-    Parameters
-    ----------
-    units_per_country, n_countries
-        Size of the world (units are random points inside 2° x 2° country boxes).
-    census_countries, cdr_countries
-        Country codes (``C00``, ``C01``, ...) observed by each source.
-    sample_fraction
-        Census sampling fraction ``f`` (``exposure_census``).
-    market_share
-        Country code -> national market share of the operator; default
-        0.45, 0.30, 0.55 for the CDR countries in order.
-    sigma_market_share
-        Sd of the unit-level logit market share around the national value.
-    periods, log_period_effect
-        CDR period labels and their log deviations (centred to sum to zero).
-    period_scale
-        CDR counts per latent flow beyond the market share (e.g. 1/60 for
-        monthly relocations against 5-year flows); ``period_effect`` is
-        ``period_scale * exp(deviation)``.
-    redaction
-        Largest count the operator suppresses (FlowKit: 15).
-    totals
-        Also release the operator's in/out totals (``cdr_outflow``,
-        ``cdr_inflow``, dims ``unit``, ``period``; universe ``"within"``),
-        summed before redaction, themselves redacted when ``<= redaction`` and
-        suppressed (NaN, bound in ``cdr_<kind>_max``) when they would reveal
-        the redacted cells (:func:`flowmodel.inputs.cdr._protect_totals`'s
-        rule). Draws no random numbers: the world is the same either way.
-    truth
-        Generating gravity parameters (default :data:`FUSION_TRUTH`).
-    seed
-        Seed of every random draw.
-
-    Returns
-    -------
-    (xarray.Dataset, dict)
-        The FlowDataset (``flow_census``, ``exposure_census``, ``flow_cdr``,
-        ``flow_cdr_max`` with a ``period`` dim, unit covariate
-        ``cdr_subscribers_per_resident`` — a penetration measure biased by
-        country (+0.2 ± 0.2 on the logit scale), around which the unit's
-        market share scatters with sd 0.15; NaN outside CDR countries) and the truth: DESIGN §4.0 names plus
-        ``country_effect`` (country -> value), ``market_share`` (Series over
-        the units of CDR countries), ``period_effect`` (Series over periods),
-        ``mu`` and ``flows`` (true expected and realised population flows,
-        origin x destination), ``census_countries``, ``cdr_countries``,
-        ``no_data_countries``.
-    """
-    from flowmodel.dataset import build_dataset
-
-    rng = np.random.default_rng(seed)
-    truth = dict(FUSION_TRUTH if truth is None else truth)
-    codes = np.array([f"C{k:02d}" for k in range(n_countries)])
-    unknown = sorted((set(census_countries) | set(cdr_countries)) - set(codes))
-    if unknown:
-        raise ModelConfigError(
-            f"simulate_fusion_dataset: countries {unknown} do not exist; the world has "
-            f"{codes.tolist()}. Fix: name countries C00..C{n_countries - 1:02d}."
-        )
-    n_units = n_countries * units_per_country
-    k = np.repeat(np.arange(n_countries), units_per_country)
-    n_cols = int(np.ceil(n_countries / 2))
-    lon = 30.0 + 2.0 * (k % n_cols) + rng.uniform(0.0, 2.0, n_units)
-    lat = -2.0 + 2.0 * (k // n_cols) + rng.uniform(0.0, 2.0, n_units)
-    country = codes[k]
-    log_pop = rng.normal(11.0, 1.0, n_units)
-    income = rng.normal(0.0, 1.0, n_countries)[k] + rng.normal(0.0, 0.5, n_units)
-    ids = np.array([f"U{i:03d}" for i in range(n_units)])
-    unit = pd.DataFrame(
-        {
-            "unit_id": ids,
-            "country": country,
-            "population": np.round(np.exp(log_pop)),
-            "lon": lon,
-            "lat": lat,
-            "night_lights_per_capita": np.exp(-3.0 + 0.3 * (log_pop - 11.0) + 0.5 * income),
-        }
-    ).set_index("unit_id")
-
-    # penetration covariate per unit (CDR countries), biased by country; the operator's share
-    # of the movers scatters around it (DESIGN §4.4: the share's prior is centred on the
-    # covariate; a share drawn first with the covariate measured from it makes the logit
-    # link's curvature a spurious signal of the share's level, see docs/fusion.md)
-    shares = dict(zip(cdr_countries, (0.45, 0.30, 0.55, 0.40, 0.35, 0.50), strict=False))
-    shares.update(market_share or {})
-    in_cdr = np.isin(country, list(cdr_countries))
-    logit_share = np.full(n_units, np.nan)
-    covariate = np.full(n_units, np.nan)
-    for code in cdr_countries:
-        m = country == code
-        spread = rng.normal(0.0, sigma_market_share, m.sum())
-        bias = rng.normal(0.2, 0.2)  # multi-SIM: subscribers per resident overstate penetration
-        noise = rng.normal(0.0, 0.15, m.sum())
-        covariate[m] = _expit(_logit(shares[code]) + bias + spread)
-        logit_share[m] = _logit(shares[code]) + spread - noise
-    share = _expit(logit_share)
-    unit["cdr_subscribers_per_resident"] = covariate
-
-    ds = build_dataset(unit.reset_index())
-    unit["log_population"] = np.log(unit["population"])
-    pair = {
-        "distance_km": ds["distance_km"].values,
-        "cross_border": ds["cross_border"].values.astype(float),
-    }
-    effects = rng.normal(0.0, truth["sigma_country"], n_countries)
-    eta = gravity_log_rate(unit, pair, truth, effects[k])
-    mu = np.exp(eta)
-    phi = float(truth["phi"])
-    off_diag = ~np.eye(n_units, dtype=bool)
-    flows = np.where(off_diag, _neg_binomial(rng, mu, phi), np.nan)
-
-    census = np.where(off_diag, _neg_binomial(rng, mu * sample_fraction, phi), np.nan)
-    census[~np.isin(country, list(census_countries)), :] = np.nan
-
-    log_pe = np.asarray(log_period_effect, dtype=float)[: len(periods)]
-    log_pe = log_pe - log_pe.mean() + np.log(period_scale)
-    same = (country[:, None] == country[None, :]) & off_diag & in_cdr[:, None]
-    rows = []
-    total_rows = []
-    for t, period in enumerate(periods):
-        mean_t = mu * np.nan_to_num(share)[:, None] * np.exp(log_pe[t])
-        y = _neg_binomial(rng, mean_t, phi)
-        o, d = np.nonzero(same)
-        counts = y[o, d]
-        redacted = counts <= redaction
-        if totals:
-            total_rows.append(_simulated_totals(ids, y, o, d, redacted, redaction, period, in_cdr))
-        rows.append(
-            pd.DataFrame(
-                {
-                    "origin": ids[o],
-                    "destination": ids[d],
-                    "period": period,
-                    "count": np.where(redacted, np.nan, counts),
-                    "max": np.where(redacted, redaction, np.nan),
-                }
-            )
-        )
-    o, d = np.nonzero(~np.isnan(census))
-    census_table = pd.DataFrame({"origin": ids[o], "destination": ids[d], "count": census[o, d]})
-    ds = build_dataset(
-        unit.drop(columns="log_population").reset_index(),
-        flows={"census": census_table, "cdr": pd.concat(rows, ignore_index=True)},
-    )
-    ds["exposure_census"] = ("unit", np.full(n_units, float(sample_fraction)))
-    if totals:
-        ds = totals_to_dataset(ds, pd.concat(total_rows, ignore_index=True), universe="within")
-    ds.attrs.update(simulated=1, seed=seed, redaction=redaction)
-    coords = {"origin": ids, "destination": ids}
-    out: dict[str, Any] = {
-        **truth,
-        "country_effect": dict(zip(codes.tolist(), effects.tolist(), strict=True)),
-        "market_share": pd.Series(share[in_cdr], index=pd.Index(ids[in_cdr], name="unit")),
-        "period_effect": pd.Series(np.exp(log_pe), index=pd.Index(list(periods), name="period")),
-        "period_scale": float(period_scale),
-        "mu": xr.DataArray(
-            np.where(off_diag, mu, np.nan), dims=("origin", "destination"), coords=coords
-        ),
-        "flows": xr.DataArray(flows, dims=("origin", "destination"), coords=coords),
-        "census_countries": list(census_countries),
-        "cdr_countries": list(cdr_countries),
-        "no_data_countries": sorted(set(codes) - set(census_countries) - set(cdr_countries)),
-    }
-    return ds, out

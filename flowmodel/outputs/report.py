@@ -27,7 +27,6 @@ import html
 import io
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,11 @@ import pandas as pd
 import xarray as xr
 
 from flowmodel._version import __version__
-from flowmodel.evaluate import flow_metrics, quantile_name, summarize_cv
+from flowmodel.atomic import atomic_path
+from flowmodel.evaluate import flow_metrics, summarize_cv
 from flowmodel.exceptions import DataContractError
-from flowmodel.outputs.io import atomic_path, flows_table
+from flowmodel.naming import quantile_name
+from flowmodel.outputs.io import flows_table
 
 __all__ = [
     "plot_calibration",
@@ -436,8 +437,8 @@ def plot_posterior_prior(
     Parameters
     ----------
     idata
-        DataTree with ``posterior`` and ``prior`` groups (``prior`` e.g. from
-        ``model.sample_prior_predictive``).
+        DataTree with ``posterior`` and ``prior`` groups (a fitted model's
+        ``idata`` has both).
     var_names
         Nodes to show (DESIGN §4.0 names); vector nodes get one panel per element.
     max_panels
@@ -845,48 +846,6 @@ def _source_countries(data: xr.Dataset) -> str:
     return "Data: " + "; ".join(parts) + tail + ". "
 
 
-def _prior_draws(model: Any, data: xr.Dataset, *, draws: int = 500, seed: int = 0) -> xr.DataTree:
-    """Prior draws of the model's parameters (group ``prior``), drawn quietly.
-
-    Only the parameters are drawn (the report compares their prior with the
-    posterior), so this works for every model, including multi-source fusion
-    models, whose likelihood terms are ``Potential``s. PyMC's "Potentials ...
-    ignored" warning is expected here and silenced, as is its "Sampling: [...]"
-    log line.
-    """
-    import copy
-    import logging
-
-    import pymc as pm
-
-    # build_model resets fit metadata (backend, seed, term scalings): keep the fitted ones
-    saved = [
-        (obj, name, obj.__dict__[name] if name == "model" else copy.deepcopy(obj.__dict__[name]))
-        for obj in (model, getattr(model, "latent", None))
-        if obj is not None
-        for name in ("fit_meta", "model", "_priors_in_use")
-        if name in getattr(obj, "__dict__", {})
-    ]
-    try:
-        pm_model = model.build_model(data)
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
-    names = [v.name for v in pm_model.free_RVs] + [v.name for v in pm_model.deterministics]
-    forward = logging.getLogger("pymc.sampling.forward")
-    level = forward.level
-    forward.setLevel(logging.WARNING)
-    try:
-        with pm_model, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"(?s).*[Pp]otential", category=UserWarning)
-            prior = pm.sample_prior_predictive(draws=draws, var_names=names, random_seed=seed)
-    finally:
-        forward.setLevel(level)
-    group = prior["prior"]
-    group = group.to_dataset() if hasattr(group, "to_dataset") else group
-    return xr.DataTree.from_dict({"prior": group})
-
-
 def _png(fig: Any, path: Path) -> str:
     plt = _plt()
     buf = io.BytesIO()
@@ -968,8 +927,8 @@ def report(
     top_k
         Flows drawn on the map.
     prior
-        DataTree with a ``prior`` group; when None and the model has none, the
-        report draws 500 prior samples with ``model.sample_prior_predictive``.
+        DataTree with a ``prior`` group; default: the ``prior`` group that
+        :meth:`~flowmodel.models.base.FlowModel.fit` stores in the posterior file.
     attrs
         Provenance shown in the header (e.g. :func:`provenance_attrs`).
     notes
@@ -1146,15 +1105,8 @@ def report(
         )
     if model is not None and getattr(model, "_idata", None) is not None:
         idata = model.idata
-        if (
-            prior is None
-            and "prior" not in idata.children
-            and hasattr(model, "sample_prior_predictive")
-        ):
-            try:
-                prior = _prior_draws(model, data, draws=2000, seed=0)
-            except Exception as err:
-                notes = [*notes, f"Prior draws unavailable: {err}"]
+        if prior is None and "prior" not in idata.children:
+            notes = [*notes, "Prior draws unavailable: the posterior file has no 'prior' group."]
         tree = idata
         if prior is not None and "prior" in prior.children and "prior" not in idata.children:
             tree = xr.DataTree.from_dict(

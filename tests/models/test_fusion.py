@@ -24,7 +24,7 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from flowmodel.dataset import validate_dataset
+from flowmodel.dataset import marginals_to_dataset, totals_to_dataset, validate_dataset
 from flowmodel.evaluate import cpc, interval_coverage, interval_width, log_rmse
 from flowmodel.exceptions import (
     DataContractError,
@@ -36,14 +36,12 @@ from flowmodel.models import compare
 from flowmodel.models.fusion import (
     FusionModel,
     censored_nb_logp,
-    marginals_to_dataset,
-    simulate_fusion_dataset,
     source_kind,
-    totals_to_dataset,
     truncated_nb_moments,
 )
 from flowmodel.models.gravity import GravityModel
 from flowmodel.models.radiation import RadiationModel
+from flowmodel.simulate import simulate_fusion_dataset
 
 pytestmark = pytest.mark.xdist_group("fusion")
 

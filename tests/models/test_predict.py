@@ -11,19 +11,8 @@ import xarray as xr
 
 from flowmodel.exceptions import ModelConfigError, ModelLoadError
 from flowmodel.models import FlowModel, GravityModel, load_model
-from flowmodel.predict import predict_flows, quantile_name
+from flowmodel.predict import predict_flows
 from flowmodel.simulate import simulate_flow_dataset
-
-
-def test_quantile_names():
-    assert [quantile_name(q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)] == [
-        "q05",
-        "q25",
-        "q50",
-        "q75",
-        "q95",
-    ]
-    assert quantile_name(0.025) == "q02_5"
 
 
 def test_predict_dataset_layout(gravity_laplace, sim_small):

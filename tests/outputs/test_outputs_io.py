@@ -13,11 +13,11 @@ import xarray as xr
 from shapely.geometry import box
 
 from flowmodel._version import __version__
+from flowmodel.atomic import atomic_path
 from flowmodel.evaluate import glm_baseline
 from flowmodel.exceptions import DataContractError, InputFileError
 from flowmodel.outputs import io as fio
 from flowmodel.outputs.io import (
-    atomic_path,
     config_hash,
     flows_table,
     provenance_attrs,
