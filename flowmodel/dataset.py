@@ -29,14 +29,19 @@ from flowmodel.exceptions import DataContractError, InputFileError, ModelConfigE
 from flowmodel.pairs import cross_border, geodesic_distance_km
 
 __all__ = [
-    "MARGINAL_DIMS",
-    "MARGINAL_PREFIX",
+    "ESTIMATE_PREFIX",
+    "LEVELS",
     "TOTAL_KINDS",
     "TOTAL_UNIVERSES",
+    "add_cells",
     "build_dataset",
+    "cell_dim",
     "dataset_fingerprint",
+    "estimate_sources",
+    "estimates_to_dataset",
     "flow_sources",
     "is_sparse",
+    "level_groups",
     "load_dataset",
     "marginals_to_dataset",
     "save_dataset",
@@ -213,6 +218,12 @@ def _flow_variables(
     return out, periods
 
 
+def _table_levels(table: Any) -> tuple[str, str]:
+    """``(origin_level, destination_level)`` of a flow table (its ``attrs``; default unit)."""
+    attrs = getattr(table, "attrs", {}) or {}
+    return str(attrs.get("origin_level", "unit")), str(attrs.get("destination_level", "unit"))
+
+
 def build_dataset(
     units: Any,
     *,
@@ -295,6 +306,9 @@ def build_dataset(
                 "unit",
                 series.to_numpy(dtype=float if not pd.api.types.is_bool_dtype(series) else bool),
             )
+        elif pd.api.types.is_string_dtype(series) or series.dtype == object:
+            # text fields (e.g. admin1) are levels that sources may be reported at
+            data_vars[col] = ("unit", series.astype(str).to_numpy())
     ds = xr.Dataset(data_vars, coords={"unit": ids.to_numpy()})
     ds = ds.assign_coords(origin=ids.to_numpy(), destination=ids.to_numpy())
     n = len(ids)
@@ -347,8 +361,13 @@ def build_dataset(
                 ds["contiguous"] = (("origin", "destination"), np.asarray(contiguity(gdf)))
 
     # flows
+    aggregated = {}
     if flows:
         for source, tab in flows.items():
+            levels = _table_levels(tab)
+            if levels != ("unit", "unit"):
+                aggregated[source] = (tab, levels)
+                continue
             variables, periods = _flow_variables(source, tab, ids)
             if periods is not None:
                 if "period" in ds.coords and not np.array_equal(
@@ -365,6 +384,8 @@ def build_dataset(
                     | ({"period": periods.to_numpy()} if periods is not None else {}),
                 )
                 ds[name] = da.reindex_like(ds) if "period" in dims else da
+    for source, (tab, (o_level, d_level)) in aggregated.items():
+        ds = add_cells(ds, source, tab, origin_level=o_level, destination_level=d_level)
     ds.attrs.update({"flowmodel_version": __version__, "Conventions": "flowmodel FlowDataset 1"})
     if attrs:
         ds.attrs.update(dict(attrs))
@@ -383,6 +404,15 @@ def _pair_vars(ds: xr.Dataset) -> list[str]:
 
 def _offending_pairs(ds: xr.Dataset, mask: xr.DataArray) -> list[str]:
     mask = mask.compute() if hasattr(mask, "compute") else mask
+    cells = [d for d in mask.dims if str(d).startswith("cell_")]
+    if cells:
+        dim = cells[0]
+        m = mask.any([d for d in mask.dims if d != dim]) if mask.ndim > 1 else mask
+        idx = np.flatnonzero(np.asarray(m))
+        o = np.asarray(ds[f"{dim}_origin"].values)[idx]
+        d = np.asarray(ds[f"{dim}_destination"].values)[idx]
+        names = [f"{a}->{b}" for a, b in zip(o[:MAX_IDS], d[:MAX_IDS], strict=False)]
+        return names + ["…"] * (len(idx) - len(names))
     if is_sparse(ds):
         idx = np.flatnonzero(
             np.asarray(mask.any([d for d in mask.dims if d != "pair"]) if mask.ndim > 1 else mask)
@@ -517,6 +547,18 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
             _offending_pairs(ds, bad),
             "units share a centroid: merge them or fix the coordinates",
         )
+    checked_exposure: set[str] = set()
+    for source in estimate_sources(ds):
+        est = ds[f"{ESTIMATE_PREFIX}{source}"]
+        se = ds.get(f"{ESTIMATE_PREFIX}{source}_se")
+        bad = est.notnull() & ((est <= 0) | (se.isnull() | (se <= 0) if se is not None else True))
+        if bool(bad.any()):
+            raise _fail(
+                f"{ESTIMATE_PREFIX}{source}",
+                "published estimates need a value > 0 and a standard error > 0",
+                _offending_pairs(ds, bad),
+                "drop unknown or zero cells from the table",
+            )
     for source in flow_sources(ds):
         flow = ds[f"flow_{source}"]
         bad = flow < 0
@@ -565,7 +607,8 @@ def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
                     f"give {mn} only where {mx} is given, at most {mx}",
                 )
         exp = f"exposure_{source}"
-        if exp in ds:
+        if exp in ds and exp not in checked_exposure:
+            checked_exposure.add(exp)
             bad = ds[exp] <= 0
             if bool(bad.any()):
                 where = (
@@ -728,9 +771,225 @@ def totals_to_dataset(
     return out
 
 
-MARGINAL_PREFIX = "marginal_"
-#: Dims of a country-pair marginal.
-MARGINAL_DIMS = ("origin_country", "destination_country")
+#: Prefix of published-estimate variables (``estimate_<source>``, ``estimate_<source>_se``).
+ESTIMATE_PREFIX = "estimate_"
+#: Levels a source's origins and destinations can be reported at besides unit fields.
+LEVELS = ("unit", "country")
+
+
+def cell_dim(source: str) -> str:
+    """Dim of a source reported at another level than unit x unit: ``cell_<source>``."""
+    return f"cell_{source}"
+
+
+def estimate_sources(ds: xr.Dataset) -> list[str]:
+    """Names of the published-estimate sources (``estimate_<source>`` variables) in ``ds``."""
+    return sorted(
+        str(n).removeprefix(ESTIMATE_PREFIX)
+        for n in ds.data_vars
+        if str(n).startswith(ESTIMATE_PREFIX) and not str(n).endswith(("_se", "_expected"))
+    )
+
+
+def level_groups(ds: xr.Dataset, level: str) -> np.ndarray:
+    """Return the label of every unit at ``level``: its id, country or a unit field (admin1).
+
+    Raises
+    ------
+    DataContractError
+        When ``level`` is neither ``"unit"``, ``"country"`` nor a unit variable.
+    """
+    if level == "unit":
+        return np.asarray(ds["unit"].values).astype(str)
+    if level in ds and ds[level].dims == ("unit",):
+        return np.asarray(ds[level].values).astype(str)
+    fields = sorted(
+        str(n) for n, v in ds.data_vars.items() if v.dims == ("unit",) and v.dtype.kind in "OUS"
+    )
+    raise DataContractError(
+        f"level {level!r}: neither 'unit', 'country' nor a unit field of the dataset "
+        f"(text unit fields: {fields}). Fix: keep the field (e.g. admin1) in the units file, "
+        "or name one of those"
+    )
+
+
+def add_cells(
+    ds: xr.Dataset,
+    source: str,
+    table: pd.DataFrame,
+    *,
+    origin_level: str = "unit",
+    destination_level: str = "unit",
+    value: str = "flow",
+) -> xr.Dataset:
+    """Return ``ds`` with a source reported at any level, held over ``cell_<source>``.
+
+    Each row of ``table`` is one reported cell: its ``origin`` and
+    ``destination`` are labels at ``origin_level`` / ``destination_level``
+    (``"unit"``, ``"country"`` or a unit field such as ``"admin1"``); the cell
+    is the sum of the latent flows of every pair of distinct units whose labels
+    match. E.g. a census table of immigrants by previous country and current
+    unit has ``origin_level="country"``.
+
+    Parameters
+    ----------
+    ds
+        FlowDataset.
+    source
+        Source name.
+    table
+        Columns ``origin``, ``destination``, and ``count`` (``value="flow"``:
+        with optional ``max``, ``min`` for censored cells, ``exposure``,
+        ``class``, ``period``) or ``estimate`` and ``se`` (``value="estimate"``).
+    origin_level, destination_level
+        Levels of the labels.
+    value
+        ``"flow"`` (counts: ``flow_<source>``) or ``"estimate"`` (published
+        estimates: ``estimate_<source>``, ``estimate_<source>_se``).
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with the cell variables (dim ``cell_<source>``, coordinates
+        ``cell_<source>_origin`` / ``_destination`` [/ ``_period``]; the levels in
+        the value variable's ``origin_level`` / ``destination_level`` attributes).
+
+    Raises
+    ------
+    DataContractError
+        Missing columns, labels naming no unit at their level, duplicated cells,
+        negative or non-integer counts, bounds out of order.
+    """
+    dim = cell_dim(source)
+    tab = pd.DataFrame(table).copy()
+    what = f"{'flows' if value == 'flow' else 'estimates'}['{source}']"
+    main = "count" if value == "flow" else "estimate"
+    need = ["origin", "destination", main] + (["se"] if value == "estimate" else [])
+    missing = [c for c in need if c not in tab.columns]
+    if missing:
+        raise DataContractError(
+            f"{what}: missing column(s) {missing} (columns: {list(tab.columns)}). Fix: rename to "
+            f"{need}"
+        )
+    for col in ("origin", "destination"):
+        tab[col] = tab[col].astype(str)
+    for level, col in ((origin_level, "origin"), (destination_level, "destination")):
+        labels = set(level_groups(ds, level))
+        unknown = sorted(set(tab[col]) - labels)
+        if unknown:
+            raise _fail(
+                f"{value}_{source}",
+                f"{col} labels name no unit at level {level!r}",
+                unknown,
+                f"harmonise the {col} codes with the units' {level!r} field or drop those rows",
+            )
+    keys = ["origin", "destination"] + (["period"] if "period" in tab.columns else [])
+    dup = tab.duplicated(keys, keep=False)
+    if dup.any():
+        bad = tab.loc[dup, keys].astype(str).agg("->".join, axis=1).unique()
+        raise _fail(
+            f"{value}_{source}",
+            "duplicate rows for the same cell",
+            bad,
+            "aggregate the table first",
+        )
+    if origin_level == destination_level:
+        diag = tab["origin"] == tab["destination"]
+        if diag.any() and origin_level == "unit":
+            tab = tab.loc[~diag]
+    tab = tab.reset_index(drop=True)
+    n = len(tab)
+    out = ds.copy()
+    coords = {
+        f"{dim}_origin": (dim, tab["origin"].to_numpy()),
+        f"{dim}_destination": (dim, tab["destination"].to_numpy()),
+    }
+    if "period" in tab.columns:
+        coords[f"{dim}_period"] = (dim, tab["period"].astype(str).to_numpy())
+    attrs = {"origin_level": origin_level, "destination_level": destination_level}
+    main_values = pd.to_numeric(tab[main], errors="coerce").to_numpy(dtype=float)
+    out[f"{value}_{source}"] = xr.DataArray(main_values, dims=(dim,), attrs=attrs)
+    if value == "flow":
+        for col in ("max", "min"):
+            if col in tab.columns and tab[col].notna().any():
+                out[f"flow_{source}_{col}"] = (dim, pd.to_numeric(tab[col]).to_numpy(dtype=float))
+        if "exposure" in tab.columns:
+            out[f"exposure_{source}"] = (dim, tab["exposure"].to_numpy(dtype=float))
+    else:
+        out[f"estimate_{source}_se"] = (dim, pd.to_numeric(tab["se"]).to_numpy(dtype=float))
+        if "exposure" in tab.columns:
+            out[f"exposure_{source}"] = (dim, tab["exposure"].to_numpy(dtype=float))
+    if "class" in tab.columns:
+        out[f"class_{source}"] = (dim, tab["class"].astype(str).to_numpy())
+    out = out.assign_coords(coords)
+    if n == 0:
+        raise DataContractError(f"{what}: no cells. Fix: check the table")
+    validate_dataset(out)
+    return out
+
+
+def estimates_to_dataset(
+    ds: xr.Dataset,
+    table: pd.DataFrame,
+    *,
+    name: str,
+    origin_level: str = "country",
+    destination_level: str = "country",
+    rel_sd: float | None = None,
+) -> xr.Dataset:
+    """Return ``ds`` with published estimates of sums of the latent flow (``estimate_<name>``).
+
+    A table of estimates — bilateral migration flows by country pair, survey
+    estimates of admin-1 flows, ... — with their standard errors. A model uses
+    every ``estimate_*`` source as
+    ``log est_c ~ N(log sum_{(i,j) in c} exp(eta_ij), log(1 + (se_c/est_c)^2))``:
+    it gives the level of countries that no census or CDR sees, and the border
+    friction where no source observes cross-border cells.
+
+    Parameters
+    ----------
+    ds
+        FlowDataset.
+    table
+        Columns ``origin``, ``destination``, ``estimate`` (persons, > 0) and ``se``
+        (> 0; or give ``rel_sd``), labels at the levels below.
+    name
+        Source name (``estimate_<name>``).
+    origin_level, destination_level
+        Levels of the labels: ``"country"`` (default), ``"unit"`` or a unit field.
+    rel_sd
+        Log-scale error of every estimate when the table has no ``se`` column
+        (0.1: about ±10%).
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with ``estimate_<name>`` and ``estimate_<name>_se`` over ``cell_<name>``.
+    """
+    tab = pd.DataFrame(table).copy()
+    if "se" not in tab.columns:
+        if rel_sd is None or not rel_sd > 0:
+            raise ModelConfigError(
+                f"estimates '{name}': the table has no 'se' column and rel_sd={rel_sd}. "
+                "Fix: give standard errors, or rel_sd > 0 (e.g. 0.1)"
+            )
+        est = pd.to_numeric(tab.get("estimate"), errors="coerce")
+        tab["se"] = est * np.sqrt(np.expm1(float(rel_sd) ** 2))
+    est = pd.to_numeric(tab.get("estimate"), errors="coerce")
+    se = pd.to_numeric(tab["se"], errors="coerce")
+    if est is None or not ((est > 0) & (se > 0)).all():
+        raise DataContractError(
+            f"estimates '{name}': every 'estimate' and 'se' must be > 0 (a log-normal "
+            "observation). Fix: drop unknown or zero cells from the table"
+        )
+    return add_cells(
+        ds,
+        name,
+        tab,
+        origin_level=origin_level,
+        destination_level=destination_level,
+        value="estimate",
+    )
 
 
 def marginals_to_dataset(
@@ -740,35 +999,29 @@ def marginals_to_dataset(
     name: str = "flow",
     rel_sd: float = 0.1,
 ) -> xr.Dataset:
-    """Return ``ds`` with country-pair totals of the latent flow as ``marginal_<name>``.
+    """Return ``ds`` with country-pair totals of the latent flow as estimates ``estimate_<name>``.
 
     A marginal is an external estimate of the total population-scale flow from
     every unit of one country to every unit of another (or the same) country
-    over the latent's window, e.g. a bilateral migration-flow estimate or
-    flows derived from migrant stocks. :class:`FusionModel` uses every
-    ``marginal_*`` variable present as the observation
-    ``log M_cd ~ N(log sum_{i in c, j in d, i != j} exp(eta_ij), rel_sd)``.
-    They give the level of countries that no census or CDR sees, and of the
-    border friction where no source observes cross-border cells.
+    over the latent's window, e.g. a bilateral migration-flow estimate. It is a
+    country x country :func:`estimates_to_dataset` with a log-scale error
+    ``rel_sd``.
 
     Parameters
     ----------
     ds
         FlowDataset (``country`` on ``unit``).
     table
-        Columns ``origin_country``, ``destination_country``, ``value`` (persons,
-        > 0); country pairs not in the table are unknown (NaN).
+        Columns ``origin_country``, ``destination_country``, ``value`` (persons, > 0).
     name
-        Suffix of the variable (``marginal_<name>``).
+        Source name (``estimate_<name>``).
     rel_sd
-        Error of the estimates on the log scale (0.1: about ±10%), stored as the
-        attribute ``rel_sd``.
+        Error of the estimates on the log scale (0.1: about ±10%).
 
     Returns
     -------
     xarray.Dataset
-        A copy with ``marginal_<name>`` (dims ``origin_country``,
-        ``destination_country``: every country of ``ds``).
+        A copy with ``estimate_<name>`` / ``estimate_<name>_se`` over ``cell_<name>``.
 
     Raises
     ------
@@ -804,18 +1057,11 @@ def marginals_to_dataset(
         )
     if tab.duplicated(need[:2]).any():
         raise DataContractError("marginals_to_dataset: duplicated country pairs in the table")
-    wide = (
-        tab.assign(value=values)
-        .set_index(need[:2])["value"]
-        .unstack("destination_country")
-        .reindex(index=countries, columns=countries)
-    )
-    out = ds.copy()
-    var = xr.DataArray(
-        wide.to_numpy(dtype=float),
-        dims=MARGINAL_DIMS,
-        coords={MARGINAL_DIMS[0]: countries, MARGINAL_DIMS[1]: countries},
-    )
-    var.attrs.update(rel_sd=float(rel_sd))
-    out[f"{MARGINAL_PREFIX}{name}"] = var
-    return out
+    cells = pd.DataFrame(
+        {
+            "origin": tab["origin_country"],
+            "destination": tab["destination_country"],
+            "estimate": values,
+        }
+    ).sort_values(["origin", "destination"])
+    return estimates_to_dataset(ds, cells, name=name, rel_sd=rel_sd)

@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "DataContractError",
     "DiagnosticsWarning",
+    "FitFailedError",
     "FlowModelError",
     "InputFileError",
     "MissingCRSError",
@@ -20,6 +21,7 @@ __all__ = [
     "NoOverlapError",
     "PriorWarning",
     "PrivacyError",
+    "UninformedParameterWarning",
     "UnitCodeError",
 ]
 
@@ -79,9 +81,25 @@ class ConfigError(FlowModelError, ValueError):
     """A run configuration file is invalid."""
 
 
+class FitFailedError(FlowModelError, RuntimeError):
+    """A fit did not produce a usable posterior (non-finite draws, no proper mode).
+
+    Raised instead of a warning, so that prediction never runs on NaN or absurd
+    parameters; the pipeline exits with code 1.
+    """
+
+
 class DiagnosticsWarning(UserWarning):
     """MCMC diagnostics look bad (divergences, R-hat > 1.01, low effective sample size)."""
 
 
 class PriorWarning(UserWarning):
     """A prior override names no parameter of the model (it is ignored)."""
+
+
+class UninformedParameterWarning(DiagnosticsWarning):
+    """A parameter is not informed by the data: its posterior is (nearly) its prior.
+
+    Its intervals, and those of every prediction that depends on it, are the
+    prior's; the message names the parameter and its prior.
+    """

@@ -779,7 +779,7 @@ def read_flow_source(
 
 
 def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
-    """Add every ``[marginals.<name>]`` table as ``marginal_<name>`` (FusionModel uses them)."""
+    """Add every ``[marginals.<name>]`` table as estimates ``estimate_<name>`` (country pairs)."""
     import pandas as pd
 
     from flowmodel.dataset import marginals_to_dataset
@@ -793,7 +793,7 @@ def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
         except (DataContractError, ModelConfigError) as err:
             raise DataContractError(f"{path} (marginals.{name}): {err}") from err
         logger.info(
-            "marginals.%s: %d country pairs", name, int(ds[f"marginal_{name}"].notnull().sum())
+            "marginals.%s: %d country pairs", name, int(ds[f"estimate_{name}"].notnull().sum())
         )
     return ds
 

@@ -5,8 +5,11 @@ at N = 5,000 and S = 200 that is 5 x 10⁹ numbers. :func:`predict_flows` never
 holds them: it takes ``block_size`` origins at a time, draws ``(S, block, N)``
 flows, reduces them to the mean and quantiles and keeps only those
 (``(1 + n_quantiles) x block x N``). With ``use_dask=True`` each block is a dask
-task (threads by default, or any cluster), otherwise a plain loop; both paths
-seed block ``a`` with ``[seed, a]`` and give equal results.
+task (threads by default, or any cluster), otherwise a plain loop. The
+predictive noise of origin row ``i`` is drawn from its own stream
+``[seed, i]`` (of sparse pairs, from one stream per chunk of
+:data:`SPARSE_CHUNK` pairs), so results do not depend on the block size or on
+dask.
 
 A sparse pair set (DESIGN §3: one ``pair`` dim with ``origin``/``destination``
 coordinates, e.g. from :func:`flowmodel.pairs.sparse_pairs`) is streamed in
@@ -14,13 +17,14 @@ blocks of ``block_size`` *pairs* instead: each block draws ``(S, block)`` flows
 from the pair variables of those pairs only, and the result is a Dataset over
 ``pair`` with the same variable names. The log rates, and so ``kind="mean"``
 summaries, equal the dense ones gathered at the same pairs; the predictive
-noise is seeded per block (``[seed, first pair]``), so it matches the dense
-draws in distribution, not number for number.
+noise is seeded per chunk of pairs, so it matches the dense draws in
+distribution, not number for number.
 
 Models plug in through the hooks of :class:`~flowmodel.models.base.FlowModel`
-(``_prediction_params`` and ``_log_rate_from_params``); constrained gravity
-models are handled here (margins and normalisation), so every model class
-shares one streaming code path.
+(``_prediction_params``, ``_log_rate_from_params``) and a *flow rule*
+(``_flow_rule()``) that turns latent log rates into flows: ``exp(eta)`` with
+count noise, or — for constrained gravity models — shares of the observed
+margins; every model class shares one streaming code path.
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from flowmodel.exceptions import ModelConfigError
 from flowmodel.models.base import FlowModel, thin_posterior
 from flowmodel.naming import quantile_name
 
-__all__ = ["flow_draws", "predict_flows", "quantile_name"]
+__all__ = ["count_noise", "flow_draws", "predict_flows", "quantile_name"]
 
 #: Target bytes of one block of draws.
 BLOCK_BYTES = 64 * 2**20
 #: Units above which the dask path is used by default.
 DASK_UNITS = 2_000
+#: Sparse pairs per noise stream (sparse blocks are whole multiples of it).
+SPARSE_CHUNK = 1024
 
 
 class _Context:
@@ -63,13 +69,14 @@ class _Context:
             raise ModelConfigError(f"kind={kind!r} is not valid; use 'predictive' or 'mean'")
         self.sparse = is_sparse(data)
         units = np.asarray(data["unit"].values)
+        self.rule = model._flow_rule()
         if self.sparse:
-            constraint = getattr(model, "constraint", "none")
-            if constraint != "none":
+            if not self.rule.supports_sparse:
                 raise ModelConfigError(
-                    f"constraint='{constraint}': predictions normalise over every "
-                    "destination (or origin), which a sparse pair set does not hold. Fix: "
-                    "predict on the dense dataset and gather the pairs you need"
+                    f"{type(model).__name__} with constraint='{getattr(model, 'constraint', '')}': "
+                    "predictions normalise over every destination (or origin), which a sparse "
+                    "pair set does not hold. Fix: predict on the dense dataset and gather the "
+                    "pairs you need"
                 )
             self._sparse_pairs(model, data)
         elif not (
@@ -88,7 +95,6 @@ class _Context:
         )
         self.features = model._features(data)
         self.n_samples = int(posterior.sizes["chain"] * posterior.sizes["draw"])
-        self.constraint = getattr(model, "constraint", "none")
         self.exposure_unit = np.ones(self.n)
         self.exposure_pair = None
         if exposure is not None:
@@ -104,11 +110,25 @@ class _Context:
                         "('unit',) or ('pair',). Fix: select one period or use exposure=None"
                     )
                 self.exposure_pair = data[name]
-            else:
+            elif {"origin", "destination"} <= set(data[name].dims):
                 self.exposure_pair = data[name].transpose("origin", "destination")
-        self.margin = None
-        if self.constraint != "none":
-            self._margins(exposure)
+        self.rule.prepare(self, exposure)
+
+    def row_rng(self, row: int) -> np.random.Generator:
+        """Return the noise stream of origin row ``row`` (dense) or pair chunk ``row`` (sparse)."""
+        return np.random.default_rng([self.seed, int(row)])
+
+    def noise(self, mu: np.ndarray, rows: np.ndarray, *, phi: Any = "model") -> np.ndarray:
+        """Count draws around ``mu`` ``(S, rows, N)``, one stream per origin row (dense)."""
+        phi = self.params.get("phi") if isinstance(phi, str) else phi
+        out = np.empty(mu.shape, dtype=self.dtype)
+        for r, row in enumerate(rows):
+            out[:, r] = count_noise(mu[:, r], phi, self.row_rng(int(row)), self.dtype)
+        return out
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Return the default blocks over the streamed axis."""
+        return block_ranges(self.n_rows, self.block_size())
 
     def _sparse_pairs(self, model: FlowModel, data: xr.Dataset) -> None:
         """Store unit positions of the pairs of a sparse ``data`` (diagonal pairs masked)."""
@@ -126,38 +146,6 @@ class _Context:
         self.diagonal = self.origin_idx == self.dest_idx
         self.n_pairs = len(self.origin_idx)
 
-    def _margins(self, exposure: str | None) -> None:
-        """Observed margins of a constrained model (population scale unless ``exposure``)."""
-        source = self.model.fit_meta.get("source") or self.model._source(self.data)
-        flow = self.data[f"flow_{source}"].transpose("origin", "destination", ...)
-        extra = [d for d in flow.dims if d not in ("origin", "destination")]
-        if extra:
-            flow = flow.sum(extra, min_count=1)
-        y = np.asarray(flow.values, dtype=float)
-        exp_name = f"exposure_{source}"
-        e_unit = np.ones(self.n)
-        if exp_name in self.data and self.data[exp_name].dims == ("unit",):
-            e_unit = np.asarray(self.data[exp_name].values, dtype=float)
-        axis = 0 if self.constraint == "attraction" else 1
-        observed_any = np.any(~np.isnan(y), axis=axis)
-        margin = np.where(observed_any, np.nansum(y, axis=axis), np.nan)
-        if self.constraint != "attraction":
-            # sampled outflow -> population outflow, unless the sample scale is asked for
-            self.margin_sample = margin
-            self.margin = margin / e_unit if exposure is None else margin
-        else:
-            self.margin_sample = margin
-            self.margin = margin
-            self._attraction_denominators()
-
-    def _attraction_denominators(self) -> None:
-        """Per draw and destination, Σ_i exp(eta'_ij) over all origins (one streamed pass)."""
-        total = np.zeros((self.n_samples, self.n))
-        for a, b in block_ranges(self.n, self.block_size()):
-            log_w = self.block_log_rate(a, b)
-            total += np.nansum(np.exp(log_w), axis=1)
-        self.attraction_total = total
-
     @property
     def n_rows(self) -> int:
         """Length of the streamed axis: origins (dense) or pairs (sparse)."""
@@ -167,7 +155,14 @@ class _Context:
         """Origins (dense) or pairs (sparse) per block, ~:data:`BLOCK_BYTES` of draws."""
         row = 1 if self.sparse else self.n
         per_row = max(self.n_samples * row * max(self.dtype.itemsize, 8) * 3, 1)
-        return int(max(1, min(self.n_rows, BLOCK_BYTES // per_row)))
+        size = int(max(1, min(self.n_rows, BLOCK_BYTES // per_row)))
+        return self.aligned(size)
+
+    def aligned(self, size: int) -> int:
+        """``size`` rounded up to whole noise chunks (sparse pairs; dense rows are their own)."""
+        if not self.sparse:
+            return max(1, int(size))
+        return max(SPARSE_CHUNK, -(-int(size) // SPARSE_CHUNK) * SPARSE_CHUNK)
 
     def pair_block_log_rate(self, a: int, b: int) -> np.ndarray:
         """``(S, b - a)`` log rates of sparse pairs ``a:b``; NaN for diagonal pairs."""
@@ -182,9 +177,12 @@ class _Context:
     def pair_block_flows(
         self, a: int, b: int, *, kind: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(mu, draws)`` of shape ``(S, b - a)`` for sparse pairs ``a:b``."""
+        """``(mu, draws)`` of shape ``(S, b - a)`` for sparse pairs ``a:b``.
+
+        ``a`` must be a multiple of :data:`SPARSE_CHUNK` (blocks are aligned), so
+        each chunk of pairs draws its noise from its own stream.
+        """
         kind = kind or self.kind
-        rng = np.random.default_rng([self.seed, a])
         mu = np.exp(self.pair_block_log_rate(a, b))
         scale = self.exposure_unit[self.origin_idx[a:b]][None, :]
         if self.exposure_pair is not None:
@@ -192,7 +190,13 @@ class _Context:
         mu = (mu * scale).astype(self.dtype, copy=False)
         if kind == "mean":
             return mu, mu
-        return mu, _count_noise(mu, self.params.get("phi"), rng, self.dtype)
+        out = np.empty(mu.shape, dtype=self.dtype)
+        phi = self.params.get("phi")
+        for c in range(a, b, SPARSE_CHUNK):
+            e = min(c + SPARSE_CHUNK, b)
+            rng = self.row_rng(c // SPARSE_CHUNK)
+            out[:, c - a : e - a] = count_noise(mu[:, c - a : e - a], phi, rng, self.dtype)
+        return mu, out
 
     def row_flows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """``block_flows`` (dense, ``(S, b - a, N)``) or ``pair_block_flows`` (sparse)."""
@@ -230,53 +234,9 @@ class _Context:
         self, a: int, b: int, *, kind: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(mu, draws)`` of shape ``(S, b - a, N)``: expected flows and the draws asked for."""
-        kind = kind or self.kind
-        rng = np.random.default_rng([self.seed, a])
-        eta = self.block_log_rate(a, b)
-        phi = self.params.get("phi")
-        rows = np.arange(a, b)
-        if self.constraint == "none":
-            mu = np.exp(eta)
-            scale = self.exposure_unit[rows][None, :, None]
-            if self.exposure_pair is not None:
-                scale = np.asarray(
-                    self.exposure_pair.isel(origin=slice(a, b)).values, dtype=float
-                )[None]
-            mu = (mu * scale).astype(self.dtype, copy=False)
-            if kind == "mean":
-                return mu, mu
-            return mu, _count_noise(mu, phi, rng, self.dtype)
-        if self.constraint == "attraction":
-            w = np.exp(eta)
-            pi = w / self.attraction_total[:, None, :]
-            mu = (pi * self.margin[None, None, :]).astype(self.dtype, copy=False)
-            if kind == "mean":
-                return mu, mu
-            return mu, _count_noise(mu, None, rng, self.dtype)
-        # production / doubly: normalise each origin row over destinations
-        w = np.exp(eta - np.nanmax(eta, axis=2, keepdims=True))
-        w = np.nan_to_num(w)
-        pi = w / w.sum(axis=2, keepdims=True)
-        margin = self.margin[rows]
-        mu = (pi * margin[None, :, None]).astype(self.dtype, copy=False)
-        if kind == "mean":
-            return mu, mu
-        n_sample = self.margin_sample[rows]
-        ok = np.isfinite(n_sample)
-        draws = np.full(mu.shape, np.nan, dtype=self.dtype)
-        if ok.any():
-            p = pi[:, ok, :]
-            if phi is not None:
-                alpha = np.maximum(phi[:, None, None] * p, 1e-12)
-                g = rng.standard_gamma(alpha)
-                g[p == 0] = 0
-                p = g / g.sum(axis=2, keepdims=True)
-            counts = np.broadcast_to(n_sample[ok].astype(np.int64), p.shape[:2])
-            sampled = rng.multinomial(counts, p).astype(self.dtype)
-            factor = (margin[ok] / np.where(n_sample[ok] > 0, n_sample[ok], 1.0))[None, :, None]
-            draws[:, ok, :] = sampled * factor
-        draws[:, np.arange(b - a), rows] = np.nan
-        return mu, draws
+        return self.rule.block(
+            self, self.block_log_rate(a, b), np.arange(a, b), kind or self.kind, None
+        )
 
 
 def _unit_positions(data: xr.Dataset, names: np.ndarray) -> np.ndarray:
@@ -285,7 +245,7 @@ def _unit_positions(data: xr.Dataset, names: np.ndarray) -> np.ndarray:
     return pos.reindex(np.asarray(names).astype(str)).to_numpy(dtype=float)
 
 
-def _count_noise(
+def count_noise(
     mu: np.ndarray, phi: np.ndarray | None, rng: np.random.Generator, dtype
 ) -> np.ndarray:
     """Poisson or negative-binomial (gamma-Poisson) draws with means ``mu``."""
@@ -352,6 +312,7 @@ def predict_flows(
     use_dask: bool | None = None,
     seed: int = 0,
     dtype: Any = np.float64,
+    progress: bool | None = None,
 ) -> xr.Dataset:
     """Mean and quantiles of predicted flows for every pair of ``data``, streamed.
 
@@ -374,15 +335,20 @@ def predict_flows(
     draws
         Posterior draws per chain to use (evenly thinned); all when None.
     block_size
-        Origins per block (dense) or pairs per block (sparse); default: ~64 MB
-        of draws per block.
+        Origins per block (dense) or pairs per block (sparse, rounded up to
+        whole chunks of :data:`SPARSE_CHUNK`); default: ~64 MB of draws per
+        block. Results do not depend on it.
     use_dask
         One dask task per block (lazy result); default when N > 2,000 (dense)
         or more than 2,000² pairs (sparse).
     seed
-        Seed of the predictive noise and of effects of unseen countries.
+        Seed of the predictive noise (one stream per origin row or pair chunk)
+        and of effects of unseen countries.
     dtype
         Float type of the draws inside a block.
+    progress
+        Progress over blocks (numpy path): a bar when interactive, heartbeat log
+        lines otherwise (default), False for none.
 
     Returns
     -------
@@ -394,7 +360,7 @@ def predict_flows(
     """
     posterior = thin_posterior(model.posterior, draws)
     ctx = _Context(model, data, posterior, kind=kind, exposure=exposure, seed=seed, dtype=dtype)
-    size = int(block_size or ctx.block_size())
+    size = ctx.aligned(int(block_size)) if block_size else ctx.block_size()
     blocks = block_ranges(ctx.n_rows, size)
     quantiles = [float(q) for q in quantiles]
     names = ["mean", *(quantile_name(q) for q in quantiles)]
@@ -414,7 +380,15 @@ def predict_flows(
         ]
         arr = da.concatenate(parts, axis=1)
     else:
-        arr = np.concatenate([_summarise(ctx, a, b, quantiles) for a, b in blocks], axis=1)
+        from flowmodel.progress import progress as _progress
+
+        arr = np.concatenate(
+            [
+                _summarise(ctx, a, b, quantiles)
+                for a, b in _progress(blocks, desc="predict", enabled=progress)
+            ],
+            axis=1,
+        )
     ds = xr.Dataset(
         {name: (ctx.out_dims(), arr[k]) for k, name in enumerate(names)}, coords=ctx.out_coords()
     )
@@ -453,7 +427,8 @@ def flow_draws(
         model, data, posterior, kind=kind, exposure=exposure, seed=seed, dtype=np.float64
     )
     n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
-    blocks = block_ranges(ctx.n_rows, int(block_size or ctx.block_size()))
+    size = ctx.aligned(int(block_size)) if block_size else ctx.block_size()
+    blocks = block_ranges(ctx.n_rows, size)
 
     def one(a: int, b: int) -> np.ndarray:
         return ctx.row_flows(a, b)[1].reshape(n_chain, n_draw, *ctx.row_shape(a, b))

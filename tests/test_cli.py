@@ -9,6 +9,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_pipeline import CONFIG, install_fake_stages, make_project
 
@@ -382,9 +383,11 @@ def test_prepare_adds_marginals_and_names_a_bad_file(tiny_world: Path, capsys) -
     code, _, err = run_cli(capsys, "prepare", str(config))
     assert code == EXIT_OK, err
     with xr.open_dataset(tiny_world / "run-marginals" / "dataset.nc", engine="h5netcdf") as ds:
-        marg = ds["marginal_bilateral"].load()
-    assert marg.dims == ("origin_country", "destination_country")
-    assert int(marg.notnull().sum()) == len(codes) ** 2 and float(marg.attrs["rel_sd"]) == 0.2
+        marg = ds["estimate_bilateral"].load()
+        se = ds["estimate_bilateral_se"].load()
+    assert marg.dims == ("cell_bilateral",) and marg.attrs["origin_level"] == "country"
+    assert int(marg.notnull().sum()) == len(codes) ** 2
+    np.testing.assert_allclose(np.sqrt(np.log1p((se / marg) ** 2)), 0.2)  # log-scale error
     table.assign(origin_country="XYZ").to_csv(tiny_world / "bilateral.csv", index=False)
     code, _, err = run_cli(capsys, "prepare", str(config))
     assert code == EXIT_BAD_INPUT

@@ -1,13 +1,19 @@
-"""Bayesian flow models in PyMC (DESIGN §4): gravity, radiation, fusion and their comparison."""
+"""Bayesian flow models in PyMC: one latent field, observation models per source, one engine.
 
-from typing import Any
+Presets: :class:`GravityModel`, :class:`RadiationModel` (one source each) and
+:class:`FusionModel` (several sources observing one latent field); their parts
+live in :mod:`flowmodel.models.latent`, :mod:`flowmodel.models.observations`,
+:mod:`flowmodel.models.likelihoods` and :mod:`flowmodel.models.inference`.
+"""
 
-from flowmodel.models.base import BACKENDS, FlowModel, ObservedPairs, compare, load_model
+from flowmodel.models.base import BACKENDS, Cells, FlowModel, ObservedPairs, compare, load_model
+from flowmodel.models.fusion import FusionModel
 from flowmodel.models.gravity import GravityModel
 from flowmodel.models.radiation import RadiationModel
 
 __all__ = [
     "BACKENDS",
+    "Cells",
     "FlowModel",
     "FusionModel",
     "GravityModel",
@@ -16,11 +22,3 @@ __all__ = [
     "compare",
     "load_model",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "FusionModel":  # imported lazily: fusion builds on the classes above
-        from flowmodel.models.fusion import FusionModel
-
-        return FusionModel
-    raise AttributeError(f"module 'flowmodel.models' has no attribute {name!r}")

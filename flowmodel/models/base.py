@@ -1,31 +1,21 @@
-"""The :class:`FlowModel` base: one signature for every flow model (DESIGN §4.3).
+"""The :class:`FlowModel` base: one latent field + observation models + one inference engine.
 
-Hooks a subclass (and :class:`~flowmodel.models.fusion.FusionModel`) implements
-or reuses — this split is stable:
+A flow model is composed, not inherited: a latent field
+(:mod:`flowmodel.models.latent`: gravity or radiation) gives the log expected flow
+of every latent pair; one observation model per source
+(:mod:`flowmodel.models.observations`) says how that source sees sums of it; the
+engine (:mod:`flowmodel.models.inference`) runs the chosen backend. The public
+presets :class:`~flowmodel.models.gravity.GravityModel`,
+:class:`~flowmodel.models.radiation.RadiationModel` and
+:class:`~flowmodel.models.fusion.FusionModel` only choose the parts from their
+keyword arguments (:meth:`FlowModel._latent_field`,
+:meth:`FlowModel._observation_models`).
 
-``build_model(data)``
-    Builds the :class:`pymc.Model`: ``pairs = self._observed_pairs(data, source)``
-    (:class:`ObservedPairs`: index arrays into ``data.unit``, counts, exposure,
-    censoring bounds), then ``eta = self._add_latent(data, pairs)`` (registers
-    priors and coefficients, returns the log expected **population-scale** flow of
-    every observed pair, a tensor of shape ``(pair,)``), then
-    ``self._add_likelihood(data, eta, pairs)``. A fusion model calls
-    ``_add_latent`` of a gravity or radiation model inside its own model context
-    and adds its own observation models.
-``_latent_nodes()``
-    Node names the latent part registers (used for prior checks and summaries).
-``_prediction_params(posterior, data, *, rng)``
-    Posterior draws as numpy arrays with a leading ``sample`` axis (chain and draw
-    stacked), with per-unit quantities (e.g. the country effect of every unit of
-    ``data``, drawn from ``N(0, sigma_country)`` for countries never observed).
-``_log_rate_from_params(params, features, origin_idx, dest_idx, pair_values)``
-    Pure numpy: ``(sample, pair)`` log expected population-scale flows.
-``_log_rate_draws(posterior, data, origin_idx, dest_idx)``
-    Convenience wrapper of the two above, used by fusion and tests;
-    :mod:`flowmodel.predict` uses the two-step form to stream origin blocks.
-``_pair_block(data, start, stop)`` / ``_sparse_pair_block(data, start, stop)``
-    Pair variables of a block of origins x every destination (dense) or of a
-    block of pairs (sparse ``pair`` dim), as flat numpy arrays.
+Fit-derived state (term means and sds, countries, units, cell counts) is computed
+once by :meth:`FlowModel.fit`, kept in :attr:`FlowModel.fit_meta`, written to the
+posterior file's attributes and read back by :meth:`FlowModel.load`;
+:meth:`FlowModel.build_model` has no side effects, so drawing from the prior after a
+fit leaves predictions unchanged.
 """
 
 from __future__ import annotations
@@ -34,156 +24,86 @@ import abc
 import contextlib
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pymc as pm
-import pytensor.tensor as pt
 import xarray as xr
 
 from flowmodel._version import __version__
-from flowmodel.dataset import dataset_fingerprint, flow_sources, is_sparse
+from flowmodel.dataset import dataset_fingerprint, flow_sources
 from flowmodel.exceptions import (
-    BackendNotAvailableError,
-    DiagnosticsWarning,
     ModelConfigError,
     ModelLoadError,
+    UninformedParameterWarning,
 )
-from flowmodel.models.priors import PriorSpec, create_prior, resolve_priors
+from flowmodel.models.inference import (
+    APPROXIMATE_BACKENDS,
+    BACKENDS,
+    MCMC_BACKENDS,
+    auto_backend,
+    diagnostics_messages,
+    prior_draws,
+    require_backend,
+    run_inference,
+    stack_samples,
+    thin_posterior,
+    warn_diagnostics,
+)
+from flowmodel.models.latent import Features, LatentField, LatentPairs
+from flowmodel.models.likelihoods import censored_bounds, interval_logcdf
+from flowmodel.models.observations import (
+    Build,
+    Cells,
+    ConstrainedFlows,
+    ExpectedFlows,
+    ObservationModel,
+    ObservedPairs,
+    PriorFactory,
+    read_cells,
+)
+from flowmodel.models.priors import DEFAULT_PRIORS, PriorSpec, resolve_priors
 
-__all__ = ["BACKENDS", "FlowModel", "ObservedPairs", "load_model"]
+__all__ = [
+    "BACKENDS",
+    "LOG_LIKELIHOOD_MAX_VALUES",
+    "UNINFORMED_RATIO",
+    "Cells",
+    "FlowModel",
+    "ObservedPairs",
+    "censored_bounds",
+    "compare",
+    "interval_logcdf",
+    "load_model",
+    "read_cells",
+    "stack_samples",
+    "thin_posterior",
+]
 
-#: Inference backends of :meth:`FlowModel.fit`.
-BACKENDS = ("auto", "pymc", "nutpie", "numpyro", "laplace", "advi", "map")
-
-_BACKEND_PACKAGES = {
-    "nutpie": ("nutpie", "pip install nutpie  (or: conda install -c conda-forge nutpie)"),
-    "numpyro": (
-        "numpyro",
-        "pip install numpyro jax  (or: conda install -c conda-forge numpyro jax)",
-    ),
-}
-
-#: Observed pairs above which ``backend="auto"`` uses the Laplace approximation.
-AUTO_LAPLACE_PAIRS = 50_000
-#: Largest draws x pairs for which :meth:`FlowModel.fit` stores the pointwise
-#: ``log_likelihood`` group (for :func:`compare` without data).
-LOG_LIKELIHOOD_MAX_VALUES = 20_000_000
-#: Observed pairs above which ``backend="auto"`` prefers numpyro to nutpie.
-AUTO_NUMPYRO_PAIRS = 10_000
+#: Largest draws x cells for which :meth:`FlowModel.fit` stores the pointwise
+#: log-likelihood (float32, about 20 MB); above it the file holds the LOO results
+#: (``elpd_i``, ``pareto_k`` per cell) instead.
+LOG_LIKELIHOOD_MAX_VALUES = 5_000_000
+#: A parameter whose posterior sd exceeds this share of its prior sd is "not informed".
+UNINFORMED_RATIO = 0.9
+#: Parameters checked for being informed (other nodes are hierarchical offsets).
+_CHECKED_NODES = (
+    "intercept",
+    "beta",
+    "sigma_country",
+    "tau",
+    "radiation_exponent",
+    "period_scale",
+    "sigma_market_share",
+)
 
 _MODEL_REGISTRY: dict[str, type[FlowModel]] = {}
-
-
-def censored_bounds(
-    upper: np.ndarray, lower: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Integer censoring bounds: ``upper`` floored, ``lower`` ceiled (None or NaN: 0)."""
-    upper = np.floor(np.asarray(upper, dtype=float))
-    if lower is None:
-        return upper, np.zeros_like(upper)
-    return upper, np.ceil(np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0))
-
-
-def interval_logcdf(make_dist: Any, upper: np.ndarray, lower: np.ndarray) -> Any:
-    """``log P(lower <= y <= upper)`` per cell with :func:`pymc.logcdf` (a PyTensor expression).
-
-    ``make_dist(idx)`` returns the count distribution of every cell (``idx``
-    None) or of the cells ``idx``. Only cells with ``lower > 0`` get the
-    difference ``log(F(upper) - F(lower - 1))``, so the others keep the plain
-    CDF and its gradient (no NaN from a difference of equal terms).
-    """
-    log_hi = pm.logcdf(make_dist(None), upper)
-    idx = np.flatnonzero(lower > 0)
-    if not idx.size:
-        return log_hi
-    log_lo = pm.logcdf(make_dist(idx), lower[idx] - 1)
-    return pt.set_subtensor(log_hi[idx], pm.math.logdiffexp(log_hi[idx], log_lo))
-
-
-def _like(
-    var: xr.DataArray | None, dims: tuple[str, ...], like: np.ndarray, fill: float
-) -> np.ndarray:
-    """``var`` as a float array shaped like ``like`` (dims ``dims``), or ``fill`` when absent."""
-    if var is None:
-        return np.full_like(like, fill)
-    return np.asarray(var.transpose(*dims).values, dtype=float).reshape(like.shape)
-
-
-@dataclass
-class ObservedPairs:
-    """Observed pairs of one flow source, as flat arrays (dim ``pair``).
-
-    Attributes
-    ----------
-    origin_idx, dest_idx
-        Integer positions into ``data.unit`` of each pair's origin and destination.
-    y
-        Observed count (float; NaN where the cell is censored).
-    exposure
-        Multiplier of the expected count (census sample fraction, ...), 1 when absent.
-    upper
-        Censoring bound (``flow_<source>_max``) where the cell is censored, else NaN.
-    period_idx
-        Position into ``data.period`` for period-resolved sources, else None.
-    lower
-        Lower censoring bound (``flow_<source>_min``; 0 when absent): a censored
-        cell holds a count in ``lower..upper``.
-    """
-
-    origin_idx: np.ndarray
-    dest_idx: np.ndarray
-    y: np.ndarray
-    exposure: np.ndarray
-    upper: np.ndarray
-    period_idx: np.ndarray | None = None
-    source: str = ""
-    lower: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.lower is None:
-            self.lower = np.zeros(len(self.origin_idx))
-        self.lower = np.nan_to_num(np.asarray(self.lower, dtype=float), nan=0.0)
-
-    @property
-    def n(self) -> int:
-        """Number of pairs."""
-        return len(self.origin_idx)
-
-    @property
-    def observed(self) -> np.ndarray:
-        """Mask of pairs with an exact (not censored) count."""
-        return ~np.isnan(self.y)
-
-    def subset(self, mask: np.ndarray) -> ObservedPairs:
-        """Return the pairs where ``mask`` is True."""
-        return ObservedPairs(
-            self.origin_idx[mask],
-            self.dest_idx[mask],
-            self.y[mask],
-            self.exposure[mask],
-            self.upper[mask],
-            None if self.period_idx is None else self.period_idx[mask],
-            self.source,
-            self.lower[mask],
-        )
-
-
-@dataclass
-class Features:
-    """Unit-level inputs of a model for one dataset (numpy, dim ``unit`` first)."""
-
-    unit: np.ndarray
-    country: np.ndarray
-    unit_values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _json_default(obj: Any) -> Any:
@@ -205,20 +125,20 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 class FlowModel(abc.ABC):
-    """Abstract base of every flow model (gravity, radiation, fusion).
+    """Abstract base of every flow model (see the module docstring).
 
     Parameters
     ----------
     priors
-        ``node name -> prior`` overrides (DESIGN §4.0 names; see
-        :mod:`flowmodel.models.priors`). User priors win over data-derived ones,
-        which win over defaults; a key naming no parameter warns.
+        ``node name -> prior`` overrides (see :mod:`flowmodel.models.priors`). User
+        priors win over data-derived ones, which win over defaults; a key naming
+        no parameter warns.
     sampler_config
         Defaults of :meth:`fit` keyword arguments (``draws``, ``tune``,
         ``chains``, ``target_accept``, ...), merged over
         :attr:`default_sampler_config`.
     **model_config
-        Keyword-only structural options of the subclass, merged over
+        Keyword-only structural options of the preset, merged over
         :attr:`default_model_config` and stored in :attr:`model_config`.
 
     Notes
@@ -227,7 +147,7 @@ class FlowModel(abc.ABC):
     :class:`xarray.DataTree` in :attr:`idata`.
     """
 
-    #: Structural options and their defaults; subclasses extend it.
+    #: Structural options and their defaults; presets extend it.
     default_model_config: ClassVar[dict[str, Any]] = {"source": None}
     #: Defaults of the sampler keyword arguments.
     default_sampler_config: ClassVar[dict[str, Any]] = {
@@ -262,9 +182,18 @@ class FlowModel(abc.ABC):
             sampler_config or {}
         )
         self._validate_config()
+        self.field: LatentField = self._latent_field()
         self.model: pm.Model | None = None
         self._idata: xr.DataTree | None = None
         self.fit_meta: dict[str, Any] = {}
+
+    def clone(self) -> FlowModel:
+        """Return a fresh, unfitted model with the same configuration, priors and sampler."""
+        return type(self)(
+            priors=copy.deepcopy(self.priors),
+            sampler_config=dict(self.sampler_config),
+            **copy.deepcopy(self.model_config),
+        )
 
     # ------------------------------------------------------------------ config
     def _validate_config(self) -> None:  # noqa: B027 - optional hook, nothing to check here
@@ -277,9 +206,31 @@ class FlowModel(abc.ABC):
                 f"{type(self).__name__}: {key}={value!r} is not valid; use one of {list(allowed)}"
             )
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ composition
+    @abc.abstractmethod
+    def _latent_field(self) -> LatentField:
+        """Return the latent field the preset's options describe (built once, in the constructor)."""
+
+    @abc.abstractmethod
+    def _observation_models(self, data: xr.Dataset) -> list[ObservationModel]:
+        """One observation model per source the preset fits on ``data``."""
+
+    def _dispersion_by_source(self) -> bool:
+        """Whether ``phi`` has a ``source`` dim (else one scalar ``phi``)."""
+        return False
+
+    def _user_priors(self) -> dict[str, PriorSpec]:
+        """Return the user's prior overrides (a fusion merges its latent preset's)."""
+        return dict(self.priors)
+
+    def _reference(self, observations: Sequence[ObservationModel]) -> str:
+        """Source whose dispersion predicts population flows, and whose rate centres priors."""
+        counts = [o for o in observations if o.uses_dispersion or o.kind in ("counts", "cdr")]
+        plain = [o.source for o in counts if o.kind == "counts"]
+        return (plain or [o.source for o in counts] or [observations[0].source])[0]
+
     def _source(self, data: xr.Dataset) -> str:
-        """Return the flow source this model fits (``model_config['source']`` or the only one)."""
+        """Return the flow source of a single-source preset (``source`` option or the only one)."""
         sources = flow_sources(data)
         source = self.model_config.get("source")
         if source is None:
@@ -296,307 +247,89 @@ class FlowModel(abc.ABC):
             )
         return source
 
-    @staticmethod
-    def _unit_positions(data: xr.Dataset, names: np.ndarray) -> np.ndarray:
-        pos = pd.Series(np.arange(data.sizes["unit"]), index=data["unit"].values.astype(str))
-        return pos.reindex(np.asarray(names).astype(str)).to_numpy().astype(int)
-
-    def _observed_pairs(self, data: xr.Dataset, source: str) -> ObservedPairs:
-        """Flat arrays of the observed (or censored) off-diagonal pairs of ``flow_<source>``.
-
-        Periods, when present, are flattened into the pair dim (``period_idx``).
-        Unit-level ``exposure_<source>`` applies to the origin unit.
-        """
-        flow = data[f"flow_{source}"]
-        upper_var = data.get(f"flow_{source}_max")
-        lower_var = data.get(f"flow_{source}_min")
-        exp_var = data.get(f"exposure_{source}")
-        if is_sparse(data):
-            dims = ("pair", *(d for d in flow.dims if d != "pair"))
-            flow_v = np.asarray(flow.transpose(*dims).values, dtype=float)
-            origin_all = self._unit_positions(data, data["origin"].values)
-            dest_all = self._unit_positions(data, data["destination"].values)
-            if flow_v.ndim == 1:
-                flow_v = flow_v[:, None]
-            upper_v = _like(upper_var, dims, flow_v, np.nan)
-            lower_v = _like(lower_var, dims, flow_v, 0.0)
-            pair_i, per = np.nonzero(~np.isnan(flow_v) | ~np.isnan(upper_v))
-            oi, dj = origin_all[pair_i], dest_all[pair_i]
-            y, up = flow_v[pair_i, per], upper_v[pair_i, per]
-            lo = lower_v[pair_i, per]
-            if exp_var is None:
-                ex = np.ones(len(oi))
-            elif exp_var.dims == ("unit",):
-                ex = np.asarray(exp_var.values, dtype=float)[oi]
-            else:
-                ev = np.asarray(exp_var.values, dtype=float)
-                ex = ev[pair_i] if ev.ndim == 1 else ev.reshape(flow_v.shape)[pair_i, per]
-            has_period = len(flow.dims) > 1
-        else:
-            dims = (
-                "origin",
-                "destination",
-                *(d for d in flow.dims if d not in ("origin", "destination")),
-            )
-            flow_v = np.asarray(flow.transpose(*dims).values, dtype=float)
-            if flow_v.ndim == 2:
-                flow_v = flow_v[..., None]
-            upper_v = _like(upper_var, dims, flow_v, np.nan)
-            lower_v = _like(lower_var, dims, flow_v, 0.0)
-            o_pos = self._unit_positions(data, data["origin"].values)
-            d_pos = self._unit_positions(data, data["destination"].values)
-            mask = ~np.isnan(flow_v) | ~np.isnan(upper_v)
-            mask &= (o_pos[:, None] != d_pos[None, :])[..., None]
-            a, b, per = np.nonzero(mask)
-            oi, dj = o_pos[a], d_pos[b]
-            y, up = flow_v[a, b, per], upper_v[a, b, per]
-            lo = lower_v[a, b, per]
-            if exp_var is None:
-                ex = np.ones(len(oi))
-            elif exp_var.dims == ("unit",):
-                ex = np.asarray(exp_var.values, dtype=float)[oi]
-            else:
-                ev = np.asarray(exp_var.transpose(*dims[: exp_var.ndim]).values, dtype=float)
-                ex = ev[a, b] if ev.ndim == 2 else ev[a, b, per]
-            has_period = flow_v.shape[-1] > 1 or len(flow.dims) > 2
-        return ObservedPairs(
-            origin_idx=oi.astype(np.int64),
-            dest_idx=dj.astype(np.int64),
-            y=y,
-            exposure=np.asarray(ex, dtype=float),
-            upper=up,
-            period_idx=per.astype(np.int64) if has_period else None,
-            source=source,
-            lower=np.where(np.isnan(y), lo, 0.0),
-        )
-
-    @staticmethod
-    def unit_variable(data: xr.Dataset, name: str) -> np.ndarray:
-        """Return a unit covariate by name; ``log_<var>`` is computed from ``<var>`` when absent.
-
-        Raises
-        ------
-        ModelConfigError
-            When neither ``name`` nor (for ``log_<var>``) ``<var>`` is a unit
-            variable, listing the available ones; or when a log is taken of a
-            non-positive value.
-        """
-        if name in data and data[name].dims == ("unit",):
-            return np.asarray(data[name].values, dtype=float)
-        if name.startswith("log_"):
-            base = name.removeprefix("log_")
-            if base in data and data[base].dims == ("unit",):
-                values = np.asarray(data[base].values, dtype=float)
-                if np.any(values[np.isfinite(values)] <= 0):
-                    bad = data["unit"].values[values <= 0][:10].tolist()
-                    raise ModelConfigError(
-                        f"covariate '{name}': '{base}' has values <= 0 (units {bad}); "
-                        f"Fix: use '{base}' untransformed or add an offset variable"
-                    )
-                return np.log(values)
-        available = sorted(
-            str(n)
-            for n, v in data.data_vars.items()
-            if v.dims == ("unit",) and v.dtype.kind in "fiub"
-        )
-        raise ModelConfigError(
-            f"covariate '{name}' is not a unit variable of the dataset; available: {available} "
-            "(any of them may also be asked for as log_<var>)"
-        )
-
-    # ------------------------------------------------------------------ hooks
-    @abc.abstractmethod
-    def _latent_nodes(self, data: xr.Dataset | None = None) -> list[str]:
-        """Names of the nodes the latent part registers (for priors)."""
-
-    def _likelihood_nodes(self) -> list[str]:
-        """Names of the nodes the likelihood registers (for priors)."""
-        return []
-
-    def _data_priors(self, data: xr.Dataset, pairs: ObservedPairs) -> dict[str, PriorSpec]:
-        """Data-derived priors (between defaults and user priors)."""
-        return {}
-
-    def _resolved_priors(self, data: xr.Dataset, pairs: ObservedPairs) -> dict[str, PriorSpec]:
-        known = self._latent_nodes(data) + self._likelihood_nodes()
-        return resolve_priors(known, data_derived=self._data_priors(data, pairs), user=self.priors)
-
-    def _prior(self, name: str, dims: str | tuple[str, ...] | None = None):
-        """Create node ``name`` from the resolved priors (inside build_model)."""
-        return create_prior(name, self._priors_in_use[name], dims=dims)
-
-    def _add_latent(self, data: xr.Dataset, pairs: ObservedPairs):
-        """Register the latent parameters; return the ``(pair,)`` log-rate tensor.
-
-        Used by :meth:`build_model`; a model that overrides ``build_model`` (the
-        FusionModel delegates to its latent model's hook instead) need not define it.
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} uses FlowModel.build_model, so it must define _add_latent"
-        )
-
-    def _add_likelihood(self, data: xr.Dataset, eta, pairs: ObservedPairs) -> None:
-        """Register the likelihood of ``pairs`` given the log rates ``eta`` (see _add_latent)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} uses FlowModel.build_model, so it must define _add_likelihood"
-        )
-
-    @abc.abstractmethod
-    def _prediction_params(
-        self, posterior: xr.Dataset, data: xr.Dataset, *, rng: np.random.Generator
-    ) -> dict[str, Any]:
-        """Posterior draws as numpy arrays with a leading sample axis (see module doc)."""
-
-    def _features(self, data: xr.Dataset) -> Features:
-        """Unit-level inputs of the model for ``data`` (numpy)."""
-        return Features(
-            unit=np.asarray(data["unit"].values).astype(str),
-            country=np.asarray(data["country"].values).astype(str),
-        )
-
-    def _pair_names(self) -> list[str]:
-        """Names of the pair variables the log rate needs."""
-        return ["distance_km"]
-
-    def _pair_values(
-        self, data: xr.Dataset, origin_idx: np.ndarray, dest_idx: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Pair variables at ``(origin_idx, dest_idx)`` (positions into ``data.unit``)."""
-        out = {}
-        for name in self._pair_names():
-            out[name] = pair_values(data, name, origin_idx, dest_idx)
-        return out
-
-    def _pair_block(self, data: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Pair variables for origins ``start:stop`` x every destination, flattened (row-major).
-
-        ``data`` is dense with origin/destination in ``unit`` order. Used by
-        :mod:`flowmodel.predict` to stream origin blocks.
-        """
-        n = data.sizes["unit"]
-        out = {}
-        for name in self._pair_names():
-            if name not in data:
-                out[name] = np.full((stop - start) * n, np.nan)
-                continue
-            var = data[name].transpose("origin", "destination").isel(origin=slice(start, stop))
-            out[name] = np.asarray(var.values, dtype=float).ravel()
-        return out
-
-    def _sparse_pair_block(self, data: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Pair variables of pairs ``start:stop`` of a sparse ``data`` (dim ``pair``).
-
-        Used by :mod:`flowmodel.predict` to stream blocks of a sparse pair set.
-        Every variable of :meth:`_pair_names` must be in ``data`` over ``pair``
-        (pair variables cannot be computed for a few pairs from the sparse set
-        alone, e.g. the intervening population s_ij).
-
-        Raises
-        ------
-        ModelConfigError
-            When a pair variable the model needs is missing or not over ``pair``.
-        """
-        out = {}
-        for name in self._pair_names():
-            if name not in data or data[name].dims != ("pair",):
-                have = "absent" if name not in data else f"over {data[name].dims}"
-                raise ModelConfigError(
-                    f"{type(self).__name__}: predicting a sparse pair set needs the pair "
-                    f"variable '{name}' over ('pair',), but it is {have}. Fix: add it to the "
-                    "dense dataset (e.g. flowmodel.pairs.intervening_population) before "
-                    "flowmodel.pairs.sparse_pairs, which gathers every dense pair variable"
-                )
-            out[name] = np.asarray(data[name].isel(pair=slice(start, stop)).values, dtype=float)
-        return out
-
-    @abc.abstractmethod
-    def _log_rate_from_params(
-        self,
-        params: Mapping[str, Any],
-        features: Features,
-        origin_idx: np.ndarray,
-        dest_idx: np.ndarray,
-        pair_vals: Mapping[str, np.ndarray],
-    ) -> np.ndarray:
-        """``(sample, pair)`` log expected population-scale flows (pure numpy)."""
-
-    def _log_rate_draws(
-        self,
-        posterior: xr.Dataset,
-        data: xr.Dataset,
-        origin_idx: np.ndarray,
-        dest_idx: np.ndarray,
-        *,
-        seed: int = 0,
-    ) -> np.ndarray:
-        """``(sample, pair)`` log expected flows for pairs of ``data`` (positions into ``unit``)."""
-        params = self._prediction_params(posterior, data, rng=np.random.default_rng(seed))
-        feats = self._features(data)
-        origin_idx = np.asarray(origin_idx)
-        dest_idx = np.asarray(dest_idx)
-        return self._log_rate_from_params(
-            params, feats, origin_idx, dest_idx, self._pair_values(data, origin_idx, dest_idx)
-        )
-
     # ------------------------------------------------------------------ build
+    def _build(self, data: xr.Dataset) -> tuple[pm.Model, dict[str, Any], dict[str, Any]]:
+        """Build the PyMC model of ``data``: (model, fit state, resolved priors); no side effects."""
+        observations = self._observation_models(data)
+        cells = {o.source: o.cells(data) for o in observations}
+        empty = [s for s, c in cells.items() if c.n == 0]
+        if empty:
+            raise ModelConfigError(
+                f"{type(self).__name__}: source(s) {empty} have no observed or censored "
+                "off-diagonal cell. Fix: drop them from the sources or check the flow tables"
+            )
+        n_units = int(data.sizes["unit"])
+        needed = [o.latent_pairs(data, cells[o.source]) for o in observations]
+        keys = np.unique(np.concatenate([oi * n_units + dj for oi, dj in needed]))
+        union = LatentPairs((keys // n_units).astype(np.int64), (keys % n_units).astype(np.int64))
+        dispersed = [o.source for o in observations if o.uses_dispersion]
+        known = self.field.nodes(data) + (["phi"] if dispersed else [])
+        defaults: dict[str, Any] = dict(DEFAULT_PRIORS)
+        for o in observations:
+            known += [n for n in o.nodes(data) if n not in known]
+            defaults.update(o.default_priors())
+        reference = self._reference(observations)
+        priors = resolve_priors(
+            known,
+            data_derived=self.field.data_priors(data, cells[reference]),
+            user=self._user_priors(),
+            defaults=defaults,
+        )
+        latent_state = self.field.fit_state(data, union)
+        by_source = self._dispersion_by_source()
+        coords: dict[str, Any] = {"pair": np.arange(union.n)}
+        if by_source and dispersed:
+            coords["source"] = dispersed
+        with pm.Model(coords=coords) as model:
+            factory = PriorFactory(priors)
+            term = self.field.add(data, union, latent_state, factory)
+            phi = None
+            if dispersed:
+                phi = factory("phi", dims="source" if by_source else None)
+            build = Build(data, term, union.origin_idx, union.dest_idx, factory)
+            for o in observations:
+                if phi is not None and o.uses_dispersion:
+                    build.phi = phi[dispersed.index(o.source)] if by_source else phi
+                else:
+                    build.phi = None
+                o.add(build, cells[o.source])
+        state = {
+            "sources": [o.source for o in observations],
+            "kinds": {o.source: o.kind for o in observations},
+            "source_options": {o.source: o.options for o in observations},
+            "reference_source": reference,
+            "n_pairs": int(union.n),
+            "n_cells": {s: int(c.n) for s, c in cells.items()},
+            "n_censored": {s: int(c.censored.sum()) for s, c in cells.items()},
+            "observations": {o.source: o.state(data, cells[o.source]) for o in observations},
+            "latent": latent_state,
+        }
+        if len(observations) == 1:
+            state["source"] = observations[0].source
+        return model, state, priors
+
     def build_model(self, data: xr.Dataset) -> pm.Model:
-        """Build (and store in :attr:`model`) the PyMC model of ``data``.
+        """Build the PyMC model of ``data`` (no side effects on the model object).
 
         Parameters
         ----------
         data
-            A FlowDataset (DESIGN §3).
+            A FlowDataset (see ``docs/architecture.md``).
 
         Returns
         -------
         pymc.Model
+            Coordinates ``pair`` (the latent pairs any source needs), ``term``,
+            ``country``, ``source`` (per-source dispersion), ... Each source adds
+            the Potentials ``y_<source>`` (exact cells) and ``y_<source>_censored``.
         """
-        source = self._source(data)
-        pairs = self._observed_pairs(data, source)
-        if pairs.n == 0:
-            raise ModelConfigError(
-                f"{type(self).__name__}: 'flow_{source}' has no observed off-diagonal pair; "
-                "Fix: check the flow table or the source name"
-            )
-        self._priors_in_use = self._resolved_priors(data, pairs)
-        self.fit_meta = {"source": source, "n_pairs": int(pairs.n)}
-        with pm.Model(coords={"pair": np.arange(pairs.n)}) as model:
-            eta = self._add_latent(data, pairs)
-            self._add_likelihood(data, eta, pairs)
-        self.model = model
-        self._fit_pairs = pairs
-        return model
+        return self._build(data)[0]
+
+    def resolved_priors(self, data: xr.Dataset) -> dict[str, PriorSpec]:
+        """Return the priors a fit to ``data`` uses: user > data-derived > default, per node."""
+        return self._build(data)[2]
 
     # ------------------------------------------------------------------ fit
-    def _auto_backend(self, n_pairs: int) -> str:
-        """Backend for ``backend="auto"`` (measured in ``benchmarks/inference.py``).
-
-        Laplace above :data:`AUTO_LAPLACE_PAIRS` observed pairs; numpyro above
-        :data:`AUTO_NUMPYRO_PAIRS` (13x nutpie's wall time at 160k pairs); else
-        nutpie; pymc when neither is installed.
-        """
-        if n_pairs > AUTO_LAPLACE_PAIRS:
-            return "laplace"
-        if n_pairs > AUTO_NUMPYRO_PAIRS and importlib.util.find_spec("numpyro"):
-            return "numpyro"
-        if importlib.util.find_spec("nutpie"):
-            return "nutpie"
-        return "pymc"
-
-    @staticmethod
-    def _require_backend(backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ModelConfigError(
-                f"backend={backend!r} is not valid; use one of {list(BACKENDS)}"
-            )
-        if backend in _BACKEND_PACKAGES:
-            module, fix = _BACKEND_PACKAGES[backend]
-            if importlib.util.find_spec(module) is None:
-                raise BackendNotAvailableError(
-                    f"backend '{backend}' needs the package '{module}', which is not installed. "
-                    f"Fix: {fix}; or pass backend='pymc'"
-                )
-
     def fit(
         self,
         data: xr.Dataset,
@@ -611,20 +344,19 @@ class FlowModel(abc.ABC):
         Parameters
         ----------
         data
-            A FlowDataset with ``flow_<source>``.
+            A FlowDataset holding every source the model fits.
         backend
             ``"pymc"`` / ``"nutpie"`` / ``"numpyro"`` (NUTS), ``"laplace"``
-            (Gaussian at the MAP in the unconstrained space: L-BFGS, Newton polish,
-            finite-difference Hessian of the compiled gradient; pass
-            ``engine="pymc-extras"`` for :func:`pymc_extras.fit_laplace`),
-            ``"advi"`` (mean-field ADVI started at the MAP; ``n=`` iterations),
-            ``"map"`` (a single posterior "draw" at the MAP) or ``"auto"``
-            (Laplace above :data:`AUTO_LAPLACE_PAIRS` observed pairs, numpyro above
-            :data:`AUTO_NUMPYRO_PAIRS`, else nutpie, else pymc).
+            (Gaussian at the mode in the unconstrained space; ``engine="pymc-extras"``
+            for :func:`pymc_extras.fit_laplace`), ``"advi"`` (mean-field ADVI started
+            at the MAP; ``n=`` iterations), ``"map"`` (one "draw" at the mode) or
+            ``"auto"`` (see :func:`flowmodel.models.inference.auto_backend`).
+            Laplace, ADVI and MAP are approximations and labelled so.
         random_seed
             Seed of every random draw.
         progressbar
-            Show progress bars (default: False).
+            Show the sampler's progress bar; default: when the terminal or notebook
+            is interactive.
         **sample_kwargs
             Passed to the backend (``draws``, ``tune``, ``chains``, ...) over
             :attr:`sampler_config`.
@@ -632,39 +364,106 @@ class FlowModel(abc.ABC):
         Returns
         -------
         xarray.DataTree
-            ``posterior`` (dims ``chain``, ``draw``; ``beta`` over ``term`` on the
-            standardised scale, ``beta_raw``/``intercept_raw`` on the raw scale),
-            ``sample_stats`` for NUTS, and attrs recording model, config and data.
+            ``posterior`` (dims ``chain``, ``draw``), ``prior`` (500 prior draws of
+            every parameter), ``sample_stats`` for NUTS, the pointwise
+            ``log_likelihood`` (float32, dim ``cell`` with ``source``, ``origin``,
+            ``destination`` coordinates) or, above :data:`LOG_LIKELIHOOD_MAX_VALUES`,
+            the ``loo`` results; attrs recording model, config, fit state and data.
 
         Raises
         ------
         BackendNotAvailableError
             When the backend's package is not installed.
+        FitFailedError
+            When the fit produced no usable posterior (non-finite draws; for
+            Laplace no proper mode).
         """
-        self._require_backend(backend)
-        model = self.build_model(data)
+        require_backend(backend)
+        model, state, priors = self._build(data)
+        n_cells = sum(state["n_cells"].values())
         if backend == "auto":
-            backend = self._auto_backend(self._fit_pairs.n)
-            self._require_backend(backend)
+            backend = auto_backend(n_cells)
+            require_backend(backend)
         kwargs = self.sampler_config | sample_kwargs
-        progressbar = bool(progressbar) if progressbar is not None else False
-        idata = _run_backend(model, backend, kwargs, random_seed, progressbar)
-        idata["prior"] = xr.DataTree(prior_draws(model, random_seed=random_seed))
-        self.fit_meta.update(backend=backend, random_seed=random_seed)
-        self._finalise_idata(idata, data)
-        self._idata = idata
-        n_samples = idata["posterior"].sizes.get("chain", 1) * idata["posterior"].sizes.get(
-            "draw", 1
+        if progressbar is None:
+            progressbar = _interactive()
+        idata = run_inference(
+            model, backend, kwargs, random_seed=random_seed, progressbar=bool(progressbar)
         )
-        n_pairs = getattr(getattr(self, "_fit_pairs", None), "n", LOG_LIKELIHOOD_MAX_VALUES + 1)
-        if n_samples * n_pairs <= LOG_LIKELIHOOD_MAX_VALUES:
-            with contextlib.suppress(NotImplementedError, ModelConfigError):
-                tree = self.log_likelihood(data)
-                idata["log_likelihood"] = tree["log_likelihood"]
-                idata["observed_data"] = tree["observed_data"]
-        if backend in ("pymc", "nutpie", "numpyro"):
-            self._check_diagnostics()
+        idata["prior"] = xr.DataTree(prior_draws(model, random_seed=random_seed))
+        self.model = model
+        self.fit_meta = state | {
+            "backend": backend,
+            "random_seed": random_seed,
+            "approximate": backend in APPROXIMATE_BACKENDS,
+            "priors": json.loads(json.dumps(priors, default=_json_default)),
+        }
+        self._idata = idata
+        self._store_log_likelihood(data)
+        msgs: list[str] = []
+        if backend in MCMC_BACKENDS:
+            msgs = diagnostics_messages(idata, self._summary_vars())
+            warn_diagnostics(type(self).__name__, msgs)
+        self.fit_meta["diagnostics"] = msgs
+        self.fit_meta["uninformed"] = self._check_informed()
+        self._finalise_idata(idata, data)
         return idata
+
+    def _store_log_likelihood(self, data: xr.Dataset) -> None:
+        """Store the pointwise log-likelihood (float32), or its LOO summary when too large."""
+        idata = self._idata
+        post = idata["posterior"]
+        n_samples = post.sizes.get("chain", 1) * post.sizes.get("draw", 1)
+        n_cells = sum(self.fit_meta.get("n_cells", {}).values())
+        if n_samples < 2:
+            return
+        try:
+            tree = self.log_likelihood(data)
+        except (NotImplementedError, ModelConfigError):
+            return
+        if n_samples * n_cells <= LOG_LIKELIHOOD_MAX_VALUES:
+            idata["log_likelihood"] = tree["log_likelihood"]
+            idata["observed_data"] = tree["observed_data"]
+            return
+        loo = pointwise_loo(tree)
+        if loo is not None:
+            idata["loo"] = xr.DataTree(loo)
+
+    def _check_informed(self) -> list[dict[str, Any]]:
+        """Warn for every parameter whose posterior sd is above :data:`UNINFORMED_RATIO` of its prior's."""
+        idata = self._idata
+        if "prior" not in idata.children:
+            return []
+        post = idata["posterior"].to_dataset()
+        prior = idata["prior"].to_dataset()
+        if post.sizes.get("chain", 1) * post.sizes.get("draw", 1) < 20:
+            return []
+        out = []
+        for name in _CHECKED_NODES:
+            if name not in post or name not in prior:
+                continue
+            p_sd = _element_sd(post[name])
+            q_sd = _element_sd(prior[name])
+            for label, ps in p_sd.items():
+                qs = q_sd.get(label)
+                if qs is None or not np.isfinite(qs) or qs <= 0:
+                    continue
+                if ps > UNINFORMED_RATIO * qs:
+                    out.append({"parameter": label, "posterior_sd": ps, "prior_sd": qs})
+        if out:
+            names = ", ".join(o["parameter"] for o in out)
+            warnings.warn(
+                f"{type(self).__name__}: {names} "
+                f"{'is' if len(out) == 1 else 'are'} not informed by the data (posterior sd "
+                f"above {UNINFORMED_RATIO:.0%} of the prior's): "
+                f"{'its' if len(out) == 1 else 'their'} intervals are the prior's, and so are "
+                "those of every prediction that depends on them. Fix: add a source that "
+                "observes them (e.g. cross-border cells, country-pair estimates) or state an "
+                "informative prior",
+                UninformedParameterWarning,
+                stacklevel=3,
+            )
+        return out
 
     def _finalise_idata(self, idata: xr.DataTree, data: xr.Dataset) -> None:
         attrs = {
@@ -682,6 +481,11 @@ class FlowModel(abc.ABC):
             "flowmodel_fit_meta": json.dumps(self.fit_meta, sort_keys=True, default=_json_default),
         }
         idata.attrs.update(attrs)
+        post = idata["posterior"]
+        post.attrs.update(
+            flowmodel_backend=self.fit_meta.get("backend", ""),
+            approximate=int(bool(self.fit_meta.get("approximate"))),
+        )
 
     @property
     def idata(self) -> xr.DataTree:
@@ -699,45 +503,13 @@ class FlowModel(abc.ABC):
         """The ``posterior`` group as an :class:`xarray.Dataset` (chain, draw, ...)."""
         return self.idata["posterior"].to_dataset()
 
-    # ------------------------------------------------------------------ diagnostics
-    def _check_diagnostics(self) -> None:
-        import arviz as az
-
-        idata = self.idata
-        post = idata["posterior"].to_dataset()
-        names = [v for v in self._summary_vars() if v in post]
-        n_chains = post.sizes.get("chain", 1)
-        msgs = []
-        if "sample_stats" in idata.children and "diverging" in idata["sample_stats"]:
-            n_div = int(idata["sample_stats"]["diverging"].values.sum())
-            if n_div:
-                msgs.append(
-                    f"{n_div} divergent transition(s) (raise target_accept or reparametrise)"
-                )
-        if n_chains > 1 and names:
-            rhat = az.rhat(post[names])
-            worst = max(float(np.nanmax(rhat[v].values)) for v in names)
-            if worst > 1.01:
-                msgs.append(f"R-hat up to {worst:.3f} > 1.01 (run more tune/draws)")
-        if names:
-            ess = az.ess(post[names])
-            low = min(float(np.nanmin(ess[v].values)) for v in names)
-            if low < 100 * n_chains:
-                msgs.append(
-                    f"bulk ESS as low as {low:.0f} < {100 * n_chains} (100 per chain; draw more)"
-                )
-        if msgs:
-            warnings.warn(
-                f"{type(self).__name__} sampling diagnostics: " + "; ".join(msgs),
-                DiagnosticsWarning,
-                stacklevel=3,
-            )
-
+    # ------------------------------------------------------------------ summaries
     def _summary_vars(self) -> list[str]:
-        return ["intercept", "beta", "sigma_country", "phi", "tau", "radiation_exponent"]
+        names = [*self.field.summary_vars(), "phi"]
+        return list(dict.fromkeys(names))
 
     def summary(self, *, ci_prob: float = 0.94) -> pd.DataFrame:
-        """Posterior summary with R-hat, ESS, divergences and raw-scale coefficients.
+        """Posterior summary (:func:`arviz.summary`) with raw-scale coefficients.
 
         Parameters
         ----------
@@ -749,9 +521,11 @@ class FlowModel(abc.ABC):
         -------
         pandas.DataFrame
             One row per scalar parameter (``beta[origin:log_population]``, ...,
-            and ``beta_raw[...]``/``intercept_raw`` on the raw covariate scale)
-            with ``mean``, ``sd``, ``eti_lo``, ``eti_hi``, ``ess_bulk``,
-            ``ess_tail``, ``r_hat``; ``attrs['divergences']`` holds the count.
+            ``beta_raw[...]``/``intercept_raw`` on the raw covariate scale) with
+            ``mean``, ``sd``, ``eti_lo``, ``eti_hi``, ``ess_bulk``, ``ess_tail``,
+            ``r_hat`` (NaN for approximate backends: Laplace, ADVI and MAP draws
+            are independent, so R-hat and ESS would look like converged MCMC);
+            ``attrs``: ``divergences``, ``ci_prob``, ``backend``, ``approximate``.
         """
         import arviz as az
 
@@ -761,52 +535,110 @@ class FlowModel(abc.ABC):
             for v in [*self._summary_vars(), "intercept_raw", "beta_raw", "country_effect"]
             if v in post
         ]
-        rows = []
-        n_chain = post.sizes.get("chain", 1)
-        n_draw = post.sizes.get("draw", 1)
-        ess_b = az.ess(post[names]) if n_chain * n_draw > 3 else None
-        ess_t = az.ess(post[names], method="tail") if n_chain * n_draw > 3 else None
-        rhat = az.rhat(post[names]) if n_chain > 1 and n_draw > 3 else None
-        lo_q, hi_q = (1 - ci_prob) / 2, 1 - (1 - ci_prob) / 2
-        for name in names:
-            var = post[name]
-            extra = [d for d in var.dims if d not in ("chain", "draw")]
-            stacked = var.stack(sample=("chain", "draw"))
-            if extra:
-                flat = stacked.stack(_idx=extra).transpose("_idx", "sample")
-                labels = [
-                    f"{name}[{','.join(str(x) for x in (i if isinstance(i, tuple) else (i,)))}]"
-                    for i in flat["_idx"].values
-                ]
-                values = flat.values
-                ind = [
-                    dict(zip(extra, (i if isinstance(i, tuple) else (i,)), strict=True))
-                    for i in flat["_idx"].values
-                ]
-            else:
-                labels, values, ind = [name], stacked.values[None, :], [{}]
-            for label, vals, sel in zip(labels, values, ind, strict=True):
-                row = {
-                    "mean": float(np.mean(vals)),
-                    "sd": float(np.std(vals, ddof=1)) if vals.size > 1 else 0.0,
-                    "eti_lo": float(np.quantile(vals, lo_q)),
-                    "eti_hi": float(np.quantile(vals, hi_q)),
-                    "ess_bulk": float(ess_b[name].sel(sel).values)
-                    if ess_b is not None
-                    else np.nan,
-                    "ess_tail": float(ess_t[name].sel(sel).values)
-                    if ess_t is not None
-                    else np.nan,
-                    "r_hat": float(rhat[name].sel(sel).values) if rhat is not None else np.nan,
-                }
-                rows.append(pd.Series(row, name=label))
-        out = pd.DataFrame(rows)
+        approximate = bool(self.fit_meta.get("approximate"))
+        n = post.sizes.get("chain", 1) * post.sizes.get("draw", 1)
+        tree = xr.DataTree.from_dict({"posterior": post[names]})
+        kind = "stats" if (approximate or n < 4) else "all"
+        table = az.summary(
+            tree, var_names=names, ci_prob=ci_prob, ci_kind="eti", kind=kind, round_to="none"
+        )
+        table = pd.DataFrame(table)
+        lo = next(c for c in table.columns if str(c).endswith("_lb"))
+        hi = next(c for c in table.columns if str(c).endswith("_ub"))
+        table = table.rename(columns={lo: "eti_lo", hi: "eti_hi"})
+        for col in ("ess_bulk", "ess_tail", "r_hat"):
+            if col not in table.columns:
+                table[col] = np.nan
+        out = table[["mean", "sd", "eti_lo", "eti_hi", "ess_bulk", "ess_tail", "r_hat"]].astype(
+            float
+        )
         div = 0
         if "sample_stats" in self.idata.children and "diverging" in self.idata["sample_stats"]:
             div = int(self.idata["sample_stats"]["diverging"].values.sum())
-        out.attrs["divergences"] = div
-        out.attrs["ci_prob"] = ci_prob
+        out.attrs.update(
+            divergences=div,
+            ci_prob=ci_prob,
+            backend=self.fit_meta.get("backend"),
+            approximate=approximate,
+        )
         return out
+
+    # ------------------------------------------------------------------ prediction hooks
+    def _state(self) -> dict[str, Any]:
+        """Return the fitted latent state (raises before a fit)."""
+        state = self.fit_meta.get("latent")
+        if state is None:
+            raise RuntimeError(f"{type(self).__name__} has no fitted state; call .fit() first")
+        return state
+
+    def _prediction_params(
+        self, posterior: xr.Dataset, data: xr.Dataset, *, rng: np.random.Generator
+    ) -> dict[str, Any]:
+        """Posterior draws as numpy arrays with a leading ``sample`` axis (see the latent fields)."""
+        params = self.field.prediction_params(posterior, data, self._state(), rng=rng)
+        params["phi"] = None
+        if "phi" in posterior:
+            phi = posterior["phi"]
+            if "source" in phi.dims:
+                ref = self.fit_meta.get("reference_source")
+                sources = list(phi["source"].values.astype(str))
+                phi = phi.sel(source=ref if ref in sources else sources[0])
+            params["phi"] = stack_samples(phi)
+        return params
+
+    def _features(self, data: xr.Dataset) -> Features:
+        return self.field.features(data)
+
+    def _pair_values(
+        self, data: xr.Dataset, origin_idx: np.ndarray, dest_idx: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        return self.field.pair_values(data, origin_idx, dest_idx, self.fit_meta.get("latent"))
+
+    def _pair_block(self, data: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.field.pair_block(data, start, stop, self.fit_meta.get("latent"))
+
+    def _sparse_pair_block(self, data: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.field.sparse_pair_block(data, start, stop, self.fit_meta.get("latent"))
+
+    def _log_rate_from_params(
+        self,
+        params: Mapping[str, Any],
+        features: Features,
+        origin_idx: np.ndarray,
+        dest_idx: np.ndarray,
+        pair_vals: Mapping[str, np.ndarray],
+    ) -> np.ndarray:
+        """``(sample, pair)`` log expected population-scale flows (pure numpy)."""
+        return self.field.log_rate(params, features, origin_idx, dest_idx, pair_vals)
+
+    def _log_rate_draws(
+        self,
+        posterior: xr.Dataset,
+        data: xr.Dataset,
+        origin_idx: np.ndarray,
+        dest_idx: np.ndarray,
+        *,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """``(sample, pair)`` log expected flows for pairs of ``data`` (positions into ``unit``)."""
+        params = self._prediction_params(posterior, data, rng=np.random.default_rng(seed))
+        origin_idx = np.asarray(origin_idx)
+        dest_idx = np.asarray(dest_idx)
+        return self._log_rate_from_params(
+            params,
+            self._features(data),
+            origin_idx,
+            dest_idx,
+            self._pair_values(data, origin_idx, dest_idx),
+        )
+
+    def _flow_rule(self) -> ExpectedFlows:
+        """How predictions turn latent log rates into flows (constrained forms normalise)."""
+        return ExpectedFlows()
+
+    def _fitted_observations(self, data: xr.Dataset) -> list[ObservationModel]:
+        """Return the observation models of the fit, rebuilt from the fit state."""
+        return self._observation_models(data)
 
     # ------------------------------------------------------------------ predict
     def predict(
@@ -821,6 +653,7 @@ class FlowModel(abc.ABC):
         use_dask: bool | None = None,
         seed: int = 0,
         dtype: Any = np.float64,
+        progress: Any = None,
     ) -> xr.Dataset:
         """Summary of predicted flows for every (origin, destination) pair of ``data``.
 
@@ -830,39 +663,39 @@ class FlowModel(abc.ABC):
             Any FlowDataset, including units and countries never observed: dense
             (origin x destination), or sparse (one ``pair`` dim with
             ``origin``/``destination`` coords, e.g. from
-            :func:`flowmodel.pairs.sparse_pairs`), whichever form the model was
-            fitted on. Sparse prediction needs an unconstrained model and every
-            pair variable of the model over ``pair``.
+            :func:`flowmodel.pairs.sparse_pairs`). Sparse prediction needs an
+            unconstrained model and every pair variable of the model over ``pair``.
         quantiles
             Equal-tailed quantiles; variables are named ``q05``, ``q25``, ...
         kind
             ``"predictive"`` (posterior predictive counts, including the
-            negative-binomial noise; default) or ``"mean"`` (posterior of the
-            expected flow ``mu``).
+            negative-binomial noise of the reference source; default) or
+            ``"mean"`` (posterior of the expected flow ``mu``).
         exposure
             None for the population-scale flow; a source name to multiply by
             ``exposure_<source>`` (e.g. compare with sampled census counts).
         draws
-            Use this many posterior draws (thinned evenly); default all.
+            Use this many posterior draws per chain (thinned evenly); default all.
         block_size
             Origins per block, or pairs per block for a sparse ``data``
-            (default: chosen so a block holds ~64 MB).
+            (default: chosen so a block holds ~64 MB). Results do not depend on it.
         use_dask
             Stream blocks through dask (default: when N > 2,000, or more than
             2,000² sparse pairs).
         seed
-            Seed of the predictive noise (per block, so numpy == dask).
+            Seed of the predictive noise (one stream per origin row, or per chunk
+            of sparse pairs, so results do not depend on ``block_size`` or dask).
         dtype
             Float type of the draws inside a block (float32 halves memory).
+        progress
+            Show a progress bar over blocks (default: when interactive).
 
         Returns
         -------
         xarray.Dataset
             dims (origin, destination), or ``pair`` (coords ``origin``,
             ``destination``) for a sparse ``data``: ``mean`` and the quantile
-            variables; the diagonal is NaN. ``kind="mean"`` results equal the
-            dense ones gathered at the same pairs; predictive noise is seeded
-            per block, so it differs draw for draw (not in distribution).
+            variables; the diagonal is NaN.
 
         Raises
         ------
@@ -883,6 +716,7 @@ class FlowModel(abc.ABC):
             use_dask=use_dask,
             seed=seed,
             dtype=dtype,
+            progress=progress,
         )
 
     def predict_posterior(
@@ -897,19 +731,6 @@ class FlowModel(abc.ABC):
     ) -> xr.DataArray:
         """Posterior draws of flows for every pair of ``data``.
 
-        Parameters
-        ----------
-        data
-            Any FlowDataset, dense or sparse (``pair`` dim), as :meth:`predict`.
-        draws
-            Keep this many draws per chain (thinned evenly); default all.
-        kind
-            ``"mean"`` (expected flow ``mu``, default) or ``"predictive"``.
-        exposure, seed
-            As :meth:`predict`.
-        use_dask
-            Return a dask-backed array (default: when N > 2,000).
-
         Returns
         -------
         xarray.DataArray
@@ -922,92 +743,172 @@ class FlowModel(abc.ABC):
             self, data, draws=draws, kind=kind, exposure=exposure, seed=seed, use_dask=use_dask
         )
 
+    def predict_totals(self, data: xr.Dataset, **kwargs: Any) -> xr.Dataset:
+        """Totals with intervals (in/out/net per unit, per country, country pairs, movers).
+
+        See :func:`flowmodel.totals.predict_totals` for the keyword arguments.
+        """
+        from flowmodel.totals import predict_totals
+
+        return predict_totals(self, data, **kwargs)
+
+    # ------------------------------------------------------------------ predictive checks
     def sample_prior_predictive(
         self, data: xr.Dataset, *, draws: int = 500, random_seed: int | None = None
     ) -> xr.DataTree:
-        """Prior and prior-predictive draws for the observed pairs of ``data``.
+        """Prior and prior-predictive draws for the exact cells of every source of ``data``.
 
         Parameters are drawn by PyMC; counts are drawn in numpy from them with
-        the model's observation noise (the likelihood is a sufficient-statistic
-        ``Potential``, which PyMC cannot sample).
+        each source's observation noise. The model's fit (if any) is untouched.
 
         Returns
         -------
         xarray.DataTree
             Groups ``prior`` (chain, draw, ...), ``prior_predictive`` with
-            ``flow_<source>`` over (chain, draw, pair), and ``observed_data``.
+            ``flow_<source>`` over (chain, draw, ``cell_<source>``), and
+            ``observed_data``.
         """
-        model = self.build_model(data)
-        names = [v.name for v in model.free_RVs] + [v.name for v in model.deterministics]
-        with model, warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "potentials are ignored"
-            prior = pm.sample_prior_predictive(
-                draws=draws, var_names=names, random_seed=random_seed
-            )
-        prior_ds = prior["prior"].to_dataset()
-        return self._predictive_tree(prior_ds, data, random_seed, group="prior")
+        model, state, _ = self._build(data)
+        prior = prior_draws(model, draws=draws, random_seed=random_seed)
+        prior = prior.expand_dims(chain=[0]) if "chain" not in prior.dims else prior
+        return self._predictive_tree(prior, data, state, random_seed, group="prior")
 
     def sample_posterior_predictive(
         self, data: xr.Dataset, *, random_seed: int | None = None
     ) -> xr.DataTree:
-        """Posterior predictive draws of the observed pairs of ``data``.
+        """Posterior predictive draws of the exact cells of every source of ``data``.
 
         Returns
         -------
         xarray.DataTree
             ``posterior_predictive`` with ``flow_<source>`` over (chain, draw,
-            pair) and ``observed_data``; pair ``k`` is the k-th observed pair in
-            (origin, destination) order.
+            ``cell_<source>``) and ``observed_data``.
         """
-        return self._predictive_tree(self.posterior, data, random_seed, group="posterior")
+        return self._predictive_tree(
+            self.posterior, data, self.fit_meta, random_seed, group="posterior"
+        )
 
     def _predictive_tree(
-        self, draws: xr.Dataset, data: xr.Dataset, seed: int | None, *, group: str
+        self,
+        draws: xr.Dataset,
+        data: xr.Dataset,
+        state: Mapping[str, Any],
+        seed: int | None,
+        *,
+        group: str,
     ) -> xr.DataTree:
-        from flowmodel.predict import _count_noise
+        from flowmodel.predict import count_noise
 
-        if getattr(self, "constraint", "none") != "none":
+        if isinstance(self._flow_rule(), ConstrainedFlows):
             raise ModelConfigError(
-                f"constraint='{self.constraint}': predictive draws are conditional on margins; "
-                "Fix: use model.predict_posterior(data, kind='predictive')"
+                f"{type(self).__name__}: predictive draws of a constrained model are "
+                "conditional on its margins; Fix: use model.predict_posterior(data, "
+                "kind='predictive')"
             )
-        source = self.fit_meta.get("source") or self._source(data)
-        pairs = self._observed_pairs(data, source)
-        pairs = pairs.subset(pairs.observed)
         rng = np.random.default_rng(seed)
-        eta = self._log_rate_draws(draws, data, pairs.origin_idx, pairs.dest_idx, seed=seed or 0)
-        mu = np.exp(eta) * pairs.exposure[None, :]
-        phi = stack_samples(draws["phi"]) if "phi" in draws else None
-        counts = _count_noise(mu, phi, rng, np.float64)
-        shape = (draws.sizes["chain"], draws.sizes["draw"], pairs.n)
-        name = f"flow_{source}"
-        pred = xr.Dataset(
-            {name: (("chain", "draw", "pair"), counts.reshape(shape))},
-            coords={
-                "chain": draws["chain"].values,
-                "draw": draws["draw"].values,
-                "origin": ("pair", np.asarray(data["unit"].values)[pairs.origin_idx]),
-                "destination": ("pair", np.asarray(data["unit"].values)[pairs.dest_idx]),
-            },
-        )
+        params = self.field.prediction_params(draws, data, state["latent"], rng=rng)
+        feats = self._features(data)
+
+        def log_rate(oi: np.ndarray, dj: np.ndarray) -> np.ndarray:
+            return self.field.log_rate(
+                params, feats, oi, dj, self.field.pair_values(data, oi, dj, state["latent"])
+            )
+
+        pred, observed = {}, {}
+        shape = (draws.sizes["chain"], draws.sizes["draw"])
+        for obs in self._observation_models(data):
+            if obs.kind == "estimates":
+                continue
+            cells = obs.cells(data)
+            exact = np.flatnonzero(cells.observed)
+            keep = cells if cells.aggregated else cells.subset(cells.observed)
+            log_mu = obs.cell_log_mu(draws, data, keep, log_rate)
+            if cells.aggregated:
+                log_mu = log_mu[:, exact]
+            phi = obs.phi_draws(draws) if hasattr(obs, "phi_draws") else None
+            counts = count_noise(np.exp(log_mu), phi, rng, np.float64)
+            dim = f"cell_{obs.source}"
+            name = f"flow_{obs.source}"
+            pred[name] = (("chain", "draw", dim), counts.reshape(*shape, -1))
+            observed[name] = ((dim,), cells.y[exact])
         tree = xr.DataTree()
         tree[group] = xr.DataTree(draws)
-        tree[f"{group}_predictive"] = xr.DataTree(pred)
-        tree["observed_data"] = xr.DataTree(xr.Dataset({name: (("pair",), pairs.y)}))
+        tree[f"{group}_predictive"] = xr.DataTree(
+            xr.Dataset(pred, coords={"chain": draws["chain"].values, "draw": draws["draw"].values})
+        )
+        tree["observed_data"] = xr.DataTree(xr.Dataset(observed))
         return tree
 
     # ------------------------------------------------------------------ LOO
     def log_likelihood(self, data: xr.Dataset) -> xr.DataTree:
-        """Return the posterior plus a pointwise ``log_likelihood`` group over observed pairs.
+        """Posterior plus a pointwise ``log_likelihood`` group over every cell of every source.
 
-        Used by :func:`flowmodel.models.compare`; computed in numpy from the
-        posterior draws, the same way for every backend.
+        One variable ``flow`` over dim ``cell`` (float32) with coordinates
+        ``source``, ``origin`` and ``destination`` (unit ids, or the labels of
+        aggregated cells) and ``period``: a count contributes its log pmf, a
+        censored cell ``log P(min <= y <= max)``, an estimate its log-normal
+        density. CDR in/out totals are not pointwise observations and are left
+        out. Computed in numpy from the posterior draws, the same way for every
+        backend.
+
+        Raises
+        ------
+        ModelConfigError
+            For constrained models (their likelihood is per margin, not per cell).
         """
-        raise NotImplementedError(f"{type(self).__name__} has no pointwise log-likelihood")
+        posterior = self.posterior
+        state = self.fit_meta
+        params = self.field.prediction_params(
+            posterior, data, state["latent"], rng=np.random.default_rng(0)
+        )
+        feats = self._features(data)
+
+        def log_rate(oi: np.ndarray, dj: np.ndarray) -> np.ndarray:
+            return self.field.log_rate(
+                params, feats, oi, dj, self.field.pair_values(data, oi, dj, state["latent"])
+            )
+
+        blocks, ys, labels = [], [], {"source": [], "origin": [], "destination": [], "period": []}
+        periods = (
+            np.asarray(data["period"].values).astype(str) if "period" in data.coords else None
+        )
+        for obs in self._fitted_observations(data):
+            cells = obs.cells(data)
+            blocks.append(obs.pointwise(posterior, data, cells, log_rate))
+            ys.append(cells.y)
+            labels["source"].append(np.full(cells.n, obs.source))
+            labels["origin"].append(np.asarray(cells.origin_label).astype(str))
+            labels["destination"].append(np.asarray(cells.destination_label).astype(str))
+            labels["period"].append(
+                periods[cells.period_idx]
+                if cells.period_idx is not None and periods is not None
+                else np.full(cells.n, "")
+            )
+        n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
+        ll = np.concatenate(blocks, axis=1).reshape(n_chain, n_draw, -1).astype(np.float32)
+        coords = {k: ("cell", np.concatenate(v)) for k, v in labels.items()}
+        if not any(len(p) and p.any() for p in labels["period"]):
+            coords.pop("period")
+        tree = xr.DataTree()
+        tree["posterior"] = xr.DataTree(posterior)
+        tree["log_likelihood"] = xr.DataTree(
+            xr.Dataset(
+                {"flow": (("chain", "draw", "cell"), ll)},
+                coords={
+                    "chain": posterior["chain"].values,
+                    "draw": posterior["draw"].values,
+                    **coords,
+                },
+            )
+        )
+        tree["observed_data"] = xr.DataTree(
+            xr.Dataset({"flow": (("cell",), np.concatenate(ys))}, coords=coords)
+        )
+        return tree
 
     # ------------------------------------------------------------------ save/load
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the posterior file (NetCDF) with model class, version, config and data fingerprint.
+        """Write the posterior file (NetCDF) with model class, version, config and fit state.
 
         Returns
         -------
@@ -1028,8 +929,16 @@ class FlowModel(abc.ABC):
                     ds.attrs[key] = json.dumps(val, default=_json_default)
             out[name] = xr.DataTree(ds)
         path = Path(path)
+        encoding = {
+            f"/{name}": {
+                str(v): {"zlib": True, "complevel": 4}
+                for v in child.to_dataset().data_vars
+                if child.to_dataset()[v].dtype.kind in "fiu"
+            }
+            for name, child in out.children.items()
+        }
         with atomic_path(path) as tmp:
-            out.to_netcdf(tmp, engine="h5netcdf")
+            out.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
         return path
 
     @classmethod
@@ -1045,7 +954,13 @@ class FlowModel(abc.ABC):
         path = Path(path)
         if not path.exists():
             raise ModelLoadError(f"{path}: no such posterior file. Fix: check the path")
-        tree = xr.open_datatree(path, engine="h5netcdf").load()
+        try:
+            tree = xr.open_datatree(path, engine="h5netcdf").load()
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"{path}: cannot be read as a posterior file ({type(err).__name__}); it may be "
+                "truncated or not a NetCDF file. Fix: rerun the fit stage (flowmodel fit)"
+            ) from err
         attrs = tree.attrs
         name = attrs.get("flowmodel_model_class")
         if name is None:
@@ -1093,342 +1008,62 @@ def load_model(path: str | os.PathLike[str]) -> FlowModel:
     return FlowModel.load(path)
 
 
-def pair_values(
-    data: xr.Dataset, name: str, origin_idx: np.ndarray, dest_idx: np.ndarray
-) -> np.ndarray:
-    """Values of the pair variable ``name`` at unit positions ``(origin_idx, dest_idx)``.
+def _interactive() -> bool:
+    """Whether progress bars can be shown (a terminal or a notebook)."""
+    import sys
 
-    Dense datasets are indexed directly (origin/destination in ``unit`` order);
-    sparse ones are looked up by their ``pair`` index.
+    if "ipykernel" in sys.modules:
+        return True
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _element_sd(var: xr.DataArray) -> dict[str, float]:
+    """Sd over (chain, draw) of every element of ``var``, keyed ``name[label]``."""
+    extra = [d for d in var.dims if d not in ("chain", "draw")]
+    values = var.transpose(*[d for d in ("chain", "draw") if d in var.dims], *extra).values
+    values = values.reshape(-1, *values.shape[len(var.dims) - len(extra) :])
+    if not extra:
+        return {str(var.name): float(np.std(values))}
+    if len(extra) > 1:
+        return {}
+    labels = var[extra[0]].values
+    sds = np.std(values, axis=0)
+    return {f"{var.name}[{label}]": float(s) for label, s in zip(labels, sds, strict=True)}
+
+
+def pointwise_loo(tree: xr.DataTree, *, chunk: int = 20_000) -> xr.Dataset | None:
+    """PSIS-LOO per cell (``elpd_i``, ``pareto_k``) from a ``log_likelihood`` group, in chunks.
+
+    Used when the full pointwise log-likelihood is too large to keep: PSIS is
+    computed per cell, so chunks of cells give the same numbers as one call.
     """
-    var = data[name]
-    if is_sparse(data):
-        pos = FlowModel._unit_positions(data, data["origin"].values) * data.sizes["unit"] + (
-            FlowModel._unit_positions(data, data["destination"].values)
-        )
-        lookup = pd.Series(np.arange(len(pos)), index=pos)
-        where = lookup.reindex(origin_idx * data.sizes["unit"] + dest_idx).to_numpy()
-        if np.isnan(where).any():
-            raise ModelConfigError(f"'{name}': requested pairs are not in the sparse pair set")
-        return np.asarray(var.values, dtype=float)[where.astype(int)]
-    values = np.asarray(var.transpose("origin", "destination").values, dtype=float)
-    return values[origin_idx, dest_idx]
+    import arviz as az
 
-
-def _posterior_sample_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(kwargs)
-
-
-def _run_backend(
-    model: pm.Model,
-    backend: str,
-    kwargs: dict[str, Any],
-    random_seed: int | None,
-    progressbar: bool,
-) -> xr.DataTree:
-    kwargs = dict(kwargs)
-    draws = int(kwargs.pop("draws", 1000))
-    chains = int(kwargs.pop("chains", 4))
-    with model:
-        if backend in ("pymc", "nutpie", "numpyro"):
-            tune = int(kwargs.pop("tune", 1000))
-            target_accept = kwargs.pop("target_accept", None)
-            cores = kwargs.pop("cores", min(chains, os.cpu_count() or 1))
-            if backend == "pymc" and target_accept is not None:
-                kwargs["target_accept"] = target_accept
-            nuts_kwargs = dict(kwargs.pop("nuts_sampler_kwargs", {}) or {})
-            nuts_kwargs.update(kwargs.pop("nuts", {}) or {})
-            if backend == "nutpie" and target_accept is not None:
-                nuts_kwargs.setdefault("target_accept", target_accept)
-            if backend == "numpyro":
-                if target_accept is not None:
-                    nuts_kwargs.setdefault("target_accept", target_accept)
-                nuts_kwargs.setdefault("chain_method", "sequential" if cores < 2 else "parallel")
-            return pm.sample(
-                draws=draws,
-                tune=tune,
-                chains=chains,
-                cores=cores,
-                random_seed=random_seed,
-                progressbar=progressbar,
-                nuts_sampler=backend,
-                compute_convergence_checks=False,
-                **({"nuts": nuts_kwargs} if nuts_kwargs else {}),
-                **kwargs,
-            )
-        for key in ("tune", "target_accept", "cores"):
-            kwargs.pop(key, None)
-        if backend == "laplace" and kwargs.pop("engine", "flowmodel") == "flowmodel":
-            return _laplace(model, draws=draws, chains=chains, random_seed=random_seed, **kwargs)
-        if backend == "laplace":
-            if importlib.util.find_spec("pymc_extras") is None:
-                raise BackendNotAvailableError(
-                    "backend='laplace' with engine='pymc-extras' needs pymc-extras. Fix: pip "
-                    "install pymc-extras (or conda install -c conda-forge pymc-extras), or drop "
-                    "engine= to use flowmodel's own Laplace approximation"
-                )
-            import pymc_extras as pmx
-
-            idata = pmx.fit_laplace(
-                model=model,
-                draws=draws * chains,
-                random_seed=random_seed,
-                progressbar=progressbar,
-                include_transformed=False,
-                **kwargs,
-            )
-            return _reshape_chains(idata, chains)
-        if backend == "advi":
-            n_iter = int(kwargs.pop("n", 10_000))
-            start = kwargs.pop("start", None)
-            if start is None:  # start at the MAP: mean-field ADVI from the prior converges slowly
-                start = pm.find_MAP(progressbar=False, seed=random_seed)
-            start_sigma = kwargs.pop(
-                "start_sigma",
+    ll = tree["log_likelihood"].to_dataset()["flow"]
+    n = ll.sizes["cell"]
+    elpd, k = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for a in range(0, n, chunk):
+            part = ll.isel(cell=slice(a, a + chunk))
+            sub = xr.DataTree.from_dict(
                 {
-                    v.name: np.full(np.shape(start[v.name]), 0.01)
-                    for v in model.value_vars
-                    if v.name in start
-                },
+                    "posterior": tree["posterior"].to_dataset()[[]],
+                    "log_likelihood": part.to_dataset(name="flow"),
+                }
             )
-            approx = pm.fit(
-                n=n_iter,
-                method="advi",
-                start=start,
-                start_sigma=start_sigma,
-                obj_optimizer=kwargs.pop("obj_optimizer", pm.adam(learning_rate=0.01)),
-                random_seed=random_seed,
-                progressbar=progressbar,
-                **kwargs,
-            )
-            idata = approx.sample(draws * chains, random_seed=random_seed)
-            return _reshape_chains(idata, chains)
-        if backend == "map":
-            point = pm.find_MAP(progressbar=progressbar, seed=random_seed, **kwargs)
-            return _point_to_idata(model, point)
-    raise ModelConfigError(f"backend={backend!r} is not valid; use one of {list(BACKENDS)}")
-
-
-def _laplace(
-    model: pm.Model,
-    *,
-    draws: int,
-    chains: int,
-    random_seed: int | None,
-    maxiter: int = 2000,
-    step: float = 1e-4,
-) -> xr.DataTree:
-    """Laplace approximation at the MAP, in the unconstrained space.
-
-    The MAP comes from L-BFGS on the compiled log density and gradient; the
-    Hessian from central differences of the gradient (2·d gradient calls, d =
-    number of unconstrained parameters), which is far cheaper to build than a
-    symbolic Hessian. Draws ``x ~ N(mode, (-H)^{-1})`` are mapped back through
-    the transforms, and deterministics are computed per draw.
-    """
-    from pymc.blocking import DictToArrayBijection, RaveledVars
-    from scipy import optimize
-
-    rng = np.random.default_rng(random_seed)
-    start = model.initial_point(random_seed)
-    value_names = [v.name for v in model.value_vars]
-    x0 = DictToArrayBijection.map({k: start[k] for k in value_names})
-    info = x0.point_map_info
-    logp_fn = model.compile_logp(jacobian=True)
-    dlogp_fn = model.compile_dlogp(jacobian=True)
-
-    def point(x):
-        return DictToArrayBijection.rmap(RaveledVars(x, info))
-
-    def neg(x):
-        return -float(logp_fn(point(x))), -np.asarray(dlogp_fn(point(x)), dtype=float)
-
-    # the log density is O(number of pairs) while hierarchical terms are O(1): a
-    # relative-decrease stopping rule would stop before sigma_country moves
-    res = optimize.minimize(
-        neg,
-        x0.data,
-        jac=True,
-        method="L-BFGS-B",
-        options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-8, "maxcor": 30},
+            res = az.loo(sub, pointwise=True, var_name="flow")
+            elpd.append(np.asarray(res.elpd_i).ravel())
+            k.append(np.asarray(res.pareto_k).ravel())
+    coords = {c: ("cell", ll[c].values) for c in ll.coords if ll[c].dims == ("cell",)}
+    return xr.Dataset(
+        {
+            "elpd_i": ("cell", np.concatenate(elpd).astype(np.float32)),
+            "pareto_k": ("cell", np.concatenate(k).astype(np.float32)),
+        },
+        coords=coords,
+        attrs={"note": "PSIS-LOO per cell; the pointwise log-likelihood was too large to keep"},
     )
-    mode = res.x
-    d = len(mode)
-
-    def hessian(x):
-        out = np.empty((d, d))
-        for k in range(d):
-            h = step * max(1.0, abs(x[k]))
-            e = np.zeros(d)
-            e[k] = h
-            out[:, k] = (neg(x + e)[1] - neg(x - e)[1]) / (2 * h)
-        return (out + out.T) / 2
-
-    # polish with damped Newton steps (the posterior is close to quadratic)
-    f_mode, g_mode = neg(mode)
-    hess = hessian(mode)
-    n_newton = 0
-    for _ in range(20):
-        vals, vecs = np.linalg.eigh(hess)
-        if np.any(vals <= 0):
-            break
-        direction = -(vecs / vals) @ (vecs.T @ g_mode)
-        t = 1.0
-        while t > 1e-6:
-            f_new, g_new = neg(mode + t * direction)
-            if np.isfinite(f_new) and f_new <= f_mode + 1e-10 * abs(f_mode):
-                break
-            t /= 2
-        else:
-            break
-        mode, f_mode, g_mode = mode + t * direction, f_new, g_new
-        n_newton += 1
-        hess = hessian(mode)
-        if np.max(np.abs(t * direction)) < 1e-9:
-            break
-    vals, vecs = np.linalg.eigh(hess)
-    if np.any(vals <= 0) or not np.isfinite(f_mode):
-        warnings.warn(
-            "Laplace: the Hessian at the mode is not positive definite "
-            f"(smallest eigenvalue {vals.min():.3g}); the approximation is unreliable. "
-            "Fix: use a NUTS backend or stronger priors",
-            DiagnosticsWarning,
-            stacklevel=4,
-        )
-        vals = np.maximum(vals, 1e-8)
-    cov_sqrt = vecs / np.sqrt(vals)
-    z = rng.standard_normal((chains * draws, d))
-    samples = mode + z @ cov_sqrt.T
-    outs_rv = list(model.free_RVs) + list(model.deterministics)
-    outs = model.replace_rvs_by_values(outs_rv)
-    fn = model.compile_fn(outs, inputs=model.value_vars, on_unused_input="ignore", point_fn=False)
-    names = [v.name for v in outs_rv]
-    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for x in samples:
-        p = point(x)
-        for name, val in zip(names, fn(*[p[k] for k in value_names]), strict=True):
-            values[name].append(np.asarray(val))
-    data_vars = {}
-    for name in names:
-        arr = np.stack(values[name]).reshape(chains, draws, *np.shape(values[name][0]))
-        dims = tuple(model.named_vars_to_dims.get(name, ()))
-        if len(dims) != arr.ndim - 2:
-            dims = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 2))
-        data_vars[name] = (("chain", "draw", *dims), arr)
-    ds = xr.Dataset(data_vars)
-    bad = [name for name, (_, arr) in data_vars.items() if not np.all(np.isfinite(arr))]
-    if bad:
-        warnings.warn(
-            f"Laplace: non-finite posterior draws of {bad[:6]}: the mode ran off to a boundary "
-            "(e.g. a hierarchical sd at 0 or infinity), and predictions from this fit will be "
-            "NaN. Fix: noncentered=True when countries have few pairs, stronger priors, or a "
-            "NUTS backend",
-            DiagnosticsWarning,
-            stacklevel=4,
-        )
-    coords = {k: np.asarray(v) for k, v in model.coords.items() if v is not None and k in ds.dims}
-    ds = ds.assign_coords(coords | {"chain": np.arange(chains), "draw": np.arange(draws)})
-    ds.attrs.update(
-        inference_library="flowmodel.laplace",
-        laplace_converged=int(bool(res.success)),
-        laplace_n_gradient_calls=int(res.nfev + (n_newton + 1) * (2 * d + 1)),
-        laplace_newton_steps=n_newton,
-    )
-    out = xr.DataTree()
-    out["posterior"] = xr.DataTree(ds)
-    return out
-
-
-def _reshape_chains(idata: xr.DataTree, chains: int) -> xr.DataTree:
-    post = idata["posterior"].to_dataset()
-    n = post.sizes["draw"] * post.sizes["chain"]
-    per = n // chains
-    stacked = post.stack(sample=("chain", "draw")).isel(sample=slice(0, per * chains))
-    stacked = stacked.drop_vars(["sample", "chain", "draw"])
-    arrays = {}
-    for name, var in stacked.data_vars.items():
-        other = [d for d in var.dims if d != "sample"]
-        vals = var.transpose("sample", *other).values.reshape(
-            chains, per, *[var.sizes[d] for d in other]
-        )
-        arrays[name] = (("chain", "draw", *other), vals)
-    coords = {k: v for k, v in post.coords.items() if k not in ("chain", "draw")}
-    new = xr.Dataset(arrays, coords={**coords, "chain": np.arange(chains), "draw": np.arange(per)})
-    out = xr.DataTree()
-    out["posterior"] = xr.DataTree(new)
-    out.attrs.update(idata.attrs)
-    return out
-
-
-def _point_to_idata(model: pm.Model, point: Mapping[str, np.ndarray]) -> xr.DataTree:
-    data_vars = {}
-    names = {v.name for v in model.free_RVs} | {v.name for v in model.deterministics}
-    for name in names:
-        if name not in point:
-            continue
-        value = np.asarray(point[name])
-        dims = model.named_vars_to_dims.get(name, ())
-        if len(dims) != value.ndim:
-            dims = tuple(f"{name}_dim_{i}" for i in range(value.ndim))
-        data_vars[name] = (("chain", "draw", *dims), value[None, None, ...])
-    coords = {k: np.asarray(v) for k, v in model.coords.items() if v is not None}
-    ds = xr.Dataset(data_vars)
-    ds = ds.assign_coords(
-        {k: v for k, v in coords.items() if k in ds.dims} | {"chain": [0], "draw": [0]}
-    )
-    out = xr.DataTree()
-    out["posterior"] = xr.DataTree(ds)
-    return out
-
-
-#: Draws of the ``prior`` group stored by :meth:`FlowModel.fit`.
-PRIOR_DRAWS = 500
-
-
-def prior_draws(
-    model: pm.Model, *, draws: int = PRIOR_DRAWS, random_seed: int | None = None
-) -> xr.Dataset:
-    """Prior draws of every parameter of ``model`` (its free variables and deterministics).
-
-    Variables over the ``pair`` dim are left out (they grow with the data). The
-    likelihood terms are ``Potential``s, which forward sampling ignores: PyMC's
-    warning about it, and its "Sampling: [...]" log line, are silenced.
-    """
-    import logging
-
-    names = [
-        v.name
-        for v in [*model.free_RVs, *model.deterministics]
-        if "pair" not in model.named_vars_to_dims.get(v.name, ())
-    ]
-    forward = logging.getLogger("pymc.sampling.forward")
-    level = forward.level
-    forward.setLevel(logging.WARNING)
-    try:
-        with model, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"(?s).*[Pp]otential", category=UserWarning)
-            prior = pm.sample_prior_predictive(
-                draws=draws, var_names=names, random_seed=random_seed
-            )
-    finally:
-        forward.setLevel(level)
-    group = prior["prior"]
-    return group.to_dataset() if hasattr(group, "to_dataset") else group
-
-
-def thin_posterior(posterior: xr.Dataset, draws: int | None) -> xr.Dataset:
-    """Keep ``draws`` draws per chain, evenly spaced (all when None)."""
-    if draws is None or draws >= posterior.sizes["draw"]:
-        return posterior
-    idx = np.unique(np.linspace(0, posterior.sizes["draw"] - 1, draws).round().astype(int))
-    return posterior.isel(draw=idx)
-
-
-def stack_samples(var: xr.DataArray) -> np.ndarray:
-    """Return a posterior variable as numpy, chain and draw stacked into one leading axis."""
-    other = [d for d in var.dims if d not in ("chain", "draw")]
-    values = var.transpose("chain", "draw", *other).values
-    return values.reshape(-1, *values.shape[2:])
 
 
 def compare(
@@ -1442,12 +1077,12 @@ def compare(
     Parameters
     ----------
     models
-        ``name -> fitted model``, all fitted to the same observed pairs.
+        ``name -> fitted model``, all fitted to the same observed cells.
     data
         The FlowDataset they were fitted to: the pointwise log-likelihood is
         recomputed from each posterior (the same way for every backend). When
         None, the ``log_likelihood`` group stored by :meth:`FlowModel.fit` is
-        used (stored when draws x pairs <= :data:`LOG_LIKELIHOOD_MAX_VALUES`).
+        used (stored when draws x cells <= :data:`LOG_LIKELIHOOD_MAX_VALUES`).
     method
         Weighting method of :func:`arviz.compare`.
 
@@ -1460,7 +1095,7 @@ def compare(
     Raises
     ------
     ModelConfigError
-        When fewer than two models are given or they observed different pairs.
+        When fewer than two models are given or they observed different cells.
     """
     import arviz as az
 
@@ -1472,18 +1107,18 @@ def compare(
         missing = [n for n, m in models.items() if "log_likelihood" not in m.idata.children]
         if missing:
             raise ModelConfigError(
-                f"models {missing} have no stored log_likelihood group (too many draws x pairs, "
+                f"models {missing} have no stored log_likelihood group (too many draws x cells, "
                 "or a constrained model); Fix: pass the data, compare(models, data)"
             )
         trees = {name: model.idata for name, model in models.items()}
     else:
         trees = {name: model.log_likelihood(data) for name, model in models.items()}
     sizes = {
-        name: tree["log_likelihood"].to_dataset().sizes.get("pair") for name, tree in trees.items()
+        name: tree["log_likelihood"].to_dataset().sizes.get("cell") for name, tree in trees.items()
     }
     if len(set(sizes.values())) != 1:
         raise ModelConfigError(
-            f"models were compared on different observed pairs {sizes}; Fix: fit every model to "
-            "the same flow source"
+            f"models were compared on different observed cells {sizes}; Fix: fit every model to "
+            "the same sources"
         )
     return az.compare(trees, method=method)

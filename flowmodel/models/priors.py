@@ -30,6 +30,15 @@ PriorSpec = Any  # Mapping[str, Any] | pymc_extras.prior.Prior
 DEFAULT_PRIORS: dict[str, dict[str, Any]] = {
     "intercept": {"dist": "Normal", "mu": 0.0, "sigma": 5.0},
     "beta": {"dist": "Normal", "mu": 0.0, "sigma": 2.0},
+    # the cross_border coefficient on its raw 0/1 scale (log of the factor by which a border
+    # lowers flows at the same sizes and distance): centred on a factor ~12 fewer movers,
+    # 95% prior interval from ~1 (no border effect) to ~140. Border effects measured with
+    # gravity models: trade between Canadian provinces ~20x denser than with US states
+    # (McCallum 1995), >12 for OECD countries; migration ~100x (Helliwell 1997, "National
+    # borders, trade and migration", Pacific Economic Review 2:165). Where a census or an
+    # estimate sees cross-border flows the data decide; where nothing does, this prior sets
+    # the width of cross-border predictions (docs/models.md, "Priors")
+    "cross_border": {"dist": "Normal", "mu": -2.5, "sigma": 1.25},
     # non-centred offsets z of the hierarchical country effect:
     # country_effect = sigma_country * z
     "country_effect": {"dist": "Normal", "mu": 0.0, "sigma": 1.0},

@@ -33,13 +33,10 @@ from flowmodel.exceptions import (
     PriorWarning,
 )
 from flowmodel.models import compare
-from flowmodel.models.fusion import (
-    FusionModel,
-    censored_nb_logp,
-    source_kind,
-    truncated_nb_moments,
-)
+from flowmodel.models.fusion import FusionModel, source_kind
 from flowmodel.models.gravity import GravityModel
+from flowmodel.models.likelihoods import censored_nb_logp, truncated_nb_moments
+from flowmodel.models.observations import CDRObservation, read_cells
 from flowmodel.models.radiation import RadiationModel
 from flowmodel.simulate import simulate_fusion_dataset
 
@@ -172,7 +169,7 @@ def test_source_kinds():
 def test_model_structure(world):
     ds, _ = world
     model = FusionModel(latent=gravity())
-    pm_model = model.build_model(ds)
+    pm_model, model.fit_meta, _ = model._build(ds)
     names = set(pm_model.named_vars)
     for node in (
         "intercept",
@@ -204,7 +201,6 @@ def test_model_structure(world):
     n_cens = int(np.isfinite(ds["flow_cdr_max"].values).sum())
     assert model.fit_meta["n_cells"]["cdr"] == n_obs + n_cens
     assert model.fit_meta["n_censored"]["cdr"] == n_cens
-    assert pm_model.rvs_to_values[pm_model["y_cdr"]].data.size == n_obs
     assert model.fit_meta["n_cells"]["census"] == int(np.isfinite(ds["flow_census"].values).sum())
     # the latent field is shared: one eta per distinct pair any source observes
     assert model.fit_meta["n_pairs"] < model.fit_meta["n_cells"]["census"] + n_obs + n_cens
@@ -223,7 +219,7 @@ def test_censored_cells_change_the_likelihood():
     }
     for name, data in variants.items():
         model = FusionModel(latent=small_world_gravity())
-        pm_model = model.build_model(data)
+        pm_model, model.fit_meta, _ = model._build(data)
         assert ("y_cdr_censored" in pm_model.named_vars) == (name != "dropped")
         if name == "dropped":  # the redacted cells are gone from the likelihood
             assert model.fit_meta["n_censored"]["cdr"] == 0
@@ -250,13 +246,12 @@ def test_single_period_or_none_has_only_the_scale(world):
 
 def test_penetration_covariate_centres_the_market_share_prior(world):
     ds, _ = world
-    model = FusionModel(latent=gravity())
     units = np.flatnonzero(np.isin(ds["country"].values, ["C02"]))
-    centre = model._market_share_centre(ds, units)
+    centre = CDRObservation("cdr").market_share_centre(ds, units)
     cov = ds["cdr_subscribers_per_resident"].values[units]
     np.testing.assert_allclose(centre, np.log(cov / (1 - cov)))
-    no_cov = FusionModel(latent=gravity(), market_share_covariate=None)
-    np.testing.assert_allclose(no_cov._market_share_centre(ds, units), np.log(0.3 / 0.7))
+    no_cov = CDRObservation("cdr", market_share_covariate=None)
+    np.testing.assert_allclose(no_cov.market_share_centre(ds, units), np.log(0.3 / 0.7))
 
 
 def test_prior_overrides_apply_and_unknown_keys_warn(world):
@@ -269,8 +264,9 @@ def test_prior_overrides_apply_and_unknown_keys_warn(world):
         },
     )
     pm_model = model.build_model(ds)
-    assert model._priors_in_use["sigma_market_share"]["sigma"] == 0.1
-    assert model.latent._priors_in_use["sigma_country"]["sigma"] == 0.3
+    priors = model.resolved_priors(ds)
+    assert priors["sigma_market_share"]["sigma"] == 0.1
+    assert priors["sigma_country"]["sigma"] == 0.3
     assert "sigma_market_share" in pm_model.named_vars
     with pytest.warns(PriorWarning, match="market_shares"):
         FusionModel(latent=gravity(), priors={"market_shares": {"dist": "Normal"}}).build_model(ds)
@@ -383,11 +379,11 @@ def test_totals_to_dataset_from_a_cdrflows_table(world):
 def test_totals_enter_as_potentials_and_inconsistent_totals_raise():
     ds, _ = simulate_fusion_dataset(units_per_country=4, seed=1, totals=True)
     model = FusionModel(latent=gravity())
-    pm_model = model.build_model(ds)
+    pm_model, state, _ = model._build(ds)
     assert {"cdr_outflow_total", "cdr_inflow_total"} <= set(pm_model.named_vars)
     n_avail = int((ds["cdr_outflow"].notnull() | ds["cdr_outflow_max"].notnull()).sum())
-    assert 0 < model.fit_meta["n_totals"]["cdr_outflow"] <= n_avail
-    assert model.fit_meta["totals"] == {"cdr": ["inflow", "outflow"]}
+    assert 0 < state["observations"]["cdr"]["n_totals"]["cdr_outflow"] <= n_avail
+    assert state["observations"]["cdr"]["totals"] == ["inflow", "outflow"]
     point = pm_model.initial_point()
     logp = pm_model.compile_logp(vars=[pm_model["cdr_outflow_total"]])(point)
     assert np.isfinite(logp) and logp < 0
@@ -407,9 +403,9 @@ def test_totals_of_held_out_cells_keep_their_full_distribution():
         hidden[name] = ds[name].where(~cell)
     totals = ["cdr_outflow", "cdr_outflow_max", "cdr_inflow", "cdr_inflow_max"]
     without = FusionModel(latent=gravity())
-    without.build_model(hidden.drop_vars(totals))
+    _, without.fit_meta, _ = without._build(hidden.drop_vars(totals))
     model = FusionModel(latent=gravity())
-    pm_model = model.build_model(hidden)
+    pm_model, model.fit_meta, _ = model._build(hidden)
     # the hidden pair is in no cell likelihood, but the totals still sum over it
     assert model.fit_meta["n_pairs"] == without.fit_meta["n_pairs"] + 1
     assert np.isfinite(pm_model.compile_logp()(pm_model.initial_point()))
@@ -419,9 +415,9 @@ def test_totals_likelihood_at_the_truth_is_calibrated(world):
     """The totals term equals a numpy reference and its residuals are ~N(0, 1) at the truth."""
     _, truth = world
     ds, _ = simulate_fusion_dataset(seed=SEED, totals=True)
-    model = FusionModel(latent=gravity())
-    model.fit_meta = {}
-    cells = model._total_cells(ds, "cdr", model._observed_pairs(ds, "cdr"))
+    obs = CDRObservation("cdr")
+    obs._totals_used = {}
+    cells = obs.total_cells(ds, read_cells(ds, "cdr"))
     mu = truth["mu"].values
     share = np.nan_to_num(truth["market_share"].reindex(ds["unit"].values).values)
     effect = truth["period_effect"].values
@@ -433,7 +429,7 @@ def test_totals_likelihood_at_the_truth_is_calibrated(world):
         c = cells[kind]
         cell_mu = mu[c.origin_idx, c.dest_idx] * share[c.origin_idx] * effect[c.period_idx]
         with pm.Model() as pm_model:
-            model._add_totals_likelihood(ds, "cdr", kind, c, cell_mu, phi)
+            obs._add_totals_likelihood(ds, kind, c, cell_mu, phi)
         got = pm_model.compile_logp()({})
         expected, z = 0.0, []
         total, total_max = ds[f"cdr_{kind}"].values, ds[f"cdr_{kind}_max"].values
@@ -778,7 +774,7 @@ def test_f_in_out_totals_sharpen_the_cdr_level(world, fused, fused_totals):
             )
     report += f"\ntruth country_effect {np.round(list(truth['country_effect'].values()), 3)}"
     print(report)
-    assert fused_totals[0].fit_meta["n_totals"]["cdr_outflow"] > 0
+    assert fused_totals[0].fit_meta["observations"]["cdr"]["n_totals"]["cdr_outflow"] > 0
     assert with_totals["cdr_level_sd"] < base["cdr_level_sd"], report
     assert with_totals["C01_cpc"] >= base["C01_cpc"] - 0.01, report
 
@@ -805,7 +801,9 @@ def test_pointwise_log_likelihood_matches_the_cells(small_gravity_fit):
     tree = model.log_likelihood(ds)
     ll = tree["log_likelihood"].to_dataset()["flow"]
     n_cells = sum(model.fit_meta["n_cells"].values())
-    assert ll.dims == ("chain", "draw", "pair") and ll.sizes["pair"] == n_cells
+    assert ll.dims == ("chain", "draw", "cell") and ll.sizes["cell"] == n_cells
+    assert ll.dtype == np.float32
+    assert {"source", "origin", "destination"} <= set(ll.coords)
     assert np.isfinite(ll.values).all()
     obs = tree["observed_data"].to_dataset()
     # censored cells: log P(y <= 15) < 0, at most 0; the CDR block follows the census block
@@ -815,7 +813,7 @@ def test_pointwise_log_likelihood_matches_the_cells(small_gravity_fit):
     assert list(np.unique(obs["source"].values)) == ["cdr", "census"]
     # check one CDR cell by hand: mu = latent rate x market share x period effect
     post = model.posterior
-    pairs = model._observed_pairs(ds, "cdr")
+    pairs = read_cells(ds, "cdr")
     k = int(np.flatnonzero(pairs.observed)[0])
     rate = model._log_rate_draws(post, ds, pairs.origin_idx[[k]], pairs.dest_idx[[k]])[:, 0]
     unit = str(ds["unit"].values[pairs.origin_idx[k]])
@@ -825,7 +823,9 @@ def test_pointwise_log_likelihood_matches_the_cells(small_gravity_fit):
     mu = np.exp(rate) * share * effect
     expected = stats.nbinom.logpmf(pairs.y[k], phi, phi / (phi + mu))
     n_census = model.fit_meta["n_cells"]["census"]
-    np.testing.assert_allclose(ll.values.reshape(-1, n_cells)[:, n_census + k], expected)
+    np.testing.assert_allclose(
+        ll.values.reshape(-1, n_cells)[:, n_census + k], expected, rtol=1e-5
+    )
     # fit() stored it too (for compare without data)
     assert "log_likelihood" in model.idata.children
 
@@ -862,16 +862,18 @@ def test_marginals_enter_as_a_lognormal_on_country_pair_sums():
     ds, truth = simulate_fusion_dataset(units_per_country=4, seed=0)
     table = _country_pair_table(ds, truth["mu"].values, countries=["C04", "C05"])
     data = marginals_to_dataset(ds, table, name="desa", rel_sd=0.2)
-    assert data["marginal_desa"].dims == ("origin_country", "destination_country")
-    assert int(data["marginal_desa"].notnull().sum()) == 4 and data["marginal_desa"].rel_sd == 0.2
+    assert data["estimate_desa"].dims == ("cell_desa",)
+    assert data["estimate_desa"].attrs["origin_level"] == "country"
+    assert int(data["estimate_desa"].notnull().sum()) == 4
     without = FusionModel(latent=small_world_gravity())
-    without.build_model(ds)
+    _, without.fit_meta, _ = without._build(ds)
     model = FusionModel(latent=small_world_gravity())
-    pm_model = model.build_model(data)
-    assert model.fit_meta["marginals"] == {"desa": 4}
+    pm_model, model.fit_meta, _ = model._build(data)
+    assert model.fit_meta["kinds"]["desa"] == "estimates"
+    assert model.fit_meta["n_cells"]["desa"] == 4
     # the no-data countries' 8 units: every pair among them now enters the latent field
     assert model.fit_meta["n_pairs"] == without.fit_meta["n_pairs"] + 8 * 7
-    assert list(pm_model.coords["marginal_desa_pair"]) == [
+    assert list(pm_model.coords["cell_desa"]) == [
         "C04>C04",
         "C04>C05",
         "C05>C04",
@@ -879,12 +881,12 @@ def test_marginals_enter_as_a_lognormal_on_country_pair_sums():
     ]
     point = pm_model.initial_point()
     expected, logp = pm_model.compile_fn(
-        [pm_model["marginal_desa_expected"], pm_model["marginal_desa"]],
+        [pm_model["desa_expected"], pm_model["y_desa"]],
         inputs=pm_model.value_vars,
         on_unused_input="ignore",
     )(point)
     observed = table.set_index(["origin_country", "destination_country"])["value"]
-    labels = [tuple(k.split(">")) for k in pm_model.coords["marginal_desa_pair"]]
+    labels = [tuple(k.split(">")) for k in pm_model.coords["cell_desa"]]
     reference = stats.norm.logpdf(np.log(observed[labels].values), np.log(expected), 0.2).sum()
     np.testing.assert_allclose(logp, reference, rtol=1e-9)
     assert np.all(expected > 0)
@@ -903,8 +905,8 @@ def test_marginals_to_dataset_errors_name_the_fix(world):
         marginals_to_dataset(ds, table.drop(columns="value"))
     with pytest.raises(ModelConfigError, match="rel_sd"):
         marginals_to_dataset(ds, table.assign(destination_country="C01"), rel_sd=0)
-    bad = ds.assign(marginal_x=xr.DataArray(np.ones(3), dims="other"))
-    with pytest.raises(DataContractError, match="marginals_to_dataset"):
+    bad = ds.assign(estimate_x=xr.DataArray(np.ones(3), dims="other"))
+    with pytest.raises(DataContractError, match="estimate_x"):
         FusionModel(latent=gravity()).build_model(bad)
 
 

@@ -10,6 +10,7 @@ import xarray as xr
 
 from flowmodel.exceptions import BackendNotAvailableError, ModelConfigError, PriorWarning
 from flowmodel.models import GravityModel
+from flowmodel.models.observations import read_cells
 from tests.models.conftest import DEST_COVS, FLAT
 
 # spint tests/test_gravity.py (Poisson GLM, cost_func="exp"); see the data README
@@ -206,7 +207,9 @@ def test_unknown_covariate_lists_available(sim_small):
 def test_log_covariate_is_computed(sim_small):
     ds, _ = sim_small
     assert "log_population" not in ds
-    values = GravityModel.unit_variable(ds, "log_population")
+    from flowmodel.models.latent import unit_variable
+
+    values = unit_variable(ds, "log_population")
     np.testing.assert_allclose(values, np.log(ds["population"].values))
 
 
@@ -257,12 +260,11 @@ def test_unknown_backend_and_missing_backend(sim_small, monkeypatch):
 
 
 def test_auto_backend_by_size(monkeypatch):
-    from flowmodel.models import base
+    from flowmodel.models import inference
 
-    model = GravityModel()
-    assert model._auto_backend(100) == "nutpie"
-    assert model._auto_backend(base.AUTO_NUMPYRO_PAIRS + 1) == "numpyro"
-    assert model._auto_backend(base.AUTO_LAPLACE_PAIRS + 1) == "laplace"
+    assert inference.auto_backend(100) == "nutpie"
+    assert inference.auto_backend(inference.AUTO_NUMPYRO_PAIRS + 1) == "numpyro"
+    assert inference.auto_backend(inference.AUTO_LAPLACE_PAIRS + 1) == "laplace"
 
 
 def test_sufficient_statistic_loglik_equals_elementwise(sim_small):
@@ -271,7 +273,8 @@ def test_sufficient_statistic_loglik_equals_elementwise(sim_small):
 
     ds, _ = sim_small
     model = GravityModel(destination_covariates=DEST_COVS)
-    pm_model = model.build_model(ds)
+    pm_model, state, _ = model._build(ds)
+    model.fit_meta = state
     point = pm_model.initial_point()
     point = {k: v + 0.1 for k, v in point.items()}
     outs = pm_model.replace_rvs_by_values(
@@ -294,9 +297,12 @@ def test_sufficient_statistic_loglik_equals_elementwise(sim_small):
             "sigma_country": (("chain", "draw"), [[1.0]]),
             "phi": (("chain", "draw"), [[phi]]),
         },
-        coords={"term": model.fit_meta["terms"], "country": model.fit_meta["countries"]},
+        coords={
+            "term": state["latent"]["terms"],
+            "country": state["latent"]["countries"],
+        },
     )
-    pairs = model._fit_pairs
+    pairs = read_cells(ds, "census")
     log_mu = model._log_rate_draws(post, ds, pairs.origin_idx, pairs.dest_idx)[0]
     mu = np.exp(log_mu)
     expected = stats.nbinom.logpmf(pairs.y, phi, phi / (phi + mu)).sum()
@@ -308,15 +314,28 @@ def test_prior_and_posterior_predictive(gravity_laplace, sim_small):
     post = gravity_laplace.sample_posterior_predictive(ds, random_seed=1)
     y = post["observed_data"]["flow_census"].values
     draws = post["posterior_predictive"]["flow_census"]
-    assert draws.dims == ("chain", "draw", "pair") and draws.sizes["pair"] == y.size
+    assert draws.dims == ("chain", "draw", "cell_census") and draws.sizes["cell_census"] == y.size
     # posterior predictive totals bracket the observed total
-    totals = draws.sum("pair").values.ravel()
+    totals = draws.sum("cell_census").values.ravel()
     assert np.quantile(totals, 0.01) < y.sum() < np.quantile(totals, 0.99)
     prior = GravityModel(destination_covariates=DEST_COVS).sample_prior_predictive(
         ds, draws=50, random_seed=2
     )
     assert prior["prior_predictive"]["flow_census"].sizes["draw"] == 50
     assert {"beta", "intercept", "phi"} <= set(prior["prior"].data_vars)
+
+
+def test_prior_predictive_after_fit_leaves_predict_unchanged(gravity_laplace, sim_small):
+    """build_model has no side effects: drawing from the prior does not touch the fit state."""
+    ds, _ = sim_small
+    sub = ds.isel(unit=slice(0, 30), origin=slice(0, 30), destination=slice(0, 30))
+    before = gravity_laplace.predict(ds, kind="mean", draws=20)
+    state = dict(gravity_laplace.fit_meta)
+    gravity_laplace.sample_prior_predictive(sub, draws=20, random_seed=3)
+    gravity_laplace.build_model(sub)
+    assert gravity_laplace.fit_meta == state
+    after = gravity_laplace.predict(ds, kind="mean", draws=20)
+    xr.testing.assert_identical(before, after)
 
 
 def test_constrained_predictive_points_to_predict_posterior(austria_fits, austria):
@@ -352,7 +371,7 @@ def test_constrained_loglik_equals_pymc_dirichlet_multinomial(likelihood):
         country_effects=False,
         likelihood=likelihood,
     )
-    pm_model = model.build_model(ds)
+    pm_model, state, _ = model._build(ds)
     point = {k: v + 0.3 for k, v in pm_model.initial_point().items()}
     nodes = [pm_model.potentials[0], pm_model["beta"]]
     if likelihood == "negbin":
@@ -360,15 +379,15 @@ def test_constrained_loglik_equals_pymc_dirichlet_multinomial(likelihood):
     outs = pm_model.replace_rvs_by_values(nodes)
     fn = pm_model.compile_fn(outs, inputs=pm_model.value_vars, on_unused_input="ignore")
     loglik, beta, *phi = fn(point)
-    assert model.fit_meta["terms"] == ["destination:log_population", "log_distance"]
-    pairs = model._fit_pairs
+    assert state["latent"]["terms"] == ["destination:log_population", "log_distance"]
+    pairs = read_cells(ds, "census")
     x = np.column_stack(
         [
             np.log(ds["population"].values)[pairs.dest_idx],
             np.log(ds["distance_km"].values[pairs.origin_idx, pairs.dest_idx]),
         ]
     )
-    eta = (x - model.fit_meta["term_mean"]) / model.fit_meta["term_sd"] @ beta
+    eta = (x - state["latent"]["term_mean"]) / state["latent"]["term_sd"] @ beta
     expected = 0.0
     for i in np.unique(pairs.origin_idx):
         rows = pairs.origin_idx == i
@@ -479,8 +498,8 @@ def test_country_slopes_recover_country_specific_distance_decay():
     assert post["country_slope"].dims == ("chain", "draw", "slope_term", "country")
     assert list(post["slope_term"].values) == ["log_distance"]
     assert list(post["country"].values) == list(slopes)
-    k = sloped.fit_meta["terms"].index("log_distance")
-    sd = sloped.fit_meta["term_sd"][k]
+    k = sloped.fit_meta["latent"]["terms"].index("log_distance")
+    sd = sloped.fit_meta["latent"]["term_sd"][k]
     raw = (
         post["beta"].sel(term="log_distance")
         + post["country_slope"].sel(slope_term="log_distance")
@@ -501,7 +520,7 @@ def test_interval_logcdf_of_censored_cells_matches_scipy():
     import pymc as pm
     from scipy import stats
 
-    from flowmodel.models.base import censored_bounds, interval_logcdf
+    from flowmodel.models.likelihoods import censored_bounds, interval_logcdf
 
     mu = np.array([0.5, 3.0, 8.0, 2.0])
     upper, lower = censored_bounds(

@@ -141,14 +141,13 @@ def test_predict_bad_kind_and_sparse(gravity_laplace, sim_small):
 class _MinimalModel(FlowModel):
     """The smallest concrete FlowModel: exercises the base's shared option check."""
 
-    def _latent_nodes(self, data=None):
+    def _latent_field(self):
+        from flowmodel.models.latent import GravityField
+
+        return GravityField()
+
+    def _observation_models(self, data):
         return []
-
-    def _prediction_params(self, posterior, data, *, rng):
-        return {}
-
-    def _log_rate_from_params(self, params, features, origin_idx, dest_idx, pair_vals):
-        return np.zeros((1, len(origin_idx)))
 
 
 def test_base_rejects_unknown_option():
@@ -264,7 +263,7 @@ def test_fit_sparse_equals_dense_restricted():
             atol=1e-6,
             err_msg=var,
         )
-    assert fits["sparse"].fit_meta["terms"] == fits["dense"].fit_meta["terms"]
+    assert fits["sparse"].fit_meta["latent"]["terms"] == fits["dense"].fit_meta["latent"]["terms"]
     # a sparse-fitted model predicts dense and sparse pair sets alike
     ps = fits["sparse"].predict(sp, kind="mean", quantiles=())
     pd_ = fits["sparse"].predict(ds, kind="mean", quantiles=())

@@ -1,0 +1,584 @@
+"""The inference engine: backends, their dispatch, diagnostics and failed-fit checks.
+
+One function per backend, each taking only the keyword arguments it understands
+(a table of small functions, as pymc-marketing and bambi dispatch theirs):
+
+=============  ==============================================================
+``pymc``       PyMC's NUTS
+``nutpie``     nutpie's NUTS (compiled with numba)
+``numpyro``    numpyro's NUTS (JAX)
+``laplace``    Gaussian at the posterior mode in the unconstrained space
+               (flowmodel's own: L-BFGS, Newton polish, finite-difference
+               Hessian of the compiled gradient); ``engine="pymc-extras"``
+               uses :func:`pymc_extras.fit_laplace`
+``advi``       mean-field ADVI started at the MAP
+``map``        one "draw" at the posterior mode
+=============  ==============================================================
+
+Laplace, ADVI and MAP are approximations: their results carry
+``approximate = 1`` in the posterior's attributes and the report says so. A fit
+that failed (non-finite draws, a Hessian that is not positive definite, a mode
+run off to a boundary of a parameter's range) raises :class:`FitFailedError`
+instead of handing NaN or 1e113 flows to prediction.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pymc as pm
+import xarray as xr
+
+from flowmodel.exceptions import (
+    BackendNotAvailableError,
+    DiagnosticsWarning,
+    FitFailedError,
+    ModelConfigError,
+)
+
+__all__ = [
+    "APPROXIMATE_BACKENDS",
+    "AUTO_LAPLACE_PAIRS",
+    "AUTO_NUMPYRO_PAIRS",
+    "BACKENDS",
+    "MCMC_BACKENDS",
+    "auto_backend",
+    "check_finite",
+    "diagnostics_messages",
+    "prior_draws",
+    "require_backend",
+    "run_inference",
+    "stack_samples",
+    "thin_posterior",
+]
+
+#: Inference backends of :meth:`flowmodel.models.base.FlowModel.fit`.
+BACKENDS = ("auto", "pymc", "nutpie", "numpyro", "laplace", "advi", "map")
+#: Backends that draw from the posterior by MCMC (R-hat and ESS apply).
+MCMC_BACKENDS = ("pymc", "nutpie", "numpyro")
+#: Backends whose posterior is an approximation (labelled so in outputs and the report).
+APPROXIMATE_BACKENDS = ("laplace", "advi", "map")
+
+_BACKEND_PACKAGES = {
+    "nutpie": ("nutpie", "pip install nutpie  (or: conda install -c conda-forge nutpie)"),
+    "numpyro": (
+        "numpyro",
+        "pip install numpyro jax  (or: conda install -c conda-forge numpyro jax)",
+    ),
+}
+
+#: Observed cells above which ``backend="auto"`` uses the Laplace approximation.
+AUTO_LAPLACE_PAIRS = 50_000
+#: Observed cells above which ``backend="auto"`` prefers numpyro to nutpie.
+AUTO_NUMPYRO_PAIRS = 10_000
+#: Draws of the ``prior`` group stored by a fit.
+PRIOR_DRAWS = 500
+#: An unconstrained (log / logit) coordinate of a mode beyond this is at a boundary.
+BOUNDARY = 15.0
+
+
+def require_backend(backend: str) -> None:
+    """Raise when ``backend`` is unknown or its package is not installed."""
+    if backend not in BACKENDS:
+        raise ModelConfigError(f"backend={backend!r} is not valid; use one of {list(BACKENDS)}")
+    if backend in _BACKEND_PACKAGES:
+        module, fix = _BACKEND_PACKAGES[backend]
+        if importlib.util.find_spec(module) is None:
+            raise BackendNotAvailableError(
+                f"backend '{backend}' needs the package '{module}', which is not installed. "
+                f"Fix: {fix}; or pass backend='pymc'"
+            )
+
+
+def auto_backend(n_cells: int) -> str:
+    """Backend for ``backend="auto"`` (measured in ``benchmarks/inference.py``).
+
+    Laplace above :data:`AUTO_LAPLACE_PAIRS` observed cells; numpyro above
+    :data:`AUTO_NUMPYRO_PAIRS`; else nutpie; PyMC's own NUTS when neither
+    package is installed (a plain ``pip install flowmodel``).
+    """
+    if n_cells > AUTO_LAPLACE_PAIRS:
+        return "laplace"
+    if n_cells > AUTO_NUMPYRO_PAIRS and importlib.util.find_spec("numpyro"):
+        return "numpyro"
+    if importlib.util.find_spec("nutpie"):
+        return "nutpie"
+    return "pymc"
+
+
+# ----------------------------------------------------------------------------- backends
+def _fit_nuts(
+    model: pm.Model,
+    backend: str,
+    *,
+    draws: int = 1000,
+    chains: int = 4,
+    tune: int = 1000,
+    target_accept: float | None = None,
+    cores: int | None = None,
+    random_seed: int | None = None,
+    progressbar: bool = False,
+    nuts_sampler_kwargs: Mapping[str, Any] | None = None,
+    nuts: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> xr.DataTree:
+    cores = min(chains, os.cpu_count() or 1) if cores is None else cores
+    if backend == "pymc" and target_accept is not None:
+        kwargs["target_accept"] = target_accept
+    nuts_kwargs = dict(nuts_sampler_kwargs or {}) | dict(nuts or {})
+    if backend == "nutpie" and target_accept is not None:
+        nuts_kwargs.setdefault("target_accept", target_accept)
+    if backend == "numpyro":
+        if target_accept is not None:
+            nuts_kwargs.setdefault("target_accept", target_accept)
+        nuts_kwargs.setdefault("chain_method", "sequential" if cores < 2 else "parallel")
+    with model:
+        return pm.sample(
+            draws=int(draws),
+            tune=int(tune),
+            chains=int(chains),
+            cores=cores,
+            random_seed=random_seed,
+            progressbar=progressbar,
+            nuts_sampler=backend,
+            compute_convergence_checks=False,
+            **({"nuts": nuts_kwargs} if nuts_kwargs else {}),
+            **kwargs,
+        )
+
+
+def _fit_pmx_laplace(
+    model: pm.Model,
+    *,
+    draws: int,
+    chains: int,
+    random_seed: int | None,
+    progressbar: bool,
+    **kwargs: Any,
+) -> xr.DataTree:
+    if importlib.util.find_spec("pymc_extras") is None:
+        raise BackendNotAvailableError(
+            "backend='laplace' with engine='pymc-extras' needs pymc-extras. Fix: pip "
+            "install pymc-extras (or conda install -c conda-forge pymc-extras), or drop "
+            "engine= to use flowmodel's own Laplace approximation"
+        )
+    import pymc_extras as pmx
+
+    with model:
+        idata = pmx.fit_laplace(
+            model=model,
+            draws=draws * chains,
+            random_seed=random_seed,
+            progressbar=progressbar,
+            include_transformed=False,
+            **kwargs,
+        )
+    return _reshape_chains(idata, chains)
+
+
+def _fit_advi(
+    model: pm.Model,
+    *,
+    draws: int,
+    chains: int,
+    random_seed: int | None,
+    progressbar: bool,
+    n: int = 10_000,
+    start: Mapping[str, Any] | None = None,
+    start_sigma: Mapping[str, Any] | None = None,
+    obj_optimizer: Any = None,
+    **kwargs: Any,
+) -> xr.DataTree:
+    with model:
+        if start is None:  # start at the MAP: mean-field ADVI from the prior converges slowly
+            start = pm.find_MAP(progressbar=False, seed=random_seed)
+        if start_sigma is None:
+            start_sigma = {
+                v.name: np.full(np.shape(start[v.name]), 0.01)
+                for v in model.value_vars
+                if v.name in start
+            }
+        approx = pm.fit(
+            n=int(n),
+            method="advi",
+            start=start,
+            start_sigma=start_sigma,
+            obj_optimizer=obj_optimizer or pm.adam(learning_rate=0.01),
+            random_seed=random_seed,
+            progressbar=progressbar,
+            **kwargs,
+        )
+        idata = approx.sample(draws * chains, random_seed=random_seed)
+    return _reshape_chains(idata, chains)
+
+
+def _fit_map(
+    model: pm.Model, *, random_seed: int | None, progressbar: bool, **kwargs: Any
+) -> xr.DataTree:
+    with model:
+        point = pm.find_MAP(progressbar=progressbar, seed=random_seed, **kwargs)
+    return _point_to_idata(model, point)
+
+
+def _fit_laplace(
+    model: pm.Model,
+    *,
+    draws: int,
+    chains: int,
+    random_seed: int | None,
+    maxiter: int = 2000,
+    step: float = 1e-4,
+    **_: Any,
+) -> xr.DataTree:
+    """Laplace approximation at the MAP, in the unconstrained space.
+
+    The MAP comes from L-BFGS on the compiled log density and gradient; the
+    Hessian from central differences of the gradient (2·d gradient calls, d =
+    number of unconstrained parameters), which is far cheaper to build than a
+    symbolic Hessian. Draws ``x ~ N(mode, (-H)^{-1})`` are mapped back through
+    the transforms, and deterministics are computed per draw.
+
+    Raises
+    ------
+    FitFailedError
+        The optimum is not a proper mode: non-finite density, a Hessian that is
+        not positive definite, or a log/logit coordinate beyond :data:`BOUNDARY`
+        (a scale run off to 0 or infinity).
+    """
+    from pymc.blocking import DictToArrayBijection, RaveledVars
+    from scipy import optimize
+
+    rng = np.random.default_rng(random_seed)
+    start = model.initial_point(random_seed)
+    value_names = [v.name for v in model.value_vars]
+    x0 = DictToArrayBijection.map({k: start[k] for k in value_names})
+    info = x0.point_map_info
+    logp_fn = model.compile_logp(jacobian=True)
+    dlogp_fn = model.compile_dlogp(jacobian=True)
+
+    def point(x):
+        return DictToArrayBijection.rmap(RaveledVars(x, info))
+
+    def neg(x):
+        return -float(logp_fn(point(x))), -np.asarray(dlogp_fn(point(x)), dtype=float)
+
+    # the log density is O(number of pairs) while hierarchical terms are O(1): a
+    # relative-decrease stopping rule would stop before sigma_country moves
+    res = optimize.minimize(
+        neg,
+        x0.data,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-8, "maxcor": 30},
+    )
+    mode = res.x
+    d = len(mode)
+
+    def hessian(x):
+        out = np.empty((d, d))
+        for k in range(d):
+            h = step * max(1.0, abs(x[k]))
+            e = np.zeros(d)
+            e[k] = h
+            out[:, k] = (neg(x + e)[1] - neg(x - e)[1]) / (2 * h)
+        return (out + out.T) / 2
+
+    # polish with damped Newton steps (the posterior is close to quadratic)
+    f_mode, g_mode = neg(mode)
+    hess = hessian(mode)
+    n_newton = 0
+    for _ in range(20):
+        vals, vecs = np.linalg.eigh(hess)
+        if np.any(vals <= 0):
+            break
+        direction = -(vecs / vals) @ (vecs.T @ g_mode)
+        t = 1.0
+        while t > 1e-6:
+            f_new, g_new = neg(mode + t * direction)
+            if np.isfinite(f_new) and f_new <= f_mode + 1e-10 * abs(f_mode):
+                break
+            t /= 2
+        else:
+            break
+        mode, f_mode, g_mode = mode + t * direction, f_new, g_new
+        n_newton += 1
+        hess = hessian(mode)
+        if np.max(np.abs(t * direction)) < 1e-9:
+            break
+    vals, vecs = np.linalg.eigh(hess)
+    _check_mode(model, mode, point, vals, f_mode)
+    cov_sqrt = vecs / np.sqrt(vals)
+    z = rng.standard_normal((chains * draws, d))
+    samples = mode + z @ cov_sqrt.T
+    outs_rv = list(model.free_RVs) + list(model.deterministics)
+    outs = model.replace_rvs_by_values(outs_rv)
+    fn = model.compile_fn(outs, inputs=model.value_vars, on_unused_input="ignore", point_fn=False)
+    names = [v.name for v in outs_rv]
+    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for x in samples:
+        p = point(x)
+        for name, val in zip(names, fn(*[p[k] for k in value_names]), strict=True):
+            values[name].append(np.asarray(val))
+    data_vars = {}
+    for name in names:
+        arr = np.stack(values[name]).reshape(chains, draws, *np.shape(values[name][0]))
+        dims = tuple(model.named_vars_to_dims.get(name, ()))
+        if len(dims) != arr.ndim - 2:
+            dims = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 2))
+        data_vars[name] = (("chain", "draw", *dims), arr)
+    ds = xr.Dataset(data_vars)
+    coords = {k: np.asarray(v) for k, v in model.coords.items() if v is not None and k in ds.dims}
+    ds = ds.assign_coords(coords | {"chain": np.arange(chains), "draw": np.arange(draws)})
+    ds.attrs.update(
+        inference_library="flowmodel.laplace",
+        laplace_converged=int(bool(res.success)),
+        laplace_n_gradient_calls=int(res.nfev + (n_newton + 1) * (2 * d + 1)),
+        laplace_newton_steps=n_newton,
+    )
+    out = xr.DataTree()
+    out["posterior"] = xr.DataTree(ds)
+    return out
+
+
+def _check_mode(
+    model: pm.Model,
+    mode: np.ndarray,
+    point: Callable[[np.ndarray], dict],
+    vals: np.ndarray,
+    f: float,
+) -> None:
+    """Raise :class:`FitFailedError` unless ``mode`` is a proper interior mode."""
+    fix = (
+        "Fix: use a NUTS backend (backend='nutpie' or 'pymc'), stronger priors on the named "
+        "parameters, or noncentered=True when countries have few observed pairs"
+    )
+    if not np.isfinite(f) or not np.all(np.isfinite(mode)):
+        raise FitFailedError(f"Laplace: the posterior mode is not finite. {fix}")
+    at_mode = point(mode)
+    boundary = []
+    for var in model.value_vars:
+        transform = model.rvs_to_transforms.get(model.values_to_rvs[var])
+        if transform is None:
+            continue
+        value = np.asarray(at_mode[var.name])
+        if np.any(np.abs(value) > BOUNDARY):
+            boundary.append(model.values_to_rvs[var].name)
+    if boundary:
+        raise FitFailedError(
+            f"Laplace: the mode of {boundary} lies at a boundary of its range (a scale run off "
+            f"to 0 or infinity, |unconstrained value| > {BOUNDARY:g}); a Gaussian there is "
+            f"meaningless. {fix}"
+        )
+    if np.any(vals <= 0):
+        raise FitFailedError(
+            "Laplace: the Hessian at the mode is not positive definite (smallest eigenvalue "
+            f"{vals.min():.3g}): the posterior is flat or has a ridge there. {fix}"
+        )
+
+
+#: backend -> (function, passes the backend name)
+_DISPATCH: dict[str, Callable[..., xr.DataTree]] = {
+    "laplace": _fit_laplace,
+    "laplace:pymc-extras": _fit_pmx_laplace,
+    "advi": _fit_advi,
+    "map": _fit_map,
+}
+
+
+def run_inference(
+    model: pm.Model,
+    backend: str,
+    kwargs: Mapping[str, Any],
+    *,
+    random_seed: int | None,
+    progressbar: bool,
+) -> xr.DataTree:
+    """Run ``backend`` on ``model``; return the DataTree (``posterior`` [, ``sample_stats``]).
+
+    ``kwargs`` are the merged sampler settings; each backend takes the ones it
+    understands (``tune``, ``target_accept`` and ``cores`` apply to NUTS only).
+    The posterior is checked with :func:`check_finite`.
+    """
+    kwargs = dict(kwargs)
+    if backend in MCMC_BACKENDS:
+        idata = _fit_nuts(
+            model, backend, random_seed=random_seed, progressbar=progressbar, **kwargs
+        )
+    else:
+        for key in ("tune", "target_accept", "cores"):
+            kwargs.pop(key, None)
+        draws = int(kwargs.pop("draws", 1000))
+        chains = int(kwargs.pop("chains", 4))
+        key = backend
+        if backend == "laplace":
+            engine = kwargs.pop("engine", "flowmodel")
+            if engine not in ("flowmodel", "pymc-extras"):
+                raise ModelConfigError(
+                    f"backend='laplace': engine={engine!r}; use 'flowmodel' or 'pymc-extras'"
+                )
+            key = "laplace" if engine == "flowmodel" else "laplace:pymc-extras"
+        if key not in _DISPATCH:
+            raise ModelConfigError(
+                f"backend={backend!r} is not valid; use one of {list(BACKENDS)}"
+            )
+        if key in ("map",):
+            idata = _fit_map(model, random_seed=random_seed, progressbar=progressbar, **kwargs)
+        else:
+            idata = _DISPATCH[key](
+                model,
+                draws=draws,
+                chains=chains,
+                random_seed=random_seed,
+                progressbar=progressbar,
+                **kwargs,
+            )
+    check_finite(idata["posterior"].to_dataset(), backend)
+    return idata
+
+
+def check_finite(posterior: xr.Dataset, backend: str) -> None:
+    """Raise :class:`FitFailedError` when any posterior draw of any parameter is not finite."""
+    bad = [
+        str(name)
+        for name, var in posterior.data_vars.items()
+        if var.dtype.kind == "f" and not bool(np.isfinite(var.values).all())
+    ]
+    if bad:
+        raise FitFailedError(
+            f"{backend}: non-finite posterior draws of {bad[:6]}: the fit failed (a mode or "
+            "chain ran off to a boundary, e.g. a hierarchical sd at 0 or infinity), and "
+            "predictions from it would be NaN or absurd. Fix: a NUTS backend, stronger priors, "
+            "or noncentered=True when countries have few pairs"
+        )
+
+
+def _reshape_chains(idata: xr.DataTree, chains: int) -> xr.DataTree:
+    post = idata["posterior"].to_dataset()
+    n = post.sizes["draw"] * post.sizes["chain"]
+    per = n // chains
+    stacked = post.stack(sample=("chain", "draw")).isel(sample=slice(0, per * chains))
+    stacked = stacked.drop_vars(["sample", "chain", "draw"])
+    arrays = {}
+    for name, var in stacked.data_vars.items():
+        other = [d for d in var.dims if d != "sample"]
+        vals = var.transpose("sample", *other).values.reshape(
+            chains, per, *[var.sizes[d] for d in other]
+        )
+        arrays[name] = (("chain", "draw", *other), vals)
+    coords = {k: v for k, v in post.coords.items() if k not in ("chain", "draw")}
+    new = xr.Dataset(arrays, coords={**coords, "chain": np.arange(chains), "draw": np.arange(per)})
+    out = xr.DataTree()
+    out["posterior"] = xr.DataTree(new)
+    out.attrs.update(idata.attrs)
+    return out
+
+
+def _point_to_idata(model: pm.Model, point: Mapping[str, np.ndarray]) -> xr.DataTree:
+    data_vars = {}
+    names = {v.name for v in model.free_RVs} | {v.name for v in model.deterministics}
+    for name in names:
+        if name not in point:
+            continue
+        value = np.asarray(point[name])
+        dims = model.named_vars_to_dims.get(name, ())
+        if len(dims) != value.ndim:
+            dims = tuple(f"{name}_dim_{i}" for i in range(value.ndim))
+        data_vars[name] = (("chain", "draw", *dims), value[None, None, ...])
+    coords = {k: np.asarray(v) for k, v in model.coords.items() if v is not None}
+    ds = xr.Dataset(data_vars)
+    ds = ds.assign_coords(
+        {k: v for k, v in coords.items() if k in ds.dims} | {"chain": [0], "draw": [0]}
+    )
+    out = xr.DataTree()
+    out["posterior"] = xr.DataTree(ds)
+    return out
+
+
+def prior_draws(
+    model: pm.Model, *, draws: int = PRIOR_DRAWS, random_seed: int | None = None
+) -> xr.Dataset:
+    """Prior draws of every parameter of ``model`` (its free variables and deterministics).
+
+    Variables over a cell or pair dim are left out (they grow with the data). The
+    likelihood terms are ``Potential``s, which forward sampling ignores: PyMC's
+    warning about it, and its "Sampling: [...]" log line, are silenced.
+    """
+    names = [
+        v.name
+        for v in [*model.free_RVs, *model.deterministics]
+        if not any(
+            d == "pair" or str(d).startswith("cell_")
+            for d in model.named_vars_to_dims.get(v.name, ())
+        )
+    ]
+    forward = logging.getLogger("pymc.sampling.forward")
+    level = forward.level
+    forward.setLevel(logging.WARNING)
+    try:
+        with model, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*[Pp]otential", category=UserWarning)
+            prior = pm.sample_prior_predictive(
+                draws=draws, var_names=names, random_seed=random_seed
+            )
+    finally:
+        forward.setLevel(level)
+    group = prior["prior"]
+    return group.to_dataset() if hasattr(group, "to_dataset") else group
+
+
+def diagnostics_messages(idata: xr.DataTree, names: list[str]) -> list[str]:
+    """Divergences, R-hat > 1.01 and bulk ESS < 100 per chain of the MCMC posterior ``idata``."""
+    import arviz as az
+
+    post = idata["posterior"].to_dataset()
+    names = [v for v in names if v in post]
+    n_chains = post.sizes.get("chain", 1)
+    msgs = []
+    if "sample_stats" in idata.children and "diverging" in idata["sample_stats"]:
+        n_div = int(idata["sample_stats"]["diverging"].values.sum())
+        if n_div:
+            msgs.append(f"{n_div} divergent transition(s) (raise target_accept or reparametrise)")
+    if n_chains > 1 and names:
+        rhat = az.rhat(post[names])
+        worst = max(float(np.nanmax(rhat[v].values)) for v in names)
+        if worst > 1.01:
+            msgs.append(f"R-hat up to {worst:.3f} > 1.01 (run more tune/draws)")
+    if names:
+        ess = az.ess(post[names])
+        low = min(float(np.nanmin(ess[v].values)) for v in names)
+        if low < 100 * n_chains:
+            msgs.append(
+                f"bulk ESS as low as {low:.0f} < {100 * n_chains} (100 per chain; draw more)"
+            )
+    return msgs
+
+
+def warn_diagnostics(model_name: str, msgs: list[str]) -> None:
+    """Warn with :class:`DiagnosticsWarning` when there are diagnostics messages."""
+    if msgs:
+        warnings.warn(
+            f"{model_name} sampling diagnostics: " + "; ".join(msgs),
+            DiagnosticsWarning,
+            stacklevel=4,
+        )
+
+
+def thin_posterior(posterior: xr.Dataset, draws: int | None) -> xr.Dataset:
+    """Keep ``draws`` draws per chain, evenly spaced (all when None)."""
+    if draws is None or draws >= posterior.sizes["draw"]:
+        return posterior
+    idx = np.unique(np.linspace(0, posterior.sizes["draw"] - 1, draws).round().astype(int))
+    return posterior.isel(draw=idx)
+
+
+def stack_samples(var: xr.DataArray) -> np.ndarray:
+    """Return a posterior variable as numpy, chain and draw stacked into one leading axis."""
+    other = [d for d in var.dims if d not in ("chain", "draw")]
+    values = var.transpose("chain", "draw", *other).values
+    return values.reshape(-1, *values.shape[2:])

@@ -1,0 +1,1495 @@
+r"""Observation models: how each source sees sums of the one latent flow field.
+
+A model is one latent field (:mod:`flowmodel.models.latent`) and a list of
+observation models, one per source. Each observation model has four parts:
+
+- **aggregation**: the latent pairs each reported cell sums (:class:`Cells`). A
+  unit-level census cell is one pair; an admin-1 census cell (previous admin-1 ->
+  current unit) sums the pairs of its member units; an immigrant count by previous
+  country sums every unit of that country; a country-pair estimate sums a block.
+  The membership is sparse (member -> cell) and applied as a segment sum;
+- **scale**: the exposure (census sample fraction), the CDR market share per origin
+  unit and period effects, an undercount factor (one, or one per class of report),
+  a duration/definition factor;
+- **noise**: negative binomial (Poisson as an option) for counts, log-normal with a
+  given standard error for published estimates;
+- **censoring**: ``log P(min <= y <= max)`` for a suppressed or redacted cell.
+
+.. math::
+
+    E[y_c] = e_c\, s_c \sum_{(i,j) \in c} \exp(\eta_{ij}), \qquad
+    y_c \sim \operatorname{NB}(E[y_c], \phi_{\text{source}})
+
+Several reports of the same flows (census and CDR; a sending-country and a
+receiving-country report) are several observation models on one field. Classes:
+:class:`CountObservation` (census-like counts), :class:`CDRObservation` (counts
+with a market share, period effects and in/out totals),
+:class:`EstimateObservation` (published estimates with standard errors),
+:class:`ConstrainedCountObservation` (the multinomial forms of a constrained gravity
+model, which condition on one source's margins).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, override
+
+import numpy as np
+import pandas as pd
+import pymc as pm
+import pytensor.tensor as pt
+import xarray as xr
+from scipy import special
+
+from flowmodel.dataset import (
+    TOTAL_KINDS,
+    TOTAL_UNIVERSES,
+    cell_dim,
+    estimate_sources,
+    is_sparse,
+    level_groups,
+)
+from flowmodel.exceptions import DataContractError, ModelConfigError
+from flowmodel.models.inference import stack_samples
+from flowmodel.models.latent import LatentTerm, unit_positions
+from flowmodel.models.likelihoods import (
+    LIKELIHOODS,
+    censored_count_logp,
+    censored_nb_logp_np,
+    count_loglik,
+    lognormal_sdlog,
+    pointwise_count_loglik,
+    segment_sum,
+    truncated_nb_moments,
+)
+
+__all__ = [
+    "CDRObservation",
+    "Cells",
+    "ConstrainedCountObservation",
+    "CountObservation",
+    "EstimateObservation",
+    "ObservationModel",
+    "ObservedPairs",
+    "read_cells",
+]
+
+#: Defaults of the CDR scaling nodes (suffixed ``_<source>`` for sources other than ``cdr``).
+CDR_PRIORS: dict[str, dict[str, Any]] = {
+    # logit(market_share_i) = logit(penetration_i) + market_share_country[c(i)]
+    #                         + sigma_market_share * market_share_z_i
+    "market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
+    "sigma_market_share": {"dist": "HalfNormal", "sigma": 0.5},
+    # overall CDR counts per latent flow beyond the market share (time windows differ:
+    # days to months of CDR against a 1- or 5-year census question); broad by default,
+    # set mu = log(CDR window / census window) when the windows are known
+    "period_scale": {"dist": "LogNormal", "mu": 0.0, "sigma": 3.0},
+    # log period_effect = log period_scale + deviation, deviation ~ ZeroSumNormal(sigma)
+    "period_effect": {"dist": "ZeroSumNormal", "sigma": 0.5},
+}
+#: Default prior of an undercount or duration factor (a multiplier of the expected count).
+FACTOR_PRIOR: dict[str, Any] = {"dist": "LogNormal", "mu": 0.0, "sigma": 0.5}
+
+
+# =============================================================================== cells
+@dataclass
+class Cells:
+    """Reported cells of one source and the latent pairs each sums (dim ``cell``).
+
+    Attributes
+    ----------
+    origin_idx, dest_idx
+        ``(member,)`` positions into ``data.unit`` of the latent pairs summed. For
+        unit-level cells (``member_cell`` None) member ``k`` *is* cell ``k``.
+    y
+        ``(cell,)`` exact count (or estimate); NaN where the cell is censored.
+    exposure
+        ``(cell,)`` multiplier of the expected count (census sample fraction), 1 when absent.
+    upper
+        ``(cell,)`` censoring bound (``flow_<source>_max``) where censored, else NaN.
+    period_idx
+        ``(cell,)`` position into ``data.period`` for period-resolved sources, else None.
+    source
+        Source name.
+    lower
+        ``(cell,)`` lower censoring bound (``flow_<source>_min``; 0 when absent).
+    member_cell
+        ``(member,)`` cell of each member of an aggregated source, else None.
+    origin_label, destination_label
+        ``(cell,)`` labels of the cells (unit ids, or group labels of aggregated cells).
+    se
+        ``(cell,)`` standard errors of published estimates, else None.
+    cell_class
+        ``(cell,)`` class of each report (e.g. an undercount class), else None.
+    """
+
+    origin_idx: np.ndarray
+    dest_idx: np.ndarray
+    y: np.ndarray
+    exposure: np.ndarray
+    upper: np.ndarray
+    period_idx: np.ndarray | None = None
+    source: str = ""
+    lower: np.ndarray | None = None
+    member_cell: np.ndarray | None = None
+    origin_label: np.ndarray | None = None
+    destination_label: np.ndarray | None = None
+    se: np.ndarray | None = None
+    cell_class: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.lower is None:
+            self.lower = np.zeros(len(self.y))
+        self.lower = np.nan_to_num(np.asarray(self.lower, dtype=float), nan=0.0)
+
+    @property
+    def n(self) -> int:
+        """Number of cells."""
+        return len(self.y)
+
+    @property
+    def aggregated(self) -> bool:
+        """Whether cells sum several latent pairs (else one pair each)."""
+        return self.member_cell is not None
+
+    @property
+    def observed(self) -> np.ndarray:
+        """Mask of cells with an exact (not censored) value."""
+        return ~np.isnan(self.y)
+
+    @property
+    def censored(self) -> np.ndarray:
+        """Mask of censored cells (a bound, no exact value)."""
+        return np.isnan(self.y) & np.isfinite(self.upper)
+
+    def members_per_cell(self) -> np.ndarray:
+        """``(cell,)`` number of latent pairs each cell sums."""
+        if self.member_cell is None:
+            return np.ones(self.n)
+        return np.bincount(self.member_cell, minlength=self.n).astype(float)
+
+    def observed_rate(self) -> float | None:
+        """Observed count per unit of exposure and latent pair (for data-derived priors)."""
+        obs = self.observed
+        if not obs.any():
+            return None
+        denom = np.sum(self.exposure[obs] * self.members_per_cell()[obs])
+        return float(np.sum(self.y[obs]) / max(denom, 1e-12))
+
+    def subset(self, mask: np.ndarray) -> Cells:
+        """Return the cells where ``mask`` is True (unit-level cells only)."""
+        if self.aggregated:
+            raise ModelConfigError("subset() of aggregated cells is not supported")
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[mask]
+
+        return Cells(
+            self.origin_idx[mask],
+            self.dest_idx[mask],
+            self.y[mask],
+            self.exposure[mask],
+            self.upper[mask],
+            pick(self.period_idx),
+            self.source,
+            self.lower[mask],
+            None,
+            pick(self.origin_label),
+            pick(self.destination_label),
+            pick(self.se),
+            pick(self.cell_class),
+        )
+
+
+#: The name this class had while every cell was one pair.
+ObservedPairs = Cells
+
+
+def _like(
+    var: xr.DataArray | None, dims: tuple[str, ...], like: np.ndarray, fill: Any
+) -> np.ndarray:
+    """``var`` as an array shaped like ``like`` (dims ``dims``), or ``fill`` when absent."""
+    if var is None:
+        return np.full(like.shape, fill, dtype=object if isinstance(fill, str) else float)
+    values = var.transpose(*dims).values
+    dtype = float if values.dtype.kind in "fiub" else object
+    return np.asarray(values, dtype=dtype).reshape(like.shape)
+
+
+def read_cells(data: xr.Dataset, source: str, *, value: str | None = None) -> Cells:
+    """Cells of ``source`` in ``data``: the observed or censored cells and their members.
+
+    ``flow_<source>`` (or ``estimate_<source>`` with ``value="estimate"``) over
+    (origin, destination[, period]) (dense), ``pair`` (sparse) or
+    ``cell_<source>`` (aggregated: labels at the levels named by the variable's
+    ``origin_level`` / ``destination_level`` attributes). Periods are flattened into
+    the cell dim (``period_idx``); unit-level ``exposure_<source>`` applies to the
+    origin unit.
+    """
+    prefix = value or "flow"
+    name = f"{prefix}_{source}"
+    if name not in data:
+        raise DataContractError(f"no variable '{name}' in the dataset")
+    var = data[name]
+    if cell_dim(source) in var.dims:
+        return _aggregated_cells(data, source, prefix)
+    pair_dims = {"pair"} if is_sparse(data) else {"origin", "destination"}
+    if not pair_dims <= set(var.dims) or not set(var.dims) <= pair_dims | {"period"}:
+        raise DataContractError(
+            f"'{name}' has dims {var.dims}; a source needs dims (origin, destination"
+            f"[, period]), ('pair'[, 'period']) or ('{cell_dim(source)}',). Fix: build it with "
+            "flowmodel.dataset.build_dataset, add_cells or estimates_to_dataset"
+        )
+    upper_var = data.get(f"{name}_max")
+    lower_var = data.get(f"{name}_min")
+    se_var = data.get(f"{name}_se")
+    exp_var = data.get(f"exposure_{source}")
+    class_var = data.get(f"class_{source}")
+    if is_sparse(data):
+        dims = ("pair", *(d for d in var.dims if d != "pair"))
+        values = np.asarray(var.transpose(*dims).values, dtype=float)
+        if values.ndim == 1:
+            values = values[:, None]
+        o_pos = unit_positions(data, data["origin"].values)
+        d_pos = unit_positions(data, data["destination"].values)
+        mask = ~np.isnan(values) | ~np.isnan(_like(upper_var, dims, values, np.nan))
+        mask &= (o_pos != d_pos)[:, None]
+        pair_i, per = np.nonzero(mask)
+        oi, dj = o_pos[pair_i], d_pos[pair_i]
+        index: tuple[np.ndarray, ...] = (pair_i, per)
+        has_period = len(var.dims) > 1
+    else:
+        dims = (
+            "origin",
+            "destination",
+            *(d for d in var.dims if d not in ("origin", "destination")),
+        )
+        values = np.asarray(var.transpose(*dims).values, dtype=float)
+        if values.ndim == 2:
+            values = values[..., None]
+        o_pos = unit_positions(data, data["origin"].values)
+        d_pos = unit_positions(data, data["destination"].values)
+        mask = ~np.isnan(values) | ~np.isnan(_like(upper_var, dims, values, np.nan))
+        mask &= (o_pos[:, None] != d_pos[None, :])[..., None]
+        a, b, per = np.nonzero(mask)
+        oi, dj = o_pos[a], d_pos[b]
+        index = (a, b, per)
+        has_period = values.shape[-1] > 1 or len(var.dims) > 2
+    y = values[index]
+    upper = _like(upper_var, dims, values, np.nan)[index]
+    lower = _like(lower_var, dims, values, 0.0)[index]
+    if exp_var is None:
+        ex = np.ones(len(oi))
+    elif exp_var.dims == ("unit",):
+        ex = np.asarray(exp_var.values, dtype=float)[oi]
+    else:
+        edims = dims[: exp_var.ndim]
+        ev = np.asarray(exp_var.transpose(*edims).values, dtype=float)
+        ex = ev[index[: ev.ndim]] if ev.ndim < len(index) else ev[index]
+    units = np.asarray(data["unit"].values).astype(str)
+    return Cells(
+        origin_idx=oi.astype(np.int64),
+        dest_idx=dj.astype(np.int64),
+        y=y,
+        exposure=np.asarray(ex, dtype=float),
+        upper=upper,
+        period_idx=per.astype(np.int64) if has_period else None,
+        source=source,
+        lower=np.where(np.isnan(y), lower, 0.0),
+        origin_label=units[oi],
+        destination_label=units[dj],
+        se=None if se_var is None else _like(se_var, dims, values, np.nan)[index],
+        cell_class=None
+        if class_var is None
+        else _like(class_var, dims, values, "")[index].astype(str),
+    )
+
+
+def _aggregated_cells(data: xr.Dataset, source: str, prefix: str) -> Cells:
+    """Cells of a source held over ``cell_<source>`` with their member pairs."""
+    dim = cell_dim(source)
+    name = f"{prefix}_{source}"
+    var = data[name]
+    o_level = str(var.attrs.get("origin_level", "unit"))
+    d_level = str(var.attrs.get("destination_level", "unit"))
+    values = np.asarray(var.values, dtype=float)
+    upper = (
+        np.asarray(data[f"{name}_max"].values, dtype=float)
+        if f"{name}_max" in data
+        else np.full_like(values, np.nan)
+    )
+    lower = (
+        np.asarray(data[f"{name}_min"].values, dtype=float)
+        if f"{name}_min" in data
+        else np.zeros_like(values)
+    )
+    keep = np.isfinite(values) | np.isfinite(upper)
+    o_lab = np.asarray(data[f"{dim}_origin"].values).astype(str)[keep]
+    d_lab = np.asarray(data[f"{dim}_destination"].values).astype(str)[keep]
+    n_cells = int(keep.sum())
+    o_groups = level_groups(data, o_level)
+    d_groups = level_groups(data, d_level)
+    cells = pd.DataFrame({"cell": np.arange(n_cells), "o": o_lab, "d": d_lab})
+    origins = pd.DataFrame({"o": o_groups, "i": np.arange(len(o_groups))})
+    dests = pd.DataFrame({"d": d_groups, "j": np.arange(len(d_groups))})
+    members = cells.merge(origins, on="o").merge(dests, on="d")
+    members = members.loc[members["i"] != members["j"]].sort_values(["cell", "i", "j"])
+    empty = sorted(set(range(n_cells)) - set(members["cell"]))
+    if empty:
+        bad = [f"{o_lab[c]}->{d_lab[c]}" for c in empty[:10]]
+        raise DataContractError(
+            f"'{name}': {len(empty)} cell(s) sum no pair of distinct units ({bad}); their "
+            f"labels name no unit at level {o_level!r} -> {d_level!r}. Fix: check the labels "
+            "against the units' level field"
+        )
+    exp_name = f"exposure_{source}"
+    ex = (
+        np.asarray(data[exp_name].values, dtype=float)[keep]
+        if exp_name in data
+        else np.ones(n_cells)
+    )
+    se_name = f"{name}_se"
+    class_name = f"class_{source}"
+    period_idx = None
+    if f"{dim}_period" in data.coords or f"{dim}_period" in data:
+        labels = np.asarray(data[f"{dim}_period"].values).astype(str)[keep]
+        period_idx = (
+            pd.Series(np.arange(data.sizes["period"]), index=data["period"].values.astype(str))
+            .reindex(labels)
+            .to_numpy()
+            .astype(np.int64)
+        )
+    y = values[keep]
+    return Cells(
+        origin_idx=members["i"].to_numpy(np.int64),
+        dest_idx=members["j"].to_numpy(np.int64),
+        y=y,
+        exposure=ex,
+        upper=upper[keep],
+        period_idx=period_idx,
+        source=source,
+        lower=np.where(np.isnan(y), np.nan_to_num(lower[keep]), 0.0),
+        member_cell=members["cell"].to_numpy(np.int64),
+        origin_label=o_lab,
+        destination_label=d_lab,
+        se=np.asarray(data[se_name].values, dtype=float)[keep] if se_name in data else None,
+        cell_class=np.asarray(data[class_name].values).astype(str)[keep]
+        if class_name in data
+        else None,
+    )
+
+
+# ============================================================================== build
+class PriorFactory:
+    """Creates nodes from the resolved priors inside ``build_model`` (``prior(name, dims=...)``).
+
+    ``key`` names the prior when it differs from the node (e.g. ``country_effect_z``
+    takes the ``country_effect`` prior).
+    """
+
+    def __init__(self, priors: Mapping[str, Any]) -> None:
+        self.priors = dict(priors)
+
+    def __call__(self, name: str, *, key: str | None = None, dims: Any = None) -> Any:
+        from flowmodel.models.priors import create_prior
+
+        spec = self.priors.get(key or name)
+        if spec is None:
+            raise ModelConfigError(f"no prior for node '{key or name}'")
+        return create_prior(name, spec, dims=dims)
+
+
+@dataclass
+class Build:
+    """What an observation model needs to add its likelihood (inside the PyMC model)."""
+
+    data: xr.Dataset
+    latent: LatentTerm
+    union_origin: np.ndarray
+    union_dest: np.ndarray
+    prior: PriorFactory
+    phi: Any = None
+
+    def __post_init__(self) -> None:
+        n = int(self.data.sizes["unit"])
+        self._lookup = pd.Series(
+            np.arange(len(self.union_origin)), index=self.union_origin * n + self.union_dest
+        )
+
+    @property
+    def eta(self) -> Any:
+        """``(pair,)`` log rates of the union of latent pairs."""
+        return self.latent.eta
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of latent pairs."""
+        return len(self.union_origin)
+
+    def where(self, origin_idx: np.ndarray, dest_idx: np.ndarray) -> np.ndarray:
+        """Positions of pairs in the union of latent pairs."""
+        n = int(self.data.sizes["unit"])
+        pos = self._lookup.reindex(np.asarray(origin_idx) * n + np.asarray(dest_idx)).to_numpy()
+        return pos.astype(np.int64)
+
+
+class ObservationModel(abc.ABC):
+    """Abstract observation model of one source (see the module docstring).
+
+    Parameters
+    ----------
+    source
+        The source name: ``flow_<source>`` (counts) or ``estimate_<source>``.
+    **options
+        Options of the subclass (:attr:`default_options`).
+    """
+
+    #: Kind name in configs and saved models.
+    kind: ClassVar[str] = ""
+    #: Options and their defaults.
+    default_options: ClassVar[dict[str, Any]] = {}
+    #: Whether the source has a negative-binomial dispersion ``phi``.
+    has_dispersion: ClassVar[bool] = False
+
+    def __init__(self, source: str, **options: Any) -> None:
+        unknown = set(options) - set(self.default_options)
+        if unknown:
+            raise ModelConfigError(
+                f"source '{source}' ({self.kind}): unknown option(s) {sorted(unknown)}; valid "
+                f"options are {sorted(self.default_options)}"
+            )
+        self.source = source
+        self.options: dict[str, Any] = dict(self.default_options) | dict(options)
+        self.validate()
+
+    def validate(self) -> None:  # noqa: B027 - optional hook
+        """Check the options (no data needed)."""
+
+    @property
+    def uses_dispersion(self) -> bool:
+        """Whether this source's noise has a dispersion ``phi``."""
+        return self.has_dispersion
+
+    def nodes(self, data: xr.Dataset | None = None) -> list[str]:
+        """Prior keys of the nodes this observation model registers."""
+        return [f.node for f in self._factors()]
+
+    def default_priors(self) -> dict[str, Any]:
+        """Default priors of :meth:`nodes`."""
+        return {f.node: f.default for f in self._factors()}
+
+    def _factors(self) -> list[ScaleFactor]:
+        out = []
+        for name in ("undercount", "duration"):
+            spec = self.options.get(name)
+            if spec is not None:
+                out.append(ScaleFactor(name, self.source, spec))
+        return out
+
+    @abc.abstractmethod
+    def cells(self, data: xr.Dataset) -> Cells:
+        """Read the source's cells from ``data``."""
+
+    def latent_pairs(self, data: xr.Dataset, cells: Cells) -> tuple[np.ndarray, np.ndarray]:
+        """Latent pairs this source needs (its members; CDR totals add their universe)."""
+        return cells.origin_idx, cells.dest_idx
+
+    @abc.abstractmethod
+    def add(self, build: Build, cells: Cells) -> None:
+        """Register the source's nodes and likelihood terms in the current PyMC model."""
+
+    def state(self, data: xr.Dataset, cells: Cells) -> dict[str, Any]:
+        """Fit-derived facts of the source (JSON-able)."""
+        return {
+            "kind": self.kind,
+            "n_cells": int(cells.n),
+            "n_censored": int(cells.censored.sum()),
+            "aggregated": bool(cells.aggregated),
+        }
+
+    # --------------------------------------------------------------------- numpy side
+    def log_scale_draws(self, posterior: xr.Dataset, data: xr.Dataset, cells: Cells) -> np.ndarray:
+        """``(sample, cell)`` log of the source's scale factors (undercount, duration, ...)."""
+        out = np.zeros((_n_samples(posterior), cells.n))
+        for f in self._factors():
+            out = out + f.log_draws(posterior, cells)
+        return out
+
+    def cell_log_mu(
+        self, posterior: xr.Dataset, data: xr.Dataset, cells: Cells, log_rate: Any
+    ) -> np.ndarray:
+        """``(sample, cell)`` log expected values of the cells (numpy).
+
+        ``log_rate(origin_idx, dest_idx)`` gives ``(sample, member)`` latent log rates.
+        """
+        eta = log_rate(cells.origin_idx, cells.dest_idx)
+        eta = eta + self.member_log_scale_draws(posterior, data, cells)
+        if cells.aggregated:
+            m = eta.max(axis=1, keepdims=True)
+            sums = np.zeros((eta.shape[0], cells.n))
+            np.add.at(sums.T, cells.member_cell, np.exp(eta - m).T)
+            agg = np.log(sums) + m
+        else:
+            agg = eta
+        return agg + np.log(cells.exposure)[None, :] + self.log_scale_draws(posterior, data, cells)
+
+    def member_log_scale_draws(
+        self, posterior: xr.Dataset, data: xr.Dataset, cells: Cells
+    ) -> np.ndarray:
+        """``(sample, member)`` log scale applied per latent pair (CDR market share); 0 here."""
+        return np.zeros((1, len(cells.origin_idx)))
+
+    @abc.abstractmethod
+    def pointwise(
+        self, posterior: xr.Dataset, data: xr.Dataset, cells: Cells, log_rate: Any
+    ) -> np.ndarray:
+        """``(sample, cell)`` pointwise log-likelihood (numpy, for LOO)."""
+
+
+def _n_samples(posterior: xr.Dataset) -> int:
+    return int(posterior.sizes.get("chain", 1) * posterior.sizes.get("draw", 1))
+
+
+@dataclass
+class ScaleFactor:
+    """A multiplier of a source's expected counts with a prior: undercount or duration.
+
+    ``spec`` is one prior (one factor) or ``{class: prior}`` (one factor per class
+    of report, the class of each cell read from ``class_<source>``). Node:
+    ``<name>_<source>`` (dims ``<name>_<source>_class`` per class).
+    """
+
+    name: str
+    source: str
+    spec: Any
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}_{self.source}"
+
+    @property
+    def per_class(self) -> bool:
+        return isinstance(self.spec, Mapping) and "dist" not in self.spec
+
+    @property
+    def default(self) -> Any:
+        if self.spec is True:
+            return FACTOR_PRIOR
+        return self.spec
+
+    @property
+    def class_dim(self) -> str:
+        return f"{self.node}_class"
+
+    def classes(self) -> list[str]:
+        return sorted(str(k) for k in self.spec) if self.per_class else []
+
+    def add(self, cells: Cells, priors: Mapping[str, Any]) -> Any:
+        """Register the factor; return ``(cell,)`` or scalar log factor (PyTensor)."""
+        from flowmodel.models.priors import create_prior
+
+        spec = priors.get(self.node, self.default)
+        if not self.per_class:
+            return pt.log(create_prior(self.node, spec, dims=None))
+        classes = self.classes()
+        if cells.cell_class is None:
+            raise DataContractError(
+                f"{self.name} of source '{self.source}' is given per class {classes}, but the "
+                f"dataset has no 'class_{self.source}'. Fix: add a 'class' column to the flow table"
+            )
+        unknown = sorted(set(cells.cell_class) - set(classes))
+        if unknown:
+            raise ModelConfigError(
+                f"{self.name} of source '{self.source}': classes {unknown} of the data have no "
+                f"prior (priors given for {classes}). Fix: add them to the {self.name} option"
+            )
+        pm.modelcontext(None).add_coords({self.class_dim: classes})
+        factors = [
+            create_prior(f"{self.node}[{c}]", spec[c] if self.per_class else spec) for c in classes
+        ]
+        vec = pm.Deterministic(self.node, pt.stack(factors), dims=self.class_dim)
+        idx = np.searchsorted(classes, cells.cell_class)
+        return pt.log(vec)[idx]
+
+    def log_draws(self, posterior: xr.Dataset, cells: Cells) -> np.ndarray:
+        values = stack_samples(posterior[self.node])
+        if values.ndim == 1:
+            return np.log(values)[:, None]
+        classes = list(posterior[self.node][self.class_dim].values.astype(str))
+        return np.log(values)[:, np.searchsorted(classes, cells.cell_class)]
+
+
+# ======================================================================== count sources
+class CountObservation(ObservationModel):
+    r"""Counts (a census table or person records, a register): NB or Poisson, any level.
+
+    .. math::
+
+        y_c \sim \operatorname{NB}\Big(e_c\, u_c \sum_{(i,j)\in c} e^{\eta_{ij}},\ \phi\Big)
+
+    with :math:`e_c` the exposure (sample fraction), :math:`u_c` the undercount and
+    duration factors (when given), interval-censored cells entering as
+    ``P(min <= y <= max)``.
+
+    Options
+    -------
+    likelihood
+        ``"negbin"`` (default) or ``"poisson"``.
+    undercount
+        None, a prior (one factor) or ``{class: prior}`` (one per report class in
+        ``class_<source>``): reported / true counts.
+    duration
+        None or a prior: counts of the source's window per latent flow (e.g. a
+        5-year migrant count against a 1-year latent window).
+    """
+
+    kind = "counts"
+    has_dispersion = True
+    default_options: ClassVar[dict[str, Any]] = {
+        "likelihood": "negbin",
+        "undercount": None,
+        "duration": None,
+    }
+
+    @override
+    def validate(self) -> None:
+        if self.options["likelihood"] not in LIKELIHOODS:
+            raise ModelConfigError(
+                f"source '{self.source}': likelihood={self.options['likelihood']!r} is not "
+                f"valid; use one of {list(LIKELIHOODS)}"
+            )
+
+    @property
+    @override
+    def uses_dispersion(self) -> bool:
+        return self.options["likelihood"] == "negbin"
+
+    @override
+    def cells(self, data: xr.Dataset) -> Cells:
+        return read_cells(data, self.source)
+
+    def _scale(self, build: Build, cells: Cells) -> tuple[Any, Any]:
+        """``(member log scale, cell log scale)``: per latent pair (0 here) and per cell."""
+        cell_scale: Any = 0.0
+        for f in self._factors():
+            cell_scale = cell_scale + f.add(cells, build.prior.priors)
+        return 0.0, cell_scale
+
+    def _scale_linear(self, build: Build, cells: Cells, y: np.ndarray) -> Any:
+        """``Σ_c y_c log scale_c`` for the member scales of unit-level cells (0 here)."""
+        return 0.0
+
+    @override
+    def add(self, build: Build, cells: Cells) -> None:
+        likelihood = self.options["likelihood"]
+        phi = build.phi if self.uses_dispersion else None
+        where = build.where(cells.origin_idx, cells.dest_idx)
+        member_scale, cell_scale = self._scale(build, cells)
+        log_e = np.log(cells.exposure)
+        obs = cells.observed
+        cens = cells.censored
+        name = f"y_{self.source}"
+        if not cells.aggregated:
+            log_mu = build.eta[where] + member_scale + log_e + cell_scale
+            if obs.any():
+                idx = np.flatnonzero(obs)
+                linear = None
+                if build.latent.linear is not None and np.ndim(cell_scale) == 0:
+                    w = np.bincount(where[idx], weights=cells.y[idx], minlength=build.n_pairs)
+                    linear = (
+                        build.latent.linear(w)
+                        + self._scale_linear(build, cells, np.where(obs, cells.y, 0.0))
+                        + float(cells.y[idx].sum()) * cell_scale
+                    )
+                pm.Potential(
+                    name,
+                    count_loglik(
+                        log_mu[idx] if not obs.all() else log_mu,
+                        cells.y[idx],
+                        likelihood=likelihood,
+                        phi=phi,
+                        linear=linear,
+                        log_offset=log_e[idx],
+                    ),
+                )
+            if cens.any():
+                idx = np.flatnonzero(cens)
+                mu_c = pt.exp(log_mu[idx])
+                pm.Potential(
+                    f"{name}_censored",
+                    censored_count_logp(
+                        mu_c, cells.upper[idx], cells.lower[idx], likelihood=likelihood, phi=phi
+                    ).sum(),
+                )
+            return
+        member = pt.exp(build.eta[where] + member_scale)
+        mu = segment_sum(member, cells.member_cell, cells.n) * cells.exposure
+        log_mu = pt.log(mu) + cell_scale
+        if obs.any():
+            idx = np.flatnonzero(obs)
+            pm.Potential(
+                name, count_loglik(log_mu[idx], cells.y[idx], likelihood=likelihood, phi=phi)
+            )
+        if cens.any():
+            idx = np.flatnonzero(cens)
+            pm.Potential(
+                f"{name}_censored",
+                censored_count_logp(
+                    pt.exp(log_mu[idx]),
+                    cells.upper[idx],
+                    cells.lower[idx],
+                    likelihood=likelihood,
+                    phi=phi,
+                ).sum(),
+            )
+
+    @override
+    def pointwise(self, posterior, data, cells, log_rate):
+        log_mu = self.cell_log_mu(posterior, data, cells, log_rate)
+        phi = self.phi_draws(posterior)
+        obs = cells.observed
+        ll = np.empty_like(log_mu)
+        if obs.any():
+            ll[:, obs] = pointwise_count_loglik(log_mu[:, obs], cells.y[None, obs], phi)
+        cens = ~obs
+        if cens.any():
+            ll[:, cens] = censored_nb_logp_np(
+                cells.upper[cens], cells.lower[cens], phi, np.exp(log_mu[:, cens])
+            )
+        return ll
+
+    def phi_draws(self, posterior: xr.Dataset) -> np.ndarray | None:
+        """``(sample,)`` dispersion draws of this source (None for a Poisson source)."""
+        if not self.uses_dispersion or "phi" not in posterior:
+            return None
+        phi = posterior["phi"]
+        if "source" in phi.dims:
+            phi = phi.sel(source=self.source)
+        return stack_samples(phi)
+
+
+class CDRObservation(CountObservation):
+    r"""Relocations from mobile-phone data: counts scaled by a market share and periods.
+
+    .. math::
+
+        y_{ijt} \sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
+        \operatorname{logit} s_i = \operatorname{logit} p_i + \delta_{c(i)} + \sigma_s z_i,
+        \qquad \log \pi_t = \log\kappa + d_t
+
+    with :math:`p_i` the penetration covariate (``market_share_covariate``),
+    :math:`\delta_c` its per-country bias, :math:`\kappa` the ``period_scale`` and
+    :math:`d` zero-sum period deviations. Cells redacted at 15 or fewer enter as
+    ``P(y <= 15)``. The operator's in/out totals (``<source>_outflow`` /
+    ``_inflow``, summed before redaction) enter through the remainder ``total -
+    released cells``, normal with the summed moments of the redacted and missing
+    cells.
+    """
+
+    kind = "cdr"
+    default_options: ClassVar[dict[str, Any]] = {
+        **CountObservation.default_options,
+        "market_share_covariate": "cdr_subscribers_per_resident",
+        "market_share_default": 0.3,
+    }
+
+    @override
+    def validate(self) -> None:
+        super().validate()
+        share = self.options["market_share_default"]
+        if not 0.0 < share < 1.0:
+            raise ModelConfigError(
+                f"source '{self.source}': market_share_default={share} must lie in (0, 1). "
+                "Fix: e.g. 0.3"
+            )
+
+    def node(self, name: str) -> str:
+        """Node name of a CDR parameter: ``market_share`` for ``cdr``, else suffixed."""
+        return name if self.source == "cdr" else f"{name}_{self.source}"
+
+    @staticmethod
+    @override
+    def n_periods(data: xr.Dataset, source: str) -> int:
+        flow = data.get(f"flow_{source}")
+        return int(data.sizes["period"]) if flow is not None and "period" in flow.dims else 1
+
+    @override
+    def nodes(self, data: xr.Dataset | None = None) -> list[str]:
+        nodes = [
+            self.node("market_share_country"),
+            self.node("sigma_market_share"),
+            self.node("period_scale"),
+        ]
+        if data is None or self.n_periods(data, self.source) > 1:
+            nodes.append(self.node("period_effect"))
+        return nodes + super().nodes(data)
+
+    @override
+    def default_priors(self) -> dict[str, Any]:
+        return {self.node(k): v for k, v in CDR_PRIORS.items()} | super().default_priors()
+
+    def market_share_centre(self, data: xr.Dataset, units: np.ndarray) -> np.ndarray:
+        """Prior centre (logit scale) of the market share of each unit position in ``units``.
+
+        The penetration covariate clipped to [0.01, 0.99] where it is finite and
+        positive, else ``market_share_default``.
+        """
+        default = float(special.logit(self.options["market_share_default"]))
+        name = self.options["market_share_covariate"]
+        centre = np.full(len(units), default)
+        if name and name in data and data[name].dims == ("unit",):
+            values = np.asarray(data[name].values, dtype=float)[units]
+            ok = np.isfinite(values) & (values > 0)
+            centre[ok] = special.logit(np.clip(values[ok], 0.01, 0.99))
+        return centre
+
+    # ------------------------------------------------------------------ build
+    @override
+    def latent_pairs(self, data: xr.Dataset, cells: Cells) -> tuple[np.ndarray, np.ndarray]:
+        o, d = [cells.origin_idx], [cells.dest_idx]
+        for total in self.total_cells(data, cells).values():
+            o.append(total.origin_idx)
+            d.append(total.dest_idx)
+        return np.concatenate(o), np.concatenate(d)
+
+    def _scale(self, build: Build, cells: Cells) -> tuple[Any, Any]:
+        self._share = self._add_scaling(build, cells)
+        _, cell_scale = super()._scale(build, cells)
+        return self._share(cells.origin_idx, cells.period_idx), cell_scale
+
+    def _scale_linear(self, build: Build, cells: Cells, y: np.ndarray) -> Any:
+        units = self._units
+        u_idx = np.searchsorted(units, cells.origin_idx)
+        out = pt.dot(np.bincount(u_idx, weights=y, minlength=len(units)), self._log_share)
+        if cells.period_idx is None:
+            return out + float(y.sum()) * self._log_level
+        n_t = int(build.data.sizes["period"])
+        return out + pt.dot(np.bincount(cells.period_idx, weights=y, minlength=n_t), self._log_pe)
+
+    def _add_scaling(self, build: Build, cells: Cells) -> Any:
+        """Register ``market_share``, ``period_scale`` (and ``period_effect``).
+
+        Returns a function ``(origin_idx, period_idx) -> log scaling`` of any CDR
+        cells whose origins are among the origins of ``cells``.
+        """
+        data = build.data
+        priors = build.prior.priors
+        units = np.unique(cells.origin_idx)
+        countries_all = np.asarray(data["country"].values).astype(str)
+        countries, country_pos = np.unique(countries_all[units], return_inverse=True)
+        unit_dim = self.node("market_unit")
+        country_dim = self.node("market_country")
+        model = pm.modelcontext(None)
+        model.add_coord(unit_dim, np.asarray(data["unit"].values).astype(str)[units])
+        model.add_coord(country_dim, countries)
+        centre = self.market_share_centre(data, units)
+        offset = build.prior(self.node("market_share_country"), dims=country_dim)
+        sigma = build.prior(self.node("sigma_market_share"))
+        z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
+        logit_share = centre + offset[country_pos] + sigma * z
+        pm.Deterministic(self.node("market_share"), pm.math.sigmoid(logit_share), dims=unit_dim)
+        log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
+        log_level = pt.log(build.prior(self.node("period_scale")))
+        self._units, self._log_share, self._log_level = units, log_share, log_level
+        if cells.period_idx is None:
+            self._log_pe = None
+
+            def scale_flat(origin_idx: np.ndarray, period_idx: np.ndarray | None) -> Any:
+                return log_share[np.searchsorted(units, origin_idx)] + log_level
+
+            return scale_flat
+        if "period" not in model.coords:
+            model.add_coord("period", np.asarray(data["period"].values).astype(str))
+        log_pe = pt.zeros(int(data.sizes["period"])) + log_level
+        if self.n_periods(data, self.source) > 1:
+            spec = dict(priors[self.node("period_effect")])
+            if spec.get("dist", "ZeroSumNormal") != "ZeroSumNormal":
+                raise ModelConfigError(
+                    f"prior '{self.node('period_effect')}' must be a ZeroSumNormal of the "
+                    "log deviations (their level is period_scale). "
+                    "Fix: {'dist': 'ZeroSumNormal', 'sigma': 0.5}"
+                )
+            # iid normals projected onto the zero-sum subspace: exactly ZeroSumNormal(sigma)
+            # (the leftover mean direction keeps its N(0, sigma²/T) prior); written out
+            # because pm.ZeroSumNormal's transform breaks pm.fit (ADVI) initial points
+            raw = pm.Normal(
+                self.node("period_deviation_raw"),
+                0.0,
+                float(spec.get("sigma", 0.5)),
+                dims="period",
+            )
+            deviation = pm.Deterministic(
+                self.node("period_deviation"), raw - pt.mean(raw), dims="period"
+            )
+            log_pe = log_pe + deviation
+        pm.Deterministic(self.node("period_effect"), pt.exp(log_pe), dims="period")
+        self._log_pe = log_pe
+
+        def scale(origin_idx: np.ndarray, period_idx: np.ndarray | None) -> Any:
+            return log_share[np.searchsorted(units, origin_idx)] + log_pe[period_idx]
+
+        return scale
+
+    @override
+    def add(self, build: Build, cells: Cells) -> None:
+        super().add(build, cells)
+        totals = self.total_cells(build.data, cells)
+        if not totals:
+            return
+        self._totals_used = {}
+        for kind, total in totals.items():
+            where = build.where(total.origin_idx, total.dest_idx)
+            log_cell = build.eta[where] + self._share(total.origin_idx, total.period_idx)
+            self._add_totals_likelihood(
+                build.data, kind, total, pt.exp(log_cell), build.phi, weight=1.0 / len(totals)
+            )
+
+    @override
+    def state(self, data: xr.Dataset, cells: Cells) -> dict[str, Any]:
+        out = super().state(data, cells)
+        totals = self.total_cells(data, cells)
+        out["totals"] = sorted(totals)
+        out["n_totals"] = dict(getattr(self, "_totals_used", {}))
+        return out
+
+    # ------------------------------------------------------------------ in/out totals
+    @staticmethod
+    def _dense_cells(data: xr.Dataset, name: str) -> np.ndarray:
+        """Return a pair variable as a ``(unit, unit, period)`` array in ``unit`` order (NaN if absent)."""
+        n = int(data.sizes["unit"])
+        var = data.get(name)
+        n_t = int(data.sizes["period"]) if "period" in data.dims else 1
+        out = np.full((n, n, n_t), np.nan)
+        if var is None:
+            return out
+        dims = (
+            "origin",
+            "destination",
+            *(d for d in var.dims if d not in ("origin", "destination")),
+        )
+        values = np.asarray(var.transpose(*dims).values, dtype=float)
+        values = values.reshape(values.shape[0], values.shape[1], -1)
+        o_pos = unit_positions(data, data["origin"].values)
+        d_pos = unit_positions(data, data["destination"].values)
+        out[o_pos[:, None], d_pos[None, :], : values.shape[2]] = values
+        return out
+
+    @staticmethod
+    def _unit_period_values(data: xr.Dataset, name: str, has_period: bool) -> np.ndarray:
+        """Return a totals variable as ``(unit, period)`` values (all NaN when absent)."""
+        n = int(data.sizes["unit"])
+        n_t = int(data.sizes["period"]) if has_period else 1
+        var = data.get(name)
+        if var is None:
+            return np.full((n, n_t), np.nan)
+        if ("period" in var.dims) != has_period or "unit" not in var.dims or var.ndim > 2:
+            raise DataContractError(
+                f"'{name}' has dims {var.dims}; in/out totals need dims ('unit', 'period') when "
+                "the flow has a period dim, else ('unit',). Fix: build them with "
+                "flowmodel.dataset.totals_to_dataset()"
+            )
+        return np.asarray(var.transpose("unit", ...).values, dtype=float).reshape(n, -1)
+
+    def total_cells(self, data: xr.Dataset, cells: Cells) -> dict[str, Cells]:
+        """Cells each in/out total of the source sums over, per kind present in ``data``.
+
+        The universe of a total (attr ``universe`` of ``<source>_outflow``, default
+        ``"covered"``): origins = the CDR origin units (those with a market share),
+        destinations = every unit in a CDR cell (``"within"``: of the same
+        country), diagonal excluded. Every (origin, destination, period) cell of
+        the universe is released (``y``), censored (``upper``) or missing (both
+        NaN: e.g. held out; it then enters the totals with its full distribution).
+        """
+        source = self.source
+        has_period = cells.period_idx is not None
+        kinds = []
+        for kind in TOTAL_KINDS:
+            for name in (f"{source}_{kind}", f"{source}_{kind}_max"):
+                if np.isfinite(self._unit_period_values(data, name, has_period)).any():
+                    kinds.append(kind)
+                    break
+        if not kinds:
+            return {}
+        n = int(data.sizes["unit"])
+        flow = self._dense_cells(data, f"flow_{source}")
+        upper = self._dense_cells(data, f"flow_{source}_max")
+        lower = self._dense_cells(data, f"flow_{source}_min")
+        n_t = flow.shape[2] if has_period else 1
+        origins = np.unique(cells.origin_idx)
+        covered = np.unique(np.concatenate([cells.origin_idx, cells.dest_idx]))
+        country = np.asarray(data["country"].values).astype(str)
+        exp_var = data.get(f"exposure_{source}")
+        out = {}
+        for kind in kinds:
+            attrs = data[f"{source}_{kind}"].attrs if f"{source}_{kind}" in data else {}
+            universe = attrs.get("universe", "covered")
+            if universe not in TOTAL_UNIVERSES:
+                raise DataContractError(
+                    f"'{source}_{kind}' has universe={universe!r}; Fix: one of {list(TOTAL_UNIVERSES)}"
+                )
+            mask = np.zeros((n, n), dtype=bool)
+            mask[np.ix_(origins, covered)] = True
+            np.fill_diagonal(mask, False)
+            if universe == "within":
+                mask &= country[:, None] == country[None, :]
+            o, d = np.nonzero(mask)
+            o, d = np.repeat(o, n_t), np.repeat(d, n_t)
+            t = np.tile(np.arange(n_t), int(mask.sum()))
+            ex = np.ones(len(o))
+            if exp_var is not None and exp_var.dims == ("unit",):
+                ex = np.asarray(exp_var.values, dtype=float)[o]
+            out[kind] = Cells(
+                origin_idx=o.astype(np.int64),
+                dest_idx=d.astype(np.int64),
+                y=flow[o, d, t],
+                exposure=ex,
+                upper=upper[o, d, t],
+                period_idx=t.astype(np.int64) if has_period else None,
+                source=f"{source}:{kind}",
+                lower=np.where(np.isnan(flow[o, d, t]), lower[o, d, t], 0.0),
+            )
+        return out
+
+    def _add_totals_likelihood(
+        self,
+        data: xr.Dataset,
+        kind: str,
+        cells: Cells,
+        mu: Any,
+        phi: Any,
+        weight: float = 1.0,
+    ) -> None:
+        r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
+
+        A total is the sum of its cells before redaction, so given the cells
+        already in the likelihood its only new information is the remainder
+        :math:`R = T - \sum_{\text{released}} y`, the sum of the redacted (each
+        :math:`\le` its bound) and missing cells. :math:`R` is modelled as
+        :math:`N(\sum m_c, \sum v_c + 1/12)` with :math:`m_c, v_c` the moments
+        of each cell's negative binomial — truncated to ``0..max`` for a
+        redacted cell — (the CLT for a sum of independent cells; 1/12 is the
+        rounding variance). A suppressed total (NaN, bound in
+        ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
+        ``weight`` multiplies the log-likelihood: ``1/2`` when both outflow and
+        inflow totals are used, whose remainders sum the same redacted cells
+        (a composite likelihood that would otherwise count them twice).
+        """
+        source = self.source
+        has_period = cells.period_idx is not None
+        n = int(data.sizes["unit"])
+        n_t = int(data.sizes["period"]) if has_period else 1
+        total = self._unit_period_values(data, f"{source}_{kind}", has_period).ravel()
+        bound = self._unit_period_values(data, f"{source}_{kind}_max", has_period).ravel()
+        side = cells.origin_idx if kind == "outflow" else cells.dest_idx
+        key = side * n_t + (cells.period_idx if has_period else 0)
+        mu = mu * cells.exposure
+        released = np.isfinite(cells.y)
+        censored = ~released & np.isfinite(cells.upper)
+        missing = ~released & ~censored
+        rel_sum = np.bincount(key[released], cells.y[released], minlength=n * n_t)
+        n_open = np.bincount(key[~released], minlength=n * n_t)
+        remainder = total - rel_sum
+        bad = np.isfinite(total) & ((remainder < 0) | ((n_open == 0) & (remainder != 0)))
+        if bad.any():
+            ids = np.asarray(data["unit"].values).astype(str)[np.flatnonzero(bad) // n_t]
+            raise DataContractError(
+                f"'{source}_{kind}' of units {sorted(set(ids))[:10]} does not equal the sum of "
+                f"their flow_{source} cells (released cells exceed the total, or every cell is "
+                "released and the sum differs). Fix: check the totals' universe attribute "
+                "('covered' or 'within') and that the totals were computed before redaction"
+            )
+        use_obs = np.isfinite(total) & (n_open > 0)
+        use_cen = ~np.isfinite(total) & np.isfinite(bound) & (n_open > 0)
+        self._totals_used[f"{source}_{kind}"] = int(use_obs.sum() + use_cen.sum())
+        if not (use_obs.any() or use_cen.any()):
+            return
+        mean = pt.zeros(n * n_t)
+        var = pt.zeros(n * n_t)
+        if censored.any():
+            idx = np.flatnonzero(censored)
+            m_c, v_c = truncated_nb_moments(
+                mu[idx], phi, cells.upper[censored], cells.lower[censored]
+            )
+            mean = pt.inc_subtensor(mean[key[idx]], m_c)
+            var = pt.inc_subtensor(var[key[idx]], v_c)
+        if missing.any():
+            idx = np.flatnonzero(missing)
+            m_m = mu[idx]
+            mean = pt.inc_subtensor(mean[key[idx]], m_m)
+            var = pt.inc_subtensor(var[key[idx]], m_m + m_m**2 / phi)
+        sd = pt.sqrt(var + 1.0 / 12.0)
+        logp = pt.zeros(())
+        if use_obs.any():
+            sel = np.flatnonzero(use_obs)
+            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
+            logp = logp + pm.logp(dist, remainder[sel]).sum()
+        if use_cen.any():
+            sel = np.flatnonzero(use_cen)
+            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
+            logp = logp + pm.logcdf(dist, bound[sel] - rel_sum[sel] + 0.5).sum()
+        pm.Potential(f"{source}_{kind}_total", weight * logp)
+
+    # ------------------------------------------------------------------ numpy side
+    @override
+    def member_log_scale_draws(self, posterior, data, cells):
+        share = posterior[self.node("market_share")]
+        dim = self.node("market_unit")
+        pos = pd.Series(np.arange(share.sizes[dim]), index=share[dim].values.astype(str))
+        ids = np.asarray(data["unit"].values).astype(str)[cells.origin_idx]
+        idx = pos.reindex(ids).to_numpy()
+        if np.isnan(idx).any():
+            raise ModelConfigError(
+                f"CDR origins {sorted(set(ids[np.isnan(idx)]))[:10]} have no fitted market "
+                "share. Fix: pass the dataset the model was fitted to"
+            )
+        log_mu = np.log(stack_samples(share))[:, idx.astype(np.int64)]
+        effect = self.node("period_effect")
+        if cells.period_idx is not None and effect in posterior:
+            labels = np.asarray(data["period"].values).astype(str)[cells.period_idx]
+            per = posterior[effect]
+            p_pos = pd.Series(
+                np.arange(per.sizes["period"]), index=per["period"].values.astype(str)
+            )
+            log_pe = np.log(stack_samples(per))
+            return log_mu + log_pe[:, p_pos.reindex(labels).to_numpy().astype(np.int64)]
+        scale = stack_samples(posterior[self.node("period_scale")])
+        return log_mu + np.log(scale)[:, None]
+
+    def market_share_summary(
+        self, posterior: xr.Dataset, *, ci_prob: float = 0.94
+    ) -> pd.DataFrame:
+        """Posterior of the market share of each CDR origin unit.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by unit id: ``mean``, ``sd``, ``eti_lo``, ``eti_hi``
+            (equal-tailed ``ci_prob`` interval).
+        """
+        var = posterior[self.node("market_share")]
+        dim = self.node("market_unit")
+        values = var.stack(sample=("chain", "draw")).transpose(dim, "sample").values
+        lo, hi = (1 - ci_prob) / 2, 1 - (1 - ci_prob) / 2
+        return pd.DataFrame(
+            {
+                "mean": values.mean(axis=1),
+                "sd": values.std(axis=1, ddof=1) if values.shape[1] > 1 else 0.0,
+                "eti_lo": np.quantile(values, lo, axis=1),
+                "eti_hi": np.quantile(values, hi, axis=1),
+            },
+            index=pd.Index(var[dim].values.astype(str), name="unit"),
+        )
+
+
+# ============================================================================ estimates
+class EstimateObservation(ObservationModel):
+    r"""Published estimates with standard errors (UN/World Bank tables, survey estimates).
+
+    .. math::
+
+        \log \hat y_c \sim \mathcal N\Big(\log\big(u_c \sum_{(i,j)\in c} e^{\eta_{ij}}\big),\
+        \sigma_c^2\Big), \qquad \sigma_c^2 = \log\big(1 + (\mathrm{se}_c/\hat y_c)^2\big)
+
+    read from ``estimate_<source>`` and ``estimate_<source>_se`` at any level
+    (a country-pair table sums whole blocks of pairs; see
+    :func:`flowmodel.dataset.estimates_to_dataset`).
+    """
+
+    kind = "estimates"
+    default_options: ClassVar[dict[str, Any]] = {"undercount": None, "duration": None}
+
+    @override
+    def cells(self, data: xr.Dataset) -> Cells:
+        cells = read_cells(data, self.source, value="estimate")
+        if cells.se is None:
+            raise DataContractError(
+                f"estimates '{self.source}' have no standard errors 'estimate_{self.source}_se'. "
+                "Fix: build them with flowmodel.dataset.estimates_to_dataset(..., se=...)"
+            )
+        keep = cells.observed & (cells.y > 0) & np.isfinite(cells.se) & (cells.se > 0)
+        if not keep.all():
+            bad = int((~keep).sum())
+            raise DataContractError(
+                f"estimates '{self.source}': {bad} cell(s) without a positive estimate and "
+                "standard error. Fix: drop unknown cells from the table"
+            )
+        return cells
+
+    @override
+    def sdlog(self, cells: Cells) -> np.ndarray:
+        return lognormal_sdlog(cells.y, cells.se)
+
+    @override
+    def add(self, build: Build, cells: Cells) -> None:
+        where = build.where(cells.origin_idx, cells.dest_idx)
+        member_cell = cells.member_cell if cells.aggregated else np.arange(cells.n, dtype=np.int64)
+        total = segment_sum(pt.exp(build.eta[where]), member_cell, cells.n)
+        dim = f"cell_{self.source}"
+        pm.modelcontext(None).add_coord(
+            dim,
+            [f"{o}>{d}" for o, d in zip(cells.origin_label, cells.destination_label, strict=True)],
+        )
+        pm.Deterministic(f"{self.source}_expected", total, dims=dim)
+        log_mu = pt.log(total) + np.log(cells.exposure)
+        for f in self._factors():
+            log_mu = log_mu + f.add(cells, build.prior.priors)
+        pm.Potential(
+            f"y_{self.source}",
+            pm.logp(pm.Normal.dist(mu=log_mu, sigma=self.sdlog(cells)), np.log(cells.y)).sum(),
+        )
+
+    @override
+    def pointwise(self, posterior, data, cells, log_rate):
+        from scipy import stats
+
+        log_mu = self.cell_log_mu(posterior, data, cells, log_rate)
+        return stats.norm.logpdf(np.log(cells.y)[None, :], log_mu, self.sdlog(cells)[None, :])
+
+
+# ======================================================================= constrained
+class ConstrainedCountObservation(CountObservation):
+    r"""The constrained gravity likelihoods: (Dirichlet-)multinomial given observed margins.
+
+    .. math::
+
+        \text{production: } (y_{i\cdot}) \mid O_i \sim \operatorname{Mult}(O_i, \pi_{i\cdot}),
+        \quad \pi_{ij} \propto \exp(\eta_{ij})
+
+    (attraction: over origins given each destination's inflow; doubly: production
+    with destination effects in eta). With ``likelihood="negbin"`` a
+    Dirichlet-multinomial with concentration :math:`\phi\pi_{ij}`.
+    """
+
+    kind = "constrained"
+    default_options: ClassVar[dict[str, Any]] = {
+        "likelihood": "negbin",
+        "constraint": "production",
+    }
+
+    @override
+    def validate(self) -> None:
+        super().validate()
+        if self.options["constraint"] not in ("production", "attraction", "doubly"):
+            raise ModelConfigError(
+                f"constraint={self.options['constraint']!r}: a constrained observation needs "
+                "'production', 'attraction' or 'doubly'"
+            )
+
+    @property
+    @override
+    def constraint(self) -> str:
+        return self.options["constraint"]
+
+    @override
+    def cells(self, data: xr.Dataset) -> Cells:
+        cells = read_cells(data, self.source)
+        obs = cells.observed
+        if not obs.all():
+            margin_name = "outflow" if self.constraint != "attraction" else "inflow"
+            raise ModelConfigError(
+                f"constraint='{self.constraint}' cannot use the {int((~obs).sum())} censored "
+                f"cell(s) of flow_{self.source} (flow_{self.source}_max): the model conditions "
+                f"on each unit's observed {margin_name} total, which is unknown when one of its "
+                "cells is only bounded above. Fix: use constraint='none' (censored cells enter "
+                "through the count CDF), fit the source in a FusionModel, or drop the censored "
+                "cells"
+            )
+        return cells
+
+    @override
+    def add(self, build: Build, cells: Cells) -> None:
+        where = build.where(cells.origin_idx, cells.dest_idx)
+        eta = build.eta[where]
+        y = cells.y
+        group = cells.dest_idx if self.constraint == "attraction" else cells.origin_idx
+        groups, gidx = np.unique(group, return_inverse=True)
+        margin = np.bincount(gidx, weights=y, minlength=len(groups))
+        # multinomial coefficient log(O_i! / prod_j y_ij!): a constant, kept so the
+        # Potential is the exact log pmf (comparable across likelihoods)
+        log_coef = float(special.gammaln(margin + 1).sum() - special.gammaln(y + 1).sum())
+        shift = pt.max(eta)
+        denom = segment_sum(pt.exp(eta - shift), gidx, len(groups))
+        log_denom = pt.log(denom) + shift
+        if self.options["likelihood"] == "poisson":
+            # Σ_i log Mult(y_i. | O_i, pi_i.), Σ y_ij log pi_ij = Xᵀy·beta - Σ_i O_i log Σ_j w_ij
+            w = np.bincount(where, weights=y, minlength=build.n_pairs)
+            linear = build.latent.linear(w) if build.latent.linear else pt.dot(y, eta)
+            logp = linear - pt.dot(margin, log_denom) + log_coef
+        else:
+            # Σ_i log DirMult(y_i. | O_i, alpha_i. = phi pi_i.): one global concentration,
+            # so Σ_j alpha_ij = phi for every margin (pi_i. sums to one over its pairs)
+            phi = build.phi
+            log_pi = eta - log_denom[gidx]
+            alpha = phi * pt.exp(log_pi)
+            logp = (
+                len(groups) * pt.gammaln(phi)
+                - pt.sum(pt.gammaln(margin + phi))
+                + pt.sum(pt.gammaln(y + alpha) - pt.gammaln(alpha))
+                + log_coef
+            )
+        pm.Potential(f"y_{self.source}", logp)
+        self._groups = len(groups)
+
+    @override
+    def state(self, data, cells):
+        out = super().state(data, cells)
+        out["constraint_groups"] = int(getattr(self, "_groups", 0))
+        return out
+
+    @override
+    def pointwise(self, posterior, data, cells, log_rate):
+        raise ModelConfigError(
+            f"pointwise log-likelihood of constraint='{self.constraint}' is per margin, "
+            "not per pair; Fix: compare unconstrained models"
+        )
+
+    def flow_rule(self) -> ConstrainedFlows:
+        """How predictions turn latent log weights into flows (normalised, times margins)."""
+        return ConstrainedFlows(self.constraint, self.source)
+
+
+# ============================================================================ prediction
+class ExpectedFlows:
+    """Prediction rule of unconstrained models: ``mu = exp(eta)``, NB/Poisson noise."""
+
+    supports_sparse = True
+
+    def prepare(self, ctx: Any, exposure: str | None) -> None:
+        """Nothing to precompute."""
+
+    def block(self, ctx: Any, eta: np.ndarray, rows: np.ndarray, kind: str, rng: Any) -> tuple:
+        """``(mu, draws)`` of a dense block ``(S, rows, N)`` (population scale x exposure)."""
+        mu = np.exp(eta)
+        scale = ctx.exposure_unit[rows][None, :, None]
+        if ctx.exposure_pair is not None:
+            scale = np.asarray(
+                ctx.exposure_pair.isel(origin=slice(int(rows[0]), int(rows[-1]) + 1)).values,
+                dtype=float,
+            )[None]
+        mu = (mu * scale).astype(ctx.dtype, copy=False)
+        if kind == "mean":
+            return mu, mu
+        return mu, ctx.noise(mu, rows)
+
+
+class ConstrainedFlows(ExpectedFlows):
+    """Prediction rule of constrained gravity models: shares of observed margins."""
+
+    supports_sparse = False
+
+    def __init__(self, constraint: str, source: str) -> None:
+        self.constraint = constraint
+        self.source = source
+
+    def prepare(self, ctx: Any, exposure: str | None) -> None:
+        """Observed margins (population scale unless ``exposure``); attraction denominators."""
+        data = ctx.data
+        flow = data[f"flow_{self.source}"].transpose("origin", "destination", ...)
+        extra = [d for d in flow.dims if d not in ("origin", "destination")]
+        if extra:
+            flow = flow.sum(extra, min_count=1)
+        y = np.asarray(flow.values, dtype=float)
+        exp_name = f"exposure_{self.source}"
+        e_unit = np.ones(ctx.n)
+        if exp_name in data and data[exp_name].dims == ("unit",):
+            e_unit = np.asarray(data[exp_name].values, dtype=float)
+        axis = 0 if self.constraint == "attraction" else 1
+        observed_any = np.any(~np.isnan(y), axis=axis)
+        margin = np.where(observed_any, np.nansum(y, axis=axis), np.nan)
+        self.margin_sample = margin
+        if self.constraint != "attraction":
+            # sampled outflow -> population outflow, unless the sample scale is asked for
+            self.margin = margin / e_unit if exposure is None else margin
+        else:
+            self.margin = margin
+            total = np.zeros((ctx.n_samples, ctx.n))
+            for a, b in ctx.blocks():
+                total += np.nansum(np.exp(ctx.block_log_rate(a, b)), axis=1)
+            self.attraction_total = total
+
+    def block(self, ctx, eta, rows, kind, rng):
+        phi = ctx.params.get("phi")
+        if self.constraint == "attraction":
+            pi = np.exp(eta) / self.attraction_total[:, None, :]
+            mu = (pi * self.margin[None, None, :]).astype(ctx.dtype, copy=False)
+            if kind == "mean":
+                return mu, mu
+            return mu, ctx.noise(mu, rows, phi=None)
+        # production / doubly: normalise each origin row over destinations
+        w = np.exp(eta - np.nanmax(eta, axis=2, keepdims=True))
+        w = np.nan_to_num(w)
+        pi = w / w.sum(axis=2, keepdims=True)
+        margin = self.margin[rows]
+        mu = (pi * margin[None, :, None]).astype(ctx.dtype, copy=False)
+        if kind == "mean":
+            return mu, mu
+        n_sample = self.margin_sample[rows]
+        draws = np.full(mu.shape, np.nan, dtype=ctx.dtype)
+        for r, row in enumerate(rows):
+            if not np.isfinite(n_sample[r]):
+                continue
+            g = ctx.row_rng(int(row))
+            p = pi[:, r, :]
+            if phi is not None:
+                alpha = np.maximum(phi[:, None] * p, 1e-12)
+                gam = g.standard_gamma(alpha)
+                gam[p == 0] = 0
+                p = gam / gam.sum(axis=1, keepdims=True)
+            counts = np.full(p.shape[0], int(n_sample[r]))
+            sampled = g.multinomial(counts, p).astype(ctx.dtype)
+            factor = margin[r] / n_sample[r] if n_sample[r] > 0 else margin[r]
+            draws[:, r, :] = sampled * factor
+        draws[:, np.arange(len(rows)), rows] = np.nan
+        return mu, draws
+
+
+def estimate_source_names(data: xr.Dataset) -> list[str]:
+    """Return the sources of published estimates in ``data`` (``estimate_<source>``)."""
+    return estimate_sources(data)
+
+
+def observation_for(
+    source: str, data: xr.Dataset | None, options: Mapping[str, Any] | None = None
+) -> ObservationModel:
+    """Return the observation model of ``source``: its ``kind`` option, else the data's form.
+
+    ``estimate_<source>`` in the data -> :class:`EstimateObservation`; a name
+    ``cdr`` / ``cdr_*`` -> :class:`CDRObservation`; else :class:`CountObservation`.
+    """
+    opts = dict(options or {})
+    kind = opts.pop("kind", None)
+    if kind is None:
+        if data is not None and f"estimate_{source}" in data and f"flow_{source}" not in data:
+            kind = "estimates"
+        elif source == "cdr" or source.startswith("cdr_"):
+            kind = "cdr"
+        else:
+            kind = "counts"
+    classes: dict[str, type[ObservationModel]] = {
+        "counts": CountObservation,
+        "census": CountObservation,
+        "cdr": CDRObservation,
+        "estimates": EstimateObservation,
+    }
+    if kind not in classes:
+        raise ModelConfigError(
+            f"source '{source}': kind={kind!r} is not an observation model; use one of "
+            f"{sorted(set(classes) - {'census'})}"
+        )
+    return classes[kind](source, **opts)
+
+
+def check_sources_exist(data: xr.Dataset, sources: Sequence[str]) -> None:
+    """Raise when a source has neither ``flow_<source>`` nor ``estimate_<source>``."""
+    from flowmodel.dataset import flow_sources
+
+    present = flow_sources(data) + estimate_sources(data)
+    missing = [s for s in sources if s not in present]
+    if missing:
+        raise DataContractError(
+            f"source(s) {missing} have no 'flow_<source>' or 'estimate_<source>' variable in the "
+            f"dataset (sources present: {present}). Fix: pass sources={present} or add the "
+            "flow tables to build_dataset(flows=...)"
+        )
