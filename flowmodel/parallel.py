@@ -119,12 +119,20 @@ def get_client(
                 "[dask] cluster = 'slurm' needs dask-jobqueue. Fix: pip install 'flowmodel[hpc]' "
                 "(or conda install -c conda-forge dask-jobqueue)."
             ) from None
-        cluster = SLURMCluster(**slurm_cluster_kwargs(section))
-        cluster.scale(jobs=section.n_workers or 1)
+        kwargs = slurm_cluster_kwargs(section)
+        cluster = SLURMCluster(**kwargs)
+        jobs = section.n_workers or 1
+        cluster.scale(jobs=jobs)
         logger.info(
-            "dask: SLURM cluster, %d job(s): %s",
-            section.n_workers or 1,
-            cluster.job_script().splitlines()[0],
+            "dask: SLURM cluster, %d worker job(s) of %s core(s), %s, walltime %s%s; "
+            "scheduler %s (job script: %s)",
+            jobs,
+            kwargs["cores"],
+            kwargs["memory"],
+            kwargs["walltime"],
+            f", partition {kwargs['queue']}" if "queue" in kwargs else "",
+            cluster.scheduler_address,
+            " ".join(line for line in cluster.job_header.splitlines() if "#SBATCH" in line),
         )
         return Client(cluster)
     from distributed import LocalCluster

@@ -11,6 +11,10 @@ The summary CSV is rewritten (atomically) after every config::
     python scripts/run_batch.py configs/*.toml --summary-only    # after a SLURM array
     python scripts/run_batch.py configs/*.toml --index $SLURM_ARRAY_TASK_ID
 
+With ``--index N`` only the N-th config runs and its one-row summary goes to
+``SUMMARY.taskN.csv`` (``batch_summary.task3.csv``), so the tasks of an array
+never overwrite each other's; summarise them all with ``--summary-only``.
+
 Summary columns: ``config``, ``name``, ``status`` (``ok``, ``bad_input``,
 ``failed``, ``interrupted``, ``not_run``, ``incomplete``), ``stages_ran``,
 ``stages_skipped``, ``seconds``, ``error``, ``out_dir``, ``report``,
@@ -252,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--summary-only", action="store_true", help="only summarise existing run directories"
     )
     parser.add_argument(
-        "--index", type=int, help="run only configs[INDEX] (e.g. $SLURM_ARRAY_TASK_ID)"
+        "--index",
+        type=int,
+        help="run only configs[INDEX] (e.g. $SLURM_ARRAY_TASK_ID); summary in SUMMARY.taskINDEX.csv",
     )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -266,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         configs = [configs[args.index]]
+        summary = Path(args.summary)
+        args.summary = str(summary.with_name(f"{summary.stem}.task{args.index}{summary.suffix}"))
     echo = (lambda *_: None) if args.quiet else print
     try:
         rows = run_batch(

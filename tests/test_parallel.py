@@ -106,13 +106,17 @@ def test_slurm_cluster_job_script_from_config() -> None:
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def _make_slurm():
+def _script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_slurm", REPO / "scripts" / "make_slurm.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _make_slurm():
+    return _script("make_slurm")
 
 
 def test_slurm_writer_produces_valid_array_script(tmp_path, capsys, monkeypatch) -> None:
@@ -211,3 +215,41 @@ def test_slurm_writer_rejects_bad_config(tmp_path, capsys) -> None:
         == 2
     )
     assert "unknown setting(s) ['partion']" in capsys.readouterr().err
+
+
+def test_batch_array_tasks_write_their_own_summaries(tmp_path, monkeypatch) -> None:
+    import pandas as pd
+    from test_pipeline import CONFIG, install_fake_stages, make_project
+
+    batch = _script("run_batch")
+    configs = [
+        str(make_project(tmp_path / c, CONFIG.replace('name = "tiny"', f'name = "{c}"')))
+        for c in ("ken", "uga")
+    ]
+    calls = install_fake_stages(monkeypatch)
+    summary = tmp_path / "countries.csv"
+    for index in (1, 0):  # two array tasks, in any order
+        assert batch.main([*configs, "--index", str(index), "--summary", str(summary), "-q"]) == 0
+    assert not summary.exists()  # neither task overwrote the other's row
+    assert pd.read_csv(tmp_path / "countries.task0.csv")["name"].tolist() == ["ken"]
+    assert pd.read_csv(tmp_path / "countries.task1.csv")["name"].tolist() == ["uga"]
+    assert calls["fit"] == 2
+    assert batch.main([*configs, "--summary-only", "--summary", str(summary), "-q"]) == 0
+    assert pd.read_csv(summary)["status"].tolist() == ["ok", "ok"]
+
+
+def test_single_node_slurm_script_usage_errors(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = REPO / "scripts" / "ci" / "slurm-single-node.sh"
+    res = subprocess.run([bash, str(script), "begin"], capture_output=True, text=True)
+    assert res.returncode == 2 and "usage:" in res.stderr
+    res = subprocess.run(
+        [bash, str(script), "stop", str(tmp_path)], capture_output=True, text=True
+    )
+    assert res.returncode == 2
+    assert f"{tmp_path}/slurm.conf not found: nothing to stop" in res.stderr
