@@ -139,6 +139,9 @@ class UnitsSection(_Section):
     countries
         Keep only the units of these countries (default: all), e.g. one
         country of a multi-country file.
+    fields
+        Further fields to keep, e.g. ``["admin1"]``: levels that sources may be
+        reported at (``origin_level = "admin1"``).
     """
 
     path: RelPath | list[RelPath]
@@ -147,13 +150,14 @@ class UnitsSection(_Section):
     layer: str | None = None
     name_field: str | None = None
     countries: list[str] | None = None
+    fields: list[str] = Field(default_factory=list)
 
     def paths(self) -> list[Path]:
         """All unit files, as a list."""
         return list(self.path) if isinstance(self.path, list) else [self.path]
 
 
-FlowKind = Literal["census_od", "census_persons", "cdr_events", "cdr_od", "table"]
+FlowKind = Literal["census_od", "census_persons", "cdr_events", "cdr_od", "table", "estimates"]
 
 
 class FlowSource(_Section):
@@ -165,8 +169,14 @@ class FlowSource(_Section):
         ``census_od`` (aggregated origin-destination table), ``census_persons``
         (IPUMS-style person records), ``cdr_events`` (raw events + towers; home
         detection and redaction run in memory), ``cdr_od`` (pre-aggregated,
-        redacted CDR OD table) or ``table`` (a long table with ``origin``,
-        ``destination``, ``count`` [, ``max``, ``period``]). Default: inferred
+        redacted CDR OD table), ``estimates`` (published estimates with standard
+        errors: ``origin``, ``destination``, ``estimate``, ``se`` at any level,
+        options ``origin_level`` / ``destination_level``, default country, and
+        ``rel_sd`` when there is no ``se`` column) or ``table`` (a long table
+        with ``origin``, ``destination``, ``count`` [, ``max``, ``period``]).
+        Census tables and person records take ``origin_level`` /
+        ``destination_level`` (``"unit"``, ``"country"`` or a units field such
+        as ``"admin1"``) for codes at a coarser level. Default: inferred
         from the source name (``census`` -> ``census_od``; ``cdr`` ->
         ``cdr_events`` when ``towers`` is given, else ``cdr_od``; else ``table``).
     path

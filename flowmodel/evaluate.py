@@ -1061,6 +1061,16 @@ def evaluate(
         src = _resolve_source(data, source)
     else:
         src = None  # scoring external flows; no source needed
+    aggregated = src is not None and f"cell_{src}" in data[f"flow_{src}"].dims
+    if aggregated and observed is None and predictions is None:
+        # a source reported at a coarser level is scored cell by cell, on its own scale
+        if model is None or not hasattr(model, "predict_cells"):
+            raise ValueError(
+                f"evaluate: source '{src}' is reported at a coarser level; pass a model"
+            )
+        cells = model.predict_cells(data, src, quantiles=quantiles)
+        row = {"model": _model_name(model), **flow_metrics(cells["observed"], cells)}
+        return pd.DataFrame([row])
     if predictions is None:
         if model is None:
             raise ValueError("evaluate: pass a fitted model or predictions=")

@@ -690,6 +690,7 @@ def _load_units(cfg: RunConfig) -> Any:
             country_field=cfg.units.country_field,
             layer=cfg.units.layer,
             name_field=cfg.units.name_field,
+            fields=cfg.units.fields,
         )
         for path in cfg.units.paths()
     ]
@@ -715,9 +716,18 @@ def _load_units(cfg: RunConfig) -> Any:
     return units
 
 
+@dataclass
+class SourceTables:
+    """What reading one ``[flows.<name>]`` source gives (see :func:`read_flow_source`)."""
+
+    flows: Any
+    covariates: Any = None
+    totals: Any = None
+
+
 def read_flow_source(
     name: str, source: Any, units: Any, *, population: Any = None, progress: bool = False
-) -> tuple[Any, Any]:
+) -> SourceTables:
     """Read one ``[flows.<name>]`` source into a long flow table.
 
     Parameters
@@ -741,23 +751,29 @@ def read_flow_source(
 
     Returns
     -------
-    (pandas.DataFrame, pandas.DataFrame or None)
-        The long flow table (``origin, destination, count[, max][, weighted]
-        [, exposure][, period]``) and extra unit covariates (CDR subscribers
-        per resident), or None.
+    SourceTables
+        ``flows``: the long flow table (``origin, destination, count[, max]
+        [, weighted][, exposure][, period]``; for ``kind = "estimates"`` the raw
+        estimates table); ``covariates``: extra unit covariates (CDR subscribers
+        per resident) or None; ``totals``: the CDR in/out totals summed before
+        redaction (``flowmodel.inputs.cdr.CDRFlows.totals``) or None.
     """
     import pandas as pd
 
     kind = source.resolved_kind(name)
     options = dict(source.options)
+    if kind == "estimates":
+        path = Path(source.path)
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        return SourceTables(table)
     if kind == "census_od":
         from flowmodel.inputs.census import read_census_od
 
-        return read_census_od(source.path, units=units, **options), None
+        return SourceTables(read_census_od(source.path, units=units, **options))
     if kind == "census_persons":
         from flowmodel.inputs.census import read_census_persons
 
-        return read_census_persons(source.path, units, **options), None
+        return SourceTables(read_census_persons(source.path, units, **options))
     if kind in ("cdr_events", "cdr_od"):
         from flowmodel.inputs import cdr
 
@@ -771,11 +787,14 @@ def read_flow_source(
         covariates = getattr(result, "covariates", None)
         if covariates is not None and len(covariates.columns) == 0:
             covariates = None
-        return result.flows, covariates
+        totals = getattr(result, "totals", None)
+        if totals is not None and len(totals) == 0:
+            totals = None
+        return SourceTables(result.flows, covariates, totals)
     path = Path(source.path)
     if path.suffix == ".parquet":
-        return pd.read_parquet(path, **options), None
-    return pd.read_csv(path, **options), None
+        return SourceTables(pd.read_parquet(path, **options))
+    return SourceTables(pd.read_csv(path, **options))
 
 
 def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
@@ -795,6 +814,46 @@ def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
         logger.info(
             "marginals.%s: %d country pairs", name, int(ds[f"estimate_{name}"].notnull().sum())
         )
+    return ds
+
+
+def _add_estimates(ds: Any, estimates: Mapping[str, tuple[Any, Any]]) -> Any:
+    """Add every ``kind = "estimates"`` source as ``estimate_<name>`` (a bad table names its file)."""
+    from flowmodel.dataset import estimates_to_dataset
+    from flowmodel.exceptions import DataContractError, ModelConfigError
+
+    for name, (table, source) in estimates.items():
+        opts = dict(source.options)
+        rename = {opts.pop(k, k): k for k in ("origin", "destination", "estimate", "se")}
+        table = table.rename(columns={k: v for k, v in rename.items() if k != v})
+        try:
+            ds = estimates_to_dataset(
+                ds,
+                table,
+                name=name,
+                origin_level=opts.pop("origin_level", "country"),
+                destination_level=opts.pop("destination_level", "country"),
+                rel_sd=opts.pop("rel_sd", None),
+            )
+        except (DataContractError, ModelConfigError) as err:
+            raise DataContractError(f"{source.path} (flows.{name}): {err}") from err
+        if opts:
+            raise DataContractError(
+                f"{source.path} (flows.{name}): unknown option(s) {sorted(opts)} for kind "
+                "'estimates'; valid: origin, destination, estimate, se (column names), "
+                "origin_level, destination_level, rel_sd"
+            )
+    return ds
+
+
+def _add_totals(ds: Any, totals: Mapping[str, Any], cfg: RunConfig) -> Any:
+    """Keep the CDR in/out totals summed before redaction (the fusion model uses them)."""
+    from flowmodel.dataset import totals_to_dataset
+
+    for name, table in totals.items():
+        universe = cfg.flows[name].options.get("universe", "covered")
+        ds = totals_to_dataset(ds, table, source=name, universe=universe)
+        logger.info("flows.%s: in/out totals kept for the model", name)
     return ds
 
 
@@ -820,13 +879,21 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
             covariates = zonal_covariates(units, rasters, progress=ctx.progress)
         logger.info("covariates: %s", ", ".join(map(str, covariates.columns)))
     flows = {}
+    estimates = {}
+    totals = {}
     for name, source in cfg.flows.items():
         population = None
         if covariates is not None and "population" in covariates:
             population = covariates["population"]
-        flows[name], extra = read_flow_source(
-            name, source, units, population=population, progress=ctx.progress
-        )
+        read = read_flow_source(name, source, units, population=population, progress=ctx.progress)
+        extra = read.covariates
+        if source.resolved_kind(name) == "estimates":
+            estimates[name] = (read.flows, source)
+            logger.info("estimates.%s: %d cells", name, len(read.flows))
+            continue
+        flows[name] = read.flows
+        if read.totals is not None:
+            totals[name] = read.totals
         logger.info("flows.%s: %d rows (%s)", name, len(flows[name]), source.resolved_kind(name))
         if extra is not None:
             covariates = (
@@ -844,6 +911,8 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         attrs={"run": cfg.run.name, "data_sources": "; ".join(sources)},
     )
     ds = _add_marginals(ds, cfg)
+    ds = _add_estimates(ds, estimates)
+    ds = _add_totals(ds, totals, cfg)
     outputs = {"dataset": save_dataset(ds, ctx.path(DATASET))}
     attrs = provenance_attrs(config=cfg.section_dict(), seed=cfg.run.seed, data=ds)
     outputs["units"] = write_units(ds, ctx.path(UNITS), geometry=units, attrs=attrs)
@@ -1158,6 +1227,7 @@ path = "world/units.gpkg"
 layer = "units"
 id_field = "unit_id"
 country_field = "country"
+fields = ["admin1"]   # census tables may name admin-1 regions
 
 [rasters]
 population = "world/population.tif"
@@ -1165,9 +1235,16 @@ built_up = "world/built_up.tif"
 night_lights = "world/night_lights.tif"
 
 [flows.census]
+# internal migrants: residence five years ago x current unit, within each census country
 path = "world/census_od.csv"
 # "<5" marks 1-4 (zeros are printed as 0), so suppressed cells are censored to 1..4
-options = {{ sample_fraction = {sample_fraction}, suppressed_min = 1 }}
+options = {{ sample_fraction = {sample_fraction}, suppressed_min = 1, universe = "within", origin_level = "{census_level}" }}
+
+[flows.census_abroad]
+# immigrants: the census records only the *country* they lived in five years ago
+kind = "census_od"
+path = "world/census_immigrants.csv"
+options = {{ origin = "previous_country", destination = "current_unit", origin_level = "country", universe = "abroad", sample_fraction = {sample_fraction}, suppressed_min = 1 }}
 
 [flows.cdr]
 path = "world/cdr_events.parquet"
@@ -1184,7 +1261,7 @@ chains = 4   # 4 chains make R-hat meaningful (sigma_country has only 4 countrie
 sample_kwargs = {{ target_accept = 0.95 }}
 
 [model.options]
-sources = ["census", "cdr"]
+sources = ["census", "census_abroad", "cdr"]
 # the simulated CDR is a panel: subscribers per resident (~0.0004) measures the panel,
 # not the operator's market share, so the market-share prior keeps its default centre
 market_share_covariate = ""
@@ -1279,6 +1356,7 @@ def demo_config(
         seed=seed,
         config_name=config,
         sample_fraction=truth.get("sample_fraction", 0.1),
+        census_level="admin1" if truth.get("census_previous_level") == "admin1" else "unit",
         timezone=truth.get("timezone", "UTC"),
     )
     if not config.exists() or config.read_text() != text:

@@ -234,9 +234,12 @@ def simulate_flow_dataset(
 WORLD_TRUTH: dict[str, Any] = {**DEFAULT_TRUTH, "intercept": -6.5}
 
 #: Version of what :func:`simulate_world` writes for a given seed and arguments; bumped
-#: whenever the files change (2: the census enumerates in-migrants from abroad). Written
-#: to ``truth.json``; ``flowmodel demo`` simulates its world again when it differs.
-WORLD_VERSION = 2
+#: whenever the files change (2: the census enumerates in-migrants from abroad; 3: the
+#: census records what real censuses record — immigrants' previous *country*, in
+#: ``census_immigrants.csv``, and optionally internal movers' previous *admin-1* —
+#: and ``units.gpkg`` carries ``admin1``). Written to ``truth.json``; ``flowmodel
+#: demo`` simulates its world again when it differs.
+WORLD_VERSION = 3
 
 #: Made-up ISO3-like country codes, from the ISO 3166 user-assigned range (X..).
 COUNTRY_CODES: tuple[str, ...] = (
@@ -284,6 +287,7 @@ FILES: dict[str, str] = {
     "night_lights": "night_lights.tif",
     "census_persons": "census_persons.csv",
     "census_od": "census_od.csv",
+    "census_immigrants": "census_immigrants.csv",
     "cdr_towers": "cdr_towers.csv",
     "cdr_events": "cdr_events.parquet",
     "truth": "truth.json",
@@ -759,6 +763,8 @@ def simulate_world(
     n_towns: int | None = None,
     census_stayer_fraction: float = 0.02,
     census_universe: str = "destination",
+    census_previous_level: str = "unit",
+    census_immigrant_level: str = "country",
     cdr_scale: float = 0.25,
     persons_per_tower: float = 40_000.0,
     start: str = "2024-01-01",
@@ -818,9 +824,21 @@ def simulate_world(
     census_universe
         Whom the census enumerates (:func:`flowmodel.inputs.census.census_universe`):
         ``"destination"`` (default) — everyone living in a census country,
-        in-migrants from abroad included with their previous unit, so the
-        census observes cross-border flows into its countries; ``"within"`` —
-        movers within one census country only (a census of internal migration).
+        in-migrants from abroad included, so the census observes cross-border
+        flows into its countries; ``"within"`` — movers within one census
+        country only (a census of internal migration).
+    census_previous_level
+        How precisely the census records an internal mover's residence five years
+        ago: ``"unit"`` (default; ``census_od.csv`` is unit x unit) or
+        ``"admin1"`` (the previous admin-1 region only, as many censuses record
+        it: ``census_od.csv`` is previous admin-1 x current unit, for movers
+        between admin-1 regions; a move within a region is not seen).
+    census_immigrant_level
+        How the census records the previous residence of people who lived
+        abroad: ``"country"`` (default, as real censuses do: the previous
+        country, in ``census_immigrants.csv`` = previous country x current
+        unit) or ``"unit"`` (the previous unit, in ``census_od.csv``; an
+        unrealistic form kept for comparisons).
     cdr_scale
         Share of the operator's relocating subscribers that the panel holds;
         folded into ``period_effect``.
@@ -869,6 +887,14 @@ def simulate_world(
         raise ValueError(f"n_periods={n_periods}: CDR relocations need at least 2 months")
     if census_universe not in ("within", "destination"):
         raise ValueError(f"census_universe={census_universe!r}: must be 'within' or 'destination'")
+    if census_previous_level not in ("unit", "admin1"):
+        raise ValueError(
+            f"census_previous_level={census_previous_level!r}: must be 'unit' or 'admin1'"
+        )
+    if census_immigrant_level not in ("country", "unit"):
+        raise ValueError(
+            f"census_immigrant_level={census_immigrant_level!r}: must be 'country' or 'unit'"
+        )
     codes_all = list(COUNTRY_CODES) + [
         f"X{a}{b}" for a in "MNOPQRSTUVWYZ" for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     ]
@@ -881,8 +907,9 @@ def simulate_world(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {role: out / name for role, name in FILES.items()}
-    geo_rng, raster_rng, flow_rng, census_rng, cdr_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
+    # one stream per stage; spawn(6)[:5] equals spawn(5), so adding a stage changes no other
+    geo_rng, raster_rng, flow_rng, census_rng, cdr_rng, admin_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)
     )
 
     # --- geometry: units and contiguous countries
@@ -908,8 +935,11 @@ def simulate_world(
         members = np.flatnonzero(country_of == code)
         ids[members] = [f"{code}{j + 1:03d}" for j in range(len(members))]
     ids = ids.astype(str)
+    admin1 = _admin1_regions(admin_rng, centres, country_of)
     units = gpd.GeoDataFrame(
-        {"unit_id": ids, "country": country_of}, geometry=list(cells), crs="EPSG:4326"
+        {"unit_id": ids, "country": country_of, "admin1": admin1},
+        geometry=list(cells),
+        crs="EPSG:4326",
     )
     with atomic_path(paths["units"]) as tmp:
         units.to_file(tmp, layer="units", driver="GPKG", engine="pyogrio")
@@ -992,11 +1022,19 @@ def simulate_world(
         census_stayer_fraction,
         census_universe,
     )
-    _csv(persons, paths["census_persons"])
-    _csv(
-        _census_od(persons, ids, country_of, census_codes, census_universe),
-        paths["census_od"],
+    od, immigrants, persons = _census_tables(
+        persons,
+        ids,
+        country_of,
+        admin1,
+        census_codes,
+        census_universe,
+        census_previous_level,
+        census_immigrant_level,
     )
+    _csv(persons, paths["census_persons"])
+    _csv(od, paths["census_od"])
+    _csv(immigrants, paths["census_immigrants"])
 
     # --- CDR
     _report(progress, f"CDR events in {cdr_codes}")
@@ -1027,6 +1065,9 @@ def simulate_world(
         "sample_fraction": float(sample_fraction),
         "census_stayer_fraction": float(census_stayer_fraction),
         "census_universe": census_universe,
+        "census_previous_level": census_previous_level,
+        "census_immigrant_level": census_immigrant_level,
+        "admin1": dict(zip(ids.tolist(), admin1.tolist(), strict=True)),
         "census_suppression": {"below": 5, "written_as": "<5", "min": 1, "max": 4},
         "cdr_periods": cdr["months"],
         "cdr_scale": float(cdr_scale),
@@ -1122,23 +1163,129 @@ def _census_mask(country_of: np.ndarray, census_codes: Sequence[str], universe: 
     return mask
 
 
-def _census_od(
+def _census_counts(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
+    return table.groupby(list(keys)).size()
+
+
+def _suppress(n: np.ndarray) -> np.ndarray:
+    """Print counts as the census does: 1-4 as "<5", zeros as 0."""
+    n = np.asarray(n, dtype=np.int64)
+    return np.where((n > 0) & (n < 5), "<5", n.astype(str))
+
+
+def _census_tables(
     persons: pd.DataFrame,
     ids: np.ndarray,
     country_of: np.ndarray,
+    admin1: np.ndarray,
     census_codes: Sequence[str],
-    universe: str = "within",
-) -> pd.DataFrame:
-    """Unweighted sample counts for every pair of the census universe; 1-4 -> "<5"."""
-    movers = persons.loc[persons["current_unit"] != persons["previous_unit"]]
-    counts = movers.groupby(["previous_unit", "current_unit"]).size()
-    o, d = np.nonzero(_census_mask(country_of, census_codes, universe))
-    od = pd.DataFrame({"origin": ids[o], "destination": ids[d]})
-    n = counts.reindex(
-        pd.MultiIndex.from_arrays([od["origin"], od["destination"]]), fill_value=0
-    ).to_numpy()
-    od["count"] = np.where((n > 0) & (n < 5), "<5", n.astype(str))
-    return od
+    universe: str,
+    previous_level: str,
+    immigrant_level: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Return the census's published tables and its person records, coded as the census codes them.
+
+    Returns ``(census_od, census_immigrants, persons)``. Every cell of each table's
+    universe is listed (zeros as 0, 1-4 as "<5"):
+
+    - ``census_od``: internal movers, previous unit (or previous admin-1 region,
+      movers between regions only) x current unit, within each census country;
+      with ``immigrant_level="unit"`` also immigrants by previous unit;
+    - ``census_immigrants``: previous country x current unit for everyone who lived
+      in another country (``immigrant_level="country"``; empty otherwise);
+    - person records with ``previous_country`` always, ``previous_admin1`` for
+      residents of a census country five years ago, and ``previous_unit`` only
+      where the census records it (stayers; internal movers at the unit level;
+      immigrants with ``immigrant_level="unit"``).
+    """
+    unit_country = dict(zip(ids, country_of, strict=True))
+    unit_admin1 = dict(zip(ids, admin1, strict=True))
+    prev = persons["previous_unit"].to_numpy()
+    cur = persons["current_unit"].to_numpy()
+    prev_country = np.array([unit_country[u] for u in prev])
+    cur_country = np.array([unit_country[u] for u in cur])
+    abroad = prev_country != cur_country
+    mover = prev != cur
+    records = persons.copy()
+    records["previous_country"] = prev_country
+    records["previous_admin1"] = np.where(abroad, "", [unit_admin1[u] for u in prev])
+    coded_unit = (
+        ~mover | (~abroad & (previous_level == "unit")) | (abroad & (immigrant_level == "unit"))
+    )
+    records["previous_unit"] = np.where(coded_unit, prev, "")
+    cols = ["person_id", "current_unit", "previous_unit", "previous_admin1", "previous_country"]
+    records = records[cols + [c for c in persons.columns if c not in cols]]
+
+    in_census = np.isin(country_of, list(census_codes))
+    # internal movers (and, in the unit form, immigrants) by previous unit or admin-1
+    if previous_level == "unit":
+        mask = _census_mask(country_of, census_codes, "within")
+        if immigrant_level == "unit" and universe == "destination":
+            mask = _census_mask(country_of, census_codes, "destination")
+        o, d = np.nonzero(mask)
+        origins = ids[o]
+        dests = ids[d]
+        internal = mover & (~abroad | (immigrant_level == "unit"))
+        counts = _census_counts(
+            pd.DataFrame({"o": prev[internal], "d": cur[internal]}), ["o", "d"]
+        )
+    else:
+        regions = sorted(set(admin1[in_census]))
+        region_country = {a: unit_country[ids[np.flatnonzero(admin1 == a)[0]]] for a in regions}
+        rows = [
+            (a, u)
+            for u in ids[in_census]
+            for a in regions
+            if region_country[a] == unit_country[u] and a != unit_admin1[u]
+        ]
+        origins = np.array([r[0] for r in rows], dtype=object)
+        dests = np.array([r[1] for r in rows], dtype=object)
+        between = mover & ~abroad
+        prev_region = np.array([unit_admin1[u] for u in prev[between]])
+        between_regions = prev_region != np.array([unit_admin1[u] for u in cur[between]])
+        counts = _census_counts(
+            pd.DataFrame({"o": prev_region[between_regions], "d": cur[between][between_regions]}),
+            ["o", "d"],
+        )
+    n = counts.reindex(pd.MultiIndex.from_arrays([origins, dests]), fill_value=0).to_numpy()
+    od = pd.DataFrame({"origin": origins, "destination": dests, "count": _suppress(n)})
+    # immigrants by previous country (every other country of the world x census unit)
+    imm_rows = []
+    if immigrant_level == "country" and universe == "destination":
+        codes = sorted(set(country_of))
+        imm_rows = [(c, u) for u in ids[in_census] for c in codes if c != unit_country[u]]
+    imm_o = np.array([r[0] for r in imm_rows], dtype=object)
+    imm_d = np.array([r[1] for r in imm_rows], dtype=object)
+    imm_counts = _census_counts(
+        pd.DataFrame({"o": prev_country[abroad], "d": cur[abroad]}), ["o", "d"]
+    )
+    n_imm = (
+        imm_counts.reindex(pd.MultiIndex.from_arrays([imm_o, imm_d]), fill_value=0).to_numpy()
+        if imm_rows
+        else np.zeros(0, dtype=np.int64)
+    )
+    immigrants = pd.DataFrame(
+        {"origin": imm_o, "destination": imm_d, "count": _suppress(n_imm)}
+    ).rename(columns={"origin": "previous_country", "destination": "current_unit"})
+    return od, immigrants, records
+
+
+def _admin1_regions(
+    rng: np.random.Generator, centres: np.ndarray, country_of: np.ndarray
+) -> np.ndarray:
+    """Admin-1 regions: each country's units grouped around ``ceil(n / 5)`` seed units."""
+    out = np.empty(len(country_of), dtype=object)
+    for code in sorted(set(country_of)):
+        members = np.flatnonzero(country_of == code)
+        k = max(1, int(np.ceil(len(members) / 5)))
+        seeds = rng.choice(members, size=k, replace=False)
+        d = ((centres[members, None, :] - centres[None, seeds, :]) ** 2).sum(axis=2)
+        nearest = np.argmin(d, axis=1)
+        order = np.argsort([centres[s, 1] for s in seeds])[::-1]  # numbered north to south
+        rank = np.empty(k, dtype=int)
+        rank[order] = np.arange(k)
+        out[members] = [f"{code}-R{rank[j] + 1}" for j in nearest]
+    return out.astype(str)
 
 
 # ------------------------------------------------------------------------------ CDR

@@ -479,6 +479,8 @@ def read_census_od(
     countries: Sequence[str] | None = None,
     id_field: str = "unit_id",
     country_field: str = "country",
+    origin_level: str = "unit",
+    destination_level: str = "unit",
 ) -> pd.DataFrame:
     """Read an aggregated census OD table into a long flow table.
 
@@ -519,6 +521,17 @@ def read_census_od(
         destination units in the table).
     id_field, country_field
         Column names of ``units``.
+    origin_level, destination_level
+        What the origin and destination codes name: ``"unit"`` (default),
+        ``"country"`` (e.g. immigrants by previous country) or a field of the
+        units (e.g. ``"admin1"`` for a census that records the previous admin-1
+        region). A cell at a coarser level sums the flows of its member units;
+        the table carries the levels in ``table.attrs`` and
+        :func:`flowmodel.dataset.build_dataset` holds it over ``cell_<source>``.
+        Cells whose origin contains the destination unit are dropped (staying
+        and moving within the region cannot be told apart); ``universe`` then
+        takes ``"within"``, ``"destination"``, ``"abroad"`` (origin in another
+        country: immigrants) or ``"all"``.
 
     Returns
     -------
@@ -537,6 +550,26 @@ def read_census_od(
     UnitCodeError
         Codes matching no unit (unless ``unmatched="drop"``).
     """
+    if origin_level != "unit" or destination_level != "unit":
+        return _read_census_od_cells(
+            source,
+            units=units,
+            origin=origin,
+            destination=destination,
+            count=count,
+            period=period,
+            unmatched=unmatched,
+            suppressed=suppressed,
+            suppressed_max=suppressed_max,
+            suppressed_min=suppressed_min,
+            sample_fraction=sample_fraction,
+            universe=universe,
+            countries=countries,
+            id_field=id_field,
+            country_field=country_field,
+            origin_level=origin_level,
+            destination_level=destination_level,
+        )
     table, label = _read_table(source, "census OD")
     _require(
         table,
@@ -681,6 +714,7 @@ def read_census_persons(
     query: str | None = None,
     id_field: str = "unit_id",
     country_field: str = "country",
+    origin_level: str = "unit",
 ) -> pd.DataFrame:
     """Aggregate IPUMS-style person records into a census flow table.
 
@@ -719,6 +753,13 @@ def read_census_persons(
         ``"age >= 15"``) applied before aggregation.
     id_field, country_field
         Column names of ``units``.
+    origin_level
+        What ``previous`` codes: ``"unit"`` (default), ``"country"`` (e.g. the
+        previous country of people who lived abroad, IPUMS ``MIGCTRY``) or a
+        units field such as ``"admin1"``; cells then sum their member units
+        (see :func:`read_census_od`). Records with an empty ``previous`` are
+        skipped; ``universe`` takes ``"within"``, ``"destination"``,
+        ``"abroad"`` or ``"all"``.
 
     Returns
     -------
@@ -737,6 +778,23 @@ def read_census_persons(
     UnitCodeError
         Unit codes matching no unit (unless ``unmatched="drop"``).
     """
+    if origin_level != "unit":
+        return _read_census_persons_cells(
+            source,
+            units,
+            current=current,
+            previous=previous,
+            weight=weight,
+            period=period,
+            unmatched=unmatched,
+            sample_fraction=sample_fraction,
+            universe=universe,
+            countries=countries,
+            query=query,
+            id_field=id_field,
+            country_field=country_field,
+            origin_level=origin_level,
+        )
     table, label = _read_table(source, "census person records")
     _require(
         table,
@@ -818,3 +876,296 @@ def read_census_persons(
     fraction = np.where(np.isnan(fraction), overall, fraction)
     flows["exposure"] = fraction
     return _order(flows)
+
+
+# ------------------------------------------------------------ cells at other levels
+#: Which cells of a table at any level the census observes (zeros where absent).
+CELL_UNIVERSES = ("within", "destination", "abroad", "all")
+
+
+def _unit_labels(
+    units: Any, level: str, id_field: str, country_field: str, label: str
+) -> pd.Series:
+    """Label of every unit (indexed by unit id) at ``level``: id, country or a units field."""
+    country = _unit_country(units, id_field, country_field)
+    if level == "unit":
+        return pd.Series(country.index.to_numpy(), index=country.index)
+    if level == "country":
+        return country
+    frame = pd.DataFrame(units)
+    if id_field not in frame.columns and frame.index.name in (id_field, "unit"):
+        frame = frame.reset_index().rename(columns={frame.index.name: id_field})
+    if level not in frame.columns:
+        fields = [c for c in frame.columns if c not in (id_field, country_field, "geometry")]
+        raise CensusInputError(
+            f"{label}: level {level!r} is not a field of the units (fields: {fields}). Fix: keep "
+            f"it when loading the units (load_units(..., fields=[{level!r}]); in a run config "
+            f"[units] fields = [{level!r}]), or use origin_level/destination_level 'unit' or "
+            "'country'"
+        )
+    return pd.Series(
+        frame[level].astype(str).to_numpy(), index=frame[id_field].astype(str).to_numpy()
+    )
+
+
+def _label_countries(labels: pd.Series, country: pd.Series, level: str, label: str) -> pd.Series:
+    """Country of every label at ``level`` (a label spanning two countries is an error)."""
+    pairs = pd.DataFrame({"label": labels.to_numpy(), "country": country.reindex(labels.index)})
+    per = pairs.drop_duplicates().groupby("label")["country"]
+    split = per.nunique()
+    bad = split.index[split > 1].tolist()
+    if bad:
+        raise CensusInputError(
+            f"{label}: {level} label(s) {_fmt(bad)} contain units of several countries. Fix: make "
+            f"the {level} codes unique per country (e.g. prefix them with the country code)"
+        )
+    return per.first()
+
+
+def _cell_universe(
+    o_labels: pd.Series,
+    d_labels: pd.Series,
+    country: pd.Series,
+    countries: Sequence[str],
+    universe: str,
+    levels: tuple[str, str],
+    label: str,
+) -> pd.DataFrame:
+    """Every (origin label, destination label) cell the census observes."""
+    if universe not in CELL_UNIVERSES:
+        raise CensusInputError(
+            f"{label}: universe={universe!r} is not one of {list(CELL_UNIVERSES)}. Fix: e.g. "
+            "'abroad' for a table of immigrants by previous country"
+        )
+    o_country = _label_countries(o_labels, country, levels[0], label)
+    d_country = _label_countries(d_labels, country, levels[1], label)
+    cells = pd.DataFrame(
+        [(a, b) for a in o_country.index for b in d_country.index],
+        columns=["origin", "destination"],
+    )
+    oc = o_country.reindex(cells["origin"]).to_numpy()
+    dc = d_country.reindex(cells["destination"]).to_numpy()
+    in_census = np.isin(dc, list(countries))
+    keep = {
+        "within": in_census & (oc == dc),
+        "destination": in_census,
+        "abroad": in_census & (oc != dc),
+        "all": np.ones(len(cells), dtype=bool),
+    }[universe]
+    return cells.loc[keep].reset_index(drop=True)
+
+
+def _drop_stayer_cells(
+    table: pd.DataFrame,
+    o_labels: pd.Series,
+    d_labels: pd.Series,
+    levels: tuple[str, str],
+    label: str,
+    warn: bool,
+) -> pd.DataFrame:
+    """Drop cells whose origin contains the destination (or vice versa): stayers mix in there."""
+    origin = table["origin"].to_numpy()
+    dest = table["destination"].to_numpy()
+    if levels[1] == "unit":
+        same = o_labels.reindex(dest).to_numpy() == origin
+    elif levels[0] == "unit":
+        same = d_labels.reindex(origin).to_numpy() == dest
+    elif levels[0] == levels[1]:
+        same = origin == dest
+    else:
+        same = np.zeros(len(table), dtype=bool)
+    if same.any() and warn:
+        warnings.warn(
+            f"{label}: dropped {int(same.sum())} cell(s) whose origin contains the destination "
+            "(a move within the region cannot be told from staying at this level)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return table.loc[~same]
+
+
+def _cells_output(table: pd.DataFrame, levels: tuple[str, str]) -> pd.DataFrame:
+    out = _order(table)
+    out.attrs.update(origin_level=levels[0], destination_level=levels[1])
+    return out
+
+
+def _read_census_od_cells(
+    source: TableLike,
+    *,
+    units: Any,
+    origin: str,
+    destination: str,
+    count: str,
+    period: str | None,
+    unmatched: Literal["error", "drop"],
+    suppressed: Mapping[str, float | None] | None,
+    suppressed_max: float | None,
+    suppressed_min: float | None,
+    sample_fraction: float | Mapping[str, float] | None,
+    universe: str | None,
+    countries: Sequence[str] | None,
+    id_field: str,
+    country_field: str,
+    origin_level: str,
+    destination_level: str,
+) -> pd.DataFrame:
+    """:func:`read_census_od` for a table whose origins or destinations are not units."""
+    table, label = _read_table(source, "census OD")
+    if units is None:
+        raise CensusInputError(
+            f"{label}: origin_level/destination_level need the units table. Fix: pass units="
+        )
+    _require(
+        table,
+        {"origin": origin, "destination": destination, "count": count, "period": period},
+        label,
+    )
+    cols = [origin, destination, count] + ([period] if period else [])
+    table = table[cols].rename(
+        columns={origin: "origin", destination: "destination", count: "count"}
+    )
+    if period:
+        table = table.rename(columns={period: "period"})
+        table["period"] = table["period"].astype(str)
+    counts, bounds = parse_counts(
+        table["count"],
+        suppressed=suppressed,
+        suppressed_max=suppressed_max,
+        label=f"{label}: column {count!r}",
+    )
+    table["count"], table["max"] = counts, bounds
+    censored = np.isnan(counts) & ~np.isnan(bounds)
+    if suppressed_min:
+        table["min"] = np.where(censored, float(suppressed_min), np.nan)
+    country = _unit_country(units, id_field, country_field)
+    levels = (origin_level, destination_level)
+    o_labels = _unit_labels(units, origin_level, id_field, country_field, label)
+    d_labels = _unit_labels(units, destination_level, id_field, country_field, label)
+    for col, labels in (("origin", o_labels), ("destination", d_labels)):
+        table = harmonise_codes(
+            table, sorted(set(labels)), columns=[col], unmatched=unmatched, label=label
+        )
+    table = _drop_stayer_cells(table, o_labels, d_labels, levels, label, warn=True)
+    table = _aggregate(table, ["origin", "destination"] + (["period"] if period else []))
+    d_country = _label_countries(d_labels, country, destination_level, label)
+    if universe is not None:
+        cens = (
+            list(countries)
+            if countries is not None
+            else sorted(set(d_country.reindex(table["destination"]).dropna()))
+        )
+        cells = _cell_universe(o_labels, d_labels, country, cens, universe, levels, label)
+        cells = _drop_stayer_cells(cells, o_labels, d_labels, levels, label, warn=False)
+        keys = ["origin", "destination"]
+        inside = table.merge(cells.assign(_in=True), on=keys, how="left")["_in"].fillna(False)
+        if not inside.to_numpy(bool).all():
+            warnings.warn(
+                f"{label}: {int((~inside).sum())} row(s) lie outside the universe "
+                f"{universe!r} and were dropped",
+                UserWarning,
+                stacklevel=3,
+            )
+            table = table.loc[inside.to_numpy(bool)]
+        table = cells.merge(table, on=keys, how="left")
+        absent = table["count"].isna() & table["max"].isna()
+        table.loc[absent, "count"] = 0.0
+    table = table.reset_index(drop=True)
+    table["exposure"] = _sample_fraction(
+        1.0 if sample_fraction is None else sample_fraction,
+        d_country.reindex(table["destination"]).reset_index(drop=True),
+    )
+    return _cells_output(table, levels)
+
+
+def _read_census_persons_cells(
+    source: TableLike,
+    units: Any,
+    *,
+    current: str,
+    previous: str,
+    weight: str | None,
+    period: str | None,
+    unmatched: Literal["error", "drop"],
+    sample_fraction: float | Mapping[str, float] | None,
+    universe: str | None,
+    countries: Sequence[str] | None,
+    query: str | None,
+    id_field: str,
+    country_field: str,
+    origin_level: str,
+) -> pd.DataFrame:
+    """:func:`read_census_persons` for records whose previous residence is coded coarser.
+
+    Records whose previous label is empty are not coded at this level and are
+    skipped; a record whose previous label contains its current unit (a stayer,
+    or a move within the region) is not a migrant at this level.
+    """
+    table, label = _read_table(source, "census person records")
+    _require(
+        table,
+        {"current": current, "previous": previous, "weight": weight, "period": period},
+        label,
+    )
+    if query:
+        table = table.query(query)
+    prev = table[previous].astype(str).str.strip()
+    table = table.loc[(prev != "") & (prev.str.lower() != "nan")]
+    frame = pd.DataFrame(
+        {
+            "origin": table[previous].astype(str).str.strip().to_numpy(),
+            "destination": table[current].astype(str).str.strip().to_numpy(),
+        }
+    )
+    if period:
+        frame["period"] = table[period].astype(str).to_numpy()
+    country = _unit_country(units, id_field, country_field)
+    if weight is not None:
+        w = pd.to_numeric(table[weight], errors="coerce").to_numpy(dtype=float)
+        if (~np.isfinite(w) | (w <= 0)).any():
+            raise CensusInputError(
+                f"{label}: column {weight!r}: missing, non-numeric or non-positive weights. "
+                "Fix: person weights must be > 0, or pass weight=None with sample_fraction="
+            )
+        frame["weight"] = w
+    elif sample_fraction is None:
+        raise CensusInputError(
+            f"{label}: weight=None needs sample_fraction=<share sampled>. Fix: pass it."
+        )
+    levels = (origin_level, "unit")
+    o_labels = _unit_labels(units, origin_level, id_field, country_field, label)
+    d_labels = _unit_labels(units, "unit", id_field, country_field, label)
+    frame = harmonise_codes(
+        frame, sorted(set(o_labels)), columns=["origin"], unmatched=unmatched, label=label
+    )
+    frame = harmonise_codes(
+        frame, country.index, columns=["destination"], unmatched=unmatched, label=label
+    )
+    frame["dest_country"] = frame["destination"].map(country).to_numpy()
+    if weight is None:
+        frame["weight"] = 1.0 / _sample_fraction(sample_fraction, frame["dest_country"])
+    movers = _drop_stayer_cells(frame, o_labels, d_labels, levels, label, warn=False)
+    keys = ["origin", "destination"] + (["period"] if period else [])
+    flows = (
+        movers.groupby(keys, sort=False)
+        .agg(count=("weight", "size"), weighted=("weight", "sum"))
+        .reset_index()
+    )
+    flows["count"] = flows["count"].astype(float)
+    flows["max"] = np.nan
+    if universe is not None:
+        cens = list(countries) if countries is not None else sorted(frame["dest_country"].unique())
+        cells = _cell_universe(o_labels, d_labels, country, cens, universe, levels, label)
+        cells = _drop_stayer_cells(cells, o_labels, d_labels, levels, label, warn=False)
+        flows = cells.merge(flows, on=["origin", "destination"], how="left")
+        absent = flows["count"].isna()
+        flows.loc[absent, ["count", "weighted"]] = 0.0
+    g = movers.groupby("dest_country")["weight"].agg(["size", "sum"])
+    per_country = (g["size"] / g["sum"]).to_dict()
+    if sample_fraction is not None:
+        fraction = _sample_fraction(sample_fraction, flows["destination"].map(country))
+    else:
+        overall = float(len(movers) / movers["weight"].sum()) if len(movers) else 1.0
+        fraction = flows["destination"].map(country).map(per_country).fillna(overall).to_numpy()
+    flows["exposure"] = fraction
+    return _cells_output(flows.reset_index(drop=True), levels)

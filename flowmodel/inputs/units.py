@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ def load_units(
     country_field: str,
     layer: str | int | None = None,
     name_field: str | None = None,
+    fields: Sequence[str] = (),
 ) -> gpd.GeoDataFrame:
     """Read admin polygons and normalise them to the unit table of a FlowDataset.
 
@@ -82,6 +83,9 @@ def load_units(
         Layer name or index, required when the file holds several layers.
     name_field
         Optional column with human-readable unit names (copied to ``name``).
+    fields
+        Further fields to keep as text columns, e.g. ``["admin1"]``: levels
+        that census tables may name (``origin_level="admin1"``).
 
     Returns
     -------
@@ -123,6 +127,7 @@ def load_units(
         ("id_field", id_field),
         ("country_field", country_field),
         ("name_field", name_field),
+        *(("fields", f) for f in fields),
     ):
         if field is not None and field not in raw.columns:
             cols = [c for c in raw.columns if c != raw.geometry.name]
@@ -142,6 +147,8 @@ def load_units(
     )
     if name_field is not None:
         out.insert(2, "name", _as_str(raw[name_field]))
+    for f in fields:
+        out.insert(len(out.columns) - 1, str(f), _as_str(raw[f]))
     return validate_units(out, source=where, id_field=id_field, country_field=country_field)
 
 
