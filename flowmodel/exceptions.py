@@ -10,6 +10,7 @@ __all__ = [
     "CDRInputError",
     "CensusInputError",
     "ConfigError",
+    "CorruptFileError",
     "DataContractError",
     "DiagnosticsWarning",
     "FlowModelError",
@@ -20,6 +21,7 @@ __all__ = [
     "NoOverlapError",
     "PriorWarning",
     "PrivacyError",
+    "RunDirectoryError",
     "UnitCodeError",
 ]
 
@@ -42,6 +44,14 @@ class MissingCRSError(InputFileError):
 
 class NoOverlapError(InputFileError):
     """A raster does not overlap the units (or a unit lies outside every raster)."""
+
+
+class CorruptFileError(InputFileError):
+    """A file cannot be read back: truncated or corrupt (a copy cut short, a full disk).
+
+    Messages name the file and the fix (write it again, e.g. rerun the stage
+    that made it).
+    """
 
 
 class CensusInputError(InputFileError):
@@ -77,6 +87,10 @@ class BackendNotAvailableError(FlowModelError, ImportError):
 
 class ConfigError(FlowModelError, ValueError):
     """A run configuration file is invalid."""
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory cannot be used: an output would overwrite an input or a foreign file."""
 
 
 class DiagnosticsWarning(UserWarning):
