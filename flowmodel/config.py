@@ -1019,6 +1019,8 @@ def _model_errors(cfg: RunConfig, where: str) -> list[str]:
         build_model(cfg)
     except FlowModelError as err:
         text = " ".join(str(err).split())
+        if "Fix" not in text:
+            text = f"{text.rstrip('.')}. Fix: change that value in [model.options]."
         return [text if text.startswith(str(where)) else f"{where}: [model.options] {text}"]
     except (TypeError, ValueError) as err:
         return [f"{where}: [model.options] {type(err).__name__}: {err}. Fix: change the value."]

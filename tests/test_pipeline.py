@@ -17,6 +17,7 @@ import pytest
 from flowmodel import pipeline
 from flowmodel.atomic import atomic_path
 from flowmodel.config import load_config
+from flowmodel.exceptions import RunDirectoryError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -557,3 +558,99 @@ def test_demo_world_is_simulated_again_for_another_simulator_version(tmp_path: P
     pipeline.demo_config(tmp_path, size="small")
     assert truth.stat().st_mtime_ns != first
     assert json.loads(stamp.read_text())["world_version"] == WORLD_VERSION
+
+
+def test_compiled_sources_go_to_the_run_cache_not_tmpdir(project: Path, monkeypatch, tmp_path):
+    """PyTensor writes the source of every numba-compiled function; not into $TMPDIR."""
+    import tempfile
+
+    pytensor = pytest.importorskip("pytensor")
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    install_fake_stages(monkeypatch)
+    real_fit = pipeline.stage_fit
+
+    def compiling_fit(ctx):
+        import pytensor.tensor as pt
+
+        x = pt.dvector("x")
+        f = pytensor.function([x], pt.exp(x) + 2.5, mode="NUMBA")
+        assert f([0.0])[0] == 3.5
+        return real_fit(ctx)
+
+    monkeypatch.setattr(pipeline, "stage_fit", compiling_fit)
+    before = pytensor.config.generated_src_dir
+    pipeline.run_pipeline(load_config(project), ["prepare", "fit"])
+    assert list(tmp.iterdir()) == []
+    cache = project.parent / "run" / pipeline.CACHE_DIR / "pytensor-src"
+    assert any(p.suffix == ".py" for p in cache.iterdir())
+    assert pytensor.config.generated_src_dir == before  # restored after the run
+    assert "generated_src_dir" not in os.environ.get("PYTENSOR_FLAGS", "")
+
+
+def test_stage_input_changed_since_its_stage_wrote_it(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project), ["prepare"])
+    dataset = project.parent / "run" / pipeline.DATASET
+    dataset.write_bytes(dataset.read_bytes()[:10])  # a copy cut short
+    with pytest.raises(
+        pipeline.StageInputChangedError,
+        match=r"needs .*dataset\.nc, which changed since stage 'prepare' wrote it.*"
+        r"run 'flowmodel prepare .*run\.toml' again",
+    ):
+        pipeline.run_pipeline(load_config(project), ["fit"])
+    # the whole pipeline repairs it: prepare sees its output modified and runs again
+    results = {r.stage: r for r in pipeline.run_pipeline(load_config(project), ["prepare", "fit"])}
+    assert results["prepare"].reason == "output modified since the stage ran: dataset.nc"
+    assert results["fit"].action == "ran"
+
+
+def test_out_dir_beside_the_inputs_never_overwrites_them(tmp_path: Path, monkeypatch) -> None:
+    """The demo's layout with the inputs beside the config: refused before anything is written."""
+    calls = install_fake_stages(monkeypatch)
+    project = make_project(tmp_path, CONFIG.replace('out_dir = "run"', 'out_dir = "."'))
+    (tmp_path / "units.gpkg").rename(tmp_path / "dataset.nc")  # an input named like an output
+    text = project.read_text().replace('path = "units.gpkg"', 'path = "dataset.nc"')
+    project.write_text(text)
+    before = (tmp_path / "dataset.nc").read_bytes()
+    with pytest.raises(RunDirectoryError, match=r"overwrite its input\(s\) units\.path = "):
+        load_config(project)
+    cfg = load_config(project, deep=False)
+    with pytest.raises(RunDirectoryError, match=r"dataset\.nc"):
+        pipeline.run_pipeline(cfg)
+    assert (tmp_path / "dataset.nc").read_bytes() == before and not calls
+    assert not (tmp_path / pipeline.MANIFEST).exists()
+    # inputs in a sub-folder (the demo's world/): out_dir = "." is fine
+    sub = make_project(tmp_path / "demo" / "world", CONFIG)
+    text = CONFIG.replace('out_dir = "run"', 'out_dir = "."')
+    for name in ("units.gpkg", "pop.tif", "census.csv"):
+        text = text.replace(f'"{name}"', f'"world/{name}"')
+    (tmp_path / "demo" / "demo.toml").write_text(text)
+    assert sub.exists()
+    pipeline.run_pipeline(load_config(tmp_path / "demo" / "demo.toml"))
+    assert (tmp_path / "demo" / pipeline.REPORT).exists()
+
+
+def test_fresh_run_directory_with_foreign_files_is_refused(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    run = project.parent / "run"
+    run.mkdir()
+    (run / "units.gpkg").write_text("the user's own file")
+    with pytest.raises(RunDirectoryError, match=r"has no manifest\.json but holds units\.gpkg"):
+        pipeline.run_pipeline(load_config(project))
+    assert (run / "units.gpkg").read_text() == "the user's own file" and not calls
+
+
+def test_stale_temp_files_are_removed_only_by_pattern(tmp_path: Path) -> None:
+    from flowmodel.atomic import clean_stale_temp, is_temp_name
+
+    for name in (".flows.abc12_x9.tmp.nc", ".flows.zarr.old", ".bashrc.old", "keep.tmp", ".x.tmp"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".dataset.k2j4h5g6.tmp.nc").mkdir()
+    removed = {p.name for p in clean_stale_temp(tmp_path, names=["flows.zarr"])}
+    assert removed == {".flows.abc12_x9.tmp.nc", ".flows.zarr.old", ".dataset.k2j4h5g6.tmp.nc"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bashrc.old", ".x.tmp", "keep.tmp"]
+    assert is_temp_name(".posterior.a1b2c3d4.tmp.nc") and not is_temp_name("posterior.nc")
+    (tmp_path / ".flows.abcdefgh.tmp.nc").write_text("x")
+    assert clean_stale_temp(tmp_path, older_than=0) == []  # a live writer's file is newer
