@@ -763,6 +763,10 @@ FIT_RESERVED = {
 }
 
 
+#: Options whose values are secrets: an error never shows them (the CDR hashing salt).
+SECRET_OPTIONS = frozenset({"salt"})
+
+
 def _rule_fraction(value: Any) -> str | None:
     values = list(value.values()) if isinstance(value, Mapping) else [value]
     bad = [v for v in values if not (isinstance(v, int | float) and 0 < v <= 1)]
@@ -906,6 +910,8 @@ def _check_keywords(
             try:
                 adapter.validate_python(value)
             except _VE as err:
+                if key in SECRET_OPTIONS:
+                    value = "<hidden>"
                 kinds = {e["type"] for e in err.errors()}
                 if kinds == {"literal_error"}:
                     expected = " or ".join(

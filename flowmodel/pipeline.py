@@ -1093,14 +1093,45 @@ def read_flow_source(
     path = Path(source.path)
     try:
         if path.suffix == ".parquet":
-            return pd.read_parquet(path, **options), None
-        return pd.read_csv(path, **options), None
+            table = pd.read_parquet(path, **options)
+        else:
+            table = pd.read_csv(path, **options)
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise InputFileError(
             f"{path} (flows.{name}): cannot be read as a flow table ({type(err).__name__}: "
             f"{' '.join(str(err).split())[:200]}). Fix: give a CSV or Parquet table with origin, "
             "destination and count columns (options are passed to pandas.read_csv)."
         ) from None
+    _check_table_counts(table, path, name)
+    return table, None
+
+
+def _check_table_counts(table: Any, path: Path, name: str) -> None:
+    """Check that a plain flow table's counts are whole numbers >= 0 or empty, naming rows."""
+    import numpy as np
+    import pandas as pd
+
+    from flowmodel.exceptions import DataContractError
+
+    if "count" not in table.columns:
+        return
+    raw = table["count"]
+    counts = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    text = raw.astype(str).str.strip()
+    problems = {
+        "not numbers": np.isnan(counts) & raw.notna().to_numpy() & (text != "").to_numpy(),
+        "negative": counts < 0,
+        "not whole numbers": np.abs(counts - np.round(counts)) > 1e-9,
+    }
+    for what, bad in problems.items():
+        if bad.any():
+            rows = (np.flatnonzero(bad) + 1).tolist()
+            raise DataContractError(
+                f"{path} (flows.{name}): column 'count': {int(bad.sum())} value(s) are {what}, at "
+                f"data row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''} (values "
+                f"{raw.iloc[np.flatnonzero(bad)[:5]].tolist()}). Fix: counts are unweighted "
+                "whole numbers >= 0 (empty = unobserved); correct those rows."
+            )
 
 
 def _add_marginals(ds: Any, cfg: RunConfig) -> Any:

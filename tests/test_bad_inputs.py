@@ -485,6 +485,11 @@ def _truncated_units(d: Path, w: Path) -> str:
     return base(w, units=str(d / "units.gpkg"))
 
 
+def _table_fraction(d: Path, w: Path) -> str:
+    (d / "moves.csv").write_text("origin,destination,count\nXAN001,XAN002,4\nXAN002,XAN001,2.5\n")
+    return base(w) + f'\n[flows.moves]\nkind = "table"\npath = "{d / "moves.csv"}"\n'
+
+
 def _truncated_dataset(d: Path, w: Path) -> str:
     return base(w)
 
@@ -546,6 +551,13 @@ INPUT_CASES = [
         CensusInputError,
         r"persons\.csv: column 'previous_unit' is empty at 1 data row\(s\) \[2\]: the previous "
         r"residence is missing \(not an unknown code\)",
+    ),
+    Case(
+        "table-fractional-count",
+        _table_fraction,
+        DataContractError,
+        r"moves\.csv \(flows\.moves\): column 'count': 1 value\(s\) are not whole numbers, at "
+        r"data row\(s\) \[2\]",
     ),
     Case(
         "population-geotiff-with-3-bands",

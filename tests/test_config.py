@@ -295,3 +295,17 @@ def test_names_and_bounds(tmp_path: Path, text: str, message: str) -> None:
         path = write(tmp_path, text + MINIMAL)
     with pytest.raises(ConfigError, match=message):
         load_config(path, check_files=False)
+
+
+def test_secret_option_values_are_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "e.parquet").write_bytes(b"x")
+    (tmp_path / "t.csv").write_text("cell_id,lon,lat\n")
+    text = MINIMAL + (
+        '[flows.cdr]\nkind = "cdr_events"\npath = "e.parquet"\ntowers = "t.csv"\n'
+        "options = { salt = [19870412] }\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"\[flows\.cdr\.options\] salt: expected .*'<hidden>'"
+    ) as info:
+        load_config(write(tmp_path, text))
+    assert "19870412" not in str(info.value)

@@ -226,9 +226,7 @@ def validate_units(
     same = pd.Series(shapely.to_wkb(shapely.normalize(geom)), index=np.asarray(ids))
     twice = same[same.duplicated(keep=False)]
     if len(twice):
-        groups = [
-            "=".join(map(str, group.index)) for _, group in twice.groupby(twice, sort=False)
-        ]
+        groups = ["=".join(map(str, group.index)) for _, group in twice.groupby(twice, sort=False)]
         raise DataContractError(
             f"{source}: {len(groups)} geometr(ies) appear under more than one unit id: "
             f"{_fmt_ids(groups)} (a duplicated feature?). Fix: keep one feature per unit; two "
