@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -411,7 +412,19 @@ def _try_lock(fd: int, *, exclusive: bool) -> bool:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):
         return False
+    except OSError as err:
+        if err.errno in _NO_LOCKS:
+            raise _LocksUnsupportedError(err) from err
+        raise
     return True
+
+
+#: errno of flock on a file system without file locks (Lustre mounted without -o flock, ...)
+_NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOLCK}
+
+
+class _LocksUnsupportedError(Exception):
+    """flock is not available on the run directory's file system."""
 
 
 def _unlock(fd: int) -> None:
@@ -462,7 +475,7 @@ def run_lock(run_dir: str | os.PathLike[str], *, wait_s: float = 1.0) -> Iterato
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_s
-        while not _try_lock(fd, exclusive=True):
+        while not _try_lock_or_fail(fd, run_dir):
             if time.monotonic() >= deadline:
                 pid = _lock_pid(lock)
                 who = f"pid {pid}" if pid else "pid unknown"
@@ -484,6 +497,18 @@ def run_lock(run_dir: str | os.PathLike[str], *, wait_s: float = 1.0) -> Iterato
         os.close(fd)
 
 
+def _try_lock_or_fail(fd: int, run_dir: str | os.PathLike[str]) -> bool:
+    try:
+        return _try_lock(fd, exclusive=True)
+    except _LocksUnsupportedError as err:
+        raise RunDirectoryError(
+            f"{run_dir}: its file system does not support file locks (flock: "
+            f"{os.strerror(err.args[0].errno)}), so flowmodel cannot make sure that only one "
+            "process works in it. Fix: put [run] out_dir on a file system with locks (a local "
+            "disk, or e.g. Lustre mounted with -o flock)."
+        ) from None
+
+
 def lock_holder(run_dir: str | os.PathLike[str]) -> int | None:
     """Return the pid of the live process holding the run lock (0: unknown), or None when free."""
     lock = Path(run_dir) / LOCK_FILE
@@ -496,6 +521,8 @@ def lock_holder(run_dir: str | os.PathLike[str]) -> int | None:
             _unlock(fd)
             return None
         return _lock_pid(lock)
+    except _LocksUnsupportedError:
+        return None  # no process can hold a lock there either
     finally:
         os.close(fd)
 

@@ -762,3 +762,21 @@ def test_unwritable_out_dir(world: Path, tmp_path: Path) -> None:
             load_config(config)
     finally:
         locked.chmod(0o700)
+
+
+def test_truncated_dataset_gives_the_package_error(tmp_path: Path) -> None:
+    from flowmodel.dataset import load_dataset, save_dataset
+    from flowmodel.simulate import simulate_flow_dataset
+
+    path = save_dataset(simulate_flow_dataset(n_units=5, seed=2)[0], tmp_path / "dataset.nc")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CorruptFileError,
+        match=r"dataset\.nc: the FlowDataset cannot be read \(OSError: .*truncated file.*\); the "
+        r"file is truncated or corrupt .*Fix: write it again \(rerun 'flowmodel prepare CONFIG'",
+    ):
+        load_dataset(path)
+    path.write_bytes(b"not a netcdf file")
+    with pytest.raises(CorruptFileError, match=r"file signature not found"):
+        load_dataset(path)

@@ -654,3 +654,18 @@ def test_stale_temp_files_are_removed_only_by_pattern(tmp_path: Path) -> None:
     assert is_temp_name(".posterior.a1b2c3d4.tmp.nc") and not is_temp_name("posterior.nc")
     (tmp_path / ".flows.abcdefgh.tmp.nc").write_text("x")
     assert clean_stale_temp(tmp_path, older_than=0) == []  # a live writer's file is newer
+
+
+def test_file_system_without_locks_is_a_named_error(project: Path, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    install_fake_stages(monkeypatch)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(RunDirectoryError, match=r"does not support file locks.*-o flock"):
+        pipeline.run_pipeline(load_config(project))
+    assert pipeline.lock_holder(project.parent / "run") is None

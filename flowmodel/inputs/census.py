@@ -148,7 +148,14 @@ def _read_table(
         elif suffix.endswith((".feather", ".arrow", ".ipc")):
             table = pd.read_feather(path)
         else:
-            delimiter = sep if sep is not None else _sniff_delimiter(path, text_encoding, what)
+            compressed = path.suffix.lower() in (".gz", ".bz2", ".zip", ".xz", ".zst")
+            delimiter = (
+                sep
+                if sep is not None
+                else ","
+                if compressed
+                else _sniff_delimiter(path, text_encoding, what)
+            )
             table = pd.read_csv(
                 path, dtype=str, keep_default_na=False, sep=delimiter, encoding=text_encoding
             )
