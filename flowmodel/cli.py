@@ -279,9 +279,13 @@ for _name, _summary in [
 
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Check a config file (keys, types, input files) without running anything.
+    """Check a config file as every command does, without running anything.
 
-    Example: flowmodel validate kenya.toml
+    Keys, types and bounds; reader options, model options and fit keywords
+    against their signatures and value rules (with "did you mean"); input
+    files; the run directory (a writable folder where no output overwrites an
+    input). Every problem is listed on one line; exit code 2. Example:
+    flowmodel validate kenya.toml
     """
     with _guard():
         cfg = _load(config, set_)
@@ -294,6 +298,8 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 def status(config: ConfigArg, set_: SetOpt = None) -> None:
     """Show each stage's status in the run directory and why it last ran or was skipped.
 
+    A stage is 'running (pid N)' only while that process holds the run lock; a
+    stage whose process was killed is 'interrupted' (the next run resumes it).
     Example: flowmodel status kenya.toml
     """
     with _guard():

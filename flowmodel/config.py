@@ -34,19 +34,33 @@ Example (TOML)::
     [model.options]
     constraint = "none"
 
-This module imports only the standard library, pydantic and (lazily) PyYAML, so
-the command line stays fast.
+Validation goes past keys and types: :func:`config_from_dict` also checks every
+``[flows.<source>.options]`` against the signature and value rules of its
+reader, ``[model.options]`` against the model constructor (which it calls, so
+its own value rules run), ``[model.sample_kwargs]`` against the keywords the
+fit backends accept, the names of sources referred to elsewhere, and the run
+directory (not a file, writable, never overwriting an input). Unknown keys get
+a "did you mean" from :mod:`difflib`.
+
+The module imports only the standard library, pydantic and (lazily) PyYAML at
+import, so ``flowmodel --help`` stays fast; the readers and model classes are
+imported when a config is validated.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import hashlib
+import importlib
+import inspect
 import json
 import os
+import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -77,19 +91,46 @@ __all__ = [
     "config_hash",
     "load_config",
     "parse_override",
+    "validate_deep",
 ]
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+
+#: Upper bound of ``[model] draws``/``tune`` and ``[predict] draws`` (per chain): 100,000
+#: draws of 4 chains already hold 400,000 values per parameter.
+MAX_DRAWS = 100_000
+#: Upper bound of ``[model] chains``.
+MAX_CHAINS = 64
+#: Seeds are unsigned 32-bit integers (what every backend accepts).
+MAX_SEED = 2**32 - 1
+
+#: Names of runs, flow sources, marginals and rasters: they become file, folder and
+#: variable names, so no path separators, dots or spaces.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 # ------------------------------------------------------------------------ paths
 def _resolve(value: Path, info: ValidationInfo) -> Path:
     """Resolve a relative path against the config file's folder (validation context)."""
+    if not str(value).strip():
+        raise ValueError("expected a path, got an empty string")
     value = Path(os.path.expandvars(os.path.expanduser(str(value))))
     base = (info.context or {}).get("base_dir")
     if not value.is_absolute() and base is not None:
         value = Path(base) / value
     return Path(os.path.normpath(value))
+
+
+def _check_name(value: str, what: str) -> str:
+    """Return ``value`` if it can name files and variables (letters, digits, ``_``, ``-``)."""
+    if not NAME_PATTERN.match(value):
+        clean = re.sub(r"[^A-Za-z0-9_-]+", "_", value).strip("_-") or "run"
+        raise ValueError(
+            f"{value!r} is not usable as {what}: use letters, digits, '_' and '-' only "
+            f"(no '/', '\\', '..', dots or spaces; it names files and variables), "
+            f"e.g. {clean!r}"
+        )
+    return value
 
 
 #: A path resolved against the folder of the config file.
@@ -109,17 +150,24 @@ class RunSection(_Section):
     Attributes
     ----------
     name
-        Name of the run (used in reports and the batch summary).
+        Name of the run (used in reports and the batch summary, and as the
+        folder of the default ``out_dir``): letters, digits, ``_`` and ``-``.
     out_dir
         Run directory: config copy, log, per-stage outputs and ``manifest.json``.
-        Default ``runs/<name>`` beside the config file.
+        Default ``runs/<name>`` beside the config file. It must not be a file,
+        must be writable, and no output may overwrite an input there.
     seed
-        Seed of every random draw (fits, cross-validation folds).
+        Seed of every random draw (fits, cross-validation folds), 0 to 2^32 - 1.
     """
 
     name: str = "flowmodel-run"
     out_dir: RelPath | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return _check_name(value, "a run name")
 
 
 class UnitsSection(_Section):
@@ -144,13 +192,20 @@ class UnitsSection(_Section):
         reported at (``origin_level = "admin1"``).
     """
 
-    path: RelPath | list[RelPath]
+    path: RelPath | Annotated[list[RelPath], Field(min_length=1)]
     id_field: str = "unit_id"
     country_field: str = "country"
     layer: str | None = None
     name_field: str | None = None
     countries: list[str] | None = None
     fields: list[str] = Field(default_factory=list)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _some_path(cls, value: Any) -> Any:
+        if value == [] or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"expected a units file or a non-empty list of them, got {value!r}")
+        return value
 
     def paths(self) -> list[Path]:
         """All unit files, as a list."""
@@ -210,6 +265,11 @@ class FlowSource(_Section):
                 "kind 'cdr_events' needs 'towers' (a CSV with cell_id, lon, lat); "
                 "or use kind = 'cdr_od' for a pre-aggregated OD table"
             )
+        if self.kind is not None and self.kind != "cdr_events" and self.towers is not None:
+            raise ValueError(
+                f"'towers' is read only by kind 'cdr_events', not {self.kind!r}; "
+                "drop it or set kind = 'cdr_events'"
+            )
         return self
 
 
@@ -245,6 +305,7 @@ class ModelSection(_Section):
     draws, tune, chains
         Posterior draws per chain, tuning steps, chains (MCMC backends; ``draws``
         also sets the number of approximate-posterior draws of ``laplace``/``advi``).
+        At most :data:`MAX_DRAWS` draws and tuning steps, :data:`MAX_CHAINS` chains.
     options
         Structural options passed to the model constructor (``constraint``,
         ``cost_func``, ``covariates``, ``likelihood``, ...).
@@ -256,9 +317,9 @@ class ModelSection(_Section):
 
     type: ModelType = "gravity"
     backend: Backend = "auto"
-    draws: int = Field(1000, ge=1)
-    tune: int = Field(1000, ge=0)
-    chains: int = Field(4, ge=1)
+    draws: int = Field(1000, ge=1, le=MAX_DRAWS)
+    tune: int = Field(1000, ge=0, le=MAX_DRAWS)
+    chains: int = Field(4, ge=1, le=MAX_CHAINS)
     options: dict[str, Any] = Field(default_factory=dict)
     priors: dict[str, Any] = Field(default_factory=dict)
     sample_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -290,7 +351,7 @@ class PredictSection(_Section):
     formats: list[Literal["netcdf", "zarr", "csv", "gpkg"]] = Field(
         default_factory=lambda: ["netcdf", "csv", "gpkg"]
     )
-    draws: int | None = Field(None, ge=1)
+    draws: int | None = Field(None, ge=1, le=MAX_DRAWS * MAX_CHAINS)
     block_size: int | None = Field(None, ge=1)
     use_dask: bool | None = None
 
@@ -428,6 +489,13 @@ class RunConfig(_Section):
     dask: DaskSection = Field(default_factory=DaskSection)
     source: Path | None = None
 
+    @field_validator("rasters", "flows", "marginals")
+    @classmethod
+    def _plain_keys(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        for key in value:
+            _check_name(key, f"a name in [{info.field_name}]")
+        return value
+
     @model_validator(mode="after")
     def _default_out_dir(self, info: ValidationInfo) -> RunConfig:
         if self.run.out_dir is None:
@@ -460,7 +528,10 @@ class RunConfig(_Section):
 
     def check_files(self) -> None:
         """Raise :class:`ConfigError` naming the key of every input file that does not exist."""
-        missing = [(key, path) for key, path in self.input_files().items() if not path.exists()]
+        files = dict(self.input_files())
+        if self.report.truth is not None:
+            files["report.truth"] = self.report.truth
+        missing = [(key, path) for key, path in files.items() if not path.exists()]
         if missing:
             where = self.source or "config"
             listed = "; ".join(f"{key} = {path}" for key, path in missing)
@@ -530,7 +601,13 @@ def _read_raw(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: unknown config format '{suffix}'. Fix: use a .toml, .yaml or .yml file."
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}). Fix: save the config "
+            "as UTF-8."
+        ) from None
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -570,6 +647,14 @@ _EXPECTED = {
     "model_attributes_type": "a table",
     "path_type": "a path (string)",
     "missing": "a value (this key is required)",
+}
+
+
+_BOUNDS = {
+    "greater_than_equal": ">=",
+    "greater_than": ">",
+    "less_than_equal": "<=",
+    "less_than": "<",
 }
 
 
@@ -620,6 +705,12 @@ def _format_error(err: Mapping[str, Any], path: Path | str, overridden: set[str]
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{path}: {shown}: expected one of {expected}, got {value!r}{via}. Fix: use one of those values."
+    bound = _BOUNDS.get(kind)
+    if bound is not None:
+        limit = next(iter(err.get("ctx", {}).values()), "?")
+        return (
+            f"{path}: {shown}: must be {bound} {limit}, got {value!r}{via}. Fix: change the value."
+        )
     expected = _EXPECTED.get(kind)
     if expected is not None:
         return f"{path}: {shown}: expected {expected}, got {value!r}{via}. Fix: change the value's type."
@@ -627,11 +718,428 @@ def _format_error(err: Mapping[str, Any], path: Path | str, overridden: set[str]
     return f"{path}: {shown}: {msg}{via}. Fix: change the value."
 
 
+# ---------------------------------------------------------- deep validation
+#: The reader of each flow kind, and the arguments the pipeline passes itself.
+READERS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "census_od": ("flowmodel.inputs.census", "read_census_od", frozenset({"source", "units"})),
+    "census_persons": (
+        "flowmodel.inputs.census",
+        "read_census_persons",
+        frozenset({"source", "units"}),
+    ),
+    "cdr_events": ("flowmodel.inputs.cdr", "cdr_flows", frozenset({"events", "towers", "units"})),
+    "cdr_od": ("flowmodel.inputs.cdr", "read_cdr_od", frozenset({"source", "units"})),
+    "table": ("pandas", "read_csv", frozenset({"filepath_or_buffer"})),
+    "table_parquet": ("pandas", "read_parquet", frozenset({"path"})),
+}
+
+#: The model class of each ``[model] type`` (imported when a config is validated).
+MODEL_CLASSES: dict[str, tuple[str, str]] = {
+    "gravity": ("flowmodel.models.gravity", "GravityModel"),
+    "radiation": ("flowmodel.models.radiation", "RadiationModel"),
+    "fusion": ("flowmodel.models.fusion", "FusionModel"),
+}
+
+#: Keywords of ``fit`` the backends read themselves (beyond those of ``pymc.sample``,
+#: ``pymc.fit`` and ``pymc.find_MAP``, which they pass on): flowmodel's Laplace fit,
+#: ADVI's iterations and start, the NUTS settings of nutpie / numpyro.
+FIT_KEYWORDS = frozenset(
+    {
+        "draws",
+        "tune",
+        "chains",
+        "cores",
+        "target_accept",
+        "nuts",
+        "nuts_sampler_kwargs",
+        "engine",
+        "maxiter",
+        "step",
+        "n",
+        "start",
+        "start_sigma",
+        "obj_optimizer",
+    }
+)
+#: Keywords of ``fit`` the pipeline sets itself, and where they come from.
+FIT_RESERVED = {
+    "random_seed": "[run] seed",
+    "seed": "[run] seed",
+    "progressbar": "the command line (-q hides progress bars)",
+    "backend": "[model] backend",
+    "nuts_sampler": "[model] backend",
+    "model": "[model] type",
+    "compute_convergence_checks": "flowmodel (its own diagnostics)",
+}
+
+
+#: Options whose values are secrets: an error never shows them (the CDR hashing salt).
+SECRET_OPTIONS = frozenset({"salt"})
+
+
+def _rule_fraction(value: Any) -> str | None:
+    values = list(value.values()) if isinstance(value, Mapping) else [value]
+    bad = [v for v in values if not (isinstance(v, int | float) and 0 < v <= 1)]
+    if not bad:
+        return None
+    return (
+        f"sample fractions must lie in (0, 1], got {bad}. Fix: give the share of the "
+        "population sampled, e.g. 0.1 for a 10% sample"
+    )
+
+
+def _rule_timezone(value: Any) -> str | None:
+    if value is None:
+        return None
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(str(value))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        close = difflib.get_close_matches(str(value), sorted(zoneinfo.available_timezones()), n=1)
+        hint = (
+            f"did you mean {close[0]!r}?" if close else "use an IANA name such as 'Africa/Nairobi'"
+        )
+        return f"unknown time zone {value!r}. Fix: {hint}"
+    return None
+
+
+def _rule_encoding(value: Any) -> str | None:
+    import codecs
+
+    try:
+        codecs.lookup(str(value))
+    except LookupError:
+        return f"unknown text encoding {value!r}. Fix: e.g. 'utf-8' or 'latin-1'"
+    return None
+
+
+def _rule_at_least(low: float) -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        if value is None or (isinstance(value, int | float) and value >= low):
+            return None
+        return f"must be >= {low:g}, got {value!r}. Fix: change the value"
+
+    return rule
+
+
+def _rule_night(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(h, int) and 0 <= h <= 23 for h in value)
+    ):
+        return f"expected two hours 0-23, got {value!r}. Fix: e.g. night = [19, 7]"
+    return None
+
+
+#: Value rules of reader options beyond their types, by parameter name (any reader).
+OPTION_RULES: dict[str, Callable[[Any], str | None]] = {
+    "sample_fraction": _rule_fraction,
+    "timezone": _rule_timezone,
+    "encoding": _rule_encoding,
+    "night": _rule_night,
+    "suppressed_min": _rule_at_least(0),
+    "suppressed_max": _rule_at_least(0),
+    "threshold": _rule_at_least(0),
+    "min_active_days": _rule_at_least(1),
+    "batch_size": _rule_at_least(1),
+    "max_share": _rule_at_least(0),
+}
+
+
+def _import(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _signature(func: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool, dict]:
+    """Keyword parameters of ``func``, whether it takes ``**kwargs``, and its resolved type hints."""
+    sig = inspect.signature(func)
+    params = {
+        name: p
+        for name, p in sig.parameters.items()
+        if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable annotations (pandas' TYPE_CHECKING names): names only
+        hints = {}
+    return params, var_kw, hints
+
+
+@functools.cache
+def _adapter(hint: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+    except Exception:  # a type pydantic cannot check: skip its value
+        return None
+
+
+def _unknown_key(key: str, known: Iterable[str], what: str) -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+    return f"unknown {what}. Fix: {hint}"
+
+
+def _check_keywords(
+    values: Mapping[str, Any],
+    func: Callable[..., Any],
+    section: str,
+    where: str,
+    *,
+    reserved: Mapping[str, str] | None = None,
+    what: str,
+    rules: Mapping[str, Callable[[Any], str | None]] | None = None,
+) -> list[str]:
+    """Check a table of keyword arguments against ``func``'s signature, types and value rules."""
+    params, var_kw, hints = _signature(func)
+    reserved = reserved or {}
+    errors = []
+    allowed = [n for n in params if n not in reserved]
+    for key, value in values.items():
+        shown = f"{where}: [{section}] {key}"
+        if key in reserved:
+            errors.append(f"{shown}: set by {reserved[key]}, not here. Fix: remove it.")
+            continue
+        if key not in params:
+            if not var_kw:
+                errors.append(f"{shown}: {_unknown_key(key, allowed, what)}")
+            continue
+        hint = hints.get(key)
+        adapter = _adapter(hint) if hint is not None else None
+        if adapter is not None:
+            from pydantic import ValidationError as _VE
+
+            try:
+                adapter.validate_python(value)
+            except _VE as err:
+                if key in SECRET_OPTIONS:
+                    value = "<hidden>"
+                kinds = {e["type"] for e in err.errors()}
+                if kinds == {"literal_error"}:
+                    expected = " or ".join(
+                        dict.fromkeys(
+                            str(e.get("ctx", {}).get("expected", "")) for e in err.errors()
+                        )
+                    )
+                    msg = (
+                        f"expected one of {expected}, got {value!r}. Fix: use one of those values."
+                    )
+                else:
+                    annotation = params[key].annotation
+                    shown_type = annotation if isinstance(annotation, str) else str(hint)
+                    msg = f"expected {shown_type}, got {value!r}. Fix: change the value."
+                errors.append(f"{shown}: {msg}")
+                continue
+        rule = (rules or {}).get(key)
+        problem = rule(value) if rule is not None else None
+        if problem:
+            errors.append(f"{shown}: {problem}" + ("" if problem.endswith(("?", ".")) else "."))
+    return errors
+
+
+def _reader(kind: str, path: Path) -> tuple[Callable[..., Any], frozenset[str]]:
+    if kind == "table" and path.suffix.lower() == ".parquet":
+        kind = "table_parquet"
+    module, name, reserved = READERS[kind]
+    return _import(module, name), reserved
+
+
+def _source_errors(cfg: RunConfig, where: str) -> list[str]:
+    errors = []
+    for name, src in cfg.flows.items():
+        kind = src.resolved_kind(name)
+        func, reserved = _reader(kind, src.path)
+        errors += _check_keywords(
+            src.options,
+            func,
+            f"flows.{name}.options",
+            where,
+            reserved=dict.fromkeys(reserved, f"[flows.{name}] path/towers and [units]"),
+            what=f"option of {func.__module__}.{func.__name__} (kind {kind!r})",
+            rules=OPTION_RULES,
+        )
+    return errors
+
+
+def _named_sources(cfg: RunConfig, where: str) -> list[str]:
+    """Source names given in [model.options] and [evaluate] must be [flows] sources."""
+    known = list(cfg.flows)
+    named: list[tuple[str, Any]] = []
+    opts = cfg.model.options
+    if isinstance(opts.get("sources"), list):
+        named += [("model.options] sources", s) for s in opts["sources"]]
+    if isinstance(opts.get("source"), str):
+        named.append(("model.options] source", opts["source"]))
+    if isinstance(opts.get("reference_source"), str):
+        named.append(("model.options] reference_source", opts["reference_source"]))
+    named += [("evaluate] sources", s) for s in cfg.evaluate.sources or []]
+    errors = []
+    for key, value in named:
+        if str(value) not in known:
+            close = difflib.get_close_matches(str(value), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"name one of [flows]: {known}"
+            errors.append(
+                f"{where}: [{key}: {value!r} is not a flow source of this config. Fix: {hint}"
+            )
+    return errors
+
+
+def _model_errors(cfg: RunConfig, where: str) -> list[str]:
+    module, name = MODEL_CLASSES[cfg.model.type]
+    cls = _import(module, name)
+    options = dict(cfg.model.options)
+    reserved = {
+        "priors": "[model.priors]",
+        "sampler_config": "[model] draws/tune/chains and [model.sample_kwargs]",
+    }
+    errors: list[str] = []
+    latent = options.pop("latent", None) if cfg.model.type == "fusion" else None
+    errors += _check_keywords(
+        options, cls, "model.options", where, reserved=reserved, what=f"option of {name}"
+    )
+    if isinstance(latent, Mapping):
+        latent = dict(latent)
+        kind = latent.pop("type", "gravity")
+        if kind in ("gravity", "radiation"):
+            lmod, lname = MODEL_CLASSES[str(kind)]
+            errors += _check_keywords(
+                latent,
+                _import(lmod, lname),
+                "model.options.latent",
+                where,
+                reserved=reserved,
+                what=f"option of {lname}",
+            )
+        else:
+            errors.append(
+                f"{where}: [model.options.latent] type: expected one of 'gravity' or "
+                f"'radiation', got {kind!r}. Fix: use one of those values."
+            )
+    if cfg.model.sample_kwargs:
+        errors += _sample_kwargs_errors(cfg.model.sample_kwargs, where)
+    if errors:
+        return errors
+    # the constructors' own value rules (constraint names, covariate lists, latent, priors)
+    from flowmodel.exceptions import FlowModelError
+    from flowmodel.pipeline import build_model
+
+    try:
+        build_model(cfg)
+    except FlowModelError as err:
+        text = " ".join(str(err).split())
+        if "Fix" not in text:
+            text = f"{text.rstrip('.')}. Fix: change that value in [model.options]."
+        return [text if text.startswith(str(where)) else f"{where}: [model.options] {text}"]
+    except (TypeError, ValueError) as err:
+        return [f"{where}: [model.options] {type(err).__name__}: {err}. Fix: change the value."]
+    return []
+
+
+def _sample_kwargs_errors(kwargs: Mapping[str, Any], where: str) -> list[str]:
+    import pymc as pm
+
+    accepted = set(FIT_KEYWORDS)
+    for func in (pm.sample, pm.fit, pm.find_MAP):
+        accepted |= set(_signature(func)[0])
+    accepted -= set(FIT_RESERVED)
+    errors = []
+    for key, value in kwargs.items():
+        shown = f"{where}: [model.sample_kwargs] {key}"
+        if key in FIT_RESERVED:
+            errors.append(f"{shown}: set by {FIT_RESERVED[key]}, not here. Fix: remove it.")
+        elif key not in accepted:
+            errors.append(f"{shown}: {_unknown_key(key, accepted, 'keyword of the fit backends')}")
+        elif key == "target_accept" and not (isinstance(value, int | float) and 0 < value < 1):
+            errors.append(f"{shown}: must lie in (0, 1), got {value!r}. Fix: e.g. 0.9.")
+        elif key in ("draws", "tune", "chains") and not (
+            isinstance(value, int) and 0 <= value <= (MAX_CHAINS if key == "chains" else MAX_DRAWS)
+        ):
+            errors.append(f"{shown}: expected an integer of [model] {key}'s range, got {value!r}.")
+    return errors
+
+
+def _out_dir_errors(cfg: RunConfig, where: str) -> list[str]:
+    out = cfg.out_dir
+    shown = f"{where}: [run] out_dir = {out}"
+    if out.exists() and not out.is_dir():
+        return [f"{shown} is a file, not a folder. Fix: name a folder (it is created if needed)."]
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return [f"{shown}: {probe} is a file, so the folder cannot be made. Fix: name a folder."]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return [f"{shown}: {probe} is not writable. Fix: choose a folder you can write to."]
+    return []
+
+
+def _truth_errors(cfg: RunConfig, where: str) -> list[str]:
+    truth = cfg.report.truth
+    if truth is None or not truth.exists():
+        return []
+    try:
+        data = json.loads(truth.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return [
+            f"{where}: [report] truth = {truth}: not a JSON file ({err}). Fix: give the "
+            "simulator's truth.json or a JSON object of known parameters."
+        ]
+    if not isinstance(data, dict):
+        return [
+            f"{where}: [report] truth = {truth}: expected a JSON object, got "
+            f"{type(data).__name__}. Fix: give a JSON object of known parameters."
+        ]
+    return []
+
+
+def validate_deep(cfg: RunConfig, *, check_files: bool = True) -> None:
+    """Check what pydantic's types cannot: options against their readers and constructors.
+
+    Parameters
+    ----------
+    cfg
+        A config that passed :class:`RunConfig` validation.
+    check_files
+        Also check the run directory and the report's truth file on disk.
+
+    Raises
+    ------
+    ConfigError
+        One line per problem, joined by `` | ``: unknown options (with "did you
+        mean"), values of the wrong type or outside their rules, reserved
+        keywords, source names that are not flow sources, a run directory that
+        is a file or not writable.
+    flowmodel.exceptions.RunDirectoryError
+        An output of the run would overwrite an input.
+    """
+    where = str(cfg.source or "config")
+    errors = _source_errors(cfg, where) + _named_sources(cfg, where)
+    errors += _model_errors(cfg, where)
+    if check_files:
+        errors += _out_dir_errors(cfg, where) + _truth_errors(cfg, where)
+    if errors:
+        raise ConfigError(" | ".join(errors))
+    from flowmodel.pipeline import check_run_dir
+
+    check_run_dir(cfg)
+
+
 def load_config(
     path: str | os.PathLike[str],
     overrides: Iterable[str] = (),
     *,
     check_files: bool = True,
+    deep: bool = True,
 ) -> RunConfig:
     """Read, override and validate a run config.
 
@@ -643,7 +1151,13 @@ def load_config(
         ``key=value`` strings with dotted keys (``model.draws=200``), applied
         before validation (the command line's ``--set``).
     check_files
-        Raise when an input file named by the config does not exist.
+        Raise when an input file named by the config does not exist; check
+        that the run directory is a writable folder and that no output would
+        overwrite an input.
+    deep
+        Check reader options, model options and fit keywords against their
+        signatures and value rules (:func:`validate_deep`; imports the readers
+        and PyMC, about 3 s).
 
     Returns
     -------
@@ -664,7 +1178,12 @@ def load_config(
     apply_overrides(data, overrides)
     overridden = {".".join(parse_override(item)[0]) for item in overrides}
     return config_from_dict(
-        data, base_dir=path.parent, source=path, check_files=check_files, _overridden=overridden
+        data,
+        base_dir=path.parent,
+        source=path,
+        check_files=check_files,
+        deep=deep,
+        _overridden=overridden,
     )
 
 
@@ -674,6 +1193,7 @@ def config_from_dict(
     base_dir: str | os.PathLike[str] | None = None,
     source: str | os.PathLike[str] | None = None,
     check_files: bool = False,
+    deep: bool = True,
     _overridden: set[str] | None = None,
 ) -> RunConfig:
     """Validate a config given as a dict (the sections of a config file).
@@ -687,7 +1207,10 @@ def config_from_dict(
     source
         File name shown in error messages.
     check_files
-        Raise when an input file does not exist.
+        Raise when an input file does not exist; check the run directory.
+    deep
+        Also check options against their readers' and constructors' signatures
+        and value rules (:func:`validate_deep`).
 
     Raises
     ------
@@ -706,6 +1229,8 @@ def config_from_dict(
     cfg.source = Path(source) if source is not None else None
     if check_files:
         cfg.check_files()
+    if deep:
+        validate_deep(cfg, check_files=check_files)
     return cfg
 
 

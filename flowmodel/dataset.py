@@ -13,10 +13,11 @@ absent or NaN = 0) and exposures ``exposure_<source>``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ import pandas as pd
 import xarray as xr
 
 from flowmodel._version import __version__
-from flowmodel.exceptions import DataContractError, InputFileError, ModelConfigError
+from flowmodel.exceptions import (
+    CorruptFileError,
+    DataContractError,
+    FlowModelError,
+    InputFileError,
+    ModelConfigError,
+)
 from flowmodel.pairs import cross_border, geodesic_distance_km
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "level_groups",
     "load_dataset",
     "marginals_to_dataset",
+    "read_errors",
     "save_dataset",
     "totals_to_dataset",
     "validate_dataset",
@@ -639,19 +647,68 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def read_errors(path: str | os.PathLike[str], *, what: str, fix: str) -> Iterator[None]:
+    """Turn a low-level failure to read a file flowmodel wrote into a :class:`CorruptFileError`.
+
+    HDF5/NetCDF libraries report a truncated or damaged file with their own
+    errors (``OSError: Unable to synchronously open file (truncated file ...)``
+    from h5py, ``ValueError`` from xarray); inside this block they become one
+    error that names the file, says what is wrong and how to fix it. Errors of
+    the package pass unchanged.
+
+    Parameters
+    ----------
+    path
+        The file being read.
+    what
+        What it is, for the message (``"FlowDataset"``, ``"posterior file"``).
+    fix
+        How to get a good file again (e.g. ``"run 'flowmodel fit run.toml' again"``).
+
+    Raises
+    ------
+    CorruptFileError
+        When the block raises ``OSError``, ``ValueError``, ``KeyError``,
+        ``RuntimeError`` or ``EOFError``.
+    """
+    try:
+        yield
+    except FlowModelError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise CorruptFileError(
+            f"{path}: the {what} cannot be read ({reason}); the file is truncated or corrupt "
+            f"(a copy cut short, a full disk, an interrupted transfer). Fix: {fix}."
+        ) from err
+
+
 def load_dataset(
     path: str | os.PathLike[str], *, chunks: Mapping[str, int] | None = None
 ) -> xr.Dataset:
-    """Read a FlowDataset written by :func:`save_dataset` and validate it."""
+    """Read a FlowDataset written by :func:`save_dataset` and validate it.
+
+    Raises
+    ------
+    InputFileError
+        The file does not exist.
+    CorruptFileError
+        The file cannot be read (truncated or damaged).
+    DataContractError
+        Its contents break the data contract.
+    """
     path = Path(path)
     if not path.exists():
         raise InputFileError(
             f"{path}: no such FlowDataset file. Fix: check the path or run 'flowmodel prepare'."
         )
-    if chunks is None:
-        ds = xr.load_dataset(path, engine="h5netcdf")
-    else:
-        ds = xr.open_dataset(path, engine="h5netcdf", chunks=dict(chunks))
+    fix = "write it again (rerun 'flowmodel prepare CONFIG', or save_dataset)"
+    with read_errors(path, what="FlowDataset", fix=fix):
+        if chunks is None:
+            ds = xr.load_dataset(path, engine="h5netcdf")
+        else:
+            ds = xr.open_dataset(path, engine="h5netcdf", chunks=dict(chunks))
     for name in ("cross_border", "contiguous"):
         if name in ds and ds[name].dtype != bool:
             ds[name] = ds[name].astype(bool)

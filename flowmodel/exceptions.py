@@ -10,6 +10,7 @@ __all__ = [
     "CDRInputError",
     "CensusInputError",
     "ConfigError",
+    "CorruptFileError",
     "DataContractError",
     "DiagnosticsWarning",
     "FitFailedError",
@@ -21,6 +22,7 @@ __all__ = [
     "NoOverlapError",
     "PriorWarning",
     "PrivacyError",
+    "RunDirectoryError",
     "UninformedParameterWarning",
     "UnitCodeError",
 ]
@@ -44,6 +46,14 @@ class MissingCRSError(InputFileError):
 
 class NoOverlapError(InputFileError):
     """A raster does not overlap the units (or a unit lies outside every raster)."""
+
+
+class CorruptFileError(InputFileError):
+    """A file cannot be read back: truncated or corrupt (a copy cut short, a full disk).
+
+    Messages name the file and the fix (write it again, e.g. rerun the stage
+    that made it).
+    """
 
 
 class CensusInputError(InputFileError):
@@ -79,6 +89,10 @@ class BackendNotAvailableError(FlowModelError, ImportError):
 
 class ConfigError(FlowModelError, ValueError):
     """A run configuration file is invalid."""
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory cannot be used: an output would overwrite an input or a foreign file."""
 
 
 class FitFailedError(FlowModelError, RuntimeError):

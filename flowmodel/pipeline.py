@@ -23,26 +23,49 @@ why). A stage is marked ``running`` in the manifest before it starts and
 ``done`` only after all its outputs were written (atomically, with
 :func:`flowmodel.outputs.io.atomic_path`), so a run killed mid-stage resumes from
 the last finished stage and never reads a half-written file.
+
+Safety of the run directory:
+
+* **One process per run directory.** :func:`run_lock` holds an exclusive
+  ``fcntl.flock`` on ``.flowmodel.lock`` for the life of the invocation; the
+  kernel releases it when the process ends (even on ``kill -9``), so there is
+  no stale lock to take over and no race between two processes starting
+  together. ``flowmodel status`` asks the same lock whether a stage marked
+  ``running`` is still running or was interrupted.
+* **Inputs are never overwritten.** :func:`check_run_dir` refuses a run
+  directory where an output would replace an input (``out_dir = "."`` beside a
+  ``units.gpkg`` input), and a fresh run directory (no ``manifest.json``) that
+  already holds files named like run outputs.
+* **Content hashes.** Inputs and outputs are compared by SHA-256 of their
+  contents (:func:`file_sha256`); a cached hash is reused only while the file's
+  size, modification time, *change* time (``st_ctime``, which no user-space copy
+  tool can set back), inode and device are all unchanged.
+* **Leftovers.** Temporary files of writes interrupted by ``kill -9`` are removed
+  when the next run starts; PyTensor's generated sources go to
+  ``.flowmodel-cache/`` in the run directory instead of ``$TMPDIR``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowmodel.config import MODEL_CLASSES as _CONFIG_MODEL_CLASSES
 from flowmodel.config import RunConfig, config_hash
-from flowmodel.exceptions import ConfigError, InputFileError
+from flowmodel.exceptions import ConfigError, InputFileError, RunDirectoryError
 
 __all__ = [
     "DATASET",
@@ -54,10 +77,15 @@ __all__ = [
     "STAGE_ORDER",
     "RunLockedError",
     "StageContext",
+    "StageInputChangedError",
     "StageInputMissingError",
     "StageResult",
+    "check_run_dir",
     "file_sha256",
+    "lock_holder",
     "read_manifest",
+    "run_files",
+    "run_lock",
     "run_pipeline",
 ]
 
@@ -77,11 +105,32 @@ CV_TABLE = "cv.csv"
 REPORT = "report.html"
 MANIFEST = "manifest.json"
 LOG_FILE = "flowmodel.log"
+RESOLVED_CONFIG = "config.resolved.json"
+LOCK_FILE = ".flowmodel.lock"
+CACHE_DIR = ".flowmodel-cache"
 MANIFEST_VERSION = 1
+
+#: Files every stage writes into the run directory (figures: any ``*.png``).
+STAGE_FILES: tuple[str, ...] = (
+    DATASET,
+    UNITS,
+    POSTERIOR,
+    FLOWS,
+    FLOWS_ZARR,
+    FLOWS_CSV,
+    FLOW_LINES,
+    METRICS,
+    CV_TABLE,
+    REPORT,
+)
 
 
 class StageInputMissingError(InputFileError):
     """A stage was asked to run before the stage that makes its inputs."""
+
+
+class StageInputChangedError(StageInputMissingError):
+    """A stage's input from an earlier stage changed since that stage wrote it (truncated, edited)."""
 
 
 class RunLockedError(ConfigError):
@@ -157,17 +206,43 @@ PRODUCER = {
 
 
 # ---------------------------------------------------------------------- hashing
+#: A cached hash is reused only for files whose status changed at least this long
+#: before they were hashed: an edit within one timestamp tick of the hashing (2 s
+#: on the coarsest file systems) could otherwise keep every stat field the same.
+HASH_CACHE_MARGIN_NS = 2_000_000_000
+
+#: ``st_ctime`` is the status-change time on POSIX systems only (creation time on Windows).
+_CTIME_IS_CHANGE_TIME = os.name == "posix"
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+    }
+
+
 def file_sha256(path: str | os.PathLike[str], cache: dict[str, Any] | None = None) -> str:
-    """SHA-256 of a file (or of every file in a directory, e.g. a Zarr store).
+    """SHA-256 of a file's contents (or of every file in a directory, e.g. a Zarr store).
 
     Parameters
     ----------
     path
         File or directory.
     cache
-        Optional ``str(path) -> {size, mtime_ns, sha256}`` cache (kept in the
-        manifest): a file whose size and modification time are unchanged is not
-        read again.
+        Optional ``str(path) -> {size, mtime_ns, ctime_ns, inode, device,
+        hashed_at_ns, sha256}`` cache (kept in the manifest). A cached hash is
+        an optimisation that has to be earned: it is reused only when the
+        file's size, modification time, status-change time, inode and device
+        all equal the ones seen when it was hashed, and its status last changed
+        at least :data:`HASH_CACHE_MARGIN_NS` before that. An edit that keeps
+        the size and puts the modification time back (``cp -p``, ``rsync -t``,
+        ``tar x``, ``touch -d``) still moves the change time, which no
+        user-space tool can set, so the file is read again. On systems without
+        a status-change time (Windows) every file is read every time.
     """
     path = Path(path)
     if path.is_dir():
@@ -176,11 +251,16 @@ def file_sha256(path: str | os.PathLike[str], cache: dict[str, Any] | None = Non
             h.update(str(sub.relative_to(path)).encode())
             h.update(file_sha256(sub, cache).encode())
         return h.hexdigest()
-    stat = path.stat()
     key = str(path.resolve())
-    if cache is not None:
+    started = time.time_ns()  # before the stat: a change after it moves st_ctime
+    stamp = _stamp(path.stat())
+    if cache is not None and _CTIME_IS_CHANGE_TIME:
         hit = cache.get(key)
-        if hit and hit.get("size") == stat.st_size and hit.get("mtime_ns") == stat.st_mtime_ns:
+        if (
+            isinstance(hit, Mapping)
+            and all(hit.get(k) == v for k, v in stamp.items())
+            and stamp["ctime_ns"] < int(hit.get("hashed_at_ns", 0)) - HASH_CACHE_MARGIN_NS
+        ):
             return str(hit["sha256"])
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -188,7 +268,7 @@ def file_sha256(path: str | os.PathLike[str], cache: dict[str, Any] | None = Non
             h.update(block)
     digest = h.hexdigest()
     if cache is not None:
-        cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        cache[key] = {**stamp, "hashed_at_ns": started, "sha256": digest}
     return digest
 
 
@@ -315,38 +395,246 @@ class StageResult:
 
 
 # ------------------------------------------------------------------------ lock
-@contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
-    lock = run_dir / ".lock"
-    for _ in range(2):
+def _try_lock(fd: int, *, exclusive: bool) -> bool:
+    """Take a non-blocking lock on an open file; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a byte-range lock far beyond the pid written at the start
+        import msvcrt
+
+        os.lseek(fd, 1 << 20, os.SEEK_SET)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            alive = False
-            if pid > 0 and pid != os.getpid():
-                try:
-                    os.kill(pid, 0)
-                    alive = True
-                except (ProcessLookupError, PermissionError):
-                    alive = False
-            if alive:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as err:
+        if err.errno in _NO_LOCKS:
+            raise _LocksUnsupportedError(err) from err
+        raise
+    return True
+
+
+#: errno of flock on a file system without file locks (Lustre mounted without -o flock, ...)
+_NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOLCK}
+
+
+class _LocksUnsupportedError(Exception):
+    """flock is not available on the run directory's file system."""
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        os.lseek(fd, 1 << 20, os.SEEK_SET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _lock_pid(lock: Path) -> int:
+    try:
+        return int(lock.read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike[str], *, wait_s: float = 1.0) -> Iterator[None]:
+    """Hold the run directory's lock for the duration of the block.
+
+    An exclusive ``fcntl.flock`` on ``<run_dir>/.flowmodel.lock`` (created if
+    needed, never removed: removing a lock file lets a third process lock a new
+    file while a second still holds the old one). Taking it is atomic, so of
+    two processes starting together exactly one gets it; the kernel releases
+    it when the holder exits or is killed, so a killed run leaves nothing to
+    clean up. The file holds the holder's process id, for messages.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory (must exist).
+    wait_s
+        How long to keep trying before giving up (covers the instant
+        ``flowmodel status`` probes the lock).
+
+    Raises
+    ------
+    RunLockedError
+        Another live process holds the lock.
+    """
+    lock = Path(run_dir) / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while not _try_lock_or_fail(fd, run_dir):
+            if time.monotonic() >= deadline:
+                pid = _lock_pid(lock)
+                who = f"pid {pid}" if pid else "pid unknown"
                 raise RunLockedError(
-                    f"{run_dir}: another flowmodel process (pid {pid}) is running in this run "
-                    f"directory. Fix: wait for it, or delete {lock} if that process is gone."
-                ) from None
-            lock.unlink(missing_ok=True)  # stale lock of a killed run
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        break
+                    f"{run_dir}: another flowmodel process ({who}) is running in this run "
+                    "directory. Fix: wait for it to finish (flowmodel status CONFIG shows its "
+                    "stage), or give this run another [run] out_dir."
+                )
+            time.sleep(0.05)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def _try_lock_or_fail(fd: int, run_dir: str | os.PathLike[str]) -> bool:
+    try:
+        return _try_lock(fd, exclusive=True)
+    except _LocksUnsupportedError as err:
+        raise RunDirectoryError(
+            f"{run_dir}: its file system does not support file locks (flock: "
+            f"{os.strerror(err.args[0].errno)}), so flowmodel cannot make sure that only one "
+            "process works in it. Fix: put [run] out_dir on a file system with locks (a local "
+            "disk, or e.g. Lustre mounted with -o flock)."
+        ) from None
+
+
+def lock_holder(run_dir: str | os.PathLike[str]) -> int | None:
+    """Return the pid of the live process holding the run lock (0: unknown), or None when free."""
+    lock = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd, exclusive=False):
+            _unlock(fd)
+            return None
+        return _lock_pid(lock)
+    except _LocksUnsupportedError:
+        return None  # no process can hold a lock there either
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------ run directory
+def run_files(cfg: RunConfig) -> set[str]:
+    """Names flowmodel writes in the run directory (stage outputs, manifest, log, lock, copies)."""
+    names = {*STAGE_FILES, MANIFEST, LOG_FILE, RESOLVED_CONFIG, LOCK_FILE, CACHE_DIR}
+    for suffix in (".toml", ".yaml", ".yml"):
+        names.add(f"config{suffix}")
+    return names
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    """Refuse a run directory where an output of the run would replace one of its inputs.
+
+    Every file the run writes (:func:`run_files`, figures ``*.png``) is
+    compared with every input file of the config (units, rasters, flow
+    tables, towers, marginals, the report's truth file, the config file
+    itself), through links too.
+
+    Raises
+    ------
+    RunDirectoryError
+        Naming the input, the output and the fix.
+    """
+    run_dir = cfg.out_dir
+    names = run_files(cfg)
+    inputs = dict(cfg.input_files())
+    if cfg.report.truth is not None:
+        inputs["report.truth"] = Path(cfg.report.truth)
+    clashes = []
+    for key, path in inputs.items():
+        path = Path(path)
+        written = path.name in names or path.suffix.lower() == ".png"
+        if written and _same_file(path, run_dir / path.name):
+            if cfg.source is not None and _same_file(path, Path(cfg.source)):
+                continue  # the config copy skips the config itself
+            clashes.append(f"{key} = {path}")
+    if clashes:
+        where = cfg.source or "config"
+        raise RunDirectoryError(
+            f"{where}: [run] out_dir = {run_dir}: the run writes files of the same name there, so "
+            f"it would overwrite its input(s) {'; '.join(clashes)}. Fix: give the run a folder of "
+            'its own, e.g. out_dir = "run" (or rename the input file).'
+        )
+
+
+def _check_foreign_files(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a run directory without a manifest that holds files named like run outputs."""
+    if (run_dir / MANIFEST).exists():
+        return
+    source = Path(cfg.source) if cfg.source is not None else None
+    foreign = sorted(
+        name
+        for name in run_files(cfg) - {LOG_FILE, LOCK_FILE, CACHE_DIR, MANIFEST}
+        if (run_dir / name).exists()
+        and not (source is not None and _same_file(run_dir / name, source))
+    )
+    if foreign:
+        raise RunDirectoryError(
+            f"{cfg.source or 'config'}: [run] out_dir = {run_dir} has no {MANIFEST} but holds "
+            f"{', '.join(foreign)}: files flowmodel did not write there, which the run would "
+            'overwrite. Fix: give the run an empty folder of its own (e.g. out_dir = "run"), '
+            "or move those files."
+        )
+
+
+@contextlib.contextmanager
+def _compiler_sources(run_dir: Path) -> Iterator[None]:
+    """Point PyTensor's generated Python sources at the run's cache instead of ``$TMPDIR``.
+
+    PyTensor writes the source of every function it compiles for numba (the
+    default for nutpie and used by the Laplace fit: tens to hundreds of small
+    files per fit) to a new file in the system temporary directory, which it
+    never removes, unless ``pytensor.config.generated_src_dir`` is set; then it
+    writes each source once, content-addressed, in that folder. Set for the run
+    (and, through ``PYTENSOR_FLAGS``, for its child processes).
+    """
+    folder = run_dir / CACHE_DIR / "pytensor-src"
+    old_env = os.environ.get("PYTENSOR_FLAGS")
+    pytensor = sys.modules.get("pytensor")
+    if (old_env and "generated_src_dir" in old_env) or (
+        pytensor is not None and pytensor.config.generated_src_dir
+    ):
+        yield  # the user chose a folder
+        return
+    if "," not in str(folder) and "=" not in str(folder):
+        os.environ["PYTENSOR_FLAGS"] = (
+            f"{old_env},generated_src_dir={folder}" if old_env else (f"generated_src_dir={folder}")
+        )
+    if pytensor is not None:
+        pytensor.config.generated_src_dir = str(folder)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        if old_env is None:
+            os.environ.pop("PYTENSOR_FLAGS", None)
+        else:
+            os.environ["PYTENSOR_FLAGS"] = old_env
+        loaded = sys.modules.get("pytensor")  # imported before or during the run
+        if loaded is not None:
+            loaded.config.generated_src_dir = ""
 
 
 @contextlib.contextmanager
@@ -378,7 +666,7 @@ def _copy_config(cfg: RunConfig, run_dir: Path) -> None:
             with atomic_path(target) as tmp:
                 shutil.copyfile(cfg.source, tmp)
     resolved = {"source": str(cfg.source) if cfg.source else None, **cfg.section_dict()}
-    _write_json(run_dir / "config.resolved.json", resolved)
+    _write_json(run_dir / RESOLVED_CONFIG, resolved)
 
 
 # ---------------------------------------------------------------------- decide
@@ -458,6 +746,15 @@ def _stage_inputs(
                 f"first (or 'flowmodel run {where}')."
             )
         out[name] = file_sha256(path, cache)
+        written = (manifest or {}).get("stages", {}).get(producer, {}).get("outputs", {})
+        if name in written and written[name] != out[name]:
+            # truncated (a copy cut short, a full disk) or edited since the producer wrote it
+            raise StageInputChangedError(
+                f"stage '{spec.name}' needs {path}, which changed since stage '{producer}' wrote "
+                f"it (its SHA-256 differs from the manifest's: truncated, damaged or edited). "
+                f"Fix: run 'flowmodel {producer} {where}' again to rewrite it (or 'flowmodel run "
+                f"{where}')."
+            )
     return out
 
 
@@ -517,129 +814,162 @@ def run_pipeline(
     if not config.report.enabled and "report" in names and stages is None:
         names.remove("report")
     run_dir = config.out_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(config)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirectoryError(
+            f"{config.source or 'config'}: [run] out_dir = {run_dir} cannot be created "
+            f"({err.strerror}). Fix: choose a folder you can write to."
+        ) from None
     results: list[StageResult] = []
     ctx = StageContext(config=config, run_dir=run_dir, progress=progress, scheduler=scheduler)
-    with _run_lock(run_dir), _log_to(run_dir, log_level):
-        logger.info(
-            "flowmodel run '%s' in %s: stages %s (config %s)",
-            config.run.name,
-            run_dir,
-            ", ".join(names),
-            config.source or "<python>",
-        )
-        _copy_config(config, run_dir)
-        manifest = read_manifest(run_dir)
-        cache: dict[str, Any] = manifest.setdefault("file_cache", {})
+    started = time.time()
+    with run_lock(run_dir):
+        _check_foreign_files(config, run_dir)
         manifest_path = run_dir / MANIFEST
-        try:
-            for name in names:
-                spec = STAGES[name]
-                cur_cfg = spec.config(config)
-                chash = config_hash(cur_cfg)
-                inputs = _stage_inputs(spec, config, run_dir, cache, manifest)
-                entry = manifest["stages"].get(name)
-                reason = _decide(
-                    spec,
-                    entry,
-                    chash,
-                    inputs,
-                    run_dir,
-                    cache,
-                    force,
-                    (entry or {}).get("config"),
-                    cur_cfg,
-                )
-                if reason is None:
-                    why = f"inputs and config unchanged since {entry.get('finished')}"  # type: ignore[union-attr]
-                    logger.info("skip %s: %s", name, why)
-                    manifest["history"].append(
-                        {"time": _now(), "stage": name, "action": "skipped", "reason": why}
-                    )
-                    entry["last_skip_reason"] = why  # type: ignore[index]
-                    _write_json(manifest_path, manifest)
-                    outs = {k: run_dir / k for k in entry.get("outputs", {})}  # type: ignore[union-attr]
-                    results.append(StageResult(name, "skipped", why, 0.0, outs))
-                    if on_stage:
-                        on_stage(name, "skip", why)
-                    continue
-                logger.info("run %s: %s", name, reason)
-                if on_stage:
-                    on_stage(name, "start", reason)
-                manifest["stages"][name] = {
-                    "status": "running",
-                    "reason": reason,
-                    "started": _now(),
-                    "config_hash": chash,
-                    "config": cur_cfg,
-                    "inputs": inputs,
-                    "outputs": {},
-                    "pid": os.getpid(),
-                }
+        if not manifest_path.exists():
+            # claim the folder first: from here on its run files are flowmodel's
+            _write_json(manifest_path, read_manifest(run_dir))
+        stack = contextlib.ExitStack()
+        stack.enter_context(_log_to(run_dir, log_level))
+        stack.enter_context(_compiler_sources(run_dir))
+        with stack:
+            logger.info(
+                "flowmodel run '%s' in %s: stages %s (config %s)",
+                config.run.name,
+                run_dir,
+                ", ".join(names),
+                config.source or "<python>",
+            )
+            from flowmodel.atomic import clean_stale_temp
+
+            for stale in clean_stale_temp(run_dir, older_than=started, names=[FLOWS_ZARR]):
+                logger.info("removed %s, left by an interrupted write", stale.name)
+            _copy_config(config, run_dir)
+            manifest = read_manifest(run_dir)
+            results = _run_stages(config, names, manifest, ctx, force=force, on_stage=on_stage)
+    return results
+
+
+def _run_stages(
+    config: RunConfig,
+    names: Sequence[str],
+    manifest: dict[str, Any],
+    ctx: StageContext,
+    *,
+    force: bool,
+    on_stage: Callable[[str, str, str], None] | None,
+) -> list[StageResult]:
+    """Run or skip each stage in order, keeping the manifest up to date (holding the run lock)."""
+    run_dir = ctx.run_dir
+    results: list[StageResult] = []
+    cache: dict[str, Any] = manifest.setdefault("file_cache", {})
+    manifest_path = run_dir / MANIFEST
+    try:
+        for name in names:
+            spec = STAGES[name]
+            cur_cfg = spec.config(config)
+            chash = config_hash(cur_cfg)
+            inputs = _stage_inputs(spec, config, run_dir, cache, manifest)
+            entry = manifest["stages"].get(name)
+            reason = _decide(
+                spec,
+                entry,
+                chash,
+                inputs,
+                run_dir,
+                cache,
+                force,
+                (entry or {}).get("config"),
+                cur_cfg,
+            )
+            if reason is None:
+                why = f"inputs and config unchanged since {entry.get('finished')}"  # type: ignore[union-attr]
+                logger.info("skip %s: %s", name, why)
                 manifest["history"].append(
-                    {"time": _now(), "stage": name, "action": "started", "reason": reason}
+                    {"time": _now(), "stage": name, "action": "skipped", "reason": why}
                 )
+                entry["last_skip_reason"] = why  # type: ignore[index]
                 _write_json(manifest_path, manifest)
-                t0 = time.perf_counter()
-                try:
-                    outputs = dict(_stage_function(name)(ctx) or {})
-                except BaseException as err:
-                    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-                    manifest["stages"][name].update(
-                        status=status,
-                        error=f"{type(err).__name__}: {err}".splitlines()[0][:300],
-                        finished=_now(),
-                    )
-                    manifest["history"].append({"time": _now(), "stage": name, "action": status})
-                    _write_json(manifest_path, manifest)
-                    logger.error("stage %s %s: %s: %s", name, status, type(err).__name__, err)
-                    raise
-                duration = time.perf_counter() - t0
-                out_hashes = {}
-                for key, path in outputs.items():
-                    path = Path(path)
-                    rel = os.path.relpath(path, run_dir)
-                    if not path.exists():
-                        raise FileNotFoundError(
-                            f"stage {name} reported output {key} at {path}, which is missing"
-                        )
-                    out_hashes[rel] = file_sha256(path, cache)
+                outs = {k: run_dir / k for k in entry.get("outputs", {})}  # type: ignore[union-attr]
+                results.append(StageResult(name, "skipped", why, 0.0, outs))
+                if on_stage:
+                    on_stage(name, "skip", why)
+                continue
+            logger.info("run %s: %s", name, reason)
+            if on_stage:
+                on_stage(name, "start", reason)
+            manifest["stages"][name] = {
+                "status": "running",
+                "reason": reason,
+                "started": _now(),
+                "config_hash": chash,
+                "config": cur_cfg,
+                "inputs": inputs,
+                "outputs": {},
+                "pid": os.getpid(),
+            }
+            manifest["history"].append(
+                {"time": _now(), "stage": name, "action": "started", "reason": reason}
+            )
+            _write_json(manifest_path, manifest)
+            t0 = time.perf_counter()
+            try:
+                outputs = dict(_stage_function(name)(ctx) or {})
+            except BaseException as err:
+                status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 manifest["stages"][name].update(
-                    status="done",
+                    status=status,
+                    error=f"{type(err).__name__}: {err}".splitlines()[0][:300],
                     finished=_now(),
-                    duration_s=round(duration, 3),
-                    outputs=out_hashes,
                 )
-                manifest["stages"][name].pop("error", None)
-                manifest["history"].append(
-                    {
-                        "time": _now(),
-                        "stage": name,
-                        "action": "done",
-                        "duration_s": round(duration, 3),
-                    }
-                )
-                manifest["history"] = manifest["history"][-500:]
+                manifest["history"].append({"time": _now(), "stage": name, "action": status})
                 _write_json(manifest_path, manifest)
-                logger.info("done %s in %.1f s", name, duration)
-                if on_stage:
-                    on_stage(name, "done", f"{duration:.1f} s")
-                results.append(
-                    StageResult(
-                        name, "ran", reason, duration, {k: Path(v) for k, v in outputs.items()}
+                logger.error("stage %s %s: %s: %s", name, status, type(err).__name__, err)
+                raise
+            duration = time.perf_counter() - t0
+            out_hashes = {}
+            for key, path in outputs.items():
+                path = Path(path)
+                rel = os.path.relpath(path, run_dir)
+                if not path.exists():
+                    raise FileNotFoundError(
+                        f"stage {name} reported output {key} at {path}, which is missing"
                     )
+                out_hashes[rel] = file_sha256(path, cache)
+            manifest["stages"][name].update(
+                status="done",
+                finished=_now(),
+                duration_s=round(duration, 3),
+                outputs=out_hashes,
+            )
+            manifest["stages"][name].pop("error", None)
+            manifest["history"].append(
+                {
+                    "time": _now(),
+                    "stage": name,
+                    "action": "done",
+                    "duration_s": round(duration, 3),
+                }
+            )
+            manifest["history"] = manifest["history"][-500:]
+            _write_json(manifest_path, manifest)
+            logger.info("done %s in %.1f s", name, duration)
+            if on_stage:
+                on_stage(name, "done", f"{duration:.1f} s")
+            results.append(
+                StageResult(
+                    name, "ran", reason, duration, {k: Path(v) for k, v in outputs.items()}
                 )
-        finally:
-            ctx.close()
+            )
+    finally:
+        ctx.close()
     return results
 
 
 # ======================================================================= stages
-MODEL_CLASSES = {
-    "gravity": ("flowmodel.models.gravity", "GravityModel"),
-    "radiation": ("flowmodel.models.radiation", "RadiationModel"),
-    "fusion": ("flowmodel.models.fusion", "FusionModel"),
-}
+MODEL_CLASSES = _CONFIG_MODEL_CLASSES  # one table: flowmodel.config.MODEL_CLASSES
 
 
 def _model_class(kind: str) -> type:
@@ -699,6 +1029,19 @@ def _load_units(cfg: RunConfig) -> Any:
     else:
         import geopandas as gpd
 
+        from flowmodel.exceptions import DataContractError
+
+        seen: dict[str, Path] = {}
+        for path, frame in zip(cfg.units.paths(), frames, strict=True):
+            twice = sorted({u for u in frame["unit_id"] if u in seen})
+            if twice:
+                first = sorted({str(seen[u]) for u in twice})
+                raise DataContractError(
+                    f"{path}: unit id(s) {twice[:10]} are also in {', '.join(first)} "
+                    f"({len(twice)} shared). Fix: list each unit in one file only, or prefix "
+                    "the ids per country so that they are unique across [units] path."
+                )
+            seen.update(dict.fromkeys(frame["unit_id"], path))
         crs = frames[0].crs
         frames = [f.to_crs(crs) if f.crs != crs else f for f in frames]
         units = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
@@ -766,6 +1109,8 @@ def read_flow_source(
         path = Path(source.path)
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         return SourceTables(table)
+    if kind in ("census_od", "census_persons") and population is not None:
+        options.setdefault("population", population)  # plausibility of the counts
     if kind == "census_od":
         from flowmodel.inputs.census import read_census_od
 
@@ -792,9 +1137,47 @@ def read_flow_source(
             totals = None
         return SourceTables(result.flows, covariates, totals)
     path = Path(source.path)
-    if path.suffix == ".parquet":
-        return SourceTables(pd.read_parquet(path, **options))
-    return SourceTables(pd.read_csv(path, **options))
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path, **options)
+        else:
+            table = pd.read_csv(path, **options)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise InputFileError(
+            f"{path} (flows.{name}): cannot be read as a flow table ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}). Fix: give a CSV or Parquet table with origin, "
+            "destination and count columns (options are passed to pandas.read_csv)."
+        ) from None
+    _check_table_counts(table, path, name)
+    return SourceTables(table)
+
+
+def _check_table_counts(table: Any, path: Path, name: str) -> None:
+    """Check that a plain flow table's counts are whole numbers >= 0 or empty, naming rows."""
+    import numpy as np
+    import pandas as pd
+
+    from flowmodel.exceptions import DataContractError
+
+    if "count" not in table.columns:
+        return
+    raw = table["count"]
+    counts = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    text = raw.astype(str).str.strip()
+    problems = {
+        "not numbers": np.isnan(counts) & raw.notna().to_numpy() & (text != "").to_numpy(),
+        "negative": counts < 0,
+        "not whole numbers": np.abs(counts - np.round(counts)) > 1e-9,
+    }
+    for what, bad in problems.items():
+        if bad.any():
+            rows = (np.flatnonzero(bad) + 1).tolist()
+            raise DataContractError(
+                f"{path} (flows.{name}): column 'count': {int(bad.sum())} value(s) are {what}, at "
+                f"data row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''} (values "
+                f"{raw.iloc[np.flatnonzero(bad)[:5]].tolist()}). Fix: counts are unweighted "
+                "whole numbers >= 0 (empty = unobserved); correct those rows."
+            )
 
 
 def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
@@ -944,9 +1327,17 @@ def _load_model(ctx: StageContext) -> Any:
     for module, _ in MODEL_CLASSES.values():
         with contextlib.suppress(ImportError):
             __import__(module)
+    from flowmodel.dataset import read_errors
     from flowmodel.models.base import load_model
 
-    return load_model(ctx.path(POSTERIOR))
+    path = ctx.path(POSTERIOR)
+    with read_errors(path, what="posterior file", fix=_rerun_fix("fit", ctx.config)):
+        return load_model(path)
+
+
+def _rerun_fix(stage: str, cfg: RunConfig) -> str:
+    where = cfg.source or "CONFIG"
+    return f"run 'flowmodel {stage} {where}' again to rewrite it"
 
 
 def _primary_source(ds: Any) -> str | None:
@@ -1190,18 +1581,37 @@ def _jsonable(value: Any) -> Any:
 
 
 def stage_status(config: RunConfig) -> list[dict[str, Any]]:
-    """Per-stage status of a run directory (for ``flowmodel status``), without running anything."""
+    """Per-stage status of a run directory (for ``flowmodel status``), without running anything.
+
+    A stage the manifest marks ``running`` is reported as ``running (pid N)``
+    only while a process holds the run lock; otherwise its process ended
+    without finishing it (killed, node lost) and it is reported as
+    ``interrupted``: the next run resumes there.
+    """
     manifest = read_manifest(config.out_dir)
+    holder = lock_holder(config.out_dir)
     rows = []
     for name in STAGE_ORDER:
         entry = manifest["stages"].get(name, {})
+        status = entry.get("status", "not run")
+        reason = entry.get("last_skip_reason") or entry.get("reason")
+        if status == "running":
+            if holder is None:
+                status = "interrupted"
+                pid = entry.get("pid")
+                reason = (
+                    f"its process{f' (pid {pid})' if pid else ''} ended without finishing it "
+                    f"(started {entry.get('started')}); the next run resumes here"
+                )
+            else:
+                status = f"running (pid {holder})" if holder else "running"
         rows.append(
             {
                 "stage": name,
-                "status": entry.get("status", "not run"),
-                "finished": entry.get("finished"),
+                "status": status,
+                "finished": entry.get("finished") if status != "interrupted" else None,
                 "duration_s": entry.get("duration_s"),
-                "reason": entry.get("last_skip_reason") or entry.get("reason"),
+                "reason": reason,
             }
         )
     return rows

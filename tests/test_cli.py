@@ -392,3 +392,30 @@ def test_prepare_adds_marginals_and_names_a_bad_file(tiny_world: Path, capsys) -
     code, _, err = run_cli(capsys, "prepare", str(config))
     assert code == EXIT_BAD_INPUT
     assert "bilateral.csv (marginals.bilateral)" in err and "XYZ" in err
+
+
+def test_status_shows_a_killed_stage_as_interrupted(tmp_path: Path, capsys, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    path = make_project(tmp_path)
+    assert run_cli(capsys, "-q", "run", str(path))[0] == EXIT_OK
+    manifest_path = tmp_path / "run" / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["stages"]["predict"].update(status="running", pid=999_999_999)  # its process was killed
+    manifest_path.write_text(json.dumps(data))
+    code, out, _ = run_cli(capsys, "status", str(path))
+    assert code == EXIT_OK
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert lines["predict"].startswith("predict   interrupted - its process (pid 999999999) ended")
+    assert "done at" in lines["fit"]
+
+
+def test_validate_reports_deep_problems_on_one_line(tmp_path: Path, capsys) -> None:
+    path = make_project(
+        tmp_path,
+        CONFIG.replace('path = "census.csv"', 'path = "census.csv"\noptions = { sample_frac = 1 }')
+        + "\n[model.options]\ncontraint = 'doubly'\n",
+    )
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == EXIT_BAD_INPUT
+    line = err.strip().splitlines()[-1]
+    assert "did you mean 'sample_fraction'?" in line and "did you mean 'constraint'?" in line

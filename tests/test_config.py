@@ -142,7 +142,7 @@ def test_override_into_a_value_is_an_error(tmp_path: Path) -> None:
         ),
         (
             "[evaluate]\nfolds = 1\n",
-            r"\[evaluate\] folds: Input should be greater than or equal to 2",
+            r"\[evaluate\] folds: must be >= 2, got 1",
         ),
     ],
 )
@@ -244,3 +244,68 @@ def test_config_from_dict_and_dask_section() -> None:
     )
     assert cfg.dask.cores == 8
     assert DaskSection().n_workers is None
+
+
+# ------------------------------------------------------ deep validation (issue 18)
+def test_reader_options_are_checked_against_the_reader(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("origin,destination,count\n")
+    (tmp_path / "t.parquet").write_bytes(b"x")
+    text = MINIMAL + '[flows.other]\npath = "t.csv"\noptions = { sepp = ";" }\n'
+    with pytest.raises(
+        ConfigError,
+        match=r"\[flows\.other\.options\] sepp: unknown option of pandas\.read_csv "
+        r"\(kind 'table'\)\. Fix: did you mean 'sep'\?",
+    ):
+        load_config(write(tmp_path, text))
+    # read_parquet takes **kwargs: its options cannot be checked by name
+    text = MINIMAL + '[flows.other]\npath = "t.parquet"\noptions = { columns = ["a"] }\n'
+    assert load_config(write(tmp_path, text)).flows["other"].options == {"columns": ["a"]}
+
+
+def test_option_typo_given_by_set_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "c.csv").write_text("origin,destination,count\n")
+    path = write(tmp_path, MINIMAL + '[flows.census]\npath = "c.csv"\n')
+    with pytest.raises(ConfigError, match=r"\[flows\.census\.options\] suppresed_min: .*"):
+        load_config(path, ["flows.census.options.suppresed_min=1"])
+    cfg = load_config(path, ["flows.census.options.suppresed_min=1"], deep=False)
+    assert cfg.flows["census"].options == {"suppresed_min": 1}
+
+
+def test_config_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    (tmp_path / "units.gpkg").write_bytes(b"x")
+    path.write_bytes(("\ufeff" + MINIMAL).encode("utf-8"))
+    assert load_config(path).units.path == tmp_path / "units.gpkg"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[run]\nname = "a b"\n', r"\[run\] name: 'a b' is not usable as a run name"),
+        ('[run]\nname = "x/.."\n', r"\[run\] name: 'x/\.\.' is not usable"),
+        ("[run]\nseed = 4294967296\n", r"\[run\] seed: must be <= 4294967295"),
+        ("[model]\nchains = 1000\n", r"\[model\] chains: must be <= 64, got 1000"),
+        ("[model]\ntune = 200000\n", r"\[model\] tune: must be <= 100000"),
+        ('[rasters]\n"pop.v2" = "p.tif"\n', r"'pop\.v2' is not usable as a name in \[rasters\]"),
+    ],
+)
+def test_names_and_bounds(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text + MINIMAL if text.startswith("[run]") else MINIMAL + text)
+    if text.startswith("[model]"):
+        path = write(tmp_path, text + MINIMAL)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, check_files=False)
+
+
+def test_secret_option_values_are_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "e.parquet").write_bytes(b"x")
+    (tmp_path / "t.csv").write_text("cell_id,lon,lat\n")
+    text = MINIMAL + (
+        '[flows.cdr]\nkind = "cdr_events"\npath = "e.parquet"\ntowers = "t.csv"\n'
+        "options = { salt = [19870412] }\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"\[flows\.cdr\.options\] salt: expected .*'<hidden>'"
+    ) as info:
+        load_config(write(tmp_path, text))
+    assert "19870412" not in str(info.value)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from flowmodel import pipeline
 from flowmodel.atomic import atomic_path
 from flowmodel.config import load_config
+from flowmodel.exceptions import RunDirectoryError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +130,8 @@ def test_first_run_runs_everything_and_writes_run_directory(project: Path, monke
         "report.html",
     ):
         assert (run / name).exists(), name
-    assert not (run / ".lock").exists()
+    # the lock file stays (removing it would race); nobody holds its lock any more
+    assert (run / pipeline.LOCK_FILE).exists() and pipeline.lock_holder(run) is None
     data = manifest(project)
     for stage in pipeline.STAGE_ORDER:
         entry = data["stages"][stage]
@@ -218,7 +221,7 @@ def test_keyboard_interrupt_marks_interrupted(project: Path, monkeypatch) -> Non
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(load_config(project))
     assert manifest(project)["stages"]["fit"]["status"] == "interrupted"
-    assert not (project.parent / "run" / ".lock").exists()
+    assert pipeline.lock_holder(project.parent / "run") is None
 
 
 KILL_SCRIPT = """
@@ -235,9 +238,12 @@ install_fake_stages(mp)
 real_predict = pipeline.stage_predict
 
 def killed_predict(ctx):
-    # write part of an output the way a real stage would, then die without cleanup
-    (ctx.run_dir / ".flows.partial.tmp.nc").write_text("half")
-    os.kill(os.getpid(), signal.SIGKILL)
+    # die in the middle of an atomic write, the way a real stage would (kill -9)
+    from flowmodel.atomic import atomic_path
+
+    with atomic_path(ctx.path(pipeline.FLOWS)) as tmp:
+        tmp.write_text("half")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 mp.setattr(pipeline, "stage_predict", killed_predict)
 pipeline.run_pipeline(load_config({config!r}))
@@ -254,7 +260,14 @@ def test_run_killed_mid_stage_resumes_from_last_finished_stage(project: Path, mo
     data = manifest(project)
     assert data["stages"]["fit"]["status"] == "done"
     assert data["stages"]["predict"]["status"] == "running"
-    assert (run / ".lock").exists()  # stale lock of the killed process
+    # the kernel released the killed process's lock: status says interrupted, not running
+    assert pipeline.lock_holder(run) is None
+    status = {r["stage"]: r for r in pipeline.stage_status(load_config(project))}
+    assert status["predict"]["status"] == "interrupted"
+    assert "ended without finishing it" in status["predict"]["reason"]
+    assert status["fit"]["status"] == "done"
+    leftovers = [p.name for p in run.iterdir() if ".tmp" in p.name]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".flows.")
     calls = install_fake_stages(monkeypatch)
     results = {r.stage: r for r in pipeline.run_pipeline(load_config(project))}
     # finished stages are not called again; the manifest says why predict ran
@@ -263,6 +276,9 @@ def test_run_killed_mid_stage_resumes_from_last_finished_stage(project: Path, mo
     reason = manifest(project)["stages"]["predict"]["reason"]
     assert "did not finish: resuming here" in reason
     assert manifest(project)["stages"]["predict"]["status"] == "done"
+    # the interrupted write's temporary file was removed when the run started
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+    assert "left by an interrupted write" in (run / "flowmodel.log").read_text()
 
 
 def test_single_stage_needs_upstream_outputs(project: Path, monkeypatch) -> None:
@@ -279,22 +295,85 @@ def test_single_stage_needs_upstream_outputs(project: Path, monkeypatch) -> None
     assert results[0].reason == "forced (--force)"
 
 
+HOLD_LOCK = """
+import sys
+from flowmodel.pipeline import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
 def test_live_lock_refuses_second_process(project: Path, monkeypatch) -> None:
     install_fake_stages(monkeypatch)
     run = project.parent / "run"
     run.mkdir()
-    sleeper = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        (run / ".lock").write_text(str(sleeper.pid))
-        with pytest.raises(pipeline.RunLockedError, match=f"pid {sleeper.pid}"):
+        assert holder.stdout.readline().strip() == "locked"
+        assert pipeline.lock_holder(run) == holder.pid
+        with pytest.raises(pipeline.RunLockedError, match=f"pid {holder.pid}"):
             pipeline.run_pipeline(load_config(project))
+        # a stage the manifest marks running is running while its process holds the lock
+        data = pipeline.read_manifest(run)
+        data["stages"]["fit"] = {"status": "running", "pid": holder.pid}
+        (run / pipeline.MANIFEST).write_text(json.dumps(data))
+        status = {r["stage"]: r["status"] for r in pipeline.stage_status(load_config(project))}
+        assert status["fit"] == f"running (pid {holder.pid})"
     finally:
-        sleeper.communicate(b"")
-    assert (run / ".lock").exists()  # not ours to remove while it lived
-    pipeline.run_pipeline(load_config(project))  # now stale: taken over
-    assert not (run / ".lock").exists()
+        holder.communicate("")
+    assert holder.returncode == 0
+    assert pipeline.lock_holder(run) is None  # released when the holder exited
+    (run / pipeline.MANIFEST).unlink()
+    pipeline.run_pipeline(load_config(project))
+
+
+def _lock_contender(run_dirs: list[str], start, hold, results) -> None:
+    """Try the run lock of each folder at the same instant as the other process."""
+    for i, run_dir in enumerate(run_dirs):
+        start.wait()
+        try:
+            with pipeline.run_lock(run_dir, wait_s=0):
+                results.put((i, True))
+                hold.wait()  # keep it until the other process has tried
+        except pipeline.RunLockedError:
+            results.put((i, False))
+            hold.wait()
+
+
+def test_lock_two_processes_at_a_barrier_exactly_one_wins(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a threaded pytest
+    rounds = 100
+    run_dirs = []
+    for i in range(rounds):
+        # half the rounds in a fresh folder (both create the lock file), half in a used one
+        folder = tmp_path / f"run{i // 2 if i % 2 else i}"
+        folder.mkdir(exist_ok=True)
+        run_dirs.append(str(folder))
+    start, hold = ctx.Barrier(2), ctx.Barrier(2)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_lock_contender, args=(run_dirs, start, hold, results))
+        for _ in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=60) for _ in range(2 * rounds)]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    winners = Counter(i for i, won in got if won)
+    assert sorted(Counter(i for i, _ in got).values()) == [2] * rounds
+    assert all(winners[i] == 1 for i in range(rounds)), {
+        i: winners[i] for i in range(rounds) if winners[i] != 1
+    }
 
 
 def test_unreadable_manifest_reruns_everything(project: Path, monkeypatch) -> None:
@@ -311,9 +390,14 @@ def test_file_sha256_uses_cache_and_hashes_directories(tmp_path: Path) -> None:
     cache: dict = {}
     digest = pipeline.file_sha256(f, cache)
     assert digest == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert cache[str(f.resolve())]["sha256"] == digest
-    cache[str(f.resolve())]["sha256"] = "cached"
-    assert pipeline.file_sha256(f, cache) == "cached"  # size and mtime unchanged: not read again
+    entry = cache[str(f.resolve())]
+    assert entry["sha256"] == digest and {"ctime_ns", "inode", "device"} <= set(entry)
+    # a file changed just before it was hashed is read again (the racy window)
+    entry["sha256"] = "cached"
+    assert pipeline.file_sha256(f, cache) == digest
+    # hashed long after its last change and unchanged since: the cached hash is reused
+    cache[str(f.resolve())].update(sha256="cached", hashed_at_ns=time.time_ns() + 10**10)
+    assert pipeline.file_sha256(f, cache) == "cached"
     os.utime(f, ns=(1, 1))
     assert pipeline.file_sha256(f, cache) == digest
     store = tmp_path / "flows.zarr"
@@ -322,6 +406,33 @@ def test_file_sha256_uses_cache_and_hashes_directories(tmp_path: Path) -> None:
     first = pipeline.file_sha256(store)
     (store / "x" / "0").write_bytes(b"2")
     assert pipeline.file_sha256(store) != first
+
+
+def test_same_size_edit_with_restored_mtime_is_detected(project: Path, monkeypatch) -> None:
+    """cp -p / rsync -t / tar x: same size, same mtime, other contents -> prepare reruns."""
+    calls = install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project))
+    census = project.parent / "census.csv"
+    before = census.stat()
+    # pretend the hashes were taken long ago, so that the stat cache would be trusted
+    data = manifest(project)
+    for entry in data["file_cache"].values():
+        entry["hashed_at_ns"] = before.st_ctime_ns + 10**10
+    (project.parent / "run" / "manifest.json").write_text(json.dumps(data))
+    census.write_text("origin,destination,count\nA,B,7\n")  # same size
+    os.utime(census, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = census.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    results = pipeline.run_pipeline(load_config(project))
+    assert results[0].reason == "input changed: flows.census.path"
+    assert calls["prepare"] == 2
+    # and with nothing changed the cache is used and nothing reruns
+    results = pipeline.run_pipeline(load_config(project))
+    assert all(r.action == "skipped" for r in results)
 
 
 def test_stage_status_lists_every_stage(project: Path, monkeypatch) -> None:
@@ -447,3 +558,114 @@ def test_demo_world_is_simulated_again_for_another_simulator_version(tmp_path: P
     pipeline.demo_config(tmp_path, size="small")
     assert truth.stat().st_mtime_ns != first
     assert json.loads(stamp.read_text())["world_version"] == WORLD_VERSION
+
+
+def test_compiled_sources_go_to_the_run_cache_not_tmpdir(project: Path, monkeypatch, tmp_path):
+    """PyTensor writes the source of every numba-compiled function; not into $TMPDIR."""
+    import tempfile
+
+    pytensor = pytest.importorskip("pytensor")
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    install_fake_stages(monkeypatch)
+    real_fit = pipeline.stage_fit
+
+    def compiling_fit(ctx):
+        import pytensor.tensor as pt
+
+        x = pt.dvector("x")
+        f = pytensor.function([x], pt.exp(x) + 2.5, mode="NUMBA")
+        assert f([0.0])[0] == 3.5
+        return real_fit(ctx)
+
+    monkeypatch.setattr(pipeline, "stage_fit", compiling_fit)
+    before = pytensor.config.generated_src_dir
+    pipeline.run_pipeline(load_config(project), ["prepare", "fit"])
+    assert list(tmp.iterdir()) == []
+    cache = project.parent / "run" / pipeline.CACHE_DIR / "pytensor-src"
+    assert any(p.suffix == ".py" for p in cache.iterdir())
+    assert pytensor.config.generated_src_dir == before  # restored after the run
+    assert "generated_src_dir" not in os.environ.get("PYTENSOR_FLAGS", "")
+
+
+def test_stage_input_changed_since_its_stage_wrote_it(project: Path, monkeypatch) -> None:
+    install_fake_stages(monkeypatch)
+    pipeline.run_pipeline(load_config(project), ["prepare"])
+    dataset = project.parent / "run" / pipeline.DATASET
+    dataset.write_bytes(dataset.read_bytes()[:10])  # a copy cut short
+    with pytest.raises(
+        pipeline.StageInputChangedError,
+        match=r"needs .*dataset\.nc, which changed since stage 'prepare' wrote it.*"
+        r"run 'flowmodel prepare .*run\.toml' again",
+    ):
+        pipeline.run_pipeline(load_config(project), ["fit"])
+    # the whole pipeline repairs it: prepare sees its output modified and runs again
+    results = {r.stage: r for r in pipeline.run_pipeline(load_config(project), ["prepare", "fit"])}
+    assert results["prepare"].reason == "output modified since the stage ran: dataset.nc"
+    assert results["fit"].action == "ran"
+
+
+def test_out_dir_beside_the_inputs_never_overwrites_them(tmp_path: Path, monkeypatch) -> None:
+    """The demo's layout with the inputs beside the config: refused before anything is written."""
+    calls = install_fake_stages(monkeypatch)
+    project = make_project(tmp_path, CONFIG.replace('out_dir = "run"', 'out_dir = "."'))
+    (tmp_path / "units.gpkg").rename(tmp_path / "dataset.nc")  # an input named like an output
+    text = project.read_text().replace('path = "units.gpkg"', 'path = "dataset.nc"')
+    project.write_text(text)
+    before = (tmp_path / "dataset.nc").read_bytes()
+    with pytest.raises(RunDirectoryError, match=r"overwrite its input\(s\) units\.path = "):
+        load_config(project)
+    cfg = load_config(project, deep=False)
+    with pytest.raises(RunDirectoryError, match=r"dataset\.nc"):
+        pipeline.run_pipeline(cfg)
+    assert (tmp_path / "dataset.nc").read_bytes() == before and not calls
+    assert not (tmp_path / pipeline.MANIFEST).exists()
+    # inputs in a sub-folder (the demo's world/): out_dir = "." is fine
+    sub = make_project(tmp_path / "demo" / "world", CONFIG)
+    text = CONFIG.replace('out_dir = "run"', 'out_dir = "."')
+    for name in ("units.gpkg", "pop.tif", "census.csv"):
+        text = text.replace(f'"{name}"', f'"world/{name}"')
+    (tmp_path / "demo" / "demo.toml").write_text(text)
+    assert sub.exists()
+    pipeline.run_pipeline(load_config(tmp_path / "demo" / "demo.toml"))
+    assert (tmp_path / "demo" / pipeline.REPORT).exists()
+
+
+def test_fresh_run_directory_with_foreign_files_is_refused(project: Path, monkeypatch) -> None:
+    calls = install_fake_stages(monkeypatch)
+    run = project.parent / "run"
+    run.mkdir()
+    (run / "units.gpkg").write_text("the user's own file")
+    with pytest.raises(RunDirectoryError, match=r"has no manifest\.json but holds units\.gpkg"):
+        pipeline.run_pipeline(load_config(project))
+    assert (run / "units.gpkg").read_text() == "the user's own file" and not calls
+
+
+def test_stale_temp_files_are_removed_only_by_pattern(tmp_path: Path) -> None:
+    from flowmodel.atomic import clean_stale_temp, is_temp_name
+
+    for name in (".flows.abc12_x9.tmp.nc", ".flows.zarr.old", ".bashrc.old", "keep.tmp", ".x.tmp"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".dataset.k2j4h5g6.tmp.nc").mkdir()
+    removed = {p.name for p in clean_stale_temp(tmp_path, names=["flows.zarr"])}
+    assert removed == {".flows.abc12_x9.tmp.nc", ".flows.zarr.old", ".dataset.k2j4h5g6.tmp.nc"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bashrc.old", ".x.tmp", "keep.tmp"]
+    assert is_temp_name(".posterior.a1b2c3d4.tmp.nc") and not is_temp_name("posterior.nc")
+    (tmp_path / ".flows.abcdefgh.tmp.nc").write_text("x")
+    assert clean_stale_temp(tmp_path, older_than=0) == []  # a live writer's file is newer
+
+
+def test_file_system_without_locks_is_a_named_error(project: Path, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    install_fake_stages(monkeypatch)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(RunDirectoryError, match=r"does not support file locks.*-o flock"):
+        pipeline.run_pipeline(load_config(project))
+    assert pipeline.lock_holder(project.parent / "run") is None

@@ -39,6 +39,7 @@ column                dtype    meaning
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import warnings
@@ -78,9 +79,10 @@ DEFAULT_SUPPRESSED: dict[str, float | None] = {
     "suppressed": None,
 }
 
-Universe = Literal["within", "destination", "all"] | None
+Universe = Literal["within", "destination", "abroad", "all"] | None
 TableLike = str | os.PathLike[str] | pd.DataFrame
 
+_THOUSANDS = r"\d{1,3}(?:,\d{3})+(?:\.0*)?"
 _LT = re.compile(r"^\s*<\s*(\d+(?:\.\d+)?)\s*$")
 _LE = re.compile(r"^\s*(?:<=|≤)\s*(\d+(?:\.\d+)?)\s*$")
 MAX_SHOWN = 10
@@ -99,28 +101,81 @@ def _fmt(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
     return f"[{shown}{more}]"
 
 
-def _read_table(source: TableLike, what: str, **csv_kwargs: Any) -> tuple[pd.DataFrame, str]:
-    """Read a CSV/Parquet/Feather file or copy a DataFrame; return it and a label."""
+def _sniff_delimiter(path: Path, encoding: str, what: str) -> str:
+    """Return the delimiter of a CSV file (``,``, ``;``, tab or ``|``) from its first lines."""
+    with open(path, encoding=encoding, newline="") as fh:
+        sample = fh.read(1 << 16)
+    if not sample.strip():
+        raise InputFileError(
+            f"{path}: the {what} file is empty. Fix: check the export (a header line and one "
+            "row per cell are expected)."
+        )
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","  # one column, or too irregular to tell: pandas reports what it finds
+
+
+def _read_table(
+    source: TableLike,
+    what: str,
+    *,
+    encoding: str = "utf-8",
+    sep: str | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """Read a CSV/Parquet/Feather file or copy a DataFrame; return it and a label.
+
+    CSV files are read as text (``encoding``; a UTF-8 byte-order mark is
+    dropped) with the delimiter ``sep``, or the one :class:`csv.Sniffer` finds
+    (``,``, ``;``, tab, ``|``) when None. Rows get a 0-based index (data row - 1).
+    """
     if isinstance(source, pd.DataFrame):
-        return source.copy(), f"{what} table"
+        return source.reset_index(drop=True), f"{what} table"
     path = Path(source)
     if not path.exists():
         raise InputFileError(f"{path}: no such {what} file. Fix: check the path.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputFileError(
+            f"{path}: the {what} file is empty (0 bytes). Fix: check the export or the path."
+        )
     suffix = "".join(path.suffixes[-2:]).lower()
+    text_encoding = (
+        "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    )
     try:
         if suffix.endswith((".parquet", ".pq")):
             table = pd.read_parquet(path)
         elif suffix.endswith((".feather", ".arrow", ".ipc")):
             table = pd.read_feather(path)
         else:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, **csv_kwargs)
-    except (OSError, ValueError) as err:
+            compressed = path.suffix.lower() in (".gz", ".bz2", ".zip", ".xz", ".zst")
+            delimiter = (
+                sep
+                if sep is not None
+                else ","
+                if compressed
+                else _sniff_delimiter(path, text_encoding, what)
+            )
+            table = pd.read_csv(
+                path, dtype=str, keep_default_na=False, sep=delimiter, encoding=text_encoding
+            )
+    except InputFileError:
+        raise
+    except UnicodeDecodeError as err:
         raise InputFileError(
-            f"{path}: cannot read {what} file ({type(err).__name__}: {err})."
+            f"{path}: the {what} file is not {encoding} text (byte 0x{err.object[err.start]:02x} "
+            f"at offset {err.start}). Fix: pass its encoding, e.g. encoding='latin-1' (in a run "
+            'config: options = { encoding = "latin-1" }), or save it as UTF-8.'
+        ) from None
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise InputFileError(
+            f"{path}: cannot read {what} file ({type(err).__name__}: {reason}). Fix: give a CSV "
+            "(any of , ; tab | as delimiter, or pass sep=), Parquet or Feather table."
         ) from err
     if table.empty:
         raise InputFileError(f"{path}: the {what} file has no rows. Fix: check the export.")
-    return table, str(path)
+    return table.reset_index(drop=True), str(path)
 
 
 def _require(table: pd.DataFrame, columns: Mapping[str, str | None], label: str) -> None:
@@ -143,6 +198,7 @@ def parse_counts(
     suppressed: Mapping[str, float | None] | None = None,
     suppressed_max: float | None = None,
     label: str = "count",
+    integer: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parse a count column that may hold suppression markers.
 
@@ -159,6 +215,9 @@ def parse_counts(
         become unobserved (``count`` and ``max`` NaN) and a warning says so.
     label
         Name used in messages (file and column).
+    integer
+        Counts must be whole numbers (unweighted sample counts); ``1,390``
+        (thousands separators) is read as 1390, ``2,5`` is an error.
 
     Returns
     -------
@@ -169,7 +228,8 @@ def parse_counts(
     Raises
     ------
     CensusInputError
-        Values that are neither numbers nor known markers, or negative counts.
+        Values that are neither numbers nor known markers, negative counts, or
+        (``integer``) counts with a fractional part; naming the data rows.
     """
     markers = dict(DEFAULT_SUPPRESSED if suppressed is None else suppressed)
     raw = pd.Series(values).reset_index(drop=True)
@@ -178,7 +238,9 @@ def parse_counts(
         numeric = raw.astype(float)
     else:
         text = raw.astype("string").str.strip().fillna("").astype(object)
-        numeric = pd.to_numeric(text.str.replace(",", "", regex=False), errors="coerce")
+        # thousands separators only (1,390); a decimal comma (2,5) is not a count
+        plain = text.where(~text.str.fullmatch(_THOUSANDS), text.str.replace(",", "", regex=False))
+        numeric = pd.to_numeric(plain, errors="coerce")
     count = numeric.to_numpy(dtype=float)
     bound = np.full(len(text), np.nan)
     not_num = np.isnan(count)
@@ -212,6 +274,16 @@ def parse_counts(
         raise CensusInputError(
             f"{label}: {int(neg.sum())} negative count(s) at data row(s) {_fmt(rows)}. "
             "Fix: counts must be >= 0; correct or drop those rows."
+        )
+    frac = ~np.isnan(count) & (np.abs(count - np.round(count)) > 1e-9)
+    if integer and frac.any():
+        rows = (np.flatnonzero(frac) + 1).tolist()
+        shown = {int(r): float(count[r - 1]) for r in rows[:MAX_SHOWN]}
+        raise CensusInputError(
+            f"{label}: {int(frac.sum())} count(s) are not whole numbers, at data row(s) "
+            f"{_fmt(rows)} (values {shown}). Fix: give unweighted sample counts (weighted "
+            "estimates divided by the sample fraction are not counts: give the sample counts and "
+            "sample_fraction=), or correct the decimal separator."
         )
     if unbounded:
         warnings.warn(
@@ -369,7 +441,8 @@ def census_universe(
         ``"within"``: both units in the same census country (a national census
         of internal migration); ``"destination"``: destination in a census
         country, origin anywhere (the census enumerates everyone living there);
-        ``"all"``: every pair of units.
+        ``"abroad"``: destination in a census country, origin in another
+        country (immigrants); ``"all"``: every pair of units.
 
     Returns
     -------
@@ -383,11 +456,13 @@ def census_universe(
         mask = (codes[:, None] == codes[None, :]) & in_census[:, None]
     elif universe == "destination":
         mask = np.broadcast_to(in_census[None, :], (len(ids), len(ids))).copy()
+    elif universe == "abroad":
+        mask = in_census[None, :] & (codes[:, None] != codes[None, :])
     elif universe == "all":
         mask = np.ones((len(ids), len(ids)), dtype=bool)
     else:
         raise ValueError(
-            f"universe must be 'within', 'destination', 'all' or None, got {universe!r}"
+            f"universe must be 'within', 'destination', 'abroad', 'all' or None, got {universe!r}"
         )
     np.fill_diagonal(mask, False)
     oi, di = np.nonzero(mask)
@@ -443,18 +518,32 @@ def _sample_fraction(
     sample_fraction: float | Mapping[str, float] | None,
     destination_country: pd.Series,
     per_country: Mapping[str, float] | None = None,
+    *,
+    label: str = "census",
 ) -> np.ndarray:
     if sample_fraction is None:
         values = destination_country.map(per_country or {})
     elif isinstance(sample_fraction, Mapping):
-        values = destination_country.map({str(k): float(v) for k, v in sample_fraction.items()})
+        given = {str(k): float(v) for k, v in sample_fraction.items()}
+        values = destination_country.map(given)
+        lacking = destination_country[values.isna() & destination_country.notna()]
+        if len(lacking):
+            counts = lacking.astype(str).value_counts().to_dict()
+            raise CensusInputError(
+                f"{label}: sample_fraction gives no fraction for census countr(ies) "
+                f"{_fmt(counts, 'rows')} (it names {sorted(given)}). Fix: give every census "
+                "country its fraction, e.g. sample_fraction = {"
+                + ", ".join(f"{c} = 0.1" for c in sorted(set(given) | set(counts))[:4])
+                + "}, or one number for all."
+            )
     else:
         values = pd.Series(float(sample_fraction), index=destination_country.index)
     out = values.to_numpy(dtype=float)
     bad = ~np.isnan(out) & ((out <= 0) | (out > 1))
     if bad.any():
         raise CensusInputError(
-            f"sample_fraction: values must be in (0, 1], got {sorted(set(out[bad].tolist()))[:MAX_SHOWN]}. "
+            f"{label}: sample_fraction: values must be in (0, 1], got "
+            f"{sorted(set(out[bad].tolist()))[:MAX_SHOWN]}. "
             "Fix: give the share of the population sampled, e.g. 0.1 for a 10% sample."
         )
     return out
@@ -479,6 +568,11 @@ def read_census_od(
     countries: Sequence[str] | None = None,
     id_field: str = "unit_id",
     country_field: str = "country",
+    duplicates: Literal["error", "sum"] = "error",
+    population: pd.Series | None = None,
+    max_share: float | None = 1.0,
+    encoding: str = "utf-8",
+    sep: str | None = None,
     origin_level: str = "unit",
     destination_level: str = "unit",
 ) -> pd.DataFrame:
@@ -521,6 +615,25 @@ def read_census_od(
         destination units in the table).
     id_field, country_field
         Column names of ``units``.
+    duplicates
+        A pair (and period) on more than one row of the table: ``"error"``
+        (default; identical rows are a repeated export, different counts a
+        contradiction) or ``"sum"`` (the table splits pairs over several rows,
+        e.g. by sex or age: they are added up).
+    population
+        Unit populations (indexed by unit id; the pipeline passes the zonal
+        sums of the population raster). A count larger than ``max_share`` x
+        the sample fraction x the larger population of its pair is an error
+        naming the row (a typo, a total row, a wrong sample fraction).
+    max_share
+        See ``population``; None switches the check off.
+    encoding
+        Text encoding of a CSV file (default UTF-8; a byte-order mark is
+        dropped). Exports from older spreadsheet software are often
+        ``"latin-1"`` (``"cp1252"``).
+    sep
+        CSV delimiter; default: detected from the first lines (``,``, ``;``,
+        tab or ``|``).
     origin_level, destination_level
         What the origin and destination codes name: ``"unit"`` (default),
         ``"country"`` (e.g. immigrants by previous country) or a field of the
@@ -537,16 +650,19 @@ def read_census_od(
     -------
     pandas.DataFrame
         ``origin``, ``destination``[, ``period``], ``count``, ``max``,
-        ``exposure`` (see the module docstring). Several input rows mapping to
-        the same pair are summed; a sum involving a suppressed cell is censored
-        with ``max`` = the sum of the counts and bounds.
+        ``exposure`` (see the module docstring). Rows whose codes map to the
+        same unit pair (merged units, see ``mapping``) are summed; a sum
+        involving a suppressed cell is censored with ``max`` = the sum of the
+        counts and bounds.
 
     Raises
     ------
     InputFileError
-        Missing file or columns.
+        Missing, empty or unreadable file (wrong encoding), missing columns.
     CensusInputError
-        Unparsable or negative counts, sample fractions outside (0, 1].
+        Unparsable, negative or fractional counts, empty unit codes, a pair on
+        several rows, counts larger than the population allows, sample
+        fractions outside (0, 1] or missing for a census country.
     UnitCodeError
         Codes matching no unit (unless ``unmatched="drop"``).
     """
@@ -569,8 +685,11 @@ def read_census_od(
             country_field=country_field,
             origin_level=origin_level,
             destination_level=destination_level,
+            duplicates=duplicates,
+            encoding=encoding,
+            sep=sep,
         )
-    table, label = _read_table(source, "census OD")
+    table, label = _read_table(source, "census OD", encoding=encoding, sep=sep)
     _require(
         table,
         {"origin": origin, "destination": destination, "count": count, "period": period},
@@ -583,6 +702,13 @@ def read_census_od(
     if period:
         table = table.rename(columns={period: "period"})
         table["period"] = table["period"].astype(str)
+    for col, name in (("origin", origin), ("destination", destination)):
+        table[col] = _codes(table[col], label, name, "unit code")
+    keys = ["origin", "destination"] + (["period"] if period else [])
+    if duplicates not in ("error", "sum"):
+        raise CensusInputError(f"{label}: duplicates={duplicates!r}; use 'error' or 'sum'.")
+    if duplicates == "error":
+        _check_duplicates(table, keys, label, count)
     counts, bounds = parse_counts(
         table["count"],
         suppressed=suppressed,
@@ -611,18 +737,24 @@ def read_census_od(
         )
     if suppressed_min > 0:
         table["min"] = np.where(censored, float(suppressed_min), np.nan)
-    table["origin"] = table["origin"].astype(str).str.strip()
-    table["destination"] = table["destination"].astype(str).str.strip()
     country = None
     if units is not None:
         country = _unit_country(units, id_field, country_field)
         table = harmonise_codes(
             table, country.index, mapping=mapping, unmatched=unmatched, label=label, weight=None
         )
-    elif mapping is not None or universe is not None:
+    elif mapping is not None or universe is not None or isinstance(sample_fraction, Mapping):
         raise CensusInputError(
-            f"{label}: mapping= and universe= need the units table. Fix: pass units=<GeoDataFrame>."
+            f"{label}: mapping=, universe= and a per-country sample_fraction need the units "
+            "table. Fix: pass units=<GeoDataFrame>."
         )
+    if population is not None and max_share is not None and country is not None:
+        row_fraction = _sample_fraction(
+            1.0 if sample_fraction is None else sample_fraction,
+            table["destination"].map(country),
+            label=label,
+        )
+        _check_plausible(table, row_fraction, population, max_share, label, rows=True)
     diag = table["origin"] == table["destination"]
     if diag.any():
         warnings.warn(
@@ -645,10 +777,97 @@ def read_census_od(
         dest_country = pd.Series("", index=table.index)
     table = table.reset_index(drop=True)
     fraction = _sample_fraction(
-        1.0 if sample_fraction is None else sample_fraction, dest_country.reset_index(drop=True)
+        1.0 if sample_fraction is None else sample_fraction,
+        dest_country.reset_index(drop=True),
+        label=label,
     )
     table["exposure"] = fraction
     return _order(table)
+
+
+def _codes(values: pd.Series, label: str, column: str, what: str) -> pd.Series:
+    """Return unit codes as stripped strings; raise naming the rows of empty or missing codes."""
+    text = values.astype(str).str.strip()
+    missing = values.isna().to_numpy() | text.isin(["", "nan", "NaN", "None", "<NA>"]).to_numpy()
+    if missing.any():
+        rows = (values.index[missing] + 1).tolist()  # tables are read with index = row - 1
+        raise CensusInputError(
+            f"{label}: column {column!r} is empty at {int(missing.sum())} data row(s) "
+            f"{_fmt(rows)}: the {what} is missing (not an unknown code). Fix: fill it in or "
+            f"drop those rows (e.g. query=\"{column} != ''\" for person records)."
+        )
+    return text
+
+
+def _check_duplicates(table: pd.DataFrame, keys: list[str], label: str, count: str) -> None:
+    """Raise naming the rows of every pair that appears on more than one row."""
+    dup = table.duplicated(keys, keep=False).to_numpy()
+    if not dup.any():
+        return
+    exact, different = [], []
+    rows = table.loc[dup].assign(_row=np.flatnonzero(dup) + 1)
+    for key, group in rows.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        pair = "->".join(map(str, key[:2])) + (f" ({key[2]})" if len(key) > 2 else "")
+        values = group["count"].astype(str).str.strip().tolist()
+        where = f"{pair}: rows {group['_row'].tolist()}"
+        if len(set(values)) == 1:
+            exact.append(f"{where}, count {values[0]}")
+        else:
+            different.append(f"{where}, counts {values}")
+    parts = []
+    if exact:
+        parts.append(f"{len(exact)} pair(s) on identical rows (a repeated export?) {_fmt(exact)}")
+    if different:
+        parts.append(f"{len(different)} pair(s) with different counts {_fmt(different)}")
+    raise CensusInputError(
+        f"{label}: {'; '.join(parts)} (data rows; column {count!r}). Fix: keep one row per pair "
+        "(and period); if the table splits pairs over several rows on purpose (by sex, age, "
+        "...), pass duplicates='sum' to add them up."
+    )
+
+
+def _check_plausible(
+    table: pd.DataFrame,
+    fraction: np.ndarray,
+    population: pd.Series,
+    max_share: float,
+    label: str,
+    *,
+    rows: bool,
+) -> None:
+    """Raise when a count exceeds ``max_share`` x sample fraction x the larger population of its pair.
+
+    Movers of a pair lived in the origin and live in the destination, so their
+    number cannot exceed both populations; the larger one (from rasters, an
+    approximation) keeps the check lenient.
+    """
+    pop = pd.Series(np.asarray(population, dtype=float), index=population.index.astype(str))
+    cap = np.fmax(
+        table["origin"].map(pop).to_numpy(dtype=float),
+        table["destination"].map(pop).to_numpy(dtype=float),
+    )
+    limit = max_share * np.asarray(fraction, dtype=float) * cap
+    counts = table["count"].to_numpy(dtype=float)
+    bad = np.isfinite(counts) & np.isfinite(limit) & (counts > limit)
+    if not bad.any():
+        return
+    where = np.flatnonzero(bad)
+    shown = []
+    for i in where[:MAX_SHOWN]:
+        at = f"data row {table.index[i] + 1}: " if rows else ""
+        o, d = table["origin"].iat[i], table["destination"].iat[i]
+        shown.append(
+            f"{at}{o}->{d} count {counts[i]:.10g} > {limit[i]:.10g} "
+            f"(population {cap[i]:.10g} x sample fraction {float(np.asarray(fraction)[i]):g})"
+        )
+    more = f" and {len(where) - MAX_SHOWN} more" if len(where) > MAX_SHOWN else ""
+    raise CensusInputError(
+        f"{label}: {len(where)} count(s) larger than the population of their units allows: "
+        f"{'; '.join(shown)}{more}. Fix: correct the count (a typo, a total row?), the "
+        "sample_fraction, or the population raster (a unit outside its extent has too small a "
+        "population); max_share=None switches this check off."
+    )
 
 
 def _aggregate(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -714,6 +933,10 @@ def read_census_persons(
     query: str | None = None,
     id_field: str = "unit_id",
     country_field: str = "country",
+    population: pd.Series | None = None,
+    max_share: float | None = 1.0,
+    encoding: str = "utf-8",
+    sep: str | None = None,
     origin_level: str = "unit",
 ) -> pd.DataFrame:
     """Aggregate IPUMS-style person records into a census flow table.
@@ -769,12 +992,20 @@ def read_census_persons(
         ``weighted`` (sum of weights), ``exposure`` (sample fraction of the
         destination's census).
 
+    population, max_share
+        Unit populations (indexed by unit id): a pair with more sampled movers
+        than ``max_share`` x its sample fraction x the larger population of the
+        pair is an error (see :func:`read_census_od`); None skips the check.
+    encoding, sep
+        Text encoding and delimiter of a CSV file (see :func:`read_census_od`).
+
     Raises
     ------
     InputFileError
-        Missing file or columns, empty table.
+        Missing, empty or unreadable file (wrong encoding), missing columns.
     CensusInputError
-        Missing, non-numeric or non-positive weights; bad sample fractions.
+        Missing, non-numeric or non-positive weights; empty unit codes; bad or
+        missing sample fractions; more movers than the population allows.
     UnitCodeError
         Unit codes matching no unit (unless ``unmatched="drop"``).
     """
@@ -794,8 +1025,10 @@ def read_census_persons(
             id_field=id_field,
             country_field=country_field,
             origin_level=origin_level,
+            encoding=encoding,
+            sep=sep,
         )
-    table, label = _read_table(source, "census person records")
+    table, label = _read_table(source, "census person records", encoding=encoding, sep=sep)
     _require(
         table,
         {"current": current, "previous": previous, "weight": weight, "period": period},
@@ -805,8 +1038,8 @@ def read_census_persons(
         table = table.query(query)
     frame = pd.DataFrame(
         {
-            "origin": table[previous].astype(str).str.strip().to_numpy(),
-            "destination": table[current].astype(str).str.strip().to_numpy(),
+            "origin": _codes(table[previous], label, previous, "previous residence").to_numpy(),
+            "destination": _codes(table[current], label, current, "current residence").to_numpy(),
         }
     )
     if period:
@@ -815,7 +1048,7 @@ def read_census_persons(
         w = pd.to_numeric(table[weight], errors="coerce").to_numpy(dtype=float)
         bad = ~np.isfinite(w) | (w <= 0)
         if bad.any():
-            rows = (np.flatnonzero(bad) + 1).tolist()
+            rows = (table.index[bad] + 1).tolist()
             raise CensusInputError(
                 f"{label}: column {weight!r}: {int(bad.sum())} missing, non-numeric or non-positive "
                 f"weight(s) at data row(s) {_fmt(rows)}. Fix: person weights must be > 0, or pass "
@@ -832,7 +1065,7 @@ def read_census_persons(
     )
     frame["dest_country"] = frame["destination"].map(country).to_numpy()
     if weight is None:
-        fr = _sample_fraction(sample_fraction, frame["dest_country"])
+        fr = _sample_fraction(sample_fraction, frame["dest_country"], label=label)
         frame["weight"] = 1.0 / fr
 
     # sample fraction per census country: mover records / sum of their weights (stayers may be
@@ -872,9 +1105,11 @@ def read_census_persons(
         if len(movers_all)
         else float(len(frame) / frame["weight"].sum())
     )
-    fraction = _sample_fraction(sample_fraction, dest_country, per_country)
+    fraction = _sample_fraction(sample_fraction, dest_country, per_country, label=label)
     fraction = np.where(np.isnan(fraction), overall, fraction)
     flows["exposure"] = fraction
+    if population is not None and max_share is not None:
+        _check_plausible(flows, fraction, population, max_share, label, rows=False)
     return _order(flows)
 
 
@@ -1009,9 +1244,12 @@ def _read_census_od_cells(
     country_field: str,
     origin_level: str,
     destination_level: str,
+    duplicates: str = "error",
+    encoding: str = "utf-8",
+    sep: str | None = None,
 ) -> pd.DataFrame:
     """:func:`read_census_od` for a table whose origins or destinations are not units."""
-    table, label = _read_table(source, "census OD")
+    table, label = _read_table(source, "census OD", encoding=encoding, sep=sep)
     if units is None:
         raise CensusInputError(
             f"{label}: origin_level/destination_level need the units table. Fix: pass units="
@@ -1035,6 +1273,11 @@ def _read_census_od_cells(
         label=f"{label}: column {count!r}",
     )
     table["count"], table["max"] = counts, bounds
+    keys = ["origin", "destination"] + (["period"] if period else [])
+    if duplicates not in ("error", "sum"):
+        raise CensusInputError(f"{label}: duplicates={duplicates!r}; use 'error' or 'sum'.")
+    if duplicates == "error":
+        _check_duplicates(table, keys, label, count)
     censored = np.isnan(counts) & ~np.isnan(bounds)
     if suppressed_min:
         table["min"] = np.where(censored, float(suppressed_min), np.nan)
@@ -1094,6 +1337,8 @@ def _read_census_persons_cells(
     id_field: str,
     country_field: str,
     origin_level: str,
+    encoding: str = "utf-8",
+    sep: str | None = None,
 ) -> pd.DataFrame:
     """:func:`read_census_persons` for records whose previous residence is coded coarser.
 
@@ -1101,7 +1346,7 @@ def _read_census_persons_cells(
     skipped; a record whose previous label contains its current unit (a stayer,
     or a move within the region) is not a migrant at this level.
     """
-    table, label = _read_table(source, "census person records")
+    table, label = _read_table(source, "census person records", encoding=encoding, sep=sep)
     _require(
         table,
         {"current": current, "previous": previous, "weight": weight, "period": period},

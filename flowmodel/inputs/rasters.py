@@ -131,11 +131,20 @@ class _Source:
                     crs, transform = src.crs, src.transform
                     width, height, nodata = src.width, src.height, src.nodata
                     self.block_height = src.block_shapes[0][0]
+                    bands = src.count
             except rasterio.errors.RasterioIOError as exc:
                 raise InputFileError(
                     f"raster '{name}': {self.path} cannot be opened ({exc}). Fix: give a "
                     "GeoTIFF (or another GDAL raster)."
                 ) from exc
+            if bands != 1:
+                # as for a DataArray with a band dim: never pick band 1 silently
+                raise InputFileError(
+                    f"raster '{name}': {self.path} has {bands} bands; one band per raster is "
+                    f"read. Fix: extract the band you mean, e.g. `gdal_translate -b 1 "
+                    f"{self.path} {self.path.stem}_band1.tif`, or pass "
+                    "rioxarray.open_rasterio(path).sel(band=1)."
+                )
             self.array = None
             where = str(self.path)
         else:
@@ -149,8 +158,8 @@ class _Source:
             if "band" in da.dims:
                 if da.sizes["band"] != 1:
                     raise InputFileError(
-                        f"raster '{name}': {da.sizes['band']} bands. Fix: select one, "
-                        "e.g. da.sel(band=1)."
+                        f"raster '{name}' (DataArray {da.name!r}) has {da.sizes['band']} bands; "
+                        "one band per raster is read. Fix: select one, e.g. da.sel(band=1)."
                     )
                 da = da.isel(band=0)
             crs, transform = da.rio.crs, da.rio.transform(recalc=False)
@@ -1227,7 +1236,7 @@ def zonal_covariates(
     wanted = {name: {"sum", "count"} for name in rasters}
     if "population" in rasters:
         wanted["population"] |= {"sum_u", "sum_v"}
-    ids, res, _, extras = _run(
+    ids, res, sources, extras = _run(
         units,
         rasters,
         wanted,
@@ -1237,6 +1246,7 @@ def zonal_covariates(
         progress=progress,
         engine=engine,
     )
+    _check_valid_data(ids, res, sources, extras)
     out = pd.DataFrame(index=ids)
     with np.errstate(invalid="ignore", divide="ignore"):
         for name in rasters:
@@ -1276,6 +1286,54 @@ def zonal_covariates(
         if c in out.columns
     ]
     return out[order + [c for c in out.columns if c not in order]]
+
+
+def _check_valid_data(
+    ids: pd.Index,
+    res: Mapping[str, Mapping[str, np.ndarray]],
+    sources: Mapping[str, _Source],
+    extras: Mapping[str, tuple],
+) -> None:
+    """Refuse covariates that would be silently wrong: no valid pixel, or an unknown population.
+
+    A raster whose every pixel under the units is nodata gives nothing; a unit
+    with no population because part of it lies outside the population raster
+    (or on its nodata pixels) has an unknown population, not 0 - the fix is the
+    raster's extent, whatever a model would later say about ``log(0)``.
+    """
+    for name, src in sources.items():
+        if not np.any(res[name]["count"] > 0):
+            nodata = "NaN" if src.nodata is None or math.isnan(src.nodata) else f"{src.nodata:g}"
+            raise NoOverlapError(
+                f"raster '{name}' ({src.where}): every pixel under the units is nodata "
+                f"(nodata = {nodata}), so it gives no value for any of the {len(ids)} units. "
+                "Fix: check that the raster covers the units' area (gdalinfo shows its extent) "
+                "and that its nodata value is right."
+            )
+    if "population" not in sources:
+        return
+    src = sources["population"]
+    area, share, _ = extras["population"]
+    acc = res["population"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = np.where(area > 0, acc["count"] / area, 0.0)
+    # no valid pixel at all, or none with people and part of the unit outside the extent
+    # (valid zeros beside a few nodata pixels inside the extent are a real 0)
+    unknown = ~(acc["sum"] > 0) & ((coverage <= 0) | (share < 1.0 - 1e-9))
+    if unknown.any():
+        outside = unknown & (share < 1.0 - 1e-9)
+        parts = []
+        if outside.any():
+            parts.append(f"outside its extent (wholly or partly): {_fmt_ids(ids[outside])}")
+        if (unknown & ~outside).any():
+            parts.append(f"on nodata pixels: {_fmt_ids(ids[unknown & ~outside])}")
+        raise NoOverlapError(
+            f"raster 'population' ({src.where}): {int(unknown.sum())} unit(s) get no population "
+            f"because they lie {'; '.join(parts)}. Their population is unknown, not 0 (a "
+            "model would fail on log(0)). Fix: give a population raster whose extent covers "
+            "every unit (check with gdalinfo; mosaic the neighbouring tiles, e.g. gdalbuildvrt), "
+            "or drop those units."
+        )
 
 
 def _weighted_centroid(

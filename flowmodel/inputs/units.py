@@ -194,7 +194,8 @@ def validate_units(
     MissingCRSError
         ``units`` has no CRS.
     DataContractError
-        Null or duplicate ids, missing country codes, empty or null geometries.
+        Null or duplicate ids, missing country codes, empty or null geometries,
+        one geometry under several ids.
     """
     if units.crs is None:
         raise MissingCRSError(
@@ -228,6 +229,15 @@ def validate_units(
         raise DataContractError(
             f"{source}: units {_fmt_ids(ids[empty])} have a null or empty geometry. Fix: drop them "
             "or give them polygons."
+        )
+    same = pd.Series(shapely.to_wkb(shapely.normalize(geom)), index=np.asarray(ids))
+    twice = same[same.duplicated(keep=False)]
+    if len(twice):
+        groups = ["=".join(map(str, group.index)) for _, group in twice.groupby(twice, sort=False)]
+        raise DataContractError(
+            f"{source}: {len(groups)} geometr(ies) appear under more than one unit id: "
+            f"{_fmt_ids(groups)} (a duplicated feature?). Fix: keep one feature per unit; two "
+            "units with one polygon have no distance between them."
         )
     not_poly = ~np.isin(shapely.get_type_id(geom), (3, 6, 7))  # Polygon, MultiPolygon, collection
     if not_poly.any():

@@ -641,10 +641,15 @@ def test_simulated_world_census_and_cdr_into_dataset(world):
 
     units = gpd.read_file(world.paths["units"], layer="units")
     truth = world.truth
-    # the simulated census enumerates everyone living in its countries (in-migrants from
-    # abroad too) and prints zeros, so "<5" holds 1..4
-    universe = truth["census_universe"]
-    persons = read_census_persons(world.paths["census_persons"], units, universe=universe)
+    # the simulated census records internal movers by previous unit (census_od.csv) and
+    # immigrants by previous country only (census_immigrants.csv); it prints zeros, so "<5"
+    # holds 1..4
+    persons = read_census_persons(
+        world.paths["census_persons"],
+        units,
+        universe="within",
+        query="previous_unit != ''",
+    )
     od = read_census_od(
         world.paths["census_od"],
         units=units,

@@ -108,12 +108,12 @@ def test_census_od_suppressed_min_bounds_cells_from_below(units):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "explicit zeros" warning once suppressed_min is given
-        out = read_census_od(table, units=units, suppressed_min=1)
+        out = read_census_od(table, units=units, suppressed_min=1, duplicates="sum")
     t = out.set_index(["origin", "destination"])
     assert list(out.columns) == ["origin", "destination", "count", "max", "min", "exposure"]
     assert t.loc[("A1", "A3"), "min"] == 1 and t.loc[("A1", "A3"), "max"] == 4
     assert np.isnan(t.loc[("A1", "A2"), "min"]) and t.loc[("A1", "A2"), "count"] == 0
-    # duplicate rows are summed: "<5" + 2 holds 3..6
+    # a pair split over two rows is summed (duplicates="sum"): "<5" + 2 holds 3..6
     assert t.loc[("A2", "A1"), "min"] == 3 and t.loc[("A2", "A1"), "max"] == 6
     ds = build_dataset(units, flows={"census": out})
     assert float(ds["flow_census_min"].sel(origin="A1", destination="A3")) == 1
@@ -125,7 +125,7 @@ def test_census_od_suppressed_min_bounds_cells_from_below(units):
     assert sorted(pairs.lower[censored].tolist()) == [1.0, 3.0]
     assert (pairs.lower[~censored] == 0).all()
     with pytest.raises(CensusInputError, match=r"suppressed_min=5.*<= every suppression bound"):
-        read_census_od(table, units=units, suppressed_min=5)
+        read_census_od(table, units=units, suppressed_min=5, duplicates="sum")
     bad = ds.copy()
     bad["flow_census_min"] = (
         bad["flow_census_min"].fillna(0).where(bad["flow_census"].isnull(), 1.0)
@@ -314,3 +314,153 @@ def test_census_universe():
     }
     with pytest.raises(ValueError, match="universe must be"):
         census_universe(country, ["AAA"], "everything")
+
+
+# ------------------------------------------------------- bad inputs (issue 18)
+def test_census_od_exact_duplicate_rows_are_an_error_naming_file_and_rows(units, tmp_path):
+    path = tmp_path / "od.csv"
+    path.write_text("origin,destination,count\nA1,A2,695\nA2,A1,3\nA1,A2,695\n")
+    with pytest.raises(
+        CensusInputError,
+        match=r"od\.csv: 1 pair\(s\) on identical rows .*A1->A2: rows \[1, 3\], count 695.*"
+        r"duplicates='sum'",
+    ):
+        read_census_od(path, units=units)
+    # a table that splits pairs over rows on purpose: summed when asked to
+    out = read_census_od(path, units=units, duplicates="sum")
+    assert out.set_index(["origin", "destination"]).loc[("A1", "A2"), "count"] == 1390
+
+
+def test_census_od_two_values_for_one_pair_are_an_error(units, tmp_path):
+    path = tmp_path / "od.csv"
+    path.write_text(
+        "origin,destination,period,count\nA1,A2,2019,23\nA1,A2,2020,4\nA1,A2,2019,500\n"
+    )
+    with pytest.raises(
+        CensusInputError, match=r"with different counts \[A1->A2 \(2019\): rows \[1, 3\], counts"
+    ):
+        read_census_od(path, units=units, period="period")
+    # the same pair in two periods is not a duplicate
+    out = read_census_od(path, units=units, period="period", duplicates="sum")
+    assert sorted(out["count"]) == [4.0, 523.0]
+
+
+def test_census_od_count_larger_than_the_population_allows(units):
+    population = pd.Series(1e5, index=units["unit_id"])
+    table = pd.DataFrame(
+        {"origin": ["A1", "A2"], "destination": ["A2", "A1"], "count": ["1000", "1000000000000"]}
+    )
+    with pytest.raises(
+        CensusInputError,
+        match=r"1 count\(s\) larger than the population.*data row 2: A2->A1 count 1e\+12 > 10000 "
+        r"\(population 100000 x sample fraction 0\.1\)",
+    ):
+        read_census_od(table, units=units, sample_fraction=0.1, population=population)
+    out = read_census_od(
+        table, units=units, sample_fraction=0.1, population=population, max_share=None
+    )
+    assert out["count"].max() == 1e12
+
+
+def test_sample_fraction_mapping_must_cover_every_census_country(units, persons):
+    table = pd.DataFrame({"origin": ["A1", "B1"], "destination": ["A2", "B2"], "count": [5, 7]})
+    with pytest.raises(
+        CensusInputError,
+        match=r"sample_fraction gives no fraction for census countr\(ies\) \[BBB \(1 rows\)\]",
+    ):
+        read_census_od(table, units=units, sample_fraction={"AAA": 0.1})
+    out = read_census_od(table, units=units, sample_fraction={"AAA": 0.1, "BBB": 0.05})
+    assert sorted(out["exposure"]) == [0.05, 0.1]
+    with pytest.raises(CensusInputError, match=r"need the units table"):
+        read_census_od(table, sample_fraction={"AAA": 0.1})
+    with pytest.raises(CensusInputError, match=r"no fraction for census countr\(ies\) \[BBB"):
+        read_census_persons(
+            persons.assign(current_unit=[*persons["current_unit"][:-1], "B2"]),
+            units,
+            sample_fraction={"AAA": 0.1},
+        )
+
+
+def test_census_od_fractional_count_names_file_and_row(units, tmp_path):
+    path = tmp_path / "od.csv"
+    path.write_text("origin,destination,count\nA1,A2,4\nA2,A1,2.5\n")
+    with pytest.raises(
+        CensusInputError,
+        match=r"od\.csv: column 'count': 1 count\(s\) are not whole numbers, at data row\(s\) "
+        r"\[2\] \(values \{2: 2\.5\}\)",
+    ):
+        read_census_od(path, units=units)
+
+
+def test_census_od_thousands_separator_and_decimal_comma():
+    count, _ = parse_counts(pd.Series(["1,390", "12"]))
+    assert count.tolist() == [1390.0, 12.0]
+    with pytest.raises(CensusInputError, match=r"neither counts nor suppression markers: \[2,5"):
+        parse_counts(pd.Series(["2,5"]))
+
+
+def test_census_od_semicolon_delimited_and_bom_files_are_read(units, tmp_path):
+    semi = tmp_path / "semi.csv"
+    semi.write_text("origin;destination;count\nA1;A2;1.390\nA2;A1;<5\n")
+    # '1.390' in a ';' file is a European thousands separator: not a whole number of persons
+    with pytest.raises(CensusInputError, match=r"semi\.csv: column 'count'.*not whole numbers"):
+        read_census_od(semi, units=units)
+    semi.write_text("origin;destination;count\nA1;A2;1390\nA2;A1;<5\n")
+    out = read_census_od(semi, units=units)
+    assert out["count"].tolist()[0] == 1390 and out["max"].tolist()[1] == 4
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("origin,destination,count\nA1,A2,3\n".encode("utf-8-sig"))
+    assert read_census_od(bom, units=units)["count"].tolist() == [3.0]
+    tabs = tmp_path / "tabs.tsv"
+    tabs.write_text("origin\tdestination\tcount\nA1\tA2\t3\n")
+    assert read_census_od(tabs, units=units)["count"].tolist() == [3.0]
+
+
+def test_census_latin1_file_says_which_encoding_to_pass(units, tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("origin,destination,count,note\nA1,A2,3,Bogotá\n".encode("latin-1"))
+    with pytest.raises(
+        InputFileError,
+        match=r"latin\.csv: the census OD file is not utf-8 text.*encoding='latin-1'",
+    ):
+        read_census_od(path, units=units)
+    assert read_census_od(path, units=units, encoding="latin-1")["count"].tolist() == [3.0]
+
+
+def test_census_empty_files(units, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(
+        InputFileError, match=r"empty\.csv: the census OD file is empty \(0 bytes\)"
+    ):
+        read_census_od(empty, units=units)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n\n")
+    with pytest.raises(
+        InputFileError, match=r"blank\.csv: the census person records file is empty"
+    ):
+        read_census_persons(blank, units)
+
+
+def test_missing_previous_unit_is_reported_as_missing(units, persons, tmp_path):
+    path = tmp_path / "persons.csv"
+    persons.assign(previous_unit=["A1", "", "A2", "A3", "B1", "B2", "A1", "A1", "A2"]).to_csv(
+        path, index=False
+    )
+    with pytest.raises(
+        CensusInputError,
+        match=r"persons\.csv: column 'previous_unit' is empty at 1 data row\(s\) \[2\]: the "
+        r"previous residence is missing \(not an unknown code\)",
+    ):
+        read_census_persons(path, units)
+    table = pd.DataFrame({"origin": ["A1", None], "destination": ["A2", "A1"], "count": [1, 2]})
+    with pytest.raises(
+        CensusInputError, match=r"column 'origin' is empty at 1 data row\(s\) \[2\]"
+    ):
+        read_census_od(table, units=units)
+
+
+def test_person_records_implausible_counts(units, persons):
+    population = pd.Series(10.0, index=units["unit_id"])  # far too few people for the records
+    with pytest.raises(CensusInputError, match=r"larger than the population of their units"):
+        read_census_persons(persons, units, population=population, universe=None)

@@ -365,7 +365,14 @@ def test_kenya_population_tiles_sum_to_published_total():
     xs = np.linspace(b.left, b.right, 8)
     ys = np.linspace(b.bottom, b.top, 7)
     tiles = [shapely.box(xs[i], ys[j], xs[i + 1], ys[j + 1]) for i in range(7) for j in range(6)]
-    cov = zonal_covariates(units_of(tiles, crs="EPSG:4326"), {"population": path})
+    units = units_of(tiles, crs="EPSG:4326")
+    # tiles wholly on nodata (sea, neighbouring countries) have no known population
+    stats = zonal_statistics(units, path, stats=("count",))
+    empty = stats.index[stats["count"] == 0].tolist()
+    assert empty
+    with pytest.raises(NoOverlapError, match=r"get no population .*on nodata pixels: " + empty[0]):
+        zonal_covariates(units, {"population": path})
+    cov = zonal_covariates(units[~units["unit_id"].isin(empty)], {"population": path})
     assert cov["population"].sum() == pytest.approx(40_200_954.6, rel=1e-3)
     assert cov["population"].min() >= 0
     inhabited = cov["population"] > 0
@@ -645,3 +652,77 @@ def test_both_interior_paths_equal_exactextract(random_raster, monkeypatch, fact
     for stat in ("sum", "count"):
         np.testing.assert_allclose(ours[stat], ref[stat], rtol=1e-6, atol=1e-9, err_msg=stat)
     assert bool(calls) == bool(factor), "the intended interior path did not run"
+
+
+# ------------------------------------------------------ silently wrong rasters (issue 18)
+def test_multiband_geotiff_is_refused_like_a_multiband_dataarray(tmp_path):
+    import rioxarray
+
+    path = tmp_path / "rgb.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=6,
+        height=6,
+        count=3,
+        dtype="float32",
+        crs="EPSG:4326",
+        transform=from_origin(*ORIGIN, PIXEL, PIXEL),
+    ) as dst:
+        dst.write(np.ones((3, 6, 6), dtype=np.float32))
+    units = units_of([pix_poly([(0, 0), (2, 0), (2, 2), (0, 2)])])
+    with pytest.raises(
+        InputFileError, match=r"raster 'population': .*rgb\.tif has 3 bands.*gdal_translate -b 1"
+    ):
+        zonal_covariates(units, {"population": path})
+    with pytest.raises(InputFileError, match=r"raster 'population' .*has 3 bands"):
+        zonal_covariates(units, {"population": rioxarray.open_rasterio(path)})
+
+
+def test_all_nodata_raster_names_the_file_and_says_extent(tmp_path):
+    path = write_raster(tmp_path / "void.tif", np.full((6, 6), -9999.0, dtype=np.float32))
+    units = units_of(
+        [pix_poly([(0, 0), (2, 0), (2, 2), (0, 2)]), pix_poly([(3, 3), (5, 3), (5, 5)])]
+    )
+    with pytest.raises(
+        NoOverlapError,
+        match=r"raster 'night_lights' \(.*void\.tif\): every pixel under the units is nodata "
+        r"\(nodata = -9999\).*covers the units' area",
+    ):
+        zonal_covariates(units, {"night_lights": path})
+    # zonal_statistics, a general tool, still reports count 0
+    assert (zonal_statistics(units, path)["count"] == 0).all()
+
+
+def test_unit_partly_outside_the_population_raster_with_no_people_is_an_error(
+    grid_raster, tmp_path
+):
+    # people only in the top-left corner; unit "edge" reaches past the raster's extent
+    pop = np.zeros((10, 10), dtype=np.float32)
+    pop[0, 0] = 50.0
+    path = write_raster(tmp_path / "pop.tif", pop)
+    units = units_of(
+        [
+            pix_poly([(0, 0), (2, 0), (2, 2), (0, 2)]),
+            pix_poly([(8, 8), (12, 8), (12, 12), (8, 12)]),
+        ],
+        ids=["inside", "edge"],
+    )
+    with (
+        pytest.warns(RasterCoverageWarning),
+        pytest.raises(
+            NoOverlapError,
+            match=r"raster 'population' \(.*pop\.tif\): 1 unit\(s\) get no population because "
+            r"they lie outside its extent \(wholly or partly\): edge\. Their population is "
+            r"unknown, not 0.*covers every unit",
+        ),
+    ):
+        zonal_covariates(units, {"population": path})
+    # partly outside but with people inside: kept, with a warning and raster_coverage < 1
+    pop[9, 9] = 5.0
+    path = write_raster(tmp_path / "pop2.tif", pop)
+    with pytest.warns(RasterCoverageWarning, match="partly outside: edge"):
+        cov = zonal_covariates(units, {"population": path})
+    assert cov.loc["edge", "population"] == pytest.approx(5.0)
+    assert cov.loc["edge", "raster_coverage"] == pytest.approx(0.25)

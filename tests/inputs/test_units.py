@@ -136,3 +136,25 @@ def test_real_natural_earth_countries():
     assert units["unit_id"].is_unique
     assert units.loc[units["unit_id"] == "Kenya", "country"].item() == "KEN"
     assert units.geometry.is_valid.all()
+
+
+def test_duplicated_feature_under_another_id_names_the_file(tmp_path):
+    gdf = sample_units()
+    gdf.loc[3, "geometry"] = gdf.loc[1, "geometry"]  # feature 101 copied as 103
+    path = tmp_path / "dup.gpkg"
+    gdf.to_file(path, layer="units")
+    with pytest.raises(
+        DataContractError,
+        match=r"dup\.gpkg \(layer 'units'\): 1 geometr\(ies\) appear under more than one unit id: "
+        r"101=103",
+    ):
+        load_units(path, id_field="code", country_field="iso", layer="units")
+
+
+def test_truncated_units_file(tmp_path):
+    path = tmp_path / "cut.gpkg"
+    sample_units().to_file(path, layer="units")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputFileError, match=r"cut\.gpkg: cannot be read as polygons"):
+        load_units(path, id_field="code", country_field="iso")
