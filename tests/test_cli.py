@@ -331,8 +331,9 @@ def test_prediction_runs_on_dask_workers_via_scheduler(tiny_world: Path, capsys)
     assert len(stream.data) >= 8  # 24 origins in blocks of 3
 
 
-@pytest.mark.slow
-def test_demo_small(tmp_path: Path, capsys) -> None:
+@pytest.mark.integration
+def test_demo_small(tmp_path: Path, capsys, mock_sampling) -> None:
+    """The demo end to end with sampling mocked (its statistics: test_fusion_world.py)."""
     out = tmp_path / "demo"
     code, stdout, err = run_cli(capsys, "demo", "--out", str(out), "--size", "small")
     assert code == EXIT_OK, err

@@ -248,8 +248,14 @@ class FlowModel(abc.ABC):
         return source
 
     # ------------------------------------------------------------------ build
-    def _build(self, data: xr.Dataset) -> tuple[pm.Model, dict[str, Any], dict[str, Any]]:
-        """Build the PyMC model of ``data``: (model, fit state, resolved priors); no side effects."""
+    def _build(
+        self, data: xr.Dataset, *, approximate: bool = False
+    ) -> tuple[pm.Model, dict[str, Any], dict[str, Any]]:
+        """Build the PyMC model of ``data``: (model, fit state, resolved priors); no side effects.
+
+        ``approximate``: the fit is a Laplace / ADVI / MAP one (parametrisations
+        left to ``"auto"`` take their form for it).
+        """
         observations = self._observation_models(data)
         cells = {o.source: o.cells(data) for o in observations}
         empty = [s for s, c in cells.items() if c.n == 0]
@@ -276,6 +282,8 @@ class FlowModel(abc.ABC):
             defaults=defaults,
         )
         latent_state = self.field.fit_state(data, union)
+        if latent_state.get("noncentered") == "auto":
+            latent_state["noncentered"] = bool(approximate)
         by_source = self._dispersion_by_source()
         coords: dict[str, Any] = {"pair": np.arange(union.n)}
         if by_source and dispersed:
@@ -379,11 +387,11 @@ class FlowModel(abc.ABC):
             Laplace no proper mode).
         """
         require_backend(backend)
-        model, state, priors = self._build(data)
-        n_cells = sum(state["n_cells"].values())
         if backend == "auto":
+            n_cells = sum(o.cells(data).n for o in self._observation_models(data))
             backend = auto_backend(n_cells)
             require_backend(backend)
+        model, state, priors = self._build(data, approximate=backend in APPROXIMATE_BACKENDS)
         kwargs = self.sampler_config | sample_kwargs
         if progressbar is None:
             progressbar = _interactive()
@@ -1127,7 +1135,7 @@ def pointwise_loo(tree: xr.DataTree, *, chunk: int = 20_000) -> xr.Dataset | Non
             part = ll.isel(cell=slice(a, a + chunk))
             sub = xr.DataTree.from_dict(
                 {
-                    "posterior": tree["posterior"].to_dataset()[[]],
+                    "posterior": tree["posterior"].to_dataset(),
                     "log_likelihood": part.to_dataset(name="flow"),
                 }
             )

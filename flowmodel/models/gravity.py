@@ -91,10 +91,12 @@ class GravityModel(FlowModel):
         ``country_slope[slope_term, country] ~ N(0, sigma_slope)``.
     noncentered
         Non-centred country effects (``country_effect = sigma_country * z``,
-        prior key ``country_effect`` for ``z``). The default centred form draws
-        ``country_intercept[c] ~ N(intercept, sigma_country)`` and reports
-        ``country_effect = country_intercept - intercept``; it suits countries
-        with many observed pairs (and Laplace fits).
+        prior key ``country_effect`` for ``z``) when True. The centred form
+        (False) draws ``country_intercept[c] ~ N(intercept, sigma_country)`` and
+        reports ``country_effect = country_intercept - intercept``; it suits NUTS
+        when countries have many observed pairs. ``"auto"`` (default): centred
+        for NUTS, non-centred for Laplace, ADVI and MAP, whose Gaussian sits at
+        the joint mode — which a centred hierarchy has at ``sigma_country -> 0``.
     source
         Which ``flow_<source>`` to fit (default: the only one).
     priors, sampler_config
@@ -127,7 +129,7 @@ class GravityModel(FlowModel):
         constraint: str = "none",
         country_effects: bool = True,
         country_slopes: Sequence[str] = (),
-        noncentered: bool = False,
+        noncentered: bool | str = "auto",
         source: str | None = None,
         priors: Mapping[str, PriorSpec] | None = None,
         sampler_config: Mapping[str, Any] | None = None,
@@ -144,7 +146,7 @@ class GravityModel(FlowModel):
             constraint=constraint,
             country_effects=bool(country_effects),
             country_slopes=list(country_slopes),
-            noncentered=bool(noncentered),
+            noncentered=noncentered if noncentered == "auto" else bool(noncentered),
             source=source,
         )
 

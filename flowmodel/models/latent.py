@@ -336,13 +336,14 @@ class GravityField(LatentField):
         "constraint": "none",
         "country_effects": True,
         "country_slopes": [],
-        "noncentered": False,
+        "noncentered": "auto",
     }
 
     @override
     def validate(self) -> None:
         self._choice("cost_func", ("pow", "exp"), "GravityModel")
         self._choice("constraint", CONSTRAINTS, "GravityModel")
+        self._choice("noncentered", (True, False, "auto"), "GravityModel")
 
     @property
     def constraint(self) -> str:
@@ -485,6 +486,9 @@ class GravityField(LatentField):
             "term_sd": sds,
             "informed_terms": [t for t, s in zip(terms, np.std(X, axis=0), strict=True) if s > 0],
             "countries": countries if (use_ce or slopes) else [],
+            # "auto" is resolved by the model: centred for NUTS, non-centred for the
+            # approximations (a centred hierarchy has its joint mode at sigma_country -> 0)
+            "noncentered": self.config["noncentered"],
         }
         if self.constraint == "doubly":
             dests = np.unique(pairs.dest_idx)
@@ -561,7 +565,7 @@ class GravityField(LatentField):
         n_c = len(countries)
         if use_ce:
             sigma = prior("sigma_country")
-            if self.config["noncentered"]:
+            if state.get("noncentered") is True:
                 z = prior("country_effect_z", key="country_effect", dims="country")
                 ce = pm.Deterministic("country_effect", sigma * z, dims="country")
                 eta = eta + ce[cidx]

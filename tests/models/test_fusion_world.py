@@ -1,13 +1,20 @@
-"""FusionModel on the file-based default simulated world: the worked example as a test (issue 7).
+"""FusionModel on the file-based default simulated world: the worked example as a test.
 
-``simulate_world`` (6 countries, 120 units: a 10% census sample in 2 that
-enumerates in-migrants from abroad and suppresses 1-4 as "<5", raw CDR events
-in 3 with one overlapping, nothing in 2) is turned into a FlowDataset by the
-pipeline's ``prepare`` stage and fitted as ``scripts/fusion_example.py`` and
-docs/fusion.md do. The checks are those the docs quote: parameter recovery,
-agreement with an independent statsmodels GLM on the census person records,
-90% interval coverage in every group of pairs, and the bias that reading "<5"
-as 0-4 would bring.
+``simulate_world`` (6 countries, 120 units: a 10% census sample in 2 that suppresses
+1-4 as "<5", raw CDR events in 3 with one overlapping, nothing in 2) is turned into a
+FlowDataset by the pipeline's ``prepare`` stage and fitted as
+``scripts/fusion_example.py`` and docs/fusion.md do. The census records what real
+censuses record: internal movers by previous unit (``census``) and people who lived
+abroad by previous *country* only (``census_abroad``: cells of previous country x
+current unit, each summing every unit of that country). No source sees a
+cross-border pair by itself, so the border is learned from those sums.
+
+The checks are those the docs quote: parameter recovery (``cross_border`` within
+3 sd), agreement with an independent statsmodels GLM on the internal movers' person
+records, CPC against the oracle and 90% interval coverage in every group of pairs
+with NUTS and with Laplace (and Laplace agreeing with NUTS), the bias that reading
+"<5" as 0-4 would bring, and a census-only gravity model that sees no border: its
+cross-border intervals are the prior's, and it says so.
 
 ``FLOWMODEL_WORLD_SEED=<n>`` reruns them on another world (robustness runs,
 reported in docs/fusion.md).
@@ -26,6 +33,7 @@ import pytest
 
 from flowmodel.dataset import load_dataset
 from flowmodel.evaluate import cpc, interval_coverage, interval_width
+from flowmodel.exceptions import UninformedParameterWarning
 from flowmodel.models.fusion import FusionModel
 from flowmodel.models.gravity import GravityModel
 
@@ -41,7 +49,10 @@ TERMS = {
 }
 
 
-def example_model(sources: tuple[str, ...] = ("census", "cdr")) -> FusionModel:
+SOURCES = ("census", "census_abroad", "cdr")
+
+
+def example_model(sources: tuple[str, ...] = SOURCES) -> FusionModel:
     """The worked example's model (scripts/fusion_example.py, docs/fusion.md)."""
     return FusionModel(
         latent=GravityModel(
@@ -90,6 +101,15 @@ def fused(world: dict[str, Any]) -> tuple[FusionModel, Any]:
     return model, model.predict(world["ds"], seed=SEED)
 
 
+@pytest.fixture(scope="module")
+def fused_laplace(world: dict[str, Any]) -> tuple[FusionModel, Any]:
+    model = example_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(world["ds"], backend="laplace", draws=500, chains=2, random_seed=SEED)
+    return model, model.predict(world["ds"], seed=SEED)
+
+
 def groups(world: dict[str, Any]) -> dict[str, np.ndarray]:
     ds, truth = world["ds"], world["truth"]
     country = ds["country"].values.astype(str)
@@ -117,7 +137,8 @@ def test_world_recovers_the_generating_parameters(world, fused):
     summary = model.summary(ci_prob=0.94)
     true = {"intercept_raw": truth["intercept"], "sigma_country": truth["sigma_country"]}
     true |= {f"beta_raw[{t}]": v for t, v in truth["beta"].items()}
-    true |= {f"phi[{s}]": truth["phi"] for s in model.sources}
+    # the pair-level dispersion; census_abroad's phi is that of its country-sum cells
+    true |= {f"phi[{s}]": truth["phi"] for s in ("census", "cdr")}
     rows = summary.loc[list(true)]
     z = (rows["mean"] - pd.Series(true)) / rows["sd"]
     inside = (rows["eti_lo"] <= pd.Series(true)) & (pd.Series(true) <= rows["eti_hi"])
@@ -131,20 +152,29 @@ def test_world_recovers_the_generating_parameters(world, fused):
 
 
 def test_world_agrees_with_a_glm_on_the_census_person_records(world, fused):
-    """An independent reference: statsmodels NB GLM on the uncensored person records."""
+    """An independent reference: statsmodels NB GLM on the internal movers' person records.
+
+    The records give the previous unit of internal movers only (people who lived abroad
+    have their previous country), so the GLM fits the within-country pairs and has no
+    cross-border term; the fused ``cross_border``, learned from the country sums, is
+    checked against the truth in the recovery test.
+    """
     import statsmodels.api as sm
 
     from flowmodel.pairs import geodesic_distance_km
 
     model, _ = fused
     out, truth = world["out"], world["truth"]
-    persons = pd.read_csv(out / "world" / "census_persons.csv")
+    persons = pd.read_csv(out / "world" / "census_persons.csv", keep_default_na=False)
     cov = pd.read_csv(out / "world" / "true_covariates.csv").set_index("unit_id")
-    movers = persons["current_unit"] != persons["previous_unit"]
+    internal = persons["previous_unit"] != ""
+    movers = internal & (persons["current_unit"] != persons["previous_unit"])
     n = persons.loc[movers].groupby(["previous_unit", "current_unit"]).size().rename("n")
     pairs = pd.read_csv(out / "world" / truth["true_flows"])[["origin", "destination"]]
     dest_country = cov.loc[pairs["destination"], "country"].to_numpy()
-    pairs = pairs.loc[np.isin(dest_country, truth["census_countries"])]
+    orig_country = cov.loc[pairs["origin"], "country"].to_numpy()
+    keep = np.isin(dest_country, truth["census_countries"]) & (orig_country == dest_country)
+    pairs = pairs.loc[keep]
     y = n.reindex(pd.MultiIndex.from_frame(pairs)).fillna(0).to_numpy()
     o, d = cov.loc[pairs["origin"]], cov.loc[pairs["destination"]]
     dist = geodesic_distance_km(cov["lon"].to_numpy(), cov["lat"].to_numpy())
@@ -155,7 +185,6 @@ def test_world_agrees_with_a_glm_on_the_census_person_records(world, fused):
             "d_lp": np.log(d["population"].to_numpy()),
             "d_nl": d["night_lights_per_capita"].to_numpy(),
             "ld": np.log(dist[pos[pairs["origin"]], pos[pairs["destination"]]]),
-            "cb": (o["country"].to_numpy() != d["country"].to_numpy()).astype(float),
         }
     )
     X = pd.concat([X, pd.get_dummies(o["country"].to_numpy()).astype(float)], axis=1)
@@ -167,41 +196,120 @@ def test_world_agrees_with_a_glm_on_the_census_person_records(world, fused):
     ).fit()
     post = model.summary(ci_prob=0.94)
     for term, column in TERMS.items():
+        if column not in glm.params:
+            continue
         mean, sd = post.loc[f"beta_raw[{term}]", ["mean", "sd"]]
         print(f"{term}: fused {mean:.3f} +- {sd:.3f}, GLM {glm.params[column]:.3f}")
         assert abs(mean - glm.params[column]) < 2 * sd + 2 * glm.bse[column]
 
 
-def test_world_intervals_cover_every_group_of_pairs(world, fused):
-    _, pred = fused
+def _group_scores(world: dict[str, Any], pred: Any) -> dict[str, dict[str, float]]:
     mean, lo, hi = (pred[v].values for v in ("mean", "q05", "q95"))
+    out = {}
     for label, sel in groups(world).items():
-        coverage = interval_coverage(world["flow"][sel], lo[sel], hi[sel])
-        skill = cpc(world["mu"][sel], mean[sel])
-        width = interval_width(lo[sel], hi[sel])
+        out[label] = {
+            "n": int(sel.sum()),
+            "cpc": cpc(world["flow"][sel], mean[sel]),
+            "oracle": cpc(world["flow"][sel], world["mu"][sel]),
+            "coverage": interval_coverage(world["flow"][sel], lo[sel], hi[sel]),
+            "width": interval_width(lo[sel], hi[sel]),
+        }
+    return out
+
+
+@pytest.mark.parametrize("backend", ["nuts", "laplace"])
+def test_world_intervals_cover_every_group_of_pairs(world, backend, request):
+    """CPC against realised flows >= 0.9 x the oracle's (the true means), 90% coverage 85-95%."""
+    model, pred = request.getfixturevalue("fused" if backend == "nuts" else "fused_laplace")
+    for label, sc in _group_scores(world, pred).items():
         print(
-            f"{label}: n {sel.sum()}, CPC {skill:.3f}, 90% coverage {coverage:.3f}, width {width:.0f}"
+            f"{backend} {label}: n {sc['n']}, CPC {sc['cpc']:.3f} (oracle {sc['oracle']:.3f}), "
+            f"90% coverage {sc['coverage']:.3f}, width {sc['width']:.0f}"
         )
-        assert 0.85 <= coverage <= 0.99, (label, coverage)
-        assert skill > 0.95, (label, skill)
+        assert 0.85 <= sc["coverage"] <= 0.95, (label, sc)
+        assert sc["cpc"] >= 0.9 * sc["oracle"], (label, sc)
+    row = model.summary(ci_prob=0.94).loc["beta_raw[cross_border]"]
+    true = world["truth"]["beta"]["cross_border"]
+    print(f"{backend} cross_border {row['mean']:.3f} +- {row['sd']:.3f} (truth {true})")
+    assert abs(row["mean"] - true) < 3 * row["sd"]
 
 
-def test_world_suppressed_census_cells_read_as_possibly_zero_bias_the_fit(world):
-    """ "<5" with zeros printed holds 1..4; read as 0..4 the small flows sink (Laplace fits)."""
+def test_laplace_agrees_with_nuts_in_every_group(world, fused, fused_laplace):
+    nuts = _group_scores(world, fused[1])
+    laplace = _group_scores(world, fused_laplace[1])
+    for label in nuts:
+        print(f"{label}: CPC NUTS {nuts[label]['cpc']:.3f}, Laplace {laplace[label]['cpc']:.3f}")
+        assert abs(nuts[label]["cpc"] - laplace[label]["cpc"]) < 0.05, label
+    assert fused_laplace[0].fit_meta["approximate"] and not fused[0].fit_meta["approximate"]
+
+
+def test_census_only_gravity_without_border_data_keeps_the_prior_and_says_so(world):
+    """The internal-migration census alone sees no border: cross_border is the prior's."""
     ds = world["ds"]
-    assert int(ds["flow_census_min"].notnull().sum()) > 1000
+    model = GravityModel(
+        origin_covariates=["log_population"],
+        destination_covariates=["log_population", "night_lights_per_capita"],
+        source="census",
+    )
+    with pytest.warns(UninformedParameterWarning, match=r"beta\[cross_border\].*not informed"):
+        model.fit(ds, backend="laplace", draws=1000, random_seed=SEED)
+    assert "cross_border" in model.fit_meta["latent"]["terms"]
+    pred = model.predict(ds, seed=SEED)
+    sel = groups(world)["cross-border"]
+    coverage = interval_coverage(
+        world["flow"][sel], pred["q05"].values[sel], pred["q95"].values[sel]
+    )
+    print(f"census-only gravity: cross-border 90% coverage {coverage:.3f}")
+    assert coverage >= 0.85
+
+
+@pytest.fixture(scope="module")
+def thin_census(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 1% census of the default world: many small internal flows print as "<5"."""
+    import geopandas as gpd
+
+    from flowmodel.dataset import build_dataset
+    from flowmodel.inputs.census import read_census_od
+    from flowmodel.inputs.rasters import zonal_covariates
+    from flowmodel.simulate import simulate_world
+
+    world = simulate_world(
+        tmp_path_factory.mktemp("thin_census"), n_units=120, seed=SEED, sample_fraction=0.01
+    )
+    units = gpd.read_file(world.paths["units"], layer="units")
+    covariates = zonal_covariates(units, world.rasters())
+    tables = {
+        label: read_census_od(
+            world.paths["census_od"],
+            units=units,
+            sample_fraction=0.01,
+            suppressed_min=minimum,
+            universe="within",
+        )
+        for label, minimum in (("1..4", 1), ("0..4", 0))
+    }
+    return {
+        label: build_dataset(units, covariates=covariates, flows={"census": t})
+        for label, t in tables.items()
+    } | {"truth": world.truth}
+
+
+def test_world_suppressed_census_cells_read_as_possibly_zero_bias_the_fit(thin_census):
+    """ "<5" with zeros printed holds 1..4; read as 0..4 the small flows sink (Laplace fits)."""
+    assert int(thin_census["1..4"]["flow_census_min"].notnull().sum()) > 200
     beta = {}
-    for label, data in {"1..4": ds, "0..4": ds.drop_vars("flow_census_min")}.items():
-        model = example_model(sources=("census",))
+    for label in ("1..4", "0..4"):
+        model = example_model(sources=("census",))  # the internal-movers table
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(data, backend="laplace", draws=1000, random_seed=SEED)
+            model.fit(thin_census[label], backend="laplace", draws=1000, random_seed=SEED)
         beta[label] = model.summary().loc["beta_raw[origin:log_population]", ["mean", "sd"]]
         print(label, beta[label].round(3).to_dict())
-    true = world["truth"]["beta"]["origin:log_population"]
+    true = thin_census["truth"]["beta"]["origin:log_population"]
     assert abs(beta["1..4"]["mean"] - true) < 3 * beta["1..4"]["sd"]
-    # seed 0: 0.795 +- 0.013 against 0.899 +- 0.016; on worlds 0-9 the shift is 0.04-0.23
-    # (2.5-10 sd), always upwards: the possibly-zero cells make small flows smaller
+    # the possibly-zero cells make small flows smaller: the origin-size slope steepens
+    # (seed 0: 0.826 +- 0.032 against 0.905 +- 0.039, a shift of 2.0 sd; the old unit-level
+    # immigrant table had 1,593 "<5" cells and a 6 sd shift, this internal table ~300)
     shift = beta["0..4"]["mean"] - beta["1..4"]["mean"]
-    assert shift > 2 * beta["0..4"]["sd"]
+    assert shift > 1.5 * beta["0..4"]["sd"]
     assert abs(beta["0..4"]["mean"] - true) > abs(beta["1..4"]["mean"] - true)
