@@ -903,6 +903,15 @@ def _observed(ds: Any, source: str | None) -> Any:
     return flow
 
 
+def _progress(ctx: StageContext) -> bool | None:
+    """Bars when the run shows them; otherwise the process default (heartbeat lines in logs).
+
+    ``flowmodel -q`` switches progress off for the process
+    (:func:`flowmodel.progress.set_progress`), which the default follows.
+    """
+    return True if ctx.progress else None
+
+
 def _label_sources(ds: Any, cfg: RunConfig) -> Any:
     """Copy each ``[flows.<source>] period`` into ``flow_<source>.attrs["period"]``."""
     for name, source in cfg.flows.items():
@@ -994,7 +1003,7 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
         draws=cfg.predict.draws,
         seed=cfg.run.seed,
         block_size=cfg.predict.block_size,
-        progress=ctx.progress,
+        progress=_progress(ctx),
     )
     outputs["totals"] = io.write_totals(totals, ctx.path(TOTALS), attrs=attrs)
     if "csv" in formats:
@@ -1160,7 +1169,7 @@ def stage_report(ctx: StageContext) -> dict[str, Path]:
             quantiles=tuple(cfg.predict.quantiles),
             draws=cfg.predict.draws,
             seed=cfg.run.seed,
-            progress=ctx.progress,
+            progress=_progress(ctx),
         )
     notes = [
         f"Run '{cfg.run.name}', config {Path(cfg.source).name if cfg.source else '(python)'}, "
