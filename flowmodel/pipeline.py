@@ -1385,7 +1385,19 @@ def demo_config(
     if not config.exists() or config.read_text() != text:
         with atomic_path(config) as tmp:
             tmp.write_text(text)
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    import importlib.util
+
+    if cfg.model.backend == "auto" and importlib.util.find_spec("nutpie") is None:
+        logger.warning(
+            "nutpie is not installed: the demo samples with PyMC's NUTS sampler (backend "
+            "'auto'), several times slower than nutpie (%d chains x %d draws: expect tens of "
+            "minutes on 2 cores). Faster: pip install 'flowmodel[fast]'; or a shorter run: "
+            "flowmodel demo --set model.draws=500 --set model.tune=500",
+            cfg.model.chains,
+            cfg.model.draws + cfg.model.tune,
+        )
+    return cfg
 
 
 def _posterior_estimates(path: Path) -> dict[str, tuple[float, float, float]]:
