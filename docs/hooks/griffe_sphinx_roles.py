@@ -1,8 +1,8 @@
-"""Griffe extension: turn the docstrings' Sphinx roles into mkdocstrings cross-references.
+r"""Griffe extension: turn the docstrings' Sphinx roles into mkdocstrings cross-references.
 
 The docstrings are written for readers of the code and of ``help()``, with
 Sphinx roles (``:func:`predict_flows```, ``:class:`~flowmodel.models.base.FlowModel```,
-``:math:`\\mu```). mkdocstrings renders Markdown, where those roles would show
+``:math:`\mu```). mkdocstrings renders Markdown, where those roles would show
 as raw text. At build time this extension rewrites each role:
 
 - a role naming a documented flowmodel object (resolved against the object's

@@ -1,8 +1,8 @@
-"""MkDocs hook: render the site's TeX as MathML at build time, so formulas need no script.
+r"""MkDocs hook: render the site's TeX as MathML at build time, so formulas need no script.
 
 ``pymdownx.arithmatex`` (generic mode) marks formulas as
-``<span class="arithmatex">\\(...\\)</span>`` and
-``<div class="arithmatex">\\[...\\]</div>``. This hook converts each one to
+``<span class="arithmatex">\(...\)</span>`` and
+``<div class="arithmatex">\[...\]</div>``. This hook converts each one to
 MathML with latex2mathml; browsers draw MathML natively, so the built site
 shows formulas offline, with nothing loaded from a CDN. A formula
 latex2mathml cannot convert fails the build (naming the page and the TeX).

@@ -455,6 +455,11 @@ def _flows_dataset(
         var.attrs.setdefault("coverage_content_type", "modelResult")
         var.attrs["units"] = "1"  # a count of persons (CF: dimensionless)
     out = _with_countries(out, data)
+    if str(out.attrs.get("exposure", "")).startswith("none"):
+        # predict's "exposure: none" means population-scale predictions; say it as the scale,
+        # so the attribute is not read as the `exposure` variable (the observed sample fraction)
+        del out.attrs["exposure"]
+        out.attrs["scale"] = "population (persons)"
     out.attrs.update(_stamp(attrs))
     _cf_attrs(
         out,

@@ -1047,8 +1047,8 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
                 items.append(
                     {
                         "level": "ok" if worst <= 1.01 else "bad" if worst > 1.05 else "warn",
-                        "title": f"R-hat ≤ {worst:.3f}",
-                        "text": "largest over the parameters; ≤ 1.01 means the chains agree"
+                        "title": f"largest R-hat {worst:.3f}",
+                        "text": "over the parameters; ≤ 1.01 means the chains agree"
                         + ("" if worst <= 1.01 else ": run longer (more tune and draws)"),
                     }
                 )
@@ -1057,8 +1057,8 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
                 items.append(
                     {
                         "level": "ok" if low >= need else "warn",
-                        "title": f"bulk ESS ≥ {low:,.0f}",
-                        "text": f"smallest effective sample size; {need:,} (100 per chain) or "
+                        "title": f"smallest bulk ESS {low:,.0f}",
+                        "text": f"effective sample size over the parameters; {need:,} (100 per chain) or "
                         "more gives stable intervals" + ("" if low >= need else ": draw more"),
                     }
                 )
