@@ -133,6 +133,10 @@ def _main_options(
 ) -> None:
     _STATE["verbosity"] = -1 if quiet else verbose
     _setup_logging(_STATE["verbosity"])
+    from flowmodel.progress import set_progress
+
+    # -q silences every progress bar and heartbeat line, in every loop of the library
+    set_progress(False if quiet else None)
 
 
 def _setup_logging(verbosity: int) -> None:

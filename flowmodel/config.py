@@ -241,12 +241,21 @@ class FlowSource(_Section):
     options
         Extra keyword arguments passed to the reader (column names, sample
         fraction, redaction threshold, periods, ...).
+    period
+        The time window the source observes, e.g. ``"2019-2024"`` for a 2024
+        census asking where people lived five years before, or
+        ``"2024-01/2024-03"`` for three months of phone data. Written into
+        every output (attribute and CSV column); years or ISO dates also give
+        the CF/ACDD ``time_coverage_start`` / ``time_coverage_end``. The
+        primary (first non-CDR) source's period labels the predicted flows;
+        default "unspecified (the census window)".
     """
 
     kind: FlowKind | None = None
     path: RelPath
     towers: RelPath | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    period: str | None = None
 
     def resolved_kind(self, source: str) -> str:
         """Return the kind, inferred from the source name when not given."""

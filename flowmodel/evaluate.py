@@ -36,6 +36,7 @@ from scipy import stats
 from flowmodel.dataset import flow_sources, is_sparse
 from flowmodel.exceptions import DataContractError, FlowModelError, ModelConfigError
 from flowmodel.naming import quantile_name
+from flowmodel.progress import progress_bar
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -873,6 +874,7 @@ def cross_validate(
     source: str | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     glm_kwargs: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Cross-validate a model (and the baselines) on held-out observed pairs.
 
@@ -904,6 +906,10 @@ def cross_validate(
         Quantiles requested from every model.
     glm_kwargs
         Overrides for :func:`glm_baseline` (default: read from ``model.model_config``).
+    progress
+        One step per fold and model: a bar in terminals and notebooks, a
+        heartbeat line a minute in logs; None follows
+        :func:`flowmodel.progress.progress_enabled` (on unless switched off).
 
     Returns
     -------
@@ -929,9 +935,15 @@ def cross_validate(
     gkw.update(glm_kwargs or {})
     observed_all = data[f"flow_{source}"]
     rows: list[dict[str, Any]] = []
-    for f, (label, mask) in enumerate(
-        holdout_folds(data, scheme=scheme, folds=folds, source=source, seed=seed)
-    ):
+    fold_masks = holdout_folds(data, scheme=scheme, folds=folds, source=source, seed=seed)
+    n_models = int(model is not None) + len(which)
+    bar = progress_bar(
+        total=len(fold_masks) * n_models,
+        desc=f"cross-validation ({scheme})",
+        unit="fit",
+        progress=progress,
+    )
+    for f, (label, mask) in enumerate(fold_masks):
         train = _with_held_out(data, source, mask)
         test_obs = observed_all.where(
             xr.DataArray(
@@ -970,12 +982,15 @@ def cross_validate(
             except FlowModelError as err:
                 warnings.warn(f"{name}, {label}: {err}", UserWarning, stacklevel=2)
                 rows.append({"model": name, **base, "backend": "failed", "error": str(err)})
+                bar.update(1)
                 continue
             seconds = time.perf_counter() - t0
             metrics = flow_metrics(test_obs, pred)
             rows.append(
                 {"model": name, **base, "backend": used, "fit_seconds": seconds, **metrics}
             )
+            bar.update(1)
+    bar.close()
     frame = pd.DataFrame(rows)
     return frame
 

@@ -11,6 +11,8 @@ A **run directory** (``[run] out_dir``) is the unit of state:
 ``posterior.nc``                  fit: the fitted model (DataTree + model config)
 ``flows.nc``, ``flows.csv``,      predict: predicted flows with intervals, long table,
 ``flows.gpkg``                    top-k flow lines
+``totals.nc``, ``totals.csv``,    predict: in/out/net migration per unit and country,
+``totals.gpkg``                   country pairs, total movers, with intervals
 ``metrics.json``, ``cv.csv``      evaluate: metrics, cross-validation folds
 ``report.html``, ``figures/``     report
 ================================  ==============================================
@@ -100,6 +102,9 @@ FLOWS = "flows.nc"
 FLOWS_ZARR = "flows.zarr"
 FLOWS_CSV = "flows.csv"
 FLOW_LINES = "flows.gpkg"
+TOTALS = "totals.nc"
+TOTALS_CSV = "totals.csv"
+TOTALS_GPKG = "totals.gpkg"
 METRICS = "metrics.json"
 CV_TABLE = "cv.csv"
 REPORT = "report.html"
@@ -1358,13 +1363,63 @@ def _observed(ds: Any, source: str | None) -> Any:
     return flow
 
 
-def stage_predict(ctx: StageContext) -> dict[str, Path]:
-    """Predict every pair with intervals; write ``flows.nc`` (and csv / gpkg / zarr)."""
-    from flowmodel.dataset import load_dataset
+def _progress(ctx: StageContext) -> bool | None:
+    """Bars when the run shows them; otherwise the process default (heartbeat lines in logs).
+
+    ``flowmodel -q`` switches progress off for the process
+    (:func:`flowmodel.progress.set_progress`), which the default follows.
+    """
+    return True if ctx.progress else None
+
+
+def _label_sources(ds: Any, cfg: RunConfig) -> Any:
+    """Copy each ``[flows.<source>] period`` into ``flow_<source>.attrs["period"]``."""
+    for name, source in cfg.flows.items():
+        if source.period and f"flow_{name}" in ds:
+            ds[f"flow_{name}"].attrs["period"] = source.period
+    return ds
+
+
+def _output_period(cfg: RunConfig, source: str | None) -> str:
+    """Return the period the predicted flows describe: the primary source's, else the default."""
+    from flowmodel.outputs.io import DEFAULT_PERIOD
+
+    src = cfg.flows.get(source) if source else None
+    return src.period if src is not None and src.period else DEFAULT_PERIOD
+
+
+def _output_attrs(ctx: StageContext, ds: Any, model: Any, source: str | None) -> dict[str, Any]:
+    """Provenance of the predict and report outputs: inputs by name and SHA-256, period."""
     from flowmodel.outputs import io
 
     cfg = ctx.config
-    ds = load_dataset(ctx.path(DATASET))
+    # the prepare stage hashed the inputs (manifest); files are not read again
+    known = read_manifest(ctx.run_dir)["stages"].get("prepare", {}).get("inputs", {})
+    return io.provenance_attrs(
+        model=model,
+        config=cfg.section_dict(),
+        seed=cfg.run.seed,
+        data=ds,
+        input_files=io.input_file_records(cfg.input_files(), hashes=known),
+        period=_output_period(cfg, source),
+        extra={"run": cfg.run.name, "observed_source": source or "none"},
+    )
+
+
+def stage_predict(ctx: StageContext) -> dict[str, Path]:
+    """Predict every pair and the migration totals with intervals.
+
+    Writes ``flows.nc`` (and csv / gpkg / zarr) and ``totals.nc`` (and
+    ``totals.csv``, ``totals.gpkg``). ``observed`` is on the population scale
+    (the primary source's count / its exposure), next to ``observed_sample``
+    and ``exposure``; every file carries the primary source's period.
+    """
+    from flowmodel.dataset import load_dataset
+    from flowmodel.outputs import io
+    from flowmodel.totals import predict_totals
+
+    cfg = ctx.config
+    ds = _label_sources(load_dataset(ctx.path(DATASET)), cfg)
     model = _load_model(ctx)
     use_dask = use_dask_for_prediction(cfg, ds.sizes["unit"], ctx.scheduler)
     kwargs: dict[str, Any] = {"quantiles": tuple(cfg.predict.quantiles), "seed": cfg.run.seed}
@@ -1377,37 +1432,57 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
             ds, use_dask=True, block_size=cfg.predict.block_size, **kwargs
         ).compute()
     else:
-        flows = model.predict(ds, use_dask=False, block_size=cfg.predict.block_size, **kwargs)
+        flows = model.predict(
+            ds,
+            use_dask=False,
+            block_size=cfg.predict.block_size,
+            progress=_progress(ctx),
+            **kwargs,
+        )
     source = _primary_source(ds)
     observed = _observed(ds, source)
-    attrs = io.provenance_attrs(
-        model=model,
-        config=cfg.section_dict(),
-        seed=cfg.run.seed,
-        data=ds,
-        extra={"run": cfg.run.name, "observed_source": source or "none"},
-    )
+    exposure = ds.get(f"exposure_{source}") if source else None
+    attrs = _output_attrs(ctx, ds, model, source)
     formats = cfg.predict.formats
+    obs = {"observed": observed, "exposure": exposure}
     # flows.nc is always written: evaluate and report read it
     outputs: dict[str, Path] = {
-        "flows": io.write_flows(flows, ctx.path(FLOWS), observed=observed, attrs=attrs)
+        "flows": io.write_flows(flows, ctx.path(FLOWS), data=ds, attrs=attrs, **obs)
     }
     if "zarr" in formats:
         outputs["flows_zarr"] = io.write_flows(
-            flows, ctx.path(FLOWS_ZARR), observed=observed, attrs=attrs
+            flows, ctx.path(FLOWS_ZARR), data=ds, attrs=attrs, **obs
         )
     if "csv" in formats:
         outputs["flows_csv"] = io.write_flows_csv(
-            flows, ctx.path(FLOWS_CSV), observed=observed, data=ds, attrs=attrs
+            flows, ctx.path(FLOWS_CSV), data=ds, attrs=attrs, **obs
         )
     if "gpkg" in formats and "lon" in ds and "lat" in ds:
         outputs["flow_lines"] = io.write_flow_lines(
-            flows,
-            ds,
-            ctx.path(FLOW_LINES),
-            top_k=cfg.predict.top_k,
-            observed=observed,
-            attrs=attrs,
+            flows, ds, ctx.path(FLOW_LINES), top_k=cfg.predict.top_k, attrs=attrs, **obs
+        )
+    logger.info("totals: in/out/net migration per unit and country, country pairs, movers")
+    totals = predict_totals(
+        model,
+        ds,
+        quantiles=tuple(cfg.predict.quantiles),
+        draws=cfg.predict.draws,
+        seed=cfg.run.seed,
+        block_size=cfg.predict.block_size,
+        progress=_progress(ctx),
+    )
+    outputs["totals"] = io.write_totals(totals, ctx.path(TOTALS), attrs=attrs)
+    if "csv" in formats:
+        outputs["totals_csv"] = io.write_totals_csv(totals, ctx.path(TOTALS_CSV), attrs=attrs)
+    if "gpkg" in formats and ("lon" in ds or ctx.path(UNITS).exists()):
+        # units.gpkg belongs to the prepare stage (a rewrite would make it rerun): the
+        # totals go to their own GeoPackage, the units layer there carrying every column
+        # of units.gpkg plus in/out/net migration, and a countries layer
+        geometry = io.read_gpkg(ctx.path(UNITS))[0] if ctx.path(UNITS).exists() else None
+        if geometry is not None and "geometry" not in getattr(geometry, "columns", []):
+            geometry = None
+        outputs["totals_gpkg"] = io.write_totals_gpkg(
+            totals, ds, ctx.path(TOTALS_GPKG), geometry=geometry, attrs=attrs
         )
     return outputs
 
@@ -1502,16 +1577,30 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
+def _backend_note(cfg: RunConfig, model: Any) -> str:
+    """Say which sampler ran, and why when ``backend = "auto"`` chose it."""
+    used = str((getattr(model, "fit_meta", {}) or {}).get("backend", cfg.model.backend))
+    asked = cfg.model.backend
+    if asked != "auto":
+        return f"backend {used}"
+    if used == "pymc":
+        return (
+            'backend "auto" chose PyMC\'s NUTS sampler because nutpie is not installed '
+            "(pip install 'flowmodel[fast]' samples several times faster)"
+        )
+    return f'backend "auto" chose {used}'
+
+
 def stage_report(ctx: StageContext) -> dict[str, Path]:
     """Figures and the self-contained HTML report; write ``report.html`` (and its PNGs)."""
     import pandas as pd
 
     from flowmodel.dataset import load_dataset
-    from flowmodel.outputs.io import provenance_attrs, read_flows, read_gpkg
+    from flowmodel.outputs.io import read_flows, read_gpkg
     from flowmodel.outputs.report import report
 
     cfg = ctx.config
-    ds = load_dataset(ctx.path(DATASET))
+    ds = _label_sources(load_dataset(ctx.path(DATASET)), cfg)
     flows = read_flows(ctx.path(FLOWS))
     model = _load_model(ctx)
     metrics = json.loads(ctx.path(METRICS).read_text())
@@ -1535,9 +1624,22 @@ def stage_report(ctx: StageContext) -> dict[str, Path]:
     if ctx.path(UNITS).exists():
         geometry, _ = read_gpkg(ctx.path(UNITS))
     source = _primary_source(ds)
+    if ctx.path(TOTALS).exists():
+        totals = read_flows(ctx.path(TOTALS))
+    else:  # a run directory predicted before totals existed
+        from flowmodel.totals import predict_totals
+
+        totals = predict_totals(
+            model,
+            ds,
+            quantiles=tuple(cfg.predict.quantiles),
+            draws=cfg.predict.draws,
+            seed=cfg.run.seed,
+            progress=_progress(ctx),
+        )
     notes = [
-        f"Run '{cfg.run.name}', config {cfg.source or '(python)'}, model {cfg.model.type}, "
-        f"backend {cfg.model.backend}."
+        f"Run '{cfg.run.name}', config {Path(cfg.source).name if cfg.source else '(python)'}, "
+        f"model {cfg.model.type}, {_backend_note(cfg, model)}."
     ]
     path = report(
         ctx.run_dir,
@@ -1552,8 +1654,10 @@ def stage_report(ctx: StageContext) -> dict[str, Path]:
         source=source,
         title=cfg.report.title or f"flowmodel: {cfg.run.name}",
         top_k=cfg.report.top_k,
-        attrs=provenance_attrs(model=model, config=cfg.section_dict(), seed=cfg.run.seed, data=ds),
+        attrs=_output_attrs(ctx, ds, model, source),
         notes=notes,
+        totals=totals,
+        period=_output_period(cfg, source),
     )
     outputs = {"report": Path(path)}
     for png in sorted(ctx.run_dir.glob("*.png")):
@@ -1647,6 +1751,8 @@ night_lights = "world/night_lights.tif"
 [flows.census]
 # internal migrants: residence five years ago x current unit, within each census country
 path = "world/census_od.csv"
+# residence five years before the census: the window the census flows (and the outputs) cover
+period = "2019-2024"
 # "<5" marks 1-4 (zeros are printed as 0), so suppressed cells are censored to 1..4
 options = {{ sample_fraction = {sample_fraction}, suppressed_min = 1, universe = "within", origin_level = "{census_level}" }}
 
@@ -1659,12 +1765,13 @@ options = {{ origin = "previous_country", destination = "current_unit", origin_l
 [flows.cdr]
 path = "world/cdr_events.parquet"
 towers = "world/cdr_towers.csv"
+period = "2024-01/2024-03"
 # event times are UTC; night/day hours of the home detection are local
 options = {{ timezone = "{timezone}" }}
 
 [model]
 type = "fusion"
-backend = "nutpie"   # NUTS; "laplace" is faster but approximate
+backend = "auto"   # NUTS: nutpie when installed (pip install 'flowmodel[fast]'), else PyMC's sampler
 draws = 2000
 tune = 1000
 chains = 4   # 4 chains make R-hat meaningful (sigma_country has only 4 countries to learn from)
@@ -1772,7 +1879,19 @@ def demo_config(
     if not config.exists() or config.read_text() != text:
         with atomic_path(config) as tmp:
             tmp.write_text(text)
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    import importlib.util
+
+    if cfg.model.backend == "auto" and importlib.util.find_spec("nutpie") is None:
+        logger.warning(
+            "nutpie is not installed: the demo samples with PyMC's NUTS sampler (backend "
+            "'auto'), several times slower than nutpie (%d chains x %d draws: expect tens of "
+            "minutes on 2 cores). Faster: pip install 'flowmodel[fast]'; or a shorter run: "
+            "flowmodel demo --set model.draws=500 --set model.tune=500",
+            cfg.model.chains,
+            cfg.model.draws + cfg.model.tune,
+        )
+    return cfg
 
 
 def _posterior_estimates(path: Path) -> dict[str, tuple[float, float, float]]:
@@ -1912,6 +2031,37 @@ def _recovery_lines(run_dir: Path, truth: Mapping[str, Any], truth_path: Path) -
     return lines
 
 
+def _totals_lines(run_dir: Path) -> list[str]:
+    """Total and cross-border movers with 90% intervals, and which sampler ran."""
+    import xarray as xr
+
+    lines = []
+    path = run_dir / TOTALS
+    if path.exists():
+        with xr.open_dataset(path, engine="h5netcdf") as totals:
+            period = totals.attrs.get("period", "")
+            for name, label in (("total_movers", "movers"), ("cross_border", "cross-border")):
+                if f"{name}_mean" in totals and f"{name}_q05" in totals:
+                    mean, lo, hi = (float(totals[f"{name}_{s}"]) for s in ("mean", "q05", "q95"))
+                    lines.append(
+                        f"  {label:<13} {mean:>12,.0f}  90% interval [{lo:,.0f}, {hi:,.0f}]"
+                    )
+        if lines:
+            lines.insert(0, f"estimated moves over {period} (population scale, persons):")
+    posterior = run_dir / POSTERIOR
+    if posterior.exists():
+        with xr.open_datatree(posterior, engine="h5netcdf") as tree:
+            meta = json.loads(tree.attrs.get("flowmodel_fit_meta", "{}") or "{}")
+        if meta.get("backend") == "pymc":
+            lines.append(
+                "sampler: PyMC's NUTS (nutpie is not installed; pip install 'flowmodel[fast]' "
+                "samples several times faster)"
+            )
+        elif meta.get("backend"):
+            lines.append(f"sampler: {meta['backend']}")
+    return lines
+
+
 def demo_summary(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> str:
     """Text summary of a demo run: true vs estimated parameters, metrics, where the report is.
 
@@ -1983,7 +2133,10 @@ def demo_summary(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[
         lines += _recovery_lines(run_dir, truth, Path(truth_path))
     except (OSError, KeyError, ValueError) as err:
         lines.append(f"  (true flows not scored: {err})")
+    lines += _totals_lines(run_dir)
     report = run_dir / REPORT
     lines.append(f"report: {report.resolve() if report.exists() else '(not written)'}")
     lines.append(f"flows:  {(run_dir / FLOWS).resolve()}")
+    if (run_dir / TOTALS).exists():
+        lines.append(f"totals: {(run_dir / TOTALS).resolve()}")
     return "\n".join(lines)

@@ -347,8 +347,9 @@ def predict_flows(
     dtype
         Float type of the draws inside a block.
     progress
-        Progress over blocks (numpy path): a bar when interactive, heartbeat log
-        lines otherwise (default), False for none.
+        Progress over blocks (numpy path): None follows
+        :func:`flowmodel.progress.set_progress` (on: a bar when interactive,
+        a heartbeat line a minute in logs); True/False force it.
 
     Returns
     -------
@@ -380,15 +381,11 @@ def predict_flows(
         ]
         arr = da.concatenate(parts, axis=1)
     else:
-        from flowmodel.progress import progress as _progress
+        from flowmodel.progress import progress_bar
 
-        arr = np.concatenate(
-            [
-                _summarise(ctx, a, b, quantiles)
-                for a, b in _progress(blocks, desc="predict", enabled=progress)
-            ],
-            axis=1,
-        )
+        unit = "pair block" if ctx.sparse else "origin block"
+        bar = progress_bar(blocks, desc="prediction", unit=unit, progress=progress)
+        arr = np.concatenate([_summarise(ctx, a, b, quantiles) for a, b in bar], axis=1)
     ds = xr.Dataset(
         {name: (ctx.out_dims(), arr[k]) for k, name in enumerate(names)}, coords=ctx.out_coords()
     )

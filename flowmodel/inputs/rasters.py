@@ -69,7 +69,6 @@ import pandas as pd
 import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
-from tqdm.auto import tqdm
 
 from flowmodel.exceptions import InputFileError, MissingCRSError, NoOverlapError
 
@@ -709,7 +708,11 @@ def _zonal_grid(
         return r0, r1, {s.name: s.read(r0, r1, col0, col1) for s in sources}
 
     desc = "zonal " + ", ".join(s.name for s in sources)
-    bar = tqdm(total=len(starts), desc=desc, unit="strip", disable=_disable(progress, grid))
+    from flowmodel.progress import progress_bar
+
+    bar = progress_bar(
+        total=len(starts), desc=desc, unit="strip", progress=_progress(progress, grid)
+    )
     try:
         # reads (GDAL releases the GIL) run ahead in threads; the numpy work runs here,
         # so memory holds at most `threads + 1` strips
@@ -746,10 +749,11 @@ def _merge(out: dict, res: dict) -> None:
             out[name][key] += value
 
 
-def _disable(progress: bool | None, grid: _Grid) -> bool | None:
+def _progress(progress: bool | None, grid: _Grid) -> bool | None:
+    """Progress of one raster: small grids stay quiet unless asked (``progress=True``)."""
     if progress is None:
-        return None if grid.width * grid.height >= 50_000_000 else True
-    return not progress
+        return None if grid.width * grid.height >= 50_000_000 else False
+    return progress
 
 
 # ------------------------------------------------------------------ exactextract engine

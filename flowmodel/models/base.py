@@ -751,14 +751,44 @@ class FlowModel(abc.ABC):
             self, data, draws=draws, kind=kind, exposure=exposure, seed=seed, use_dask=use_dask
         )
 
-    def predict_totals(self, data: xr.Dataset, **kwargs: Any) -> xr.Dataset:
-        """Totals with intervals (in/out/net per unit, per country, country pairs, movers).
+    def predict_totals(
+        self,
+        data: xr.Dataset,
+        *,
+        by: str | Sequence[str] = ("unit", "country", "country_pair", "total"),
+        quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+        draws: int | None = None,
+        seed: int = 0,
+        block_size: int | None = None,
+        kind: str = "predictive",
+        progress: bool | None = None,
+    ) -> xr.Dataset:
+        """Migration totals with intervals from joint posterior predictive draws, streamed.
 
-        See :func:`flowmodel.totals.predict_totals` for the keyword arguments.
+        In-, out- and net migration per unit, immigration, emigration, net and
+        internal migration per country, country-pair totals and total (and
+        cross-border) movers; quantiles of sums come from per-draw sums, never
+        from summed quantiles. See :func:`flowmodel.totals.predict_totals`.
+
+        Returns
+        -------
+        xarray.Dataset
+            Variables ``<quantity>_mean`` and ``<quantity>_q05`` ... over ``unit``,
+            ``country`` and ``origin_country`` x ``destination_country``.
         """
         from flowmodel.totals import predict_totals
 
-        return predict_totals(self, data, **kwargs)
+        return predict_totals(
+            self,
+            data,
+            by=by,
+            quantiles=quantiles,
+            draws=draws,
+            seed=seed,
+            block_size=block_size,
+            kind=kind,
+            progress=progress,
+        )
 
     def predict_cells(
         self,

@@ -18,7 +18,18 @@ writer                    file                                        read back 
 :func:`write_flow_lines`  ``flows.gpkg`` (top-k LineStrings)          :func:`read_gpkg`, GIS
 :func:`write_units`       ``units.gpkg`` (units + covariates)         :func:`read_gpkg`, GIS
 :func:`write_flows_csv`   ``flows.csv`` (long table) + ``.json``      :func:`read_flows_csv`
+:func:`write_totals`      ``totals.nc`` (unit, country, pair totals)  :func:`read_flows`, xarray
+:func:`write_totals_csv`  ``totals.csv`` (long table) + ``.json``     :func:`read_flows_csv`
 ========================  ==========================================  =======================
+
+Every file says what it describes: ``observed`` is on the population scale
+(the observed count divided by the ``exposure``, e.g. a 10% census sample
+count x 10) next to ``observed_sample`` (the count as recorded) and the
+``exposure``; the ``period`` the flows cover is an attribute (and a CSV
+column); NetCDF files follow the CF and ACDD conventions (``Conventions``,
+``title``, ``long_name``, ``units``, ``time_coverage_start`` /
+``time_coverage_end`` when the period gives years or dates). Provenance
+names input files by their base name and SHA-256, never by absolute path.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +52,38 @@ from flowmodel.atomic import atomic_path
 from flowmodel.exceptions import DataContractError, InputFileError
 
 __all__ = [
+    "CONVENTIONS",
+    "DEFAULT_PERIOD",
     "PROVENANCE_KEYS",
     "config_hash",
     "flows_table",
+    "input_file_records",
+    "period_attrs",
+    "population_scale",
     "provenance_attrs",
     "read_flows",
     "read_flows_csv",
     "read_gpkg",
     "read_posterior",
+    "totals_table",
     "write_flow_lines",
     "write_flows",
     "write_flows_csv",
     "write_posterior",
+    "write_totals",
+    "write_totals_csv",
+    "write_totals_gpkg",
     "write_units",
 ]
 
 #: Attributes stamped into every output file.
-PROVENANCE_KEYS = ("flowmodel_version", "config_hash", "seed", "data_sources")
+PROVENANCE_KEYS = ("flowmodel_version", "config_hash", "seed", "data_sources", "period")
+
+#: Period written when the configuration names none (``[flows.<source>] period``).
+DEFAULT_PERIOD = "unspecified (the census window)"
+
+#: ``Conventions`` of the NetCDF files (CF for variables, ACDD for discovery attributes).
+CONVENTIONS = "CF-1.10, ACDD-1.3"
 
 
 # ------------------------------------------------------------------------ provenance
@@ -73,6 +99,91 @@ def config_hash(config: Mapping[str, Any] | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(sub.relative_to(path)).encode())
+            h.update(_sha256(sub).encode())
+        return h.hexdigest()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_file_records(
+    files: Mapping[str, str | os.PathLike[str]] | Iterable[str | os.PathLike[str]],
+    *,
+    hashes: Mapping[str, str] | None = None,
+) -> list[dict[str, str]]:
+    """Name and SHA-256 of each input file, without its folder.
+
+    Parameters
+    ----------
+    files
+        Paths, or a mapping ``role -> path`` (e.g. the config's
+        ``flows.census.path``); the role is kept as ``role``.
+    hashes
+        Known SHA-256 digests keyed by role or by path (e.g. from the run's
+        manifest), so large files are not read again; others are hashed here.
+
+    Returns
+    -------
+    list of dict
+        ``{"name": "census_od.csv", "sha256": "...", ["role": ...]}`` per
+        file; ``"sha256": "missing"`` for a file that no longer exists. An
+        absolute path never appears: a file shared with others does not
+        reveal where it was made.
+    """
+    items = list(files.items()) if isinstance(files, Mapping) else [(None, f) for f in files]
+    hashes = dict(hashes or {})
+    out = []
+    for role, value in items:
+        path = Path(value)
+        digest = hashes.get(str(role)) or hashes.get(str(value)) or hashes.get(str(path.resolve()))
+        if digest is None:
+            digest = _sha256(path) if path.exists() else "missing"
+        record = {"name": path.name, "sha256": str(digest)}
+        if role is not None:
+            record["role"] = str(role)
+        out.append(record)
+    return out
+
+
+def _strip_folders(sources: str) -> str:
+    """``/a/b/census.csv; /a/pop.tif`` -> ``census.csv; pop.tif`` (descriptions kept)."""
+    parts = [p.strip() for p in sources.split(";")]
+    return "; ".join(
+        Path(p).name if (os.sep in p or "/" in p) and " " not in p.strip() else p
+        for p in parts
+        if p
+    )
+
+
+def period_attrs(period: str | None) -> dict[str, str]:
+    """``period`` plus the ACDD ``time_coverage_start``/``_end`` a period string gives.
+
+    ``"2019-2024"``, ``"2019/2024"``, ``"2019-01-01/2023-12-31"`` and
+    ``"2024-01/2024-03"`` give a start and an end (ISO 8601 years, months or
+    dates); a single ``"2024"`` or ``"2024-02"`` is both; anything else (e.g.
+    the default :data:`DEFAULT_PERIOD`) gives only ``period``.
+    """
+    import re
+
+    text = str(period).strip() if period else DEFAULT_PERIOD
+    out = {"period": text}
+    date = r"\d{4}(?:-\d{2}(?:-\d{2})?)?"
+    match = re.fullmatch(rf"({date})\s*(?:/|--| to |-)\s*({date})", text)
+    if match is None and re.fullmatch(r"\d{4}-\d{4}", text):
+        match = re.fullmatch(r"(\d{4})-(\d{4})", text)
+    if match is not None:
+        out["time_coverage_start"], out["time_coverage_end"] = match.group(1), match.group(2)
+    elif re.fullmatch(date, text):
+        out["time_coverage_start"] = out["time_coverage_end"] = text
+    return out
+
+
 def provenance_attrs(
     *,
     model: Any = None,
@@ -80,6 +191,8 @@ def provenance_attrs(
     seed: int | None = None,
     data_sources: str | Iterable[str] | None = None,
     data: xr.Dataset | None = None,
+    input_files: Sequence[Mapping[str, str]] | None = None,
+    period: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return the provenance attributes stamped into every output.
@@ -94,10 +207,17 @@ def provenance_attrs(
     seed
         Random seed of the run; ``-1`` is stored when unknown.
     data_sources
-        Paths or descriptions of the inputs (joined with ``"; "``); when None,
-        ``data.attrs["data_sources"]`` if present.
+        Descriptions of the inputs (joined with ``"; "``); when None, built
+        from ``input_files``, else ``data.attrs["data_sources"]``. Folders are
+        stripped from paths: only base names are stored.
     data
         The FlowDataset, whose ``data_sources`` attr and fingerprint are used.
+    input_files
+        Records of :func:`input_file_records` (name and SHA-256 of each
+        input), stored as JSON in ``input_files``.
+    period
+        The period the outputs describe (``"2019-2024"``); default
+        :data:`DEFAULT_PERIOD`. See :func:`period_attrs`.
     extra
         More attributes (strings or numbers).
 
@@ -105,11 +225,14 @@ def provenance_attrs(
     -------
     dict
         ``flowmodel_version``, ``config_hash``, ``seed``, ``data_sources``,
-        and ``model`` / ``data_fingerprint`` when known. All values are strings
-        or ints, so every format can store them.
+        ``period`` (and ``time_coverage_start``/``_end`` when known),
+        ``input_files`` and ``model`` / ``data_fingerprint`` when known. All
+        values are strings or ints, so every format can store them.
     """
     if config is None and model is not None:
         config = getattr(model, "model_config", None)
+    if data_sources is None and input_files:
+        data_sources = [f"{r['name']} (sha256 {str(r['sha256'])[:12]})" for r in input_files]
     if data_sources is None and data is not None:
         data_sources = data.attrs.get("data_sources")
     if data_sources is not None and not isinstance(data_sources, str):
@@ -118,8 +241,11 @@ def provenance_attrs(
         "flowmodel_version": __version__,
         "config_hash": config_hash(config),
         "seed": int(seed) if seed is not None else -1,
-        "data_sources": data_sources or "unknown",
+        "data_sources": _strip_folders(data_sources) if data_sources else "unknown",
     }
+    attrs.update(period_attrs(period))
+    if input_files:
+        attrs["input_files"] = json.dumps([dict(r) for r in input_files])
     if model is not None:
         attrs["model"] = type(model).__name__
     if data is not None:
@@ -135,8 +261,9 @@ def provenance_attrs(
 
 
 def _stamp(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    base = provenance_attrs()
-    for key, value in (attrs or {}).items():
+    attrs = dict(attrs or {})
+    base = provenance_attrs(period=attrs.get("period"))
+    for key, value in attrs.items():
         if value is None:
             continue
         base[key] = (
@@ -164,8 +291,141 @@ def _encodable(ds: xr.Dataset) -> xr.Dataset:
 
 
 # ----------------------------------------------------------------------------- flows
+#: long_name of the prediction variables (``q..`` filled in per quantile).
+_MEAN_LONG_NAME = (
+    "number of persons moving from the origin unit to the destination unit over the period: "
+    "posterior mean of the expected flow (population scale)"
+)
+
+
+def _quantile_long_name(name: str) -> str:
+    digits = name[1:].replace("_", ".")
+    return (
+        f"number of persons moving from the origin unit to the destination unit over the "
+        f"period: {digits}% quantile of the posterior predictive distribution (population scale)"
+    )
+
+
+def population_scale(observed: xr.DataArray, exposure: Any = None) -> xr.Dataset:
+    """Put an observed flow on the population scale: ``observed = observed_sample / exposure``.
+
+    Parameters
+    ----------
+    observed
+        The counts as recorded (e.g. ``data["flow_census"]``: persons in a 10%
+        census sample), over ``(origin, destination)`` or ``pair``.
+    exposure
+        The sampling fraction: ``data["exposure_<source>"]`` over ``unit``
+        (applied to the origin unit, as the models do), over the pairs, a
+        number, or None (1: the counts are complete).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``observed`` (persons, population scale), ``observed_sample`` (the
+        count as recorded) and ``exposure``, aligned with ``observed``;
+        ``observed * exposure == observed_sample``.
+    """
+    sample = observed.astype(float)
+    if exposure is None:
+        factor = xr.full_like(sample, 1.0)
+    elif isinstance(exposure, xr.DataArray):
+        if exposure.dims == ("unit",):
+            pos = pd.Series(
+                np.arange(exposure.sizes["unit"]), index=exposure["unit"].values.astype(str)
+            )
+            values = np.asarray(exposure.values, dtype=float)
+            origins = np.asarray(sample["origin"].values).astype(str)
+            idx = pos.reindex(origins).to_numpy()
+            per_origin = np.where(np.isnan(idx), np.nan, values[np.nan_to_num(idx).astype(int)])
+            factor = xr.DataArray(
+                per_origin, dims=sample["origin"].dims, coords=sample["origin"].coords
+            )
+            factor = factor.broadcast_like(sample)
+        else:
+            extra = [d for d in exposure.dims if d not in sample.dims]
+            if extra:
+                exposure = exposure.mean(extra)
+            factor = exposure.astype(float).reindex_like(sample).broadcast_like(sample)
+    else:
+        factor = xr.full_like(sample, float(exposure))
+    factor = factor.transpose(*sample.dims)
+    out = xr.Dataset(
+        {
+            "observed": sample / factor.where(factor > 0),
+            "observed_sample": sample,
+            "exposure": factor.where(sample.notnull()),
+        }
+    )
+    out["observed"].attrs.update(
+        units="1",
+        long_name="observed number of persons moving, population scale: observed_sample / "
+        "exposure (NaN = not observed or censored)",
+        coverage_content_type="physicalMeasurement",
+    )
+    out["observed_sample"].attrs.update(
+        units="1",
+        long_name="observed count as recorded by the source (e.g. persons in a census sample)",
+        coverage_content_type="physicalMeasurement",
+    )
+    out["exposure"].attrs.update(
+        units="1",
+        long_name="sampling fraction of the observed source (1 = a complete count)",
+        coverage_content_type="auxiliaryInformation",
+    )
+    return out
+
+
+def _unit_countries(data: xr.Dataset | None) -> pd.Series | None:
+    if data is None or "country" not in data.variables or "unit" not in data.dims:
+        return None
+    return pd.Series(
+        np.asarray(data["country"].values).astype(str), index=data["unit"].values.astype(str)
+    )
+
+
+def _with_countries(ds: xr.Dataset, data: xr.Dataset | None) -> xr.Dataset:
+    """Add ``origin_country`` / ``destination_country`` coordinates (along origin/destination or pair)."""
+    country = _unit_countries(data)
+    if country is None:
+        return ds
+    coords = {}
+    for side in ("origin", "destination"):
+        if side not in ds.coords:
+            continue
+        values = country.reindex(np.asarray(ds[side].values).astype(str)).to_numpy(dtype=object)
+        values = np.where(pd.isna(values), "", values).astype(str)
+        coords[f"{side}_country"] = (
+            ds[side].dims,
+            values,
+            {"long_name": f"country of the {side} unit"},
+        )
+    return ds.assign_coords(coords)
+
+
+def _cf_attrs(ds: xr.Dataset, *, title: str, summary: str) -> None:
+    """CF/ACDD discovery attributes (in place); provenance and period come from ``_stamp``."""
+    import datetime as _dt
+
+    ds.attrs.setdefault("title", title)
+    ds.attrs.setdefault("summary", summary)
+    ds.attrs["Conventions"] = CONVENTIONS
+    ds.attrs.setdefault("source", f"flowmodel {__version__}")
+    ds.attrs.setdefault(
+        "date_created", _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+    )
+    for name in ("origin", "destination", "unit"):
+        if name in ds.coords and "long_name" not in ds[name].attrs:
+            ds[name].attrs["long_name"] = f"{name} unit id" if name != "unit" else "unit id"
+
+
 def _flows_dataset(
-    predictions: xr.Dataset, observed: xr.DataArray | None, attrs: Mapping[str, Any] | None
+    predictions: xr.Dataset,
+    observed: xr.DataArray | None,
+    attrs: Mapping[str, Any] | None,
+    *,
+    exposure: Any = None,
+    data: xr.Dataset | None = None,
 ) -> xr.Dataset:
     if not isinstance(predictions, xr.Dataset) or "mean" not in predictions:
         raise DataContractError(
@@ -178,18 +438,36 @@ def _flows_dataset(
             raise DataContractError(
                 "observed must be a DataArray such as data['flow_census'], not a Dataset"
             )
+        if "period" in observed.dims and "period" not in predictions.dims:
+            observed = observed.sum("period", min_count=1)
         obs = (
             observed.reindex_like(predictions[["mean"]])
             if set(observed.dims) <= set(predictions.dims)
             else observed
         )
-        out["observed"] = obs.astype(float)
-        out["observed"].attrs.update(
-            units="persons", long_name="observed flow (NaN = not observed)"
-        )
+        out = out.merge(population_scale(obs, exposure), compat="override")
     for name in out.data_vars:
-        out[name].attrs.setdefault("units", "persons")
+        var = out[name]
+        if name == "mean":
+            var.attrs.setdefault("long_name", _MEAN_LONG_NAME)
+        elif name.startswith("q") and name[1:3].isdigit():
+            var.attrs.setdefault("long_name", _quantile_long_name(name))
+        var.attrs.setdefault("coverage_content_type", "modelResult")
+        var.attrs["units"] = "1"  # a count of persons (CF: dimensionless)
+    out = _with_countries(out, data)
+    if str(out.attrs.get("exposure", "")).startswith("none"):
+        # predict's "exposure: none" means population-scale predictions; say it as the scale,
+        # so the attribute is not read as the `exposure` variable (the observed sample fraction)
+        del out.attrs["exposure"]
+        out.attrs["scale"] = "population (persons)"
     out.attrs.update(_stamp(attrs))
+    _cf_attrs(
+        out,
+        title="flowmodel: predicted migration flows between units",
+        summary="Persons moving from each origin unit to each destination unit over the period, "
+        "population scale: posterior mean and posterior predictive quantiles of a Bayesian "
+        "flow model; observed flows (population scale and as recorded) where a source saw them.",
+    )
     return _encodable(out)
 
 
@@ -198,6 +476,8 @@ def write_flows(
     path: str | os.PathLike[str],
     *,
     observed: xr.DataArray | None = None,
+    exposure: Any = None,
+    data: xr.Dataset | None = None,
     attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write predicted flows to NetCDF (``.nc``, h5netcdf) or Zarr (``.zarr``), atomically.
@@ -211,10 +491,20 @@ def write_flows(
         Target; the suffix picks the format (``.zarr`` -> Zarr store,
         anything else -> NetCDF-4 via h5netcdf).
     observed
-        Observed flows on the same dims, stored as variable ``observed``.
+        Observed counts as recorded, on the same dims (a ``period`` dim is
+        summed): stored as ``observed_sample``, and divided by ``exposure`` as
+        ``observed`` (population scale, comparable with ``mean``); see
+        :func:`population_scale`.
+    exposure
+        Sampling fraction of ``observed`` (e.g. ``data["exposure_census"]``);
+        None: 1.
+    data
+        The FlowDataset: its ``country`` gives the ``origin_country`` and
+        ``destination_country`` coordinates.
     attrs
-        Provenance (see :func:`provenance_attrs`) and other attributes;
-        ``flowmodel_version`` is always stamped.
+        Provenance (see :func:`provenance_attrs`), ``period`` and other
+        attributes; ``flowmodel_version`` and the CF/ACDD attributes are
+        always stamped.
 
     Returns
     -------
@@ -222,7 +512,7 @@ def write_flows(
         ``path``.
     """
     path = Path(path)
-    ds = _flows_dataset(predictions, observed, attrs)
+    ds = _flows_dataset(predictions, observed, attrs, exposure=exposure, data=data)
     with atomic_path(path) as tmp:
         if path.suffix == ".zarr":
             ds.to_zarr(tmp, mode="w", consolidated=False)
@@ -299,6 +589,7 @@ def flows_table(
     predictions: xr.Dataset,
     *,
     observed: xr.DataArray | None = None,
+    exposure: Any = None,
     data: xr.Dataset | None = None,
     dropna: bool = True,
     top_k: int | None = None,
@@ -312,9 +603,15 @@ def flows_table(
         Dataset with ``mean`` (and quantiles) over ``(origin, destination)``
         or a sparse ``pair`` dim.
     observed
-        Observed flows, added as column ``observed``.
+        Observed counts as recorded: columns ``observed`` (divided by
+        ``exposure``: population scale), ``observed_sample`` and ``exposure``
+        (see :func:`population_scale`).
+    exposure
+        Sampling fraction of ``observed``; None: 1.
     data
-        FlowDataset whose ``cross_border`` and ``distance_km`` are added.
+        FlowDataset whose ``country`` (columns ``origin_country``,
+        ``destination_country``), ``cross_border`` and ``distance_km`` are
+        added.
     dropna
         Drop rows whose ``mean`` is NaN.
     top_k
@@ -327,14 +624,22 @@ def flows_table(
     Returns
     -------
     pandas.DataFrame
-        ``origin``, ``destination``, every prediction variable (``mean``,
-        ``q05`` ...), ``observed`` when given, ``cross_border`` /
-        ``distance_km`` when ``data`` has them.
+        ``origin``, ``destination``, [``origin_country``,
+        ``destination_country``], every prediction variable (``mean``, ``q05``
+        ...), ``observed`` / ``observed_sample`` / ``exposure`` when
+        ``observed`` is given, ``cross_border`` / ``distance_km`` when
+        ``data`` has them.
     """
-    ds = _flows_dataset(predictions, observed, None)
+    ds = _flows_dataset(predictions, observed, None, exposure=exposure, data=data)
+    countries = [c for c in ("origin_country", "destination_country") if c in ds.coords]
     if "pair" in ds.dims:
         frame = ds.drop_attrs().to_dataframe()
-        columns = ["origin", "destination", *[c for c in ds.data_vars if c in frame.columns]]
+        columns = [
+            "origin",
+            "destination",
+            *countries,
+            *[c for c in ds.data_vars if c in frame.columns],
+        ]
         frame = frame[columns].reset_index(drop=True)
         frame["origin"] = frame["origin"].astype(str)
         frame["destination"] = frame["destination"].astype(str)
@@ -364,6 +669,9 @@ def flows_table(
             ]
             oi, di = oi[order], di[order]
         frame = pd.DataFrame({"origin": o_ids[oi], "destination": d_ids[di]})
+        if countries:
+            frame["origin_country"] = np.asarray(ds["origin_country"].values)[oi]
+            frame["destination_country"] = np.asarray(ds["destination_country"].values)[di]
         for name, var in ds.data_vars.items():
             if var.dims == ("origin", "destination"):
                 frame[name] = np.asarray(var.values)[oi, di]
@@ -391,6 +699,7 @@ def write_flow_lines(
     *,
     top_k: int | None = 500,
     observed: xr.DataArray | None = None,
+    exposure: Any = None,
     layer: str = "flows",
     attrs: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -407,8 +716,9 @@ def write_flow_lines(
         Target ``.gpkg``.
     top_k
         Number of largest flows by ``mean`` (None = all).
-    observed
-        Observed flows, written as column ``observed``.
+    observed, exposure
+        Observed counts as recorded and their sampling fraction: columns
+        ``observed`` (population scale), ``observed_sample``, ``exposure``.
     layer
         Layer name.
     attrs
@@ -419,7 +729,9 @@ def write_flow_lines(
     pathlib.Path
         ``path``; read back with :func:`read_gpkg` or any GIS. Columns:
         ``origin``, ``destination``, ``mean``, ``q05`` ... ``q95``,
-        [``observed``], ``cross_border``, ``distance_km``, ``rank``.
+        [``observed``, ``observed_sample``, ``exposure``], ``cross_border``,
+        ``distance_km``, ``rank``, ``period``; the provenance (with
+        ``period``) as dataset metadata.
     """
     import geopandas as gpd
     from shapely import linestrings
@@ -429,11 +741,13 @@ def write_flow_lines(
             "write_flow_lines: the dataset has no lon/lat centroids. Fix: build it from unit geometries "
             "or lon/lat columns (data sets given only distances cannot be mapped)."
         )
-    table = flows_table(predictions, observed=observed, data=data, top_k=top_k)
+    table = flows_table(predictions, observed=observed, exposure=exposure, data=data, top_k=top_k)
     table = table.sort_values(
         ["mean", "origin", "destination"], ascending=[False, True, True], kind="stable"
     ).reset_index(drop=True)
     table["rank"] = np.arange(1, len(table) + 1)
+    stamp = _stamp(attrs)
+    table["period"] = stamp["period"]
     lon = pd.Series(
         np.asarray(data["lon"].values, dtype=float), index=data["unit"].values.astype(str)
     )
@@ -456,42 +770,46 @@ def write_flow_lines(
     )
     geometry = linestrings(coords) if len(table) else []
     gdf = gpd.GeoDataFrame(table, geometry=geometry, crs="EPSG:4326")
-    meta = _gpkg_metadata(_stamp(attrs))
+    meta = _gpkg_metadata(stamp)
     path = Path(path)
     with atomic_path(path) as tmp:
         gdf.to_file(tmp, layer=layer, driver="GPKG", engine="pyogrio", dataset_metadata=meta)
     return path
 
 
-def write_units(
-    data: xr.Dataset,
-    path: str | os.PathLike[str],
-    *,
-    geometry: Any = None,
-    layer: str = "units",
-    attrs: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write the units with their covariates to a GeoPackage.
+#: Per-unit totals written as GeoPackage columns: quantity -> column prefix.
+UNIT_TOTAL_COLUMNS = {"unit_out": "out", "unit_in": "in", "unit_net": "net"}
+#: Per-country totals written to the ``countries`` layer: quantity -> column prefix.
+COUNTRY_TOTAL_COLUMNS = {
+    "country_out": "out",
+    "country_in": "in",
+    "country_net": "net",
+    "country_internal": "internal",
+}
 
-    Parameters
-    ----------
-    data
-        FlowDataset; every ``unit`` variable becomes a column (``unit_id``,
-        ``country``, ``population``, ...).
-    path
-        Target ``.gpkg``.
-    geometry
-        Unit polygons: a GeoDataFrame/GeoSeries indexed by unit id or with a
-        ``unit_id`` column. When None, points at ``lon``/``lat``; without
-        those, a table with no geometry (with a warning).
-    layer, attrs
-        Layer name; provenance (GeoPackage dataset metadata).
 
-    Returns
-    -------
-    pathlib.Path
-        ``path``; read back with :func:`read_gpkg`.
-    """
+def _total_columns(
+    totals: xr.Dataset, dim: str, ids: np.ndarray, columns: Mapping[str, str]
+) -> pd.DataFrame:
+    """``<prefix>_mean``, ``<prefix>_q05`` ... columns of ``totals`` along ``dim``, in ``ids`` order."""
+    frame = pd.DataFrame(index=pd.Index(ids.astype(str)))
+    for quantity, prefix in columns.items():
+        for name in totals.data_vars:
+            if not name.startswith(f"{quantity}_") or totals[name].dims != (dim,):
+                continue
+            stat = name.removeprefix(f"{quantity}_")
+            if stat == "expected":
+                continue
+            series = pd.Series(
+                np.asarray(totals[name].values, dtype=float),
+                index=np.asarray(totals[dim].values).astype(str),
+            )
+            frame[f"{prefix}_{stat}"] = series.reindex(frame.index).to_numpy()
+    return frame
+
+
+def _units_frame(data: xr.Dataset, geometry: Any, *, warn: bool = True) -> Any:
+    """Return the units with every ``unit`` variable as a column, and their geometry."""
     import geopandas as gpd
 
     ids = data["unit"].values.astype(str)
@@ -507,9 +825,9 @@ def write_units(
         if isinstance(geometry, gpd.GeoDataFrame):
             geo = geometry.set_index("unit_id") if "unit_id" in geometry.columns else geometry
             crs = geo.crs
-            geoms = geo.geometry
+            geoms = geo.geometry.copy()
         elif isinstance(geometry, gpd.GeoSeries):
-            crs, geoms = geometry.crs, geometry
+            crs, geoms = geometry.crs, geometry.copy()
         else:
             raise DataContractError(
                 f"geometry must be a GeoDataFrame or GeoSeries indexed by unit id, got {type(geometry).__name__}"
@@ -520,24 +838,135 @@ def write_units(
             raise DataContractError(
                 f"write_units: no geometry for units {missing[:10]}. Fix: pass polygons for every unit id."
             )
-        gdf = gpd.GeoDataFrame(table, geometry=geoms.reindex(ids).to_numpy(), crs=crs)
-    elif "lon" in table and "lat" in table:
-        gdf = gpd.GeoDataFrame(
+        return gpd.GeoDataFrame(table, geometry=geoms.reindex(ids).to_numpy(), crs=crs)
+    if "lon" in table and "lat" in table:
+        return gpd.GeoDataFrame(
             table, geometry=gpd.points_from_xy(table["lon"], table["lat"]), crs=crs
         )
-    else:
+    if warn:
         warnings.warn(
             "write_units: no geometry and no lon/lat; writing an attribute table without geometry",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        gdf = table
-    meta = _gpkg_metadata(_stamp(attrs))
+    return table
+
+
+def write_units(
+    data: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    geometry: Any = None,
+    layer: str = "units",
+    totals: xr.Dataset | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the units with their covariates (and migration totals) to a GeoPackage.
+
+    Parameters
+    ----------
+    data
+        FlowDataset; every ``unit`` variable becomes a column (``unit_id``,
+        ``country``, ``population``, ...).
+    path
+        Target ``.gpkg``.
+    geometry
+        Unit polygons: a GeoDataFrame/GeoSeries indexed by unit id or with a
+        ``unit_id`` column. When None, points at ``lon``/``lat``; without
+        those, a table with no geometry (with a warning).
+    layer
+        Layer name.
+    totals
+        Output of :func:`flowmodel.totals.predict_totals`: adds the columns
+        ``out_mean``, ``out_q05`` ... ``in_*``, ``net_*`` (persons over the
+        period) and ``period``.
+    attrs
+        Provenance (GeoPackage dataset metadata).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``; read back with :func:`read_gpkg`.
+    """
+    gdf = _units_frame(data, geometry)
+    stamp = _stamp(attrs)
+    if totals is not None:
+        extra = _total_columns(totals, "unit", data["unit"].values, UNIT_TOTAL_COLUMNS)
+        for column in extra.columns:
+            gdf[column] = extra[column].to_numpy()
+        gdf["period"] = stamp["period"]
+    meta = _gpkg_metadata(stamp)
     path = Path(path)
     with atomic_path(path) as tmp:
         import pyogrio
 
         pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", dataset_metadata=meta)
+    return path
+
+
+def write_totals_gpkg(
+    totals: xr.Dataset,
+    data: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    geometry: Any = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write migration totals as two map layers, ``units`` and ``countries``, to one GeoPackage.
+
+    Parameters
+    ----------
+    totals
+        Output of :func:`flowmodel.totals.predict_totals`.
+    data
+        The FlowDataset (unit covariates, countries, centroids).
+    path
+        Target ``.gpkg``.
+    geometry
+        Unit polygons (see :func:`write_units`); the ``countries`` layer
+        dissolves them by country.
+    attrs
+        Provenance and ``period`` (GeoPackage dataset metadata).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``. Layer ``units``: every column of :func:`write_units` plus
+        ``out_*``, ``in_*``, ``net_*`` (``mean``, ``q05`` ...). Layer
+        ``countries`` (when ``totals`` has per-country quantities): ``country``
+        and ``out_*`` (emigration), ``in_*`` (immigration), ``net_*``,
+        ``internal_*``; both with a ``period`` column.
+    """
+    import geopandas as gpd
+
+    units = _units_frame(data, geometry)
+    stamp = _stamp(attrs)
+    extra = _total_columns(totals, "unit", data["unit"].values, UNIT_TOTAL_COLUMNS)
+    for column in extra.columns:
+        units[column] = extra[column].to_numpy()
+    units["period"] = stamp["period"]
+    layers = {"units": units}
+    if "country" in totals.dims and any(f"{q}_mean" in totals for q in COUNTRY_TOTAL_COLUMNS):
+        codes = np.asarray(totals["country"].values).astype(str)
+        frame = _total_columns(totals, "country", codes, COUNTRY_TOTAL_COLUMNS)
+        frame.insert(0, "country", codes)
+        if isinstance(units, gpd.GeoDataFrame) and "country" in units:
+            shapes = units[["country", "geometry"]].dissolve("country")
+            shapes.index = shapes.index.astype(str)
+            frame = gpd.GeoDataFrame(
+                frame.reset_index(drop=True),
+                geometry=shapes.geometry.reindex(codes).to_numpy(),
+                crs=units.crs,
+            )
+        frame["period"] = stamp["period"]
+        layers["countries"] = frame
+    meta = _gpkg_metadata(stamp)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        import pyogrio
+
+        for name, frame in layers.items():
+            pyogrio.write_dataframe(frame, tmp, layer=name, driver="GPKG", dataset_metadata=meta)
     return path
 
 
@@ -567,18 +996,20 @@ def write_flows_csv(
     path: str | os.PathLike[str],
     *,
     observed: xr.DataArray | None = None,
+    exposure: Any = None,
     data: xr.Dataset | None = None,
     attrs: Mapping[str, Any] | None = None,
     dropna: bool = True,
 ) -> Path:
     """Write flows as a long CSV table plus a JSON provenance sidecar, atomically.
 
-    Columns: ``origin``, ``destination``, ``mean``, ``q05`` ... ``q95``,
-    [``observed``], [``cross_border``, ``distance_km`` when ``data`` is
-    given]; the diagonal is dropped, floats are written with full precision
-    (reading back gives identical values). The provenance goes to
-    ``<path>.json`` (CSV has no place for metadata; the table stays plain for
-    spreadsheets).
+    Columns: ``origin``, ``destination``, [``origin_country``,
+    ``destination_country``], ``mean``, ``q05`` ... ``q95``, [``observed``
+    (population scale), ``observed_sample`` (as recorded), ``exposure``],
+    [``cross_border``, ``distance_km`` when ``data`` is given], ``period``;
+    the diagonal is dropped, floats are written with full precision (reading
+    back gives identical values). The provenance goes to ``<path>.json`` (CSV
+    has no place for metadata; the table stays plain for spreadsheets).
 
     Returns
     -------
@@ -586,12 +1017,178 @@ def write_flows_csv(
         ``path``; read back with :func:`read_flows_csv` or ``pandas.read_csv``.
     """
     path = Path(path)
-    table = flows_table(predictions, observed=observed, data=data, dropna=dropna)
-    meta = _stamp(attrs) | {"columns": list(table.columns), "rows": len(table)}
+    table = flows_table(
+        predictions, observed=observed, exposure=exposure, data=data, dropna=dropna
+    )
+    stamp = _stamp(attrs)
+    table["period"] = stamp["period"]
+    _write_csv(table, path, stamp)
+    return path
+
+
+def _write_csv(table: pd.DataFrame, path: Path, stamp: Mapping[str, Any]) -> None:
+    meta = dict(stamp) | {"columns": list(table.columns), "rows": len(table)}
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, float_format=None)
     with atomic_path(path.with_name(path.name + ".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------- totals
+#: Rows of ``totals.csv``: quantity -> (level, label).
+TOTAL_ROWS = {
+    "unit_out": ("unit", "out"),
+    "unit_in": ("unit", "in"),
+    "unit_net": ("unit", "net"),
+    "country_out": ("country", "out"),
+    "country_in": ("country", "in"),
+    "country_net": ("country", "net"),
+    "country_internal": ("country", "internal"),
+    "country_pair": ("country_pair", "flow"),
+    "total_movers": ("world", "movers"),
+    "cross_border": ("world", "cross-border movers"),
+}
+
+
+def _statistics(totals: xr.Dataset, quantity: str) -> list[str]:
+    return [
+        n.removeprefix(f"{quantity}_")
+        for n in totals.data_vars
+        if n.startswith(f"{quantity}_") and n.removeprefix(f"{quantity}_") != "expected"
+    ]
+
+
+def totals_table(totals: xr.Dataset, *, period: str | None = None) -> pd.DataFrame:
+    """Long table of migration totals: one row per quantity and unit, country or country pair.
+
+    Parameters
+    ----------
+    totals
+        Output of :func:`flowmodel.totals.predict_totals`.
+    period
+        Written in the ``period`` column (default ``totals.attrs["period"]``,
+        else :data:`DEFAULT_PERIOD`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``level`` (``unit``, ``country``, ``country_pair``, ``world``),
+        ``quantity`` (``out``, ``in``, ``net``, ``internal``, ``flow``,
+        ``movers``, ``cross-border movers``), ``unit``, ``country``,
+        ``origin_country``, ``destination_country`` (empty where not
+        relevant), ``mean``, ``q05`` ... and ``period``.
+    """
+    frames = []
+    for quantity, (level, label) in TOTAL_ROWS.items():
+        stats = _statistics(totals, quantity)
+        if "mean" not in stats:
+            continue
+        var = totals[f"{quantity}_mean"]
+        frame = (
+            xr.Dataset({s: totals[f"{quantity}_{s}"] for s in stats})
+            .drop_attrs()
+            .to_dataframe()
+            .reset_index()
+            if var.dims
+            else pd.DataFrame([{s: float(totals[f"{quantity}_{s}"].values) for s in stats}])
+        )
+        frame = frame.drop(
+            columns=[c for c in frame.columns if c not in (*stats, *var.dims, "unit_country")]
+        )
+        if "unit" in frame:
+            frame = frame.rename(columns={"unit_country": "country"})
+        frame.insert(0, "quantity", label)
+        frame.insert(0, "level", level)
+        frames.append(frame)
+    columns = ["level", "quantity", "unit", "country", "origin_country", "destination_country"]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    for column in columns:
+        if column not in table:
+            table[column] = np.nan
+    stats = [c for c in table.columns if c not in columns]
+    stats = ["mean", *sorted(s for s in stats if s != "mean")]
+    table = table[[*columns, *stats]]
+    table["period"] = period or totals.attrs.get("period") or DEFAULT_PERIOD
+    return table
+
+
+def _totals_dataset(totals: xr.Dataset, attrs: Mapping[str, Any] | None) -> xr.Dataset:
+    if not isinstance(totals, xr.Dataset) or not any(n.endswith("_mean") for n in totals):
+        raise DataContractError(
+            "totals must be the Dataset of flowmodel.totals.predict_totals (variables "
+            "<quantity>_mean, <quantity>_q05 ...). Fix: pass model.predict_totals(data)."
+        )
+    out = totals.drop_vars([n for n in totals.data_vars if n.endswith("_expected")])
+    for name in out.data_vars:
+        out[name].attrs["units"] = "1"  # a count of persons (CF: dimensionless)
+        out[name].attrs.setdefault("coverage_content_type", "modelResult")
+    for name, text in (
+        ("country", "country code"),
+        ("origin_country", "country of the origin units"),
+        ("destination_country", "country of the destination units"),
+        ("unit_country", "country of the unit"),
+    ):
+        if name in out.coords:
+            out[name].attrs.setdefault("long_name", text)
+    out.attrs.update(_stamp(attrs))
+    _cf_attrs(
+        out,
+        title="flowmodel: migration totals with intervals",
+        summary="Persons moving over the period, population scale: in-, out- and net migration "
+        "per unit; immigration, emigration, net and internal migration per country; moves "
+        "between country pairs; total and cross-border movers. Means are posterior means of the "
+        "expected totals; quantiles are those of totals summed within joint posterior "
+        "predictive draws.",
+    )
+    return _encodable(out)
+
+
+def write_totals(
+    totals: xr.Dataset, path: str | os.PathLike[str], *, attrs: Mapping[str, Any] | None = None
+) -> Path:
+    """Write migration totals to NetCDF (``totals.nc``), atomically.
+
+    Parameters
+    ----------
+    totals
+        Output of :func:`flowmodel.totals.predict_totals`: dims ``unit``,
+        ``country``, ``origin_country`` x ``destination_country``; variables
+        ``<quantity>_mean``, ``<quantity>_q05`` ...
+    path
+        Target ``.nc`` (``.zarr`` for a Zarr store).
+    attrs
+        Provenance and ``period``; the CF/ACDD attributes are always stamped.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``; read back with :func:`read_flows` or ``xarray.open_dataset``.
+    """
+    path = Path(path)
+    ds = _totals_dataset(totals, attrs)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".zarr":
+            ds.to_zarr(tmp, mode="w", consolidated=False)
+        else:
+            ds.to_netcdf(tmp, engine="h5netcdf")
+    return path
+
+
+def write_totals_csv(
+    totals: xr.Dataset, path: str | os.PathLike[str], *, attrs: Mapping[str, Any] | None = None
+) -> Path:
+    """Write migration totals as a long CSV table (:func:`totals_table`) plus a JSON sidecar."""
+    path = Path(path)
+    stamp = _stamp(attrs)
+    table = totals_table(totals, period=stamp["period"])
+    stamp = stamp | {
+        "quantities": {
+            f"{TOTAL_ROWS[q][0]}/{TOTAL_ROWS[q][1]}": totals[f"{q}_mean"].attrs.get("long_name", q)
+            for q in TOTAL_ROWS
+            if f"{q}_mean" in totals
+        }
+    }
+    _write_csv(table, path, stamp)
     return path
 
 
@@ -600,7 +1197,21 @@ def read_flows_csv(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such CSV file. Fix: check the path.")
-    frame = pd.read_csv(path, dtype={"origin": str, "destination": str})
+    frame = pd.read_csv(
+        path,
+        dtype=dict.fromkeys(
+            (
+                "origin",
+                "destination",
+                "origin_country",
+                "destination_country",
+                "unit",
+                "country",
+                "period",
+            ),
+            str,
+        ),
+    )
     sidecar = path.with_name(path.name + ".json")
     meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
     return frame, meta

@@ -1,10 +1,18 @@
 """Figures and a self-contained HTML report of estimated flows.
 
 :func:`report` writes ``report.html`` and the PNG figures it shows into one
-folder. Each figure is embedded in the HTML (base64, so the single file can be
-mailed or archived) and also written beside it as a PNG that the HTML links to
-(for slides and papers). Figures use matplotlib's Agg backend, so no display
-is needed.
+folder. The page is rendered from the jinja2 template
+``templates/report.html.j2`` and works offline from the one file: figures are
+embedded (base64) and also written beside it as PNGs that the HTML links to
+(for slides and papers); the net-migration and flow maps are inline SVG with a
+few lines of JavaScript for pan, zoom and hover; nothing is loaded from the
+network. Figures use matplotlib's Agg backend, so no display is needed.
+
+What the page shows first (each with a 90% interval): total and cross-border
+movers, per-country immigration, emigration, net and internal migration, the
+largest flows (:func:`summary_tables`); then a diagnostics banner
+(:func:`diagnostics`), the maps (:func:`map_layers`) and the data coverage of
+each source (:func:`data_coverage`).
 
 Figures (each also available as a function returning a matplotlib Figure):
 
@@ -22,8 +30,8 @@ Figures (each also available as a function returning a matplotlib Figure):
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
-import html
 import io
 import json
 import os
@@ -43,11 +51,16 @@ from flowmodel.naming import quantile_name
 from flowmodel.outputs.io import flows_table
 
 __all__ = [
+    "data_coverage",
+    "diagnostics",
+    "map_layers",
     "plot_calibration",
     "plot_flow_map",
     "plot_observed_vs_predicted",
     "plot_posterior_prior",
+    "render_report",
     "report",
+    "summary_tables",
     "truth_table",
 ]
 
@@ -756,27 +769,778 @@ def _truth_flows(truth: Mapping[str, Any], column: str = "mu") -> xr.DataArray |
     return None
 
 
-def _table_html(frame: pd.DataFrame, *, index: bool = False, digits: int = 3) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool | np.bool_):
-            return "yes" if v else "no"
-        if isinstance(v, int | np.integer):
-            return f"{v:,}"
-        if isinstance(v, float | np.floating):
-            if not np.isfinite(v):
-                return "–"
-            if abs(v) >= 1000:
-                return f"{v:,.0f}"
-            return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
-        return html.escape(str(v))
+# ------------------------------------------------------------------------ formatting
+def _fmt(v: Any, digits: int = 3) -> str:
+    """One table cell as text (thousands separators, – for missing)."""
+    if isinstance(v, bool | np.bool_):
+        return "yes" if v else "no"
+    if isinstance(v, int | np.integer):
+        return f"{v:,}"
+    if isinstance(v, float | np.floating):
+        if not np.isfinite(v):
+            return "–"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "–"
+    return str(v)
 
+
+def _table(frame: pd.DataFrame, *, index: bool = False, digits: int = 3) -> dict[str, Any]:
+    """Return a DataFrame as ``{"columns": [...], "rows": [[text, ...], ...]}`` for the template."""
     frame = frame.reset_index() if index else frame
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>"
-        for row in frame.itertuples(index=False)
+    return {
+        "columns": [str(c) for c in frame.columns],
+        "rows": [[_fmt(v, digits) for v in row] for row in frame.itertuples(index=False)],
+    }
+
+
+def _persons(value: Any) -> str:
+    """Format a number of persons: whole, with thousands separators."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    return f"{v:,.0f}" if np.isfinite(v) else "–"
+
+
+def _signed(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    if not np.isfinite(v):
+        return "–"
+    return f"{v:+,.0f}" if round(v) != 0 else "0"
+
+
+def _interval(lo: Any, hi: Any, *, signed: bool = False) -> str:
+    f = _signed if signed else _persons
+    a, b = f(lo), f(hi)
+    return "–" if "–" in (a, b) else f"{a} to {b}"
+
+
+def _value(ds: xr.Dataset | None, name: str, **sel: Any) -> float:
+    if ds is None or name not in ds:
+        return float("nan")
+    var = ds[name]
+    if sel:
+        var = var.sel(sel)
+    return float(var.values)
+
+
+# --------------------------------------------------------------------------- summary
+#: Lower and upper quantile of the intervals shown in the summary (a 90% interval).
+INTERVAL = ("q05", "q95")
+
+
+def _estimate(ds: xr.Dataset | None, quantity: str, *, signed: bool = False, **sel: Any) -> dict:
+    lo, hi = INTERVAL
+    mean = _value(ds, f"{quantity}_mean", **sel)
+    low, high = _value(ds, f"{quantity}_{lo}", **sel), _value(ds, f"{quantity}_{hi}", **sel)
+    fmt = _signed if signed else _persons
+    return {
+        "mean": fmt(mean),
+        "interval": _interval(low, high, signed=signed),
+        "raw": mean,
+        "excludes_zero": bool(np.isfinite(low) and np.isfinite(high) and (low > 0 or high < 0)),
+    }
+
+
+def summary_tables(
+    totals: xr.Dataset | None,
+    predictions: xr.Dataset,
+    data: xr.Dataset,
+    *,
+    top: int = 10,
+    observed: xr.Dataset | None = None,
+) -> dict[str, Any]:
+    """Return the numbers a demographer reads first: movers, country totals, largest flows.
+
+    Parameters
+    ----------
+    totals
+        Output of :func:`flowmodel.totals.predict_totals` (None: only the
+        largest flows are listed).
+    predictions
+        The flows (``mean``, ``q05``, ``q95``).
+    data
+        The FlowDataset (countries, populations, unit names).
+    top
+        Number of largest flows listed.
+    observed
+        :func:`flowmodel.outputs.io.population_scale` of the observed flows, to
+        list beside the largest flows.
+
+    Returns
+    -------
+    dict
+        ``movers`` (rows: quantity, mean, 90% interval), ``countries`` (rows:
+        country, population, immigration, emigration, net, internal, each mean
+        and interval), ``flows`` (largest flows).
+    """
+    out: dict[str, Any] = {"movers": [], "countries": [], "flows": []}
+    if totals is not None:
+        for quantity, label in (
+            ("total_movers", "People who moved between two units"),
+            ("cross_border", "of whom crossed a national border"),
+        ):
+            if f"{quantity}_mean" in totals:
+                out["movers"].append({"label": label, **_estimate(totals, quantity)})
+        if "country" in totals.dims and "country_net_mean" in totals:
+            pop = None
+            if "population" in data and "country" in data:
+                pop = (
+                    pd.Series(np.asarray(data["population"].values, dtype=float))
+                    .groupby(np.asarray(data["country"].values).astype(str))
+                    .sum()
+                )
+            for code in np.asarray(totals["country"].values).astype(str):
+                net = _estimate(totals, "country_net", signed=True, country=code)
+                population = float(pop.get(code, np.nan)) if pop is not None else np.nan
+                rate = net["raw"] / population * 1000 if population and population > 0 else np.nan
+                out["countries"].append(
+                    {
+                        "country": code,
+                        "population": _persons(population),
+                        "in": _estimate(totals, "country_in", country=code),
+                        "out": _estimate(totals, "country_out", country=code),
+                        "net": net,
+                        "rate": f"{rate:+.1f}" if np.isfinite(rate) else "–",
+                        "internal": _estimate(totals, "country_internal", country=code),
+                    }
+                )
+    table = flows_table(predictions, data=data, top_k=top)
+    names = None
+    if "name" in data and data["name"].dims == ("unit",):
+        names = pd.Series(
+            np.asarray(data["name"].values).astype(str), index=data["unit"].values.astype(str)
+        )
+    obs = None
+    if observed is not None and "observed" in observed:
+        obs = observed["observed"].transpose("origin", "destination")
+    lo, hi = INTERVAL
+    for row in table.itertuples(index=False):
+        r = row._asdict()
+        label = f"{r['origin']} → {r['destination']}"
+        if names is not None:
+            label = f"{names.get(r['origin'], r['origin'])} → {names.get(r['destination'], r['destination'])}"
+        seen = np.nan
+        if obs is not None:
+            with contextlib.suppress(KeyError):
+                seen = float(obs.sel(origin=r["origin"], destination=r["destination"]).values)
+        out["flows"].append(
+            {
+                "label": label,
+                "countries": f"{r.get('origin_country', '')} → {r.get('destination_country', '')}"
+                if "origin_country" in r
+                else "",
+                "mean": _persons(r["mean"]),
+                "interval": _interval(r.get(lo), r.get(hi)),
+                "observed": _persons(seen),
+                "cross_border": bool(r.get("cross_border", False)),
+            }
+        )
+    return out
+
+
+# ----------------------------------------------------------------------- diagnostics
+#: Backends whose posterior is an approximation, not MCMC.
+APPROXIMATE_BACKENDS = {
+    "laplace": "a Gaussian (Laplace) approximation at the posterior mode",
+    "advi": "mean-field variational inference (ADVI)",
+    "map": "a single point at the posterior mode (MAP): no posterior uncertainty",
+}
+
+
+def _fit_meta(model: Any, idata: Any) -> dict[str, Any]:
+    meta = dict(getattr(model, "fit_meta", {}) or {})
+    if not meta and idata is not None:
+        with contextlib.suppress(Exception):
+            meta = json.loads(idata.attrs.get("flowmodel_fit_meta", "{}") or "{}")
+    return meta
+
+
+def _pareto_k(idata: Any) -> tuple[int, int] | None:
+    """(observations with Pareto k > 0.7, observations with a finite k), or None."""
+    import warnings
+
+    stored = getattr(idata, "attrs", {}).get("flowmodel_loo")
+    if stored:
+        with contextlib.suppress(Exception):
+            loo = json.loads(stored)
+            return int(loo["n_pareto_k_gt_0.7"]), int(loo["n_pareto_k"])
+    children = getattr(idata, "children", {})
+    if "loo" in children and "pareto_k" in children["loo"]:
+        # stored instead of the pointwise log-likelihood when that was too large
+        k = np.asarray(children["loo"]["pareto_k"].values, dtype=float)
+        k = k[np.isfinite(k)]
+        return int((k > 0.7).sum()), int(k.size)
+    if "log_likelihood" not in children:
+        return None
+    import arviz as az
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            k = np.asarray(az.loo(idata).pareto_k, dtype=float).ravel()
+    except Exception:
+        return None
+    k = k[np.isfinite(k)]
+    return int((k > 0.7).sum()), int(k.size)
+
+
+def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict[str, str]]:
+    """Return the banner at the top of the report: can these estimates be trusted.
+
+    Parameters
+    ----------
+    model
+        The fitted model (its ``idata``, ``fit_meta`` and ``summary``).
+    summary
+        ``model.summary()`` when already computed.
+
+    Returns
+    -------
+    list of dict
+        ``{"level": "ok" | "warn" | "bad" | "info", "title": ..., "text": ...}``:
+        the fit method (approximations flagged), R-hat, bulk ESS and divergent
+        transitions for MCMC, the sampler's own warnings, and the share of
+        Pareto k > 0.7 from PSIS-LOO when the posterior file holds a pointwise
+        log-likelihood.
+    """
+    idata = getattr(model, "_idata", None)
+    if idata is None:
+        return []
+    meta = _fit_meta(model, idata)
+    backend = str(meta.get("backend", "unknown"))
+    items: list[dict[str, str]] = []
+    post = idata["posterior"].to_dataset() if "posterior" in idata.children else None
+    chains = int(post.sizes.get("chain", 1)) if post is not None else 1
+    draws = int(post.sizes.get("draw", 1)) if post is not None else 1
+    if backend in APPROXIMATE_BACKENDS:
+        items.append(
+            {
+                "level": "warn",
+                "title": f"Approximate fit ({backend})",
+                "text": f"The posterior is {APPROXIMATE_BACKENDS[backend]}, not MCMC. Its "
+                "draws are independent by construction, so R-hat and ESS say nothing about "
+                "convergence, and intervals can be too narrow where the posterior is skewed. "
+                'Refit with a NUTS backend (backend = "auto", "nutpie" or "pymc") before '
+                "publishing numbers.",
+            }
+        )
+    else:
+        items.append(
+            {
+                "level": "ok",
+                "title": f"MCMC ({backend})",
+                "text": f"{chains} chain(s) × {draws:,} draws of the No-U-Turn sampler.",
+            }
+        )
+        if summary is None:
+            with contextlib.suppress(Exception):
+                summary = model.summary(ci_prob=0.9)
+        if summary is not None and len(summary):
+            rhat = pd.to_numeric(summary.get("r_hat", pd.Series(dtype=float)), errors="coerce")
+            ess = pd.to_numeric(summary.get("ess_bulk", pd.Series(dtype=float)), errors="coerce")
+            worst = float(rhat.max()) if rhat.notna().any() else np.nan
+            low = float(ess.min()) if ess.notna().any() else np.nan
+            if np.isfinite(worst):
+                items.append(
+                    {
+                        "level": "ok" if worst <= 1.01 else "bad" if worst > 1.05 else "warn",
+                        "title": f"largest R-hat {worst:.3f}",
+                        "text": "over the parameters; ≤ 1.01 means the chains agree"
+                        + ("" if worst <= 1.01 else ": run longer (more tune and draws)"),
+                    }
+                )
+            if np.isfinite(low):
+                need = 100 * chains
+                items.append(
+                    {
+                        "level": "ok" if low >= need else "warn",
+                        "title": f"smallest bulk ESS {low:,.0f}",
+                        "text": f"effective sample size over the parameters; {need:,} (100 per chain) or "
+                        "more gives stable intervals" + ("" if low >= need else ": draw more"),
+                    }
+                )
+        n_div = 0
+        if "sample_stats" in idata.children and "diverging" in idata["sample_stats"]:
+            n_div = int(np.asarray(idata["sample_stats"]["diverging"].values).sum())
+        items.append(
+            {
+                "level": "ok" if n_div == 0 else "bad",
+                "title": f"{n_div:,} divergent transition(s)",
+                "text": "none means the sampler explored the posterior without trouble"
+                if n_div == 0
+                else "the posterior may be biased: raise target_accept or reparametrise",
+            }
+        )
+        for text in meta.get("diagnostics") or []:
+            items.append({"level": "warn", "title": "Sampler warning", "text": str(text)})
+    uninformed = meta.get("uninformed") or []
+    if uninformed:
+        names = ", ".join(str(u.get("parameter")) for u in uninformed)
+        items.append(
+            {
+                "level": "warn",
+                "title": f"{len(uninformed)} parameter(s) not informed by the data",
+                "text": f"{names}: posterior as wide as the prior (sd above 90% of the "
+                "prior's), so their intervals — and those of every flow that depends on "
+                "them — are the prior's. Add a source that observes them or state an "
+                "informative prior.",
+            }
+        )
+    k = _pareto_k(idata)
+    if k is None:
+        items.append(
+            {
+                "level": "info",
+                "title": "Pareto k not computed",
+                "text": "the posterior file holds no pointwise log-likelihood, so PSIS-LOO "
+                "(and its Pareto k diagnostic) is not available; see the cross-validation.",
+            }
+        )
+    else:
+        bad, total = k
+        share = bad / total if total else 0.0
+        items.append(
+            {
+                "level": "ok" if bad == 0 else "warn" if share < 0.1 else "bad",
+                "title": f"Pareto k > 0.7: {share:.0%} ({bad:,} of {total:,} observed cells)",
+                "text": "PSIS-LOO is reliable"
+                if bad == 0
+                else "leave-one-out estimates are unreliable for these cells: the fit leans on "
+                "highly influential observations, a sign the model may not describe them well. "
+                "Read the held-out (cross-validated) coverage, not only the in-sample one.",
+            }
+        )
+    return items
+
+
+# -------------------------------------------------------------------------- coverage
+def _source_label(source: str) -> str:
+    if source.startswith("cdr"):
+        return "mobile phone records (CDR)"
+    if source.startswith("census"):
+        return "census"
+    return "flow table"
+
+
+def _period_text(var: xr.DataArray, data: xr.Dataset) -> str:
+    if var.attrs.get("period"):
+        return str(var.attrs["period"])
+    if "period" in var.dims:
+        periods = [str(p) for p in np.asarray(data["period"].values)]
+        return f"{periods[0]} to {periods[-1]} ({len(periods)} periods)" if periods else "–"
+    return "unspecified"
+
+
+def data_coverage(data: xr.Dataset) -> dict[str, Any]:
+    """Which source observes which country, with what sample fraction, suppression and period.
+
+    Derived from the dataset alone: every ``flow_<source>`` variable (with
+    ``flow_<source>_max`` bounds of censored cells, ``exposure_<source>`` and
+    the variable's ``period`` attribute or ``period`` dim), whatever its dims.
+
+    Returns
+    -------
+    dict
+        ``sources``: one row per source (kind, countries where it observes
+        moves within the country, cells observed, share censored, sample
+        fraction, period); ``countries``: one row per country with what each
+        source sees there, and a flag for countries no source observes.
+    """
+    from flowmodel.dataset import flow_sources
+
+    countries = (
+        sorted(set(np.asarray(data["country"].values).astype(str))) if "country" in data else []
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    unit_country = _unit_country_series(data)
+    rows, matrix = [], {c: {} for c in countries}
+    for source in flow_sources(data):
+        var = data[f"flow_{source}"]
+        bound = data.get(f"flow_{source}_max")
+        seen = var.notnull()
+        censored = var.isnull() & bound.notnull() if bound is not None else xr.zeros_like(seen)
+        present = seen | censored
+        n_seen, n_cens = int(seen.sum()), int(censored.sum())
+        within: dict[str, int] = {}
+        inflow: dict[str, int] = {}
+        touched: set[str] = set()
+        dims = set(present.dims)
+        extra = [d for d in present.dims if d not in ("origin", "destination")]
+        if {"origin", "destination"} <= dims and unit_country is not None:
+            cells = present.any(extra) if extra else present
+            cells = np.asarray(cells.transpose("origin", "destination").values, bool)
+            o_c = unit_country.reindex(np.asarray(var["origin"].values).astype(str)).to_numpy()
+            d_c = unit_country.reindex(
+                np.asarray(var["destination"].values).astype(str)
+            ).to_numpy()
+            same = o_c[:, None] == d_c[None, :]
+            for code in countries:
+                n_within = int((cells & same & (o_c[:, None] == code)).sum())
+                n_in = int((cells & ~same & (d_c[None, :] == code)).sum())
+                if n_within:
+                    within[code] = n_within
+                if n_in:
+                    inflow[code] = n_in
+        else:
+            # any other layout (e.g. country x unit tables): countries named along its dims
+            for dim in present.dims:
+                others = [d for d in present.dims if d != dim]
+                hit = np.asarray(present.any(others).values if others else present.values, bool)
+                values = np.asarray(var[dim].values).astype(str)[hit]
+                if dim in ("unit", "origin", "destination") and unit_country is not None:
+                    touched |= set(unit_country.reindex(values).dropna())
+                elif "country" in dim:
+                    touched |= set(values)
+        exposure = data.get(f"exposure_{source}")
+        fraction = "–"
+        if exposure is not None:
+            values = np.asarray(
+                exposure.where(present) if set(exposure.dims) <= dims else exposure
+            )
+            values = np.unique(np.round(values[np.isfinite(values)].astype(float), 6))
+            if values.size == 1:
+                fraction = f"{values[0]:.3g}"
+            elif values.size:
+                fraction = f"{values.min():.3g} to {values.max():.3g}"
+        observed_in = sorted(within) or sorted(touched)
+        rows.append(
+            {
+                "source": source,
+                "kind": _source_label(source),
+                "countries": ", ".join(observed_in) or "–",
+                "cross_border": sum(inflow.values()),
+                "cells": f"{n_seen + n_cens:,}",
+                "censored": f"{n_cens / (n_seen + n_cens):.0%}" if n_seen + n_cens else "–",
+                "fraction": fraction,
+                "period": _period_text(var, data),
+            }
+        )
+        for code in countries:
+            parts = []
+            if code in within:
+                parts.append(f"within: {within[code]:,} unit pairs")
+            if code in inflow:
+                parts.append(f"in-migration from abroad: {inflow[code]:,} pairs")
+            if not parts and code in touched:
+                parts.append("in its cells")
+            matrix[code][source] = "; ".join(parts)
+    country_rows = []
+    for code in countries:
+        cells = matrix[code]
+        covered = any(cells.values())
+        country_rows.append({"country": code, "cells": cells, "covered": covered})
+    return {
+        "sources": rows,
+        "source_names": [r["source"] for r in rows],
+        "countries": country_rows,
+        "uncovered": [r["country"] for r in country_rows if not r["covered"]],
+    }
+
+
+def _unit_country_series(data: xr.Dataset) -> pd.Series | None:
+    if "country" not in data or "unit" not in data.dims:
+        return None
+    return pd.Series(
+        np.asarray(data["country"].values).astype(str), index=data["unit"].values.astype(str)
+    )
+
+
+def _source_countries(data: xr.Dataset) -> str:
+    """Return a sentence naming the countries each flow source observes.
+
+    A source is *in* a country when it observes pairs within it (a census is
+    taken, an operator covers it); cross-border cells are named separately, so
+    a census that enumerates in-migrants from abroad is not said to be in every
+    origin country.
+    """
+    coverage = data_coverage(data)
+    parts = []
+    for row in coverage["sources"]:
+        if row["countries"] == "–":
+            continue
+        cross = f" (+ {row['cross_border']:,} cross-border pairs)" if row["cross_border"] else ""
+        parts.append(f"{row['source']} in {row['countries']}{cross}")
+    if not parts:
+        return ""
+    missing = coverage["uncovered"]
+    tail = f"; no flow data in {', '.join(missing)}" if missing else ""
+    return "Data: " + "; ".join(parts) + tail + ". "
+
+
+# ------------------------------------------------------------------------------ maps
+#: Width of the interactive maps (SVG user units).
+MAP_WIDTH = 960
+
+
+class _Projection:
+    """Equirectangular projection of lon/lat to SVG coordinates (y down), aspect kept."""
+
+    def __init__(self, bounds: tuple[float, float, float, float], width: int = MAP_WIDTH):
+        x0, y0, x1, y1 = bounds
+        self.kx = float(np.cos(np.deg2rad((y0 + y1) / 2)))
+        span_x = max((x1 - x0) * self.kx, 1e-9)
+        span_y = max(y1 - y0, 1e-9)
+        self.margin = 10.0
+        self.scale = (width - 2 * self.margin) / span_x
+        self.x0, self.y1 = x0, y1
+        self.width = width
+        self.height = round(span_y * self.scale + 2 * self.margin)
+
+    def __call__(self, lon: Any, lat: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = (np.asarray(lon, dtype=float) - self.x0) * self.kx * self.scale + self.margin
+        y = (self.y1 - np.asarray(lat, dtype=float)) * self.scale + self.margin
+        return x, y
+
+    def path(self, geom: Any) -> str:
+        """SVG path data of a (multi)polygon or line geometry."""
+        parts: list[str] = []
+
+        def ring(coords: Any, close: bool) -> None:
+            arr = np.asarray(coords, dtype=float)
+            if arr.size == 0:
+                return
+            x, y = self(arr[:, 0], arr[:, 1])
+            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y, strict=True))
+            parts.append(f"M{pts}{'Z' if close else ''}")
+
+        kind = geom.geom_type
+        if kind == "Polygon":
+            ring(geom.exterior.coords, True)
+            for hole in geom.interiors:
+                ring(hole.coords, True)
+        elif kind in ("MultiPolygon", "GeometryCollection", "MultiLineString"):
+            for g in geom.geoms:
+                parts.append(self.path(g))
+        elif kind in ("LineString", "LinearRing"):
+            ring(geom.coords, kind == "LinearRing")
+        return "".join(parts)
+
+
+def _diverging(values: np.ndarray, limit: float) -> list[str]:
+    """Hex colours of a blue (gain) - white - red (loss) scale symmetric about 0."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["RdBu"]
+    limit = limit if limit > 0 else 1.0
+    out = []
+    for v in values:
+        out.append(
+            "#cccccc"
+            if not np.isfinite(v)
+            else to_hex(cmap(0.5 + 0.5 * np.clip(v / limit, -1, 1)))
+        )
+    return out
+
+
+def map_layers(
+    data: xr.Dataset,
+    predictions: xr.Dataset,
+    *,
+    units_geometry: Any = None,
+    totals: xr.Dataset | None = None,
+    top_k: int = 200,
+    observed: xr.Dataset | None = None,
+) -> dict[str, Any] | None:
+    """Everything the two interactive SVG maps draw: units, borders, flows, net migration.
+
+    Returns None when the units have no ``lon``/``lat``. Flow records carry
+    the exact values of ``predictions`` (``mean``, ``q05``, ``q95``) as data
+    attributes, so the map can be checked against ``flows.csv``.
+    """
+    if "lon" not in data or "lat" not in data:
+        return None
+    ids = data["unit"].values.astype(str)
+    lon = pd.Series(np.asarray(data["lon"].values, dtype=float), index=ids)
+    lat = pd.Series(np.asarray(data["lat"].values, dtype=float), index=ids)
+    country = _unit_country_series(data)
+    geo = _geometry_frame(units_geometry, ids) if units_geometry is not None else None
+    if geo is not None and len(geo):
+        bounds = tuple(float(b) for b in geo.total_bounds)
+    else:
+        pad_x = max(float(np.ptp(lon)) * 0.05, 0.1)
+        pad_y = max(float(np.ptp(lat)) * 0.05, 0.1)
+        bounds = (lon.min() - pad_x, lat.min() - pad_y, lon.max() + pad_x, lat.max() + pad_y)
+    proj = _Projection(bounds)
+    tolerance = (bounds[2] - bounds[0]) / MAP_WIDTH * 0.75
+    x, y = proj(lon.to_numpy(), lat.to_numpy())
+    pos = {u: (float(a), float(b)) for u, a, b in zip(ids, x, y, strict=True)}
+
+    # units: polygons (simplified to about a pixel) or points
+    population = (
+        pd.Series(np.asarray(data["population"].values, dtype=float), index=ids)
+        if "population" in data
+        else None
+    )
+    net = totals_unit = None
+    if totals is not None and "unit_net_mean" in totals:
+        totals_unit = totals
+        net = pd.Series(
+            np.asarray(totals["unit_net_mean"].values, dtype=float),
+            index=totals["unit"].values.astype(str),
+        )
+    rate = None
+    if net is not None and population is not None:
+        rate = net.reindex(ids) / population.reindex(ids).where(population > 0) * 1000
+    shade = rate if rate is not None else net.reindex(ids) if net is not None else None
+    limit = (
+        float(np.nanquantile(np.abs(shade.to_numpy()), 0.95))
+        if shade is not None and shade.notna().any()
+        else 1.0
+    )
+    fills = (
+        _diverging(shade.reindex(ids).to_numpy(), limit)
+        if shade is not None
+        else ["#e8ecef"] * len(ids)
+    )
+    units = []
+    for k, uid in enumerate(ids):
+        tip = [f"{uid}" + (f" ({country[uid]})" if country is not None else "")]
+        if population is not None and np.isfinite(population[uid]):
+            tip.append(f"population {population[uid]:,.0f}")
+        uncertain = False
+        if totals_unit is not None:
+            inn = _estimate(totals_unit, "unit_in", unit=uid)
+            out = _estimate(totals_unit, "unit_out", unit=uid)
+            nt = _estimate(totals_unit, "unit_net", unit=uid, signed=True)
+            uncertain = not nt["excludes_zero"]
+            tip += [
+                f"in-migration {inn['mean']} (90%: {inn['interval']})",
+                f"out-migration {out['mean']} (90%: {out['interval']})",
+                f"net migration {nt['mean']} (90%: {nt['interval']})",
+            ]
+            if rate is not None and np.isfinite(rate[uid]):
+                tip.append(f"net rate {rate[uid]:+.1f} per 1,000 residents over the period")
+        shape = None
+        if geo is not None and uid in geo.index:
+            g = geo.geometry[uid]
+            if g is not None and not g.is_empty:
+                shape = proj.path(g.simplify(tolerance, preserve_topology=True))
+        units.append(
+            {
+                "id": uid,
+                "country": country[uid] if country is not None else "",
+                "d": shape,
+                "x": f"{pos[uid][0]:.1f}",
+                "y": f"{pos[uid][1]:.1f}",
+                "fill": fills[k],
+                "uncertain": uncertain,
+                "net": repr(float(net[uid])) if net is not None and uid in net else "",
+                "tip": " · ".join(tip),
+            }
+        )
+
+    borders, labels = [], []
+    if geo is not None and country is not None and len(geo):
+        with contextlib.suppress(Exception):
+            nations = geo.assign(country=country.reindex(geo.index).to_numpy()).dissolve("country")
+            for code, shape in nations.geometry.items():
+                borders.append(proj.path(shape.boundary.simplify(tolerance)))
+                point = shape.representative_point()
+                lx, ly = proj(point.x, point.y)
+                labels.append(
+                    {"text": str(code), "x": f"{float(lx):.1f}", "y": f"{float(ly):.1f}"}
+                )
+    elif country is not None:
+        for code, group in lon.groupby(country.reindex(ids).to_numpy()):
+            lx, ly = proj(group.mean(), lat[group.index].mean())
+            labels.append({"text": str(code), "x": f"{float(lx):.1f}", "y": f"{float(ly):.1f}"})
+
+    # flows: the top_k largest, curved to the right of the direction of travel
+    obs = (
+        observed["observed"].transpose("origin", "destination")
+        if observed is not None and "observed" in observed
+        else None
+    )
+    table = flows_table(predictions, data=data, top_k=top_k)
+    lo, hi = INTERVAL
+    vmax = float(table["mean"].max()) if len(table) else 1.0
+    flows = []
+    for r in table.iloc[::-1].itertuples(index=False):  # largest drawn last (on top)
+        r = r._asdict()
+        (x0, y0), (x1, y1) = pos[r["origin"]], pos[r["destination"]]
+        dx, dy = x1 - x0, y1 - y0
+        cx, cy = (x0 + x1) / 2 - 0.15 * dy, (y0 + y1) / 2 + 0.15 * dx
+        share = float(np.sqrt(max(r["mean"], 0) / vmax)) if vmax > 0 else 0.0
+        cross = bool(r.get("cross_border", False))
+        seen = np.nan
+        if obs is not None:
+            with contextlib.suppress(KeyError):
+                seen = float(obs.sel(origin=r["origin"], destination=r["destination"]).values)
+        tip = (
+            f"{r['origin']} → {r['destination']}"
+            + (" (cross-border)" if cross else "")
+            + f": {_persons(r['mean'])} persons (90%: {_interval(r.get(lo), r.get(hi))})"
+            + (f"; observed {_persons(seen)} (population scale)" if np.isfinite(seen) else "")
+        )
+        flows.append(
+            {
+                "o": r["origin"],
+                "d": r["destination"],
+                "path": f"M{x0:.1f},{y0:.1f} Q{cx:.1f},{cy:.1f} {x1:.1f},{y1:.1f}",
+                "width": f"{0.4 + 6.0 * share:.2f}",
+                "opacity": f"{0.35 + 0.6 * share:.2f}",
+                "color": CROSS_COLOR if cross else WITHIN_COLOR,
+                "cross": cross,
+                "mean": repr(float(r["mean"])),
+                "q05": repr(float(r[lo])) if lo in r else "",
+                "q95": repr(float(r[hi])) if hi in r else "",
+                "tip": tip,
+            }
+        )
+    legend_rate = rate is not None
+    return {
+        "width": proj.width,
+        "height": proj.height,
+        "units": units,
+        "borders": borders,
+        "labels": labels,
+        "flows": flows,
+        "n_flows": len(flows),
+        "largest": _persons(vmax),
+        "smallest": _persons(float(table["mean"].min())) if len(table) else "–",
+        "has_net": net is not None,
+        "net_limit": f"{limit:,.1f}" if legend_rate else _persons(limit),
+        "net_unit": "per 1,000 residents over the period" if legend_rate else "persons",
+        "net_colors": _diverging(np.linspace(-limit, limit, 9), limit),
+        "polygons": geo is not None,
+    }
+
+
+# ---------------------------------------------------------------------------- render
+def _png(fig: Any, path: Path) -> str:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    data = buf.getvalue()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return base64.b64encode(data).decode("ascii")
+
+
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("flowmodel.outputs", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env
+
+
+def render_report(context: Mapping[str, Any]) -> str:
+    """Render ``report.html.j2`` (the package's template) with ``context``."""
+    return _environment().get_template("report.html.j2").render(**context)
 
 
 METRIC_LABELS = {
@@ -804,72 +1568,6 @@ def _metrics_frame(metrics: Mapping[str, Any] | pd.DataFrame) -> pd.DataFrame:
     )
 
 
-# -------------------------------------------------------------------------- report
-def _source_countries(data: xr.Dataset) -> str:
-    """Return a sentence naming the countries each flow source observes.
-
-    A source is *in* a country when it observes pairs within it (a census is
-    taken, an operator covers it); cross-border cells are named separately, so
-    a census that enumerates in-migrants from abroad is not said to be in every
-    origin country.
-    """
-    from flowmodel.dataset import flow_sources
-
-    if "country" not in data:
-        return ""
-    country = np.asarray(data["country"].values).astype(str)
-    units = pd.Series(country, index=np.asarray(data["unit"].values).astype(str))
-    parts, seen = [], set()
-    for source in flow_sources(data):
-        flow = data[f"flow_{source}"]
-        bound = data.get(f"flow_{source}_max")
-        present = flow.notnull() if bound is None else flow.notnull() | bound.notnull()
-        extra = [d for d in present.dims if d not in ("origin", "destination")]
-        if extra:
-            present = present.any(extra)
-        if "origin" not in present.dims:
-            continue
-        o_c = units.reindex(np.asarray(present["origin"].values).astype(str)).to_numpy()
-        d_c = units.reindex(np.asarray(present["destination"].values).astype(str)).to_numpy()
-        cells = np.asarray(present.transpose("origin", "destination").values, bool)
-        same = o_c[:, None] == d_c[None, :]
-        codes = sorted(set(o_c[np.nonzero(cells & same)[0]]))
-        seen |= set(codes)
-        if codes:
-            n_cross = int((cells & ~same).sum())
-            cross = f" (+ {n_cross:,} cross-border pairs)" if n_cross else ""
-            parts.append(f"{source} in {', '.join(codes)}{cross}")
-    if not parts:
-        return ""
-    missing = sorted(set(country) - seen)
-    tail = f"; no flow data in {', '.join(missing)}" if missing else ""
-    return "Data: " + "; ".join(parts) + tail + ". "
-
-
-def _png(fig: Any, path: Path) -> str:
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    data = buf.getvalue()
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return base64.b64encode(data).decode("ascii")
-
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-color:#222;line-height:1.45;padding:0 1em}
-h1{border-bottom:2px solid #253494;padding-bottom:.3em}h2{color:#253494;margin-top:2em}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
-figcaption{font-size:.9em;color:#444;margin-top:.4em}
-table{border-collapse:collapse;font-size:.88em;margin:.6em 0}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eef1f8}
-td:first-child,th:first-child{text-align:left}.meta{font-size:.85em;color:#555}
-.note{background:#fff8e1;border-left:4px solid #ffb300;padding:.5em 1em}
-"""
-
-
 def report(
     out_dir: str | os.PathLike[str],
     *,
@@ -888,8 +1586,20 @@ def report(
     prior: xr.DataTree | None = None,
     attrs: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    totals: xr.Dataset | None = None,
+    period: str | None = None,
 ) -> Path:
-    """Write ``report.html`` (self-contained) and its PNG figures into ``out_dir``.
+    """Write ``report.html`` (one self-contained file, offline) and its PNG figures into ``out_dir``.
+
+    The page opens with the answers: how many people moved, how many crossed a
+    border, per-country immigration, emigration, net and internal migration and
+    the largest flows, each with a 90% interval, over the period the flows
+    cover; a banner says whether the fit can be trusted (R-hat, ESS,
+    divergences, Pareto k; approximate fits flagged). Then a net-migration map
+    and an interactive flow map (pan, zoom, hover; inline SVG and a few lines
+    of JavaScript, nothing loaded from the network), the data coverage of each
+    source, and the model checks. Rendered from the jinja2 template
+    ``flowmodel/outputs/templates/report.html.j2``.
 
     Parameters
     ----------
@@ -902,7 +1612,7 @@ def report(
     predictions
         ``model.predict(data)`` (``mean``, ``q05`` ... ``q95``).
     model
-        The fitted model (diagnostics table, posterior vs prior, truth table).
+        The fitted model (diagnostics, posterior vs prior, truth table).
     metrics
         Metrics to show (dict or DataFrame); default :func:`flow_metrics` of
         ``predictions`` against the observed flows (in sample).
@@ -912,9 +1622,9 @@ def report(
         Known parameters (e.g. the simulator's); adds a true-vs-estimated
         table and, with ``truth["mu"]``, the recovery of the true expected flows.
     units_geometry
-        Unit polygons for the map (else points at the centroids).
+        Unit polygons for the maps (else points at the centroids).
     observed
-        Observed flows; default ``data["flow_<source>"]`` when present.
+        Observed flows as recorded; default ``data["flow_<source>"]`` when present.
     observed_predictions
         Predictions on the scale of ``observed`` (``exposure_<source>``, e.g.
         the census sample fraction, applied) for the observed-vs-predicted,
@@ -925,14 +1635,22 @@ def report(
     title
         Report title.
     top_k
-        Flows drawn on the map.
+        Flows drawn on the maps.
     prior
         DataTree with a ``prior`` group; default: the ``prior`` group that
         :meth:`~flowmodel.models.base.FlowModel.fit` stores in the posterior file.
     attrs
-        Provenance shown in the header (e.g. :func:`provenance_attrs`).
+        Provenance shown at the foot (e.g. :func:`provenance_attrs`); its
+        ``period`` labels the flows when ``period`` is not given.
     notes
         Extra paragraphs (plain text) shown under the title.
+    totals
+        :func:`flowmodel.totals.predict_totals` of the flows; default
+        ``model.predict_totals(data)`` when the model has it (else the summary
+        lists only the largest flows).
+    period
+        The period the flows cover (default ``attrs["period"]``, else
+        "unspecified (the census window)").
 
     Returns
     -------
@@ -940,21 +1658,31 @@ def report(
         Path of ``report.html``.
     """
     from flowmodel.dataset import flow_sources
+    from flowmodel.outputs.io import DEFAULT_PERIOD, population_scale
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    notes = list(notes)
+    attrs = dict(attrs or {})
+    period = period or attrs.get("period") or DEFAULT_PERIOD
     if observed is None:
         sources = flow_sources(data)
         if source is None and len(sources) == 1:
             source = sources[0]
         if source is not None and f"flow_{source}" in data:
             observed = data[f"flow_{source}"]
-            if observed.ndim > 2:
-                observed = (
-                    observed.sum("period", min_count=1) if "period" in observed.dims else observed
-                )
-    sections: list[str] = []
+    if observed is not None and "period" in observed.dims:
+        observed = observed.sum("period", min_count=1)
     exposure = data.get(f"exposure_{source}") if source is not None else None
+    observed_pop = None
+    if observed is not None and set(observed.dims) == {"origin", "destination"}:
+        observed_pop = population_scale(observed.reindex_like(predictions["mean"]), exposure)
+    if totals is None and model is not None and hasattr(model, "predict_totals"):
+        try:
+            totals = model.predict_totals(data)
+        except Exception as err:  # pragma: no cover - depends on the model
+            notes.append(f"Totals unavailable ({err}).")
+
     scale_note = ""
     if observed_predictions is None:
         observed_predictions = predictions
@@ -968,41 +1696,41 @@ def report(
                         seed=0,
                     )
                 except Exception as err:  # pragma: no cover - depends on the model
-                    notes = [
-                        *notes,
+                    notes.append(
                         f"Observed-scale predictions unavailable ({err}); observed "
-                        f"{source} counts are compared with population-scale predictions.",
-                    ]
+                        f"{source} counts are compared with population-scale predictions."
+                    )
             else:
-                notes = [
-                    *notes,
+                notes.append(
                     f"flow_{source} has an exposure (sample fraction) and no model was given: "
                     "the predictions are compared with the observed counts as given, so they "
-                    "should be on the observed (sample) scale.",
-                ]
+                    "should be on the observed (sample) scale."
+                )
+    fraction = ""
     if exposure is not None and observed_predictions is not predictions:
         values = np.asarray(exposure.values, dtype=float)
         values = np.unique(np.round(values[np.isfinite(values)], 6))
-        shown = f"{values[0]:g}" if values.size == 1 else f"{values.min():g}–{values.max():g}"
+        fraction = f"{values[0]:g}" if values.size == 1 else f"{values.min():g}–{values.max():g}"
         scale_note = (
-            f" The {source} counts are a sample (exposure = sample fraction {shown}), so the "
+            f" The {source} counts are a sample (exposure = sample fraction {fraction}), so the "
             "predictions in this section are on the same sample scale: population-scale flows "
             "× sample fraction, with the sampling noise."
         )
 
+    figures: dict[str, dict[str, str]] = {}
+
     def figure(fig: Any, name: str, caption: str) -> None:
-        if fig is None:
-            return
-        b64 = _png(fig, out / name)
-        sections.append(
-            f'<figure><a href="{name}"><img src="data:image/png;base64,{b64}" alt="{html.escape(caption)}"></a>'
-            f'<figcaption>{html.escape(caption)} (<a href="{name}">{name}</a>)</figcaption></figure>'
-        )
+        if fig is not None:
+            figures[name.removesuffix(".png")] = {
+                "name": name,
+                "b64": _png(fig, out / name),
+                "caption": caption,
+            }
 
     n_units = data.sizes["unit"]
-    countries = sorted(set(np.asarray(data["country"].values).astype(str)))
-    coverage = _source_countries(data)
-    sections.append("<h2>Flow map</h2>")
+    countries = (
+        sorted(set(np.asarray(data["country"].values).astype(str))) if "country" in data else []
+    )
     has_xy = "lon" in data and "lat" in data
     figure(
         plot_flow_map(data, predictions, units_geometry=units_geometry, top_k=top_k),
@@ -1013,7 +1741,7 @@ def report(
             + ("y" if len(countries) == 1 else "ies")
             + "; line width is proportional to the square root of the "
             "posterior mean flow (persons); red lines cross a national border (dark lines). "
-            + coverage
+            + _source_countries(data)
             + "Units are shaded by population"
             + (
                 " (polygons)."
@@ -1021,12 +1749,14 @@ def report(
                 else " (points at population-weighted centroids)."
             )
             if has_xy
-            else "The units have no coordinates, so flows are shown as an origin × destination matrix of posterior "
-            "mean flows (persons, log colour scale)."
+            else "The units have no coordinates, so flows are shown as an origin × destination "
+            "matrix of posterior mean flows (persons, log colour scale)."
         ),
     )
-    if observed is not None and bool(np.isfinite(np.asarray(observed.values, dtype=float)).any()):
-        sections.append("<h2>Observed vs predicted</h2>")
+    observed_any = observed is not None and bool(
+        np.isfinite(np.asarray(observed.values, dtype=float)).any()
+    )
+    if observed_any:
         sample = scale_note != ""
         figure(
             plot_observed_vs_predicted(
@@ -1037,52 +1767,28 @@ def report(
                 unit="persons in the sample" if sample else "persons",
             ),
             "observed_vs_predicted.png",
-            "Each point is an observed origin–destination pair: observed flow against the posterior "
-            "predictive mean, with the 90% predictive interval (q05–q95) as a vertical line; blue "
-            "points lie inside their interval, orange ones outside. Axes are logarithmic above 1 "
-            "person and linear below, so observed zeros are shown; censored (suppressed or "
-            "redacted) cells have no single observed value and are not drawn. These are in-sample "
-            "predictions; see the cross-validation table (when run) for held-out performance."
-            + scale_note,
+            "Each point is an observed origin–destination pair: observed flow against the "
+            "posterior predictive mean, with the 90% predictive interval (q05–q95) as a "
+            "vertical line; blue points lie inside their interval, orange ones outside. Axes "
+            "are logarithmic above 1 person and linear below, so observed zeros are shown; "
+            "censored (suppressed or redacted) cells have no single observed value and are not "
+            "drawn. These are in-sample predictions; see the cross-validation table (when run) "
+            "for held-out performance." + scale_note,
         )
-        sections.append("<h2>Calibration</h2>")
         figure(
             plot_calibration(observed, observed_predictions, cv=cv),
             "calibration.png",
-            "Left: shares of observed flows strictly below and at or below each predicted quantile q_p; "
-            "counts are discrete, so for a calibrated model the shaded band between them contains the "
-            "diagonal. Right: share of observed flows inside the 50% and 90% predictive intervals; "
-            "the dashed lines are the nominal levels. Held-out bars come from the cross-validation "
-            "(when run)." + scale_note,
+            "Left: shares of observed flows strictly below and at or below each predicted "
+            "quantile q_p; counts are discrete, so for a calibrated model the shaded band "
+            "between them contains the diagonal. Right: share of observed flows inside the 50% "
+            "and 90% predictive intervals; the dashed lines are the nominal levels. Held-out "
+            "bars come from the cross-validation (when run)." + scale_note,
         )
         if metrics is None:
             metrics = flow_metrics(observed, observed_predictions)
-    if metrics is not None:
-        sections.append("<h2>Metrics</h2>")
-        sections.append(
-            "<p>CPC = 2·Σmin(T, T̂)/(ΣT + ΣT̂) (1 = identical flows); correlations on log(1+flow); "
-            "coverage = share of observed flows inside the predictive interval. "
-            "Computed over the observed off-diagonal pairs."
-            + (
-                " Predictions are on the observed (sample) scale: the census sample fraction "
-                "multiplies the population-scale flows."
-                if scale_note
-                else ""
-            )
-            + "</p>"
-        )
-        sections.append(_table_html(_metrics_frame(metrics)))
+
+    cv_context = None
     if cv is not None and not cv.empty:
-        sections.append("<h2>Cross-validation</h2>")
-        scheme = ", ".join(sorted(set(cv.get("scheme", pd.Series(["?"])).astype(str))))
-        sections.append(
-            f"<p>Scheme: <b>{html.escape(scheme)}</b>. Each fold refits every model on the remaining pairs "
-            "and scores the held-out pairs. <i>backend</i> says how the Bayesian model was refitted "
-            "(laplace / map approximations keep refits fast); the baselines are a maximum-likelihood "
-            "Poisson GLM with the same covariates (mle) and the parameter-free radiation model (none). "
-            "Means over folds:</p>"
-        )
-        sections.append(_table_html(summarize_cv(cv)))
         cols = [
             c
             for c in (
@@ -1100,13 +1806,17 @@ def report(
             )
             if c in cv.columns
         ]
-        sections.append(
-            "<details><summary>Every fold</summary>" + _table_html(cv[cols]) + "</details>"
-        )
+        cv_context = {
+            "scheme": ", ".join(sorted(set(cv.get("scheme", pd.Series(["?"])).astype(str)))),
+            "summary": _table(summarize_cv(cv)),
+            "folds": _table(cv[cols]),
+        }
+
+    banner: list[dict[str, str]] = []
+    parameters = None
+    true_vs_estimated = None
     if model is not None and getattr(model, "_idata", None) is not None:
         idata = model.idata
-        if prior is None and "prior" not in idata.children:
-            notes = [*notes, "Prior draws unavailable: the posterior file has no 'prior' group."]
         tree = idata
         if prior is not None and "prior" in prior.children and "prior" not in idata.children:
             tree = xr.DataTree.from_dict(
@@ -1115,26 +1825,15 @@ def report(
                     "prior": prior["prior"].to_dataset(),
                 }
             )
-        sections.append("<h2>Parameters</h2>")
-        fit_meta = getattr(model, "fit_meta", {}) or {}
-        sections.append(
-            f"<p>Model <b>{html.escape(type(model).__name__)}</b>, backend "
-            f"<b>{html.escape(str(fit_meta.get('backend', '?')))}</b>, configuration "
-            f"<code>{html.escape(json.dumps(getattr(model, 'model_config', {}), default=str))}</code>.</p>"
-        )
-        cells, censored = fit_meta.get("n_cells"), fit_meta.get("n_censored")
-        if isinstance(cells, Mapping) and isinstance(censored, Mapping):
-            parts = [
-                f"{html.escape(str(src))}: {int(n):,} cells, {int(censored.get(src, 0)):,} censored"
-                for src, n in cells.items()
-            ]
-            sections.append(
-                "<p>Observations by source (" + "; ".join(parts) + "). A censored cell is a "
-                "count suppressed for privacy (e.g. below a threshold): only its bounds (0 or "
-                "the table's smallest suppressed count, and the threshold) enter the likelihood, "
-                "so a source with mostly censored cells carries little information about the "
-                "size of flows.</p>"
-            )
+        if "prior" not in tree.children:
+            notes.append("Prior draws unavailable: the posterior file has no 'prior' group.")
+        fit_meta = _fit_meta(model, idata)
+        try:
+            summary = model.summary(ci_prob=0.9)
+        except Exception as err:
+            summary = None
+            notes.append(f"Posterior summary unavailable: {err}")
+        banner = diagnostics(model, summary=summary)
         figure(
             plot_posterior_prior(tree),
             "posterior_prior.png",
@@ -1142,19 +1841,15 @@ def report(
             "(covariates standardised). A posterior much narrower than its prior means the data "
             "inform the parameter; one that sits on the prior means they do not.",
         )
-        try:
-            summary = model.summary(ci_prob=0.9)
-        except Exception as err:
-            summary = None
-            notes = [*notes, f"Posterior summary unavailable: {err}"]
+        cells, censored = fit_meta.get("n_cells"), fit_meta.get("n_censored")
+        by_source = []
+        if isinstance(cells, Mapping) and isinstance(censored, Mapping):
+            by_source = [
+                f"{src}: {int(n):,} cells, {int(censored.get(src, 0)):,} censored"
+                for src, n in cells.items()
+            ]
+        shown = None
         if summary is not None:
-            sections.append(
-                "<h3>Posterior summary and diagnostics</h3><p>Posterior mean, sd and "
-                "equal-tailed 90% interval; <code>_raw</code> rows are on the raw covariate "
-                "scale (comparable with published coefficients). R-hat should be ≤ 1.01 and bulk "
-                "ESS ≥ 100 per chain for NUTS; they are undefined (–) for single-draw MAP fits. "
-                f"Divergent transitions: {summary.attrs.get('divergences', 0)}.</p>"
-            )
             shown = summary.copy()
             for col in ("ess_bulk", "ess_tail"):
                 if col in shown:
@@ -1164,82 +1859,90 @@ def report(
                         .map(lambda v: round(v) if np.isfinite(v) else np.nan)
                         .astype(object)
                     )
-            sections.append(_table_html(shown, index=True))
+        parameters = {
+            "model": type(model).__name__,
+            "backend": str(fit_meta.get("backend", "?")),
+            "config": json.dumps(getattr(model, "model_config", {}), default=str),
+            "by_source": by_source,
+            "summary": _table(shown, index=True) if shown is not None else None,
+            "divergences": summary.attrs.get("divergences", 0) if summary is not None else 0,
+        }
         if truth is not None:
-            sections.append("<h2>True vs estimated</h2>")
             tt = truth_table(model, truth, ci_prob=0.9)
-            sections.append(
-                "<p>Known generating parameters (raw covariate scale) against the posterior mean and "
-                f"90% interval; {int(tt['covered'].fillna(False).sum())} of {int(tt['covered'].notna().sum())} "
-                "intervals cover the truth. The raw-scale intercept is the log-rate extrapolated to "
-                "covariates of zero (e.g. log population 0, a unit of one resident), so its error "
-                "is mostly the slope errors × the covariate means; the log-rate at the covariate "
-                "means is what the data pin down. A country effect (of the origin country) is "
-                "measured where a census sees flows out of that country — within it, or as "
-                "in-migrants abroad; otherwise only through the CDR (confounded with the market "
-                "share) or, with no data, from the population distribution.</p>"
-            )
-            sections.append(_table_html(tt))
+            true_vs_estimated = {
+                "table": _table(tt),
+                "covered": int(tt["covered"].fillna(False).sum()),
+                "n": int(tt["covered"].notna().sum()),
+            }
+
+    recovery = None
     true_mu = _truth_flows(truth) if truth is not None else None
     if true_mu is not None:
-        if "<h2>True vs estimated</h2>" not in sections:
-            sections.append("<h2>True vs estimated</h2>")
         mu = true_mu.reindex_like(predictions["mean"])
         rec = flow_metrics(mu, predictions)
         true_flow = _truth_flows(truth or {}, "flow")
         realised = true_flow.reindex_like(predictions["mean"]) if true_flow is not None else None
-        covered = (
-            f"share of the realised true flows inside the 90% predictive interval "
-            f"{flow_metrics(realised, predictions)['coverage_90']:.1%}"
-            if realised is not None
-            else f"share of true μ inside the 90% predictive interval {rec['coverage_90']:.1%}"
-        )
-        sections.append(
-            "<h3>Recovery of the true expected flows</h3>"
-            "<p>True expected flows μ (persons, population scale, before sampling noise) of "
-            "every pair against the population-scale posterior mean: "
-            f"CPC {rec['cpc']:.3f}, Pearson r on log(1+flow) {rec['pearson_log']:.3f}; "
-            f"{covered}.</p>"
-        )
         groups = recovery_table(mu, predictions, data, truth or {}, realised=realised)
-        if not groups.empty:
-            sections.append(
-                "<p>By the data available for the pair (within-country pairs by their country's "
-                "sources; cross-border pairs as one group, whichever source observes some of "
-                "them). <i>predicted / true total</i> "
-                "is Σ posterior mean / Σ μ; coverage is the share of the "
-                + ("realised true flows" if realised is not None else "true μ")
-                + " inside the 90% predictive interval (nominal 90%).</p>"
-            )
-            sections.append(_table_html(groups))
-    share_rows = _market_share_recovery(model, truth) if truth is not None else None
-    if share_rows:
-        sections.append(
-            "<h3>Operator market share (CDR)</h3><p>"
-            + " ".join(html.escape(r) for r in share_rows)
-            + "</p>"
-        )
+        recovery = {
+            "cpc": f"{rec['cpc']:.3f}",
+            "pearson": f"{rec['pearson_log']:.3f}",
+            "covered": (
+                "share of the realised true flows inside the 90% predictive interval "
+                f"{flow_metrics(realised, predictions)['coverage_90']:.1%}"
+                if realised is not None
+                else f"share of true μ inside the 90% predictive interval {rec['coverage_90']:.1%}"
+            ),
+            "against": "realised true flows" if realised is not None else "true μ",
+            "groups": _table(groups) if not groups.empty else None,
+        }
+    share_rows = _market_share_recovery(model, truth) if truth is not None else []
 
-    meta = {
-        "flowmodel_version": __version__,
-        "generated": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "units": n_units,
-        "countries": ", ".join(countries[:20]) + (" …" if len(countries) > 20 else ""),
-        "flow source": source or "–",
+    provenance = [
+        ("flowmodel version", __version__),
+        ("generated", _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ("units", f"{n_units:,}"),
+        ("countries", ", ".join(countries[:20]) + (" …" if len(countries) > 20 else "")),
+        ("flow source", source or "–"),
+    ]
+    files = []
+    if attrs.get("input_files"):
+        with contextlib.suppress(Exception):
+            files = json.loads(attrs["input_files"])
+    skip = {"input_files", "period", "time_coverage_start", "time_coverage_end"}
+    provenance += [(str(k), str(v)) for k, v in attrs.items() if k not in skip]
+    context = {
+        "title": title,
+        "period": period,
+        "period_known": period != DEFAULT_PERIOD,
+        "n_units": n_units,
+        "n_countries": len(countries),
+        "notes": notes,
+        "banner": banner,
+        "summary": summary_tables(totals, predictions, data, observed=observed_pop),
+        "has_totals": totals is not None,
+        "maps": map_layers(
+            data,
+            predictions,
+            units_geometry=units_geometry,
+            totals=totals,
+            top_k=top_k,
+            observed=observed_pop,
+        ),
+        "coverage": data_coverage(data),
+        "figures": figures,
+        "metrics": _table(_metrics_frame(metrics)) if metrics is not None else None,
+        "sample_scale": scale_note != "",
+        "fraction": fraction,
+        "cv": cv_context,
+        "parameters": parameters,
+        "truth": true_vs_estimated,
+        "recovery": recovery,
+        "market_share": share_rows,
+        "provenance": provenance,
+        "input_files": files,
+        "version": __version__,
     }
-    meta.update({k: v for k, v in (attrs or {}).items() if k not in meta})
-    header = "".join(
-        f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}<br>" for k, v in meta.items()
-    )
-    note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
-    page = (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='meta'>{header}</p>"
-        f"{note_html}{''.join(sections)}"
-        "<hr><p class='meta'>Flows are persons moving from origin to destination over the period of the "
-        "input data; intervals are equal-tailed posterior predictive quantiles. Generated by flowmodel "
-        f"{html.escape(__version__)}.</p></body></html>"
-    )
+    page = render_report(context)
     path = out / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -80,7 +80,8 @@ def test_write_flows_round_trip(tmp_path, world, name):
     assert list(back["origin"].values) == list(pred["origin"].values)
     for key in ("flowmodel_version", "config_hash", "seed", "data_sources"):
         assert back.attrs[key] == _attrs()[key]
-    assert back["mean"].attrs["units"] == "persons"
+    assert back["mean"].attrs["units"] == "1"  # CF: a count of persons is dimensionless
+    assert "number of persons" in back["mean"].attrs["long_name"]
     # also identical through plain xarray
     if name.endswith(".nc"):
         plain = xr.load_dataset(path)
@@ -210,7 +211,14 @@ def test_write_flows_csv_round_trip(tmp_path, world):
     table, meta = read_flows_csv(path)
     n = ds.sizes["unit"]
     assert len(table) == n * (n - 1)
-    assert list(table.columns[:8]) == ["origin", "destination", *QVARS]
+    assert list(table.columns[:10]) == [
+        "origin",
+        "destination",
+        "origin_country",
+        "destination_country",
+        *QVARS,
+    ]
+    assert (table["period"] == "unspecified (the census window)").all()
     merged = table.set_index(["origin", "destination"])
     for var in QVARS:
         expected = pred[var].to_series()

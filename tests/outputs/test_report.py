@@ -152,7 +152,8 @@ def test_report_with_fitted_gravity_model(tmp_path):
     row = tt.set_index("parameter").loc["beta[log_distance]"]
     assert row["estimate"] == pytest.approx(truth["beta"]["log_distance"], abs=0.2)
     assert tt["covered"].notna().sum() >= 5
-    assert plot_posterior_prior(model.idata) is None  # no prior group in a plain fit
+    assert plot_posterior_prior(model.idata) is not None  # fit stores the prior group
+    assert "Approximate fit (laplace)" in html  # the banner flags the Laplace fit
     assert isinstance(cv, pd.DataFrame)
 
 
