@@ -249,7 +249,7 @@ def totals_draws(
     if need_pairs and not ctx.sparse:
         onehot = np.zeros((ctx.n, k))
         onehot[np.arange(ctx.n), country_index] = 1.0
-    size = int(block_size or ctx.block_size())
+    size = ctx.aligned(int(block_size)) if block_size else ctx.block_size()
     blocks = block_ranges(ctx.n_rows, size)
     unit = "pair block" if ctx.sparse else "origin block"
     with progress_bar(total=len(blocks), desc="totals", unit=unit, progress=progress) as bar:

@@ -198,7 +198,7 @@ CONFIG_CASES = [
         "universe-national",
         lambda d, w: _opts(w, '{ universe = "national" }'),
         ConfigError,
-        r"\[flows\.census\.options\] universe: expected one of 'within', 'destination' or 'all', "
+        r"\[flows\.census\.options\] universe: expected one of 'within', 'destination', 'abroad' or 'all', "
         r"got 'national'",
     ),
     Case(

@@ -199,7 +199,10 @@ def test_population_clustered_and_covariates_correlated(world):
 
 def test_units_valid_contiguous_countries_share_borders(world):
     units = world.units()
-    assert list(units.columns) == ["unit_id", "country", "geometry"]
+    assert list(units.columns) == ["unit_id", "country", "admin1", "geometry"]
+    # admin-1 regions nest in countries
+    assert (units.groupby("admin1")["country"].nunique() == 1).all()
+    assert all(a.startswith(c) for a, c in zip(units["admin1"], units["country"], strict=True))
     assert units.crs.to_epsg() == 4326
     assert units["unit_id"].is_unique and len(units) == 120
     assert units.geometry.is_valid.all() and (units.geometry.geom_type == "Polygon").all()
@@ -302,27 +305,37 @@ def test_glm_recovers_world_coefficients(world):
 
 
 def test_census_files(world):
+    """The census records what real censuses record (IPUMS-style previous residence)."""
     truth = world.truth
     units = world.units().set_index("unit_id")
-    persons = pd.read_csv(world.paths["census_persons"])
+    persons = pd.read_csv(world.paths["census_persons"], keep_default_na=False)
     assert list(persons.columns) == [
         "person_id",
         "current_unit",
         "previous_unit",
+        "previous_admin1",
+        "previous_country",
         "weight",
         "age",
         "sex",
     ]
     assert persons["person_id"].is_unique
     cur_country = units.loc[persons["current_unit"], "country"].to_numpy()
-    prev_country = units.loc[persons["previous_unit"], "country"].to_numpy()
+    prev_country = persons["previous_country"].to_numpy()
     assert set(cur_country) == set(truth["census_countries"])
     # the census universe: everyone living in a census country, in-migrants from abroad too
     assert truth["census_universe"] == "destination"
+    assert truth["census_immigrant_level"] == "country"
     abroad = cur_country != prev_country
-    assert set(prev_country[abroad]) == set(truth["countries"])
+    assert set(prev_country[abroad]) == set(truth["countries"]) - set()  # every country sends
     assert 0.05 < abroad.mean() < 0.5
-    movers = persons["current_unit"] != persons["previous_unit"]
+    # people who lived abroad: previous country only; internal movers and stayers: the unit
+    assert (persons.loc[abroad, "previous_unit"] == "").all()
+    assert (persons.loc[abroad, "previous_admin1"] == "").all()
+    assert (persons.loc[~abroad, "previous_unit"] != "").all()
+    same_admin1 = units.loc[persons.loc[~abroad, "previous_unit"], "admin1"].to_numpy()
+    np.testing.assert_array_equal(same_admin1, persons.loc[~abroad, "previous_admin1"])
+    movers = abroad | (persons["current_unit"] != persons["previous_unit"]).to_numpy()
     assert movers.sum() > 1000 and (~movers).sum() > 1000
     f = truth["sample_fraction"]
     assert persons.loc[movers, "weight"].median() == pytest.approx(1 / f, rel=0.02)
@@ -335,13 +348,17 @@ def test_census_files(world):
     )
     assert movers.sum() == pytest.approx(f * flows.loc[in_census, "flow"].sum(), rel=0.03)
 
+    # internal movers by previous unit, within each census country
     od = pd.read_csv(world.paths["census_od"], dtype={"count": str})
     assert list(od.columns) == ["origin", "destination", "count"]
     assert (od["origin"] != od["destination"]).all()
+    o_c = units.loc[od["origin"], "country"].to_numpy()
+    assert (o_c == units.loc[od["destination"], "country"].to_numpy()).all()
     assert (od["count"] == "<5").sum() > 10
     numeric = od.loc[od["count"] != "<5", "count"].astype(int)
     assert not numeric.between(1, 4).any()
-    counts = persons.loc[movers].groupby(["previous_unit", "current_unit"]).size()
+    internal = movers & ~abroad
+    counts = persons.loc[internal].groupby(["previous_unit", "current_unit"]).size()
     key = pd.MultiIndex.from_arrays([od["origin"], od["destination"]])
     sample = counts.reindex(key, fill_value=0).to_numpy()
     shown = od["count"] != "<5"
@@ -349,7 +366,42 @@ def test_census_files(world):
         sample[shown.to_numpy()], od.loc[shown, "count"].astype(int).to_numpy()
     )
     assert sample[~shown.to_numpy()].min() >= 1 and sample[~shown.to_numpy()].max() <= 4
-    assert sample.sum() == movers.sum()
+    assert sample.sum() == internal.sum()
+
+    # immigrants by previous country x current unit: every other country, every census unit
+    imm = pd.read_csv(world.paths["census_immigrants"], dtype={"count": str})
+    assert list(imm.columns) == ["previous_country", "current_unit", "count"]
+    n_census_units = int(units["country"].isin(truth["census_countries"]).sum())
+    assert len(imm) == n_census_units * (len(truth["countries"]) - 1)
+    assert (units.loc[imm["current_unit"], "country"].to_numpy() != imm["previous_country"]).all()
+    counts = persons.loc[abroad].groupby(["previous_country", "current_unit"]).size()
+    key = pd.MultiIndex.from_arrays([imm["previous_country"], imm["current_unit"]])
+    sample = counts.reindex(key, fill_value=0).to_numpy()
+    shown = imm["count"] != "<5"
+    np.testing.assert_array_equal(
+        sample[shown.to_numpy()], imm.loc[shown, "count"].astype(int).to_numpy()
+    )
+    assert sample.sum() == abroad.sum()
+
+
+def test_census_previous_admin1_and_unit_level_immigrants(tmp_path):
+    """Options: internal movers by previous admin-1 only; immigrants by previous unit (legacy)."""
+    w = simulate_world(tmp_path / "a", seed=1, census_previous_level="admin1", **SMALL)
+    units = w.units().set_index("unit_id")
+    assert {"admin1"} <= set(units.columns)
+    od = pd.read_csv(w.paths["census_od"], dtype={"count": str})
+    assert od["origin"].isin(set(units["admin1"])).all()  # previous admin-1 x current unit
+    assert (units.loc[od["destination"], "admin1"].to_numpy() != od["origin"].to_numpy()).all()
+    persons = pd.read_csv(w.paths["census_persons"], keep_default_na=False)
+    moved = persons["current_unit"] != persons["previous_unit"]
+    assert (persons.loc[moved, "previous_unit"] == "").all()  # only the region is recorded
+    legacy = simulate_world(tmp_path / "b", seed=1, census_immigrant_level="unit", **SMALL)
+    od = pd.read_csv(legacy.paths["census_od"], dtype={"count": str})
+    c = legacy.units().set_index("unit_id")["country"]
+    assert (c.loc[od["origin"]].to_numpy() != c.loc[od["destination"]].to_numpy()).any()
+    assert len(pd.read_csv(legacy.paths["census_immigrants"])) == 0
+    with pytest.raises(ValueError, match="census_previous_level='county'"):
+        simulate_world(tmp_path / "c", census_previous_level="county", **SMALL)
 
 
 def test_cdr_files(world):
@@ -510,19 +562,35 @@ def test_world_builds_a_valid_flow_dataset(world):
         max=np.where(censored, 4.0, np.nan),
         min=np.where(censored, 1.0, np.nan),
     )
-    ds = build_dataset(units, covariates=cov, flows={"census": census})
+    imm = pd.read_csv(world.paths["census_immigrants"], dtype={"count": str})
+    imm_censored = imm["count"] == "<5"
+    immigrants = pd.DataFrame(
+        {
+            "origin": imm["previous_country"],
+            "destination": imm["current_unit"],
+            "count": pd.to_numeric(imm["count"].where(~imm_censored)),
+            "max": np.where(imm_censored, 4.0, np.nan),
+            "min": np.where(imm_censored, 1.0, np.nan),
+        }
+    )
+    immigrants.attrs.update(origin_level="country", destination_level="unit")
+    ds = build_dataset(units, covariates=cov, flows={"census": census, "abroad": immigrants})
     assert ds.sizes["unit"] == 120
+    assert ds["flow_abroad"].dims == ("cell_abroad",) and ds.sizes["cell_abroad"] == len(imm)
+    assert ds["admin1"].dims == ("unit",)
     np.testing.assert_allclose(
         ds["population"].values, cov.reindex(ds["unit"].values)["population"]
     )
     observed = int(ds["flow_census"].notnull().sum()) + int(ds["flow_census_max"].notnull().sum())
     assert observed == len(od)
     assert float(ds["flow_census_min"].max()) == 1.0
-    # the census observes flows into its countries, from everywhere
+    # the internal table observes pairs within the census countries; the immigrants' table
+    # observes sums over every unit of every other country
     into = np.any(ds["flow_census"].notnull().values, axis=0)
     assert set(np.unique(ds["country"].values[into])) == set(world.truth["census_countries"])
     out_of = np.any(ds["flow_census"].notnull().values, axis=1)
-    assert set(np.unique(ds["country"].values[out_of])) == set(world.truth["countries"])
+    assert set(np.unique(ds["country"].values[out_of])) == set(world.truth["census_countries"])
+    assert set(ds["cell_abroad_origin"].values) == set(world.truth["countries"])
 
 
 @pytest.mark.integration

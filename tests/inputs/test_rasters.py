@@ -445,8 +445,9 @@ def test_south_up_raster_gives_same_sums(tmp_path, grid_raster):
     pd.testing.assert_frame_equal(north, south, rtol=1e-12)
 
 
-def test_rasters_on_different_grids_and_progress_bar(tmp_path, grid_raster, capsys):
+def test_rasters_on_different_grids_and_progress_bar(tmp_path, grid_raster, capsys, monkeypatch):
     path, data = grid_raster
+    monkeypatch.setattr("flowmodel.progress._interactive", lambda stream: True)  # draw the bar
     coarse = data.reshape(5, 2, 5, 2).mean(axis=(1, 3)).astype(np.float32)  # 0.02 deg cells
     with rasterio.open(
         tmp_path / "coarse.tif",
