@@ -6,7 +6,9 @@ import (numpy, xarray, PyMC, dask) happens inside the commands, so
 
 Exit codes: 0 success; 2 bad input (a config, an input file or a dataset that
 breaks the data contract: any :class:`~flowmodel.exceptions.FlowModelError`,
-and command-line usage errors); 1 any other failure; 130 interrupted. The
+and command-line usage errors); 1 any other failure, a fit that produced no
+usable posterior (:class:`~flowmodel.exceptions.FitFailedError`) included; 130
+interrupted. The
 reason is printed as one line on stderr (``-v`` adds the traceback).
 """
 
@@ -178,12 +180,17 @@ def _error(message: str) -> None:
 @contextmanager
 def _guard() -> Iterator[None]:
     """Turn exceptions into one-line messages and the documented exit codes."""
-    from flowmodel.exceptions import FlowModelError
+    from flowmodel.exceptions import FitFailedError, FlowModelError
 
     try:
         yield
     except typer.Exit:
         raise
+    except FitFailedError as err:  # the inputs were fine; the fit produced no usable posterior
+        if _STATE["verbosity"] > 0:
+            traceback.print_exc()
+        _error(str(err))
+        raise typer.Exit(EXIT_FAILURE) from None
     except FlowModelError as err:
         if _STATE["verbosity"] > 0:
             traceback.print_exc()

@@ -223,7 +223,31 @@ def _flow_variables(
             dims,
             _long_to_matrix(table, "exposure", ids, periods, source),
         )
+    if "class" in table.columns:
+        # the class of each report (e.g. an undercount class of the reporting country)
+        out[f"class_{source}"] = (dims, _long_to_labels(table, "class", ids, periods))
     return out, periods
+
+
+def _long_to_labels(
+    table: pd.DataFrame, column: str, ids: pd.Index, periods: pd.Index | None
+) -> np.ndarray:
+    """A text column of a long table as an (origin, destination[, period]) array ("" = none)."""
+    n = len(ids)
+    pos = pd.Series(np.arange(n), index=ids)
+    o = pos.reindex(table["origin"].to_numpy()).to_numpy().astype(int)
+    d = pos.reindex(table["destination"].to_numpy()).to_numpy().astype(int)
+    shape = (n, n) if periods is None else (n, n, len(periods))
+    out = np.full(shape, "", dtype=object)
+    values = table[column].astype(str).to_numpy()
+    if periods is None:
+        out[o, d] = values
+    else:
+        p = pd.Series(np.arange(len(periods)), index=periods)
+        out[o, d, p.reindex(table["period"].astype(str).to_numpy()).to_numpy().astype(int)] = (
+            values
+        )
+    return out.astype(str)
 
 
 def _table_levels(table: Any) -> tuple[str, str]:

@@ -185,6 +185,21 @@ def test_flowmodel_error_in_a_stage_exits_2(tmp_path: Path, capsys, monkeypatch)
     assert err.strip().splitlines()[-1] == "flowmodel: error: variable 'population': NaN"
 
 
+def test_failed_fit_stops_the_run_with_exit_1_and_no_later_stage(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A fit without a usable posterior (e.g. a Laplace mode at a boundary) stops the run."""
+    from flowmodel.exceptions import FitFailedError
+
+    calls = install_fake_stages(
+        monkeypatch, fail={"fit": FitFailedError("Laplace: the mode of ['sigma_country'] ...")}
+    )
+    code, _, err = run_cli(capsys, "run", str(make_project(tmp_path)))
+    assert code == EXIT_FAILURE
+    assert err.strip().splitlines()[-1].startswith("flowmodel: error: Laplace: the mode")
+    assert calls["predict"] == calls["evaluate"] == calls["report"] == 0
+
+
 def test_validate_command(tmp_path: Path, capsys) -> None:
     path = make_project(tmp_path)
     code, out, _ = run_cli(capsys, "validate", str(path))

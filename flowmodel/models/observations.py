@@ -599,16 +599,14 @@ class ScaleFactor:
                 f"{self.name} of source '{self.source}' is given per class {classes}, but the "
                 f"dataset has no 'class_{self.source}'. Fix: add a 'class' column to the flow table"
             )
-        unknown = sorted(set(cells.cell_class) - set(classes))
+        unknown = sorted(str(c) for c in set(cells.cell_class) - set(classes))
         if unknown:
             raise ModelConfigError(
                 f"{self.name} of source '{self.source}': classes {unknown} of the data have no "
                 f"prior (priors given for {classes}). Fix: add them to the {self.name} option"
             )
         pm.modelcontext(None).add_coords({self.class_dim: classes})
-        factors = [
-            create_prior(f"{self.node}[{c}]", spec[c] if self.per_class else spec) for c in classes
-        ]
+        factors = [create_prior(f"{self.node}_{c}", spec[c]) for c in classes]
         vec = pm.Deterministic(self.node, pt.stack(factors), dims=self.class_dim)
         idx = np.searchsorted(classes, cells.cell_class)
         return pt.log(vec)[idx]
