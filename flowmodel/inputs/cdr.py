@@ -2814,7 +2814,10 @@ def write_cdr_outputs(result: CDRFlows, out_dir: str | os.PathLike[str]) -> dict
     """Write the redacted tables of ``result`` atomically as CSV into ``out_dir``.
 
     Files: ``cdr_flows.csv``, ``cdr_totals.csv``, ``cdr_subscribers.csv``,
-    ``cdr_covariates.csv``. Returns ``{"flows": path, ...}``.
+    ``cdr_covariates.csv``, and for raw events ``cdr_diagnostics.csv``,
+    ``cdr_home_rule.csv``, ``cdr_hour_profile.csv`` and ``cdr_settings.json``
+    (all published by the rule for totals and logs). Returns
+    ``{"flows": path, ...}``.
 
     Raises
     ------
@@ -2842,11 +2845,23 @@ def write_cdr_outputs(result: CDRFlows, out_dir: str | os.PathLike[str]) -> dict
         "totals": result.totals,
         "subscribers": result.subscribers,
         "covariates": result.covariates.reset_index(),
+        "diagnostics": result.diagnostics,
+        "home_rule": result.home_rule,
+        "hour_profile": result.hour_profile,
     }
     paths = {}
     for name, table in tables.items():
+        if name in ("diagnostics", "home_rule", "hour_profile") and table.empty:
+            continue
         path = out_dir / f"cdr_{name}.csv"
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
         paths[name] = path
+    if result.settings:
+        import json
+
+        path = out_dir / "cdr_settings.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result.settings, indent=2, default=str) + "\n")
+        paths["settings"] = path
     return paths
