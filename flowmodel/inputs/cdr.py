@@ -2051,21 +2051,14 @@ class _Disclosure:
         before = self.periods[k - 1] if k > 0 else None
         t_cap = float(self.threshold)
         left = {}
-        for side, other, subs_period, col in (
-            ("origin", "destination", before, "outflow"),
-            ("destination", "origin", period, "inflow"),
+        for side, subs_period, col in (
+            ("origin", before, "outflow"),
+            ("destination", period, "inflow"),
         ):
-            # caps from line totals of 15 or fewer: the cells of released crossing lines may
-            # take their whole share of them
-            cap = _line_caps(f, side, t, col, None, None, self.threshold)
-            crossing = in_line[other]
-            y = np.fmin(t_cap, _share_of(f, crossing, side, cap))
-            rest = cap.sub(_line_usage(f, crossing, side, y), fill_value=0)
-            # caps from subscriber counts (loose where units have stayers): the cells of
-            # released lines hold their redacted sum spread evenly
-            sub_cap = _line_caps(f, side, None, col, self.subs, subs_period, self.threshold)
-            sub_rest = sub_cap.sub(_line_usage(f, fixed, side, need), fill_value=0)
-            left[side] = np.minimum(rest, sub_rest.reindex(rest.index).fillna(np.inf)).clip(0)
+            # caps on a line's redacted sum, from its total (15 or fewer) and its subscribers;
+            # the cells of released crossing lines hold their line's redacted sum spread evenly
+            cap = _line_caps(f, side, t, col, self.subs, subs_period, self.threshold)
+            left[side] = cap.sub(_line_usage(f, fixed, side, need), fill_value=0).clip(lower=0)
         capacity = np.fmin(
             t_cap,
             np.fmin(

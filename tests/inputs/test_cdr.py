@@ -1313,8 +1313,8 @@ def test_home_detection_defaults_from_the_data(activity_world, caplog):
         # the sparse log needs more nights; most subscriber-months still get a home, far
         # more than with the old fixed 5 nights (which also cost nothing in accuracy)
         assert m >= 3 and got["coverage"] > 0.6
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
             old = detect_homes(
                 activity_world.paths["cdr_events"],
                 tu,
@@ -1323,6 +1323,9 @@ def test_home_detection_defaults_from_the_data(activity_world, caplog):
                 night=(19, 7),
                 min_active_days=5,
             )
+        assert any(
+            "most subscribers active at night get no home" in str(w.message) for w in record
+        )
         assert got["coverage"] > 1.5 * _against_truth(activity_world, old)["coverage"]
         # the subscribers it cannot locate in two consecutive months are missing from the
         # counts: about half of the true moves (a measured finding, see docs/census_cdr.md)
@@ -1330,3 +1333,55 @@ def test_home_detection_defaults_from_the_data(activity_world, caplog):
     else:
         assert m <= 2 and got["coverage"] > 0.97
         assert got["moves"] == pytest.approx(got["true_moves"], rel=0.1)
+
+
+@pytest.mark.integration
+def test_diagnostics_published_with_the_result(activity_world, caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="flowmodel.inputs.cdr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = cdr_flows(
+            activity_world.paths["cdr_events"],
+            activity_world.paths["cdr_towers"],
+            activity_world.units(),
+            timezone=activity_world.truth["timezone"],
+        )
+    d = res.diagnostics.pivot(index="period", columns="statistic", values="value")
+    months = activity_world.truth["cdr_periods"]
+    assert list(d.index) == months
+    assert set(d.columns) >= {
+        "events",
+        "active_subscribers",
+        "subscribers_with_home",
+        "share_with_home",
+        "median_active_nights",
+        "events_per_active_subscriber",
+        "relocations",
+        "relocations_released",
+        "cells_released",
+        "cells_redacted",
+    }
+    share = d["share_with_home"]
+    assert share.between(0, 1).all()
+    nights = d["median_active_nights"]
+    if activity_world.truth.get("cdr_activity") is not None:
+        assert share.mean() < 0.9 and nights.between(3, 6).all()
+    else:
+        assert share.mean() > 0.95 and nights.between(8, 13).all()
+    # relocations per relocation period: rounded, at least the released cells
+    moved = d["relocations"].dropna()
+    assert (
+        list(moved.index) == months[1:]
+        and (moved >= d.loc[moved.index, "relocations_released"] - 50).all()
+    )
+    # the home rule: share with a home falls and the spurious share with min_active_days
+    rule = res.home_rule.set_index("min_active_days")
+    assert (
+        rule["used"].sum() == 1 and rule.index[rule["used"]][0] == res.settings["min_active_days"]
+    )
+    assert rule["share_with_home"].dropna().is_monotonic_decreasing
+    assert res.settings["night"] == (21, 6) and res.hour_profile["night"].sum() == 9
+    assert re.search(r"CDR homes: about [\d,]+ subscriber-period\(s\) with a home", caplog.text)
+    assert re.search(r"CDR relocation OD: about [\d,]+ relocation\(s\) in 3 period", caplog.text)
+    paths = write_cdr_outputs(res, tmp_path)
+    assert {"diagnostics", "home_rule", "hour_profile", "settings"} <= set(paths)
