@@ -488,14 +488,17 @@ class _MalformedRows:
 
 
 def _renumber(rows: list[int], malformed: list[int]) -> list[int]:
-    """Row numbers counted over the rows read -> data-row numbers of the file (skipped rows back)."""
+    """Row numbers counted over the rows read -> data-row numbers of the file (skipped rows back).
+
+    The data row of read row ``r`` is the ``a`` with ``a - (malformed rows <= a) = r``.
+    """
+    skipped = np.sort(np.asarray(malformed, dtype=np.int64))
     out = []
     for r in rows:
-        actual = r
-        for m in malformed:  # sorted
-            if m <= actual:
-                actual += 1
-        out.append(actual)
+        a = r
+        while (nxt := r + int(np.searchsorted(skipped, a, side="right"))) != a:
+            a = nxt
+        out.append(a)
     return out
 
 
@@ -751,6 +754,7 @@ _CORE_END = _NIGHT_ENDS[0]
 _N_BUCKETS = 1 + (24 - _NIGHT_STARTS[0]) + (_NIGHT_ENDS[-1] - _CORE_END)
 _PROFILE_KEYS = 1 << 18  # distinct (subscriber, tower, hour) keys kept for the hour profile
 _PROFILE_MIN_EVENTS, _PROFILE_MIN_SUBSCRIBERS = 1_000, 100
+_PROFILE_MIN_EVENTS_PER_SUBSCRIBER = 5  # a usual tower needs a few events
 _PROFILE_MIN_CONTRAST = 0.05  # share at the usual tower, inside minus outside the window
 
 
@@ -914,8 +918,13 @@ class _HourSample:
             s_first[0] = True
             s_first[1:] = s_code[order][1:] != s_code[order][:-1]
             usual = pd.Series(s_tower[order][s_first], index=s_code[order][s_first])
+            # only subscribers with enough events to have a usual tower
+            per_sub = pd.Series(self.counts).groupby(code).sum()
+            usual = usual[per_sub.reindex(usual.index) >= _PROFILE_MIN_EVENTS_PER_SUBSCRIBER]
             n_subs = len(usual)
-            at = tower == usual.reindex(code).to_numpy()
+            kept = np.isin(code, usual.index.to_numpy())
+            events = np.bincount(hour[kept], weights=self.counts[kept], minlength=24)
+            at = kept & (tower == usual.reindex(code).to_numpy())
             at_usual = np.bincount(hour[at], weights=self.counts[at], minlength=24)
         table = pd.DataFrame(
             {"hour": np.arange(24), "events": events[:24], "at_usual_tower": at_usual[:24]}
@@ -1921,12 +1930,13 @@ def _protect_totals(
             if col not in out.columns:
                 continue
             lines = f[side].to_numpy()
+            members = pd.Series(np.arange(len(f))).groupby(lines).indices
             rows = {}
             for i in at:  # the band test: R alone leaves every redacted cell its range
                 unit, value = out["unit_id"].iat[i], out[col].iat[i]
-                if np.isnan(value):
+                if np.isnan(value) or unit not in members:
                     continue
-                idx = np.flatnonzero(lines == unit)
+                idx = members[unit]
                 h = idx[hidden[idx]]
                 known = float(np.nansum(count[idx]))
                 ok = _keeps_ranges(value, value, known, np.zeros(len(h)), highs_all[h], "sum")

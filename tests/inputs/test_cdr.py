@@ -848,7 +848,7 @@ def test_totals_that_would_narrow_a_redacted_cell_are_suppressed(cells, why):
 def test_totals_that_leave_every_cell_its_range_are_released():
     # A's two redacted cells hold 15 (of at most 2 x 15): each can still be anything in 0..15
     cells = {("A", "B"): 20, ("A", "C"): 9, ("A", "D"): 6, ("B", "C"): 40}
-    flows, tot = _release(_od(cells, units=("A", "B", "C", "D")))
+    _, tot = _release(_od(cells, units=("A", "B", "C", "D")))
     assert tot.set_index("unit_id").loc["A", "outflow"] == 35
     # the inflow of C holds redacted A -> C, whose row total is released: the two equations
     # together could pin it, so C's inflow is withheld although it alone would be safe
@@ -1053,7 +1053,6 @@ def _pinning_sums(true: pd.DataFrame, released: pd.DataFrame, threshold: int = 1
     period and the whole table, released sum + redacted sum when there is one redacted
     cell, or they are all 0, or all at the threshold."""
     merged = true.merge(released, on=["origin", "destination", "period"], suffixes=("", "_r"))
-    hidden = merged["count_r"].isna()
     groups = [["origin", "period"], ["destination", "period"], ["period"]]
     out = set()
     for keys in [*groups, None]:
