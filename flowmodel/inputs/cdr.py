@@ -9,9 +9,10 @@ plugs straight into :func:`flowmodel.dataset.build_dataset` as
   ``cell_id``; Parquet, CSV, Arrow IPC, a pyarrow Table or a DataFrame) and
   tower locations (``cell_id``, ``lon``, ``lat``) -> towers assigned to units
   (:func:`assign_towers`, point-in-polygon or Voronoi cells clipped to units)
-  -> home unit per subscriber and period (:func:`detect_homes`: modal
-  night-time unit among subscribers active on enough days) -> relocation OD
-  between consecutive periods (:func:`relocation_od`) -> redaction.
+  -> home unit per subscriber and period (:func:`detect_homes`: the clear
+  modal night-time unit, with the night window and the nights it needs chosen
+  from the data) -> relocation OD between consecutive periods
+  (:func:`relocation_od`) -> redaction.
 * :func:`read_cdr_od` — an operator's pre-aggregated, redacted OD table
   (FlowKit style: cells with 15 or fewer subscribers dropped or marked).
 
@@ -24,7 +25,10 @@ subscribers (OD cells, in/out totals, subscribers per unit) is redacted
 before anything leaves this module: ``count`` NaN and ``max`` = the
 threshold. Raising ``threshold`` is free; going below 15 needs
 ``allow_small_cells=True`` and warns. In/out totals are summed before
-redaction and suppressed when they would reveal their row's redacted cells.
+redaction. Everything else this module prints or returns - totals, subscriber
+counts, logs, warnings, ``report``, ``diagnostics`` - follows one rule
+(:func:`_keeps_ranges`, ``docs/privacy.md``): it is published only when,
+with the released tables, it leaves every redacted cell its whole range.
 
 Why pyarrow (not polars or duckdb): it is already a dependency (Parquet,
 GeoParquet, pandas' string columns), streams Parquet/CSV/IPC record batches
@@ -45,6 +49,8 @@ t-1 and t is labelled t):
   ``cdr_subscribers_max`` — subscribers with a detected home in the unit.
 * ``covariates``: indexed by unit id: ``cdr_subscribers`` (mean over periods)
   and, when population is known, ``cdr_subscribers_per_resident``.
+* ``diagnostics``, ``home_rule``, ``hour_profile``, ``settings``: what the
+  home detection saw and chose (see :func:`relocation_od`).
 """
 
 from __future__ import annotations
