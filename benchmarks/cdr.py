@@ -147,8 +147,11 @@ def run(data: Path, cores: int, batch_size: int) -> dict:
         "rss_before_mb": round(rss0 / 1024),
         "cores": cores,
         "batch_size": batch_size,
-        "subscribers": result.report["subscribers"],
-        "relocations": result.report["relocations"],
+        # counts of subscribers are published rounded (docs/privacy.md)
+        "subscribers_about": result.report["subscribers"],
+        "relocations_about": result.report["relocations"],
+        "night": result.settings.get("night"),
+        "min_active_days": result.settings.get("min_active_days"),
         "od_rows": len(result.flows),
         "od_cells_above_threshold": int(result.flows["count"].notna().sum()),
     }

@@ -274,6 +274,11 @@ NIGHT_HOURS: tuple[int, int] = (21, 6)
 DAY_HOURS: tuple[int, int] = (8, 18)
 #: Default panel size of :func:`simulate_world` per unit of the CDR countries.
 SUBSCRIBERS_PER_CDR_UNIT = 330
+#: Median nights a month with at least one night-time event of a subscriber in the default
+#: world: the median daily activity of Beta(4, 4) (0.5) x the chance that an active day,
+#: with 1 + Poisson(0.6) events each at night with probability 0.55, has a night event
+#: (1 - 0.45 exp(-0.6 x 0.55)) x the mean days per month (about 10.3 nights).
+DEFAULT_CDR_ACTIVITY = 0.5 * (1.0 - 0.45 * float(np.exp(-0.6 * 0.55))) * 365.25 / 12
 #: Years covered by the true flows (census "residence five years ago").
 FLOW_YEARS = 5.0
 
@@ -766,6 +771,7 @@ def simulate_world(
     census_previous_level: str = "unit",
     census_immigrant_level: str = "country",
     cdr_scale: float = 0.25,
+    cdr_activity: float | None = None,
     persons_per_tower: float = 40_000.0,
     start: str = "2024-01-01",
     bbox: tuple[float, float, float, float] = WORLD_BBOX,
@@ -842,6 +848,14 @@ def simulate_world(
     cdr_scale
         Share of the operator's relocating subscribers that the panel holds;
         folded into ``period_effect``.
+    cdr_activity
+        Median number of nights a month on which a subscriber has at least one
+        night-time event (about :data:`DEFAULT_CDR_ACTIVITY` = 10.3 when None).
+        A number scales every subscriber's daily activity by
+        ``cdr_activity / DEFAULT_CDR_ACTIVITY`` (capped at every day), e.g. 4 for a
+        sparse log of one operator whose median subscriber calls on 4 nights a
+        month; recorded as ``cdr_activity`` in ``truth.json``. None (default)
+        leaves the world byte-identical to earlier versions.
     persons_per_tower
         Residents per cell tower (towers are placed where people live).
     start
@@ -885,6 +899,10 @@ def simulate_world(
         raise ValueError(f"sample_fraction={sample_fraction}: must be in (0, 1]")
     if n_periods < 2:
         raise ValueError(f"n_periods={n_periods}: CDR relocations need at least 2 months")
+    if cdr_activity is not None and not 0 < cdr_activity <= 20:
+        raise ValueError(
+            f"cdr_activity={cdr_activity}: the median active nights a month must be in (0, 20]"
+        )
     if census_universe not in ("within", "destination"):
         raise ValueError(f"census_universe={census_universe!r}: must be 'within' or 'destination'")
     if census_previous_level not in ("unit", "admin1"):
@@ -1043,7 +1061,7 @@ def simulate_world(
         built_up=cov["built_up"].to_numpy() if "built_up" in cov else np.zeros(n_units),
         population=cov["population"].to_numpy(), people=people, transform=pop_transform,
         unit_index=unit_index, n_subscribers=n_subscribers, n_periods=n_periods, cdr_scale=cdr_scale,
-        persons_per_tower=persons_per_tower, start=start,
+        persons_per_tower=persons_per_tower, start=start, cdr_activity=cdr_activity,
     )  # fmt: skip
     _csv(cdr["towers"], paths["cdr_towers"])
     _csv(cdr["homes"], paths["true_cdr_homes"])
@@ -1074,6 +1092,7 @@ def simulate_world(
         "n_subscribers": int(cdr["n_subscribers"]),
         "n_cdr_movers": int(cdr["n_movers"]),
         "n_cdr_events": len(cdr["events"]["timestamp"]),
+        **({} if cdr_activity is None else {"cdr_activity": float(cdr_activity)}),
         "utc_offset_hours": UTC_OFFSET_HOURS,
         "timezone": TIMEZONE,
         "night_hours_local": list(NIGHT_HOURS),
@@ -1309,6 +1328,7 @@ def _simulate_cdr(
     cdr_scale: float,
     persons_per_tower: float,
     start: str,
+    cdr_activity: float | None = None,
 ) -> dict[str, Any]:
     """Towers, market shares, period effects, subscriber homes per month and raw events."""
     import shapely
@@ -1447,7 +1467,9 @@ def _simulate_cdr(
         rng.random(n_subscribers),
         rng.random(n_subscribers),
     )
-    activity = rng.beta(4.0, 4.0, n_subscribers)
+    activity = rng.beta(4.0, 4.0, n_subscribers)  # share of days with any event
+    if cdr_activity is not None:  # the same draws, scaled: None keeps the default world
+        activity = np.minimum(activity * (cdr_activity / DEFAULT_CDR_ACTIVITY), 1.0)
     month_start = months[:-1].to_numpy().astype("datetime64[s]").astype(np.int64)
     sub_parts, time_parts, tower_parts = [], [], []
     for m in range(n_periods):

@@ -18,6 +18,7 @@ import statsmodels.api as sm
 from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 
 from flowmodel.simulate import (
+    DEFAULT_CDR_ACTIVITY,
     DEFAULT_TRUTH,
     FILES,
     RASTER_CRS,
@@ -505,6 +506,44 @@ def test_bad_arguments(tmp_path):
         simulate_world(tmp_path, **{**SMALL, "census_countries": ["NOPE"]})
     with pytest.raises(ValueError, match=r"census_universe='all'"):
         simulate_world(tmp_path, **{**SMALL, "census_universe": "all"})
+
+
+def _median_active_nights(world) -> float:
+    """Median nights (21:00-06:00 local, dated by the evening) with an event, per subscriber-month."""
+    events = pd.read_parquet(world.paths["cdr_events"])
+    local = events["timestamp"].dt.tz_localize(None) + pd.Timedelta(hours=UTC_OFFSET_HOURS)
+    night = ((local.dt.hour >= 21) | (local.dt.hour < 6)).to_numpy()
+    evening = (local - pd.Timedelta(hours=6)).dt.floor("D")[night]
+    nights = (
+        pd.DataFrame(
+            {"s": events["subscriber_id"][night], "d": evening, "m": evening.dt.strftime("%Y-%m")}
+        )
+        .groupby(["s", "m"])["d"]
+        .nunique()
+    )
+    homes = pd.read_csv(world.paths["true_cdr_homes"])
+    every = pd.MultiIndex.from_frame(homes[["subscriber_id", "period"]], names=["s", "m"])
+    return float(nights.reindex(every, fill_value=0).median())
+
+
+def test_cdr_activity_knob(tmp_path):
+    base = simulate_world(tmp_path / "base", seed=7, **SMALL)
+    same = simulate_world(tmp_path / "same", seed=7, cdr_activity=DEFAULT_CDR_ACTIVITY, **SMALL)
+    sparse = simulate_world(tmp_path / "sparse", seed=7, cdr_activity=4, **SMALL)
+    # the knob scales the same draws: at the default level the log is the default log
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(base.paths["cdr_events"]), pd.read_parquet(same.paths["cdr_events"])
+    )
+    assert "cdr_activity" not in base.truth and sparse.truth["cdr_activity"] == 4.0
+    # only activity changes: the same towers and true homes, fewer events
+    for role in ("cdr_towers", "true_cdr_homes", "census_persons", "true_flows"):
+        assert base.paths[role].read_bytes() == sparse.paths[role].read_bytes(), role
+    assert sparse.truth["n_cdr_events"] < 0.5 * base.truth["n_cdr_events"]
+    # the median subscriber is active on about cdr_activity nights a month
+    assert 9 <= _median_active_nights(base) <= 11.5  # DEFAULT_CDR_ACTIVITY, about 10.3
+    assert 3.5 <= _median_active_nights(sparse) <= 4.5
+    with pytest.raises(ValueError, match=r"cdr_activity=0.*\(0, 20\]"):
+        simulate_world(tmp_path / "bad", cdr_activity=0, **SMALL)
 
 
 def test_census_universe_within_records_internal_moves_only(tmp_path):

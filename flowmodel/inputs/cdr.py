@@ -9,9 +9,10 @@ plugs straight into :func:`flowmodel.dataset.build_dataset` as
   ``cell_id``; Parquet, CSV, Arrow IPC, a pyarrow Table or a DataFrame) and
   tower locations (``cell_id``, ``lon``, ``lat``) -> towers assigned to units
   (:func:`assign_towers`, point-in-polygon or Voronoi cells clipped to units)
-  -> home unit per subscriber and period (:func:`detect_homes`: modal
-  night-time unit among subscribers active on enough days) -> relocation OD
-  between consecutive periods (:func:`relocation_od`) -> redaction.
+  -> home unit per subscriber and period (:func:`detect_homes`: the clear
+  modal night-time unit, with the night window and the nights it needs chosen
+  from the data) -> relocation OD between consecutive periods
+  (:func:`relocation_od`) -> redaction.
 * :func:`read_cdr_od` — an operator's pre-aggregated, redacted OD table
   (FlowKit style: cells with 15 or fewer subscribers dropped or marked).
 
@@ -24,7 +25,10 @@ subscribers (OD cells, in/out totals, subscribers per unit) is redacted
 before anything leaves this module: ``count`` NaN and ``max`` = the
 threshold. Raising ``threshold`` is free; going below 15 needs
 ``allow_small_cells=True`` and warns. In/out totals are summed before
-redaction and suppressed when they would reveal their row's redacted cells.
+redaction. Everything else this module prints or returns - totals, subscriber
+counts, logs, warnings, ``report``, ``diagnostics`` - follows one rule
+(:func:`_keeps_ranges`, ``docs/privacy.md``): it is published only when,
+with the released tables, it leaves every redacted cell its whole range.
 
 Why pyarrow (not polars or duckdb): it is already a dependency (Parquet,
 GeoParquet, pandas' string columns), streams Parquet/CSV/IPC record batches
@@ -45,6 +49,8 @@ t-1 and t is labelled t):
   ``cdr_subscribers_max`` — subscribers with a detected home in the unit.
 * ``covariates``: indexed by unit id: ``cdr_subscribers`` (mean over periods)
   and, when population is known, ``cdr_subscribers_per_resident``.
+* ``diagnostics``, ``home_rule``, ``hour_profile``, ``settings``: what the
+  home detection saw and chose (see :func:`relocation_od`).
 """
 
 from __future__ import annotations
@@ -68,12 +74,18 @@ from flowmodel.exceptions import CDRInputError, InputFileError, MissingCRSError,
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "DIAGNOSTICS",
+    "FALLBACK_MIN_ACTIVE_DAYS",
+    "FALLBACK_NIGHT",
+    "MAX_SPURIOUS_SHARE",
     "CDRFlows",
     "HomeLocations",
+    "PublicCount",
     "SubscriberHasher",
     "assign_towers",
     "cdr_flows",
     "detect_homes",
+    "public_count",
     "read_cdr_od",
     "read_towers",
     "redact",
@@ -445,7 +457,60 @@ def _voronoi_assign(pts: Any, ufr: Any, id_field: str) -> tuple[pd.Series, pd.Se
 
 
 # ------------------------------------------------------------------------- events
-def _scrubbed(batches: Iterator[pa.RecordBatch], label: str) -> Iterator[pa.RecordBatch]:
+class _MalformedRows:
+    """Counts CSV rows with the wrong number of fields (pyarrow's ``invalid_row_handler``).
+
+    The row's text (which holds a subscriber id) is never kept; the rows are
+    skipped and located afterwards by :meth:`locate`, which rescans the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+
+    def __call__(self, row: Any) -> str:
+        self.count += 1
+        return "skip"
+
+    def locate(self) -> list[int]:
+        """Data-row numbers (1 = the first row after the header) of every malformed row."""
+        import csv
+
+        rows: list[int] = []
+        with open(self.path, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            k = 0
+            try:
+                for record in reader:
+                    if not record:  # blank lines are skipped by the reader, and here
+                        continue
+                    k += 1
+                    if len(record) != len(header):
+                        rows.append(k)
+            except csv.Error:
+                rows.append(k + 1)
+        return rows
+
+
+def _renumber(rows: list[int], malformed: list[int]) -> list[int]:
+    """Row numbers counted over the rows read -> data-row numbers of the file (skipped rows back).
+
+    The data row of read row ``r`` is the ``a`` with ``a - (malformed rows <= a) = r``.
+    """
+    skipped = np.sort(np.asarray(malformed, dtype=np.int64))
+    out = []
+    for r in rows:
+        a = r
+        while (nxt := r + int(np.searchsorted(skipped, a, side="right"))) != a:
+            a = nxt
+        out.append(a)
+    return out
+
+
+def _scrubbed(
+    batches: Iterator[pa.RecordBatch], label: str, malformed: _MalformedRows | None = None
+) -> Iterator[pa.RecordBatch]:
     """Re-raise Arrow read errors without their text (it may quote raw rows, ids included)."""
     it = iter(batches)
     while True:
@@ -454,18 +519,26 @@ def _scrubbed(batches: Iterator[pa.RecordBatch], label: str) -> Iterator[pa.Reco
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as err:
+            where = ""
+            if malformed is not None:
+                rows = malformed.locate()
+                if rows:
+                    where = f" at data row(s) {_fmt(rows)} (1 = the first row after the header)"
             raise CDRInputError(
-                f"{label}: the events file is malformed ({type(err).__name__} while reading; the "
-                "reader's message is withheld because it may quote raw rows). Fix: check the "
-                "file's format, delimiter and column count."
+                f"{label}: the events file is malformed{where} ({type(err).__name__} while "
+                "reading; the reader's message is withheld because it may quote raw rows). Fix: "
+                "check the file's format, delimiter, quoting and column count there."
             ) from None
         yield batch
 
 
 def _iter_batches(
     source: EventSource, columns: list[str], batch_size: int
-) -> tuple[Iterator[pa.RecordBatch], int | None, str]:
-    """Stream record batches of ``columns``; returns (iterator, total rows or None, label)."""
+) -> tuple[Iterator[pa.RecordBatch], int | None, str, _MalformedRows | None]:
+    """Stream record batches of ``columns``.
+
+    Returns (iterator, total rows or None, label, the CSV malformed-row counter or None).
+    """
     if isinstance(source, pd.DataFrame | pa.Table | pa.RecordBatch):
         have = list(source.columns) if isinstance(source, pd.DataFrame) else source.schema.names
         missing = [c for c in columns if c not in have]
@@ -476,12 +549,12 @@ def _iter_batches(
             )
     if isinstance(source, pd.DataFrame):
         table = pa.Table.from_pandas(source[columns], preserve_index=False).combine_chunks()
-        return iter(table.to_batches(batch_size)), table.num_rows, "events table"
+        return iter(table.to_batches(batch_size)), table.num_rows, "events table", None
     if isinstance(source, pa.RecordBatch):
         source = pa.Table.from_batches([source])
     if isinstance(source, pa.Table):
         table = source.select(columns).combine_chunks()
-        return iter(table.to_batches(batch_size)), table.num_rows, "events table"
+        return iter(table.to_batches(batch_size)), table.num_rows, "events table", None
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         if not path.exists():
@@ -496,22 +569,25 @@ def _iter_batches(
                     pf.iter_batches(batch_size=batch_size, columns=columns),
                     pf.metadata.num_rows,
                     str(path),
+                    None,
                 )
             if suffix in (".arrow", ".feather", ".ipc"):
                 import pyarrow.feather as feather
 
                 table = feather.read_table(path, columns=columns, memory_map=True)
-                return iter(table.to_batches(batch_size)), table.num_rows, str(path)
+                return iter(table.to_batches(batch_size)), table.num_rows, str(path), None
             import pyarrow.csv as pacsv
 
+            malformed = _MalformedRows(path)
             reader = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_SIZE),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=malformed),
                 convert_options=pacsv.ConvertOptions(
                     include_columns=columns, column_types=dict.fromkeys(columns, pa.string())
                 ),
             )
-            return iter(reader), None, str(path)
+            return iter(reader), None, str(path), malformed
         except (pa.ArrowInvalid, OSError, KeyError) as err:
             # the Arrow message may quote raw rows (subscriber ids): never pass it on
             raise CDRInputError(
@@ -524,6 +600,7 @@ def _iter_batches(
             (b.select(columns) if hasattr(b, "select") else b for b in source),
             None,
             "events batches",
+            None,
         )
     raise CDRInputError(
         f"events: unsupported source {type(source).__name__}. Fix: give a Parquet/CSV path or a table."
@@ -531,7 +608,13 @@ def _iter_batches(
 
 
 def _timestamps_seconds(
-    arr: pa.Array, *, timestamp_format: str | None, timestamp_unit: str, timezone: str | None
+    arr: pa.Array,
+    *,
+    timestamp_format: str | None,
+    timestamp_unit: str,
+    timezone: str | None,
+    column: str = "timestamp",
+    label: str = "events",
 ) -> np.ndarray:
     """Local wall-clock seconds since 1970 (int64); NaT-like invalid values -> INT64 min."""
     typ = arr.type
@@ -567,8 +650,8 @@ def _timestamps_seconds(
         typ = arr.type
     if not pa.types.is_timestamp(typ):
         raise CDRInputError(
-            f"events: timestamp column has type {typ}, not a timestamp, number or text. "
-            "Fix: pass timestamp=<column of event times>."
+            f"{label}: column {column!r} has type {typ}, not a timestamp, number or text. "
+            "Fix: pass timestamp=<the column of event times>."
         )
     if typ.tz is not None:
         if timezone is not None:
@@ -589,6 +672,13 @@ class HomeLocations:
     Subscribers are per-run integer codes (not ids, not hashes). Arrays share
     one length: ``subscriber`` (int64 code), ``period`` (int index into
     ``periods``), ``unit`` (int index into ``unit_ids``).
+
+    ``report`` (event and subscriber counts), ``period_stats`` and
+    ``candidates`` are exact and stay in memory like the homes; the
+    public, redaction-safe versions are made by :func:`relocation_od`
+    (``CDRFlows.diagnostics``). ``settings`` holds the night window and
+    ``min_active_days`` used and how they were chosen; ``hour_profile`` the
+    event-hour profile they were chosen from (shares only).
     """
 
     subscriber: np.ndarray
@@ -600,11 +690,17 @@ class HomeLocations:
     unit_country: np.ndarray
     covered: np.ndarray
     report: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    hour_profile: pd.DataFrame = field(default_factory=pd.DataFrame)
+    period_stats: pd.DataFrame = field(default_factory=pd.DataFrame)
+    candidates: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def __repr__(self) -> str:
+        # no counts: a count of subscribers printed here could undo redaction
         return (
-            f"HomeLocations({len(self.subscriber)} subscriber-periods, periods {self.periods}, "
-            f"{int(self.covered.sum())} units with towers)"
+            f"HomeLocations(periods {self.periods}, {int(self.covered.sum())} units with towers, "
+            f"night {self.settings.get('night')}, min_active_days "
+            f"{self.settings.get('min_active_days')})"
         )
 
     def __reduce__(self) -> Any:
@@ -649,6 +745,390 @@ def _period_ordinals(days: np.ndarray, period: Period) -> tuple[np.ndarray, np.n
     raise ValueError(f"period must be one of day, week, month, quarter, year; got {period!r}")
 
 
+# ------------------------------------------------------- night window and key buckets
+#: Night window used when the data cannot choose one (and the old default).
+FALLBACK_NIGHT: tuple[int, int] = (19, 7)
+#: Nights at the home unit used when the data cannot choose (fewer than 3 consecutive periods).
+FALLBACK_MIN_ACTIVE_DAYS = 3
+#: Largest estimated share of spurious moves among detected moves for ``min_active_days="auto"``.
+MAX_SPURIOUS_SHARE = 0.05
+#: Candidate night windows ``[start, end)`` chosen from: start 17:00-23:00, end 04:00-10:00.
+_NIGHT_STARTS = tuple(range(17, 24))
+_NIGHT_ENDS = tuple(range(4, 11))
+#: Hours 00-03 lie in every candidate window: one key bucket; each other candidate hour has its own.
+_CORE_END = _NIGHT_ENDS[0]
+_N_BUCKETS = 1 + (24 - _NIGHT_STARTS[0]) + (_NIGHT_ENDS[-1] - _CORE_END)
+_PROFILE_KEYS = 1 << 18  # distinct (subscriber, tower, hour) keys kept for the hour profile
+_PROFILE_MIN_EVENTS, _PROFILE_MIN_SUBSCRIBERS = 1_000, 100
+_PROFILE_MIN_EVENTS_PER_SUBSCRIBER = 5  # a usual tower needs a few events
+_PROFILE_MIN_CONTRAST = 0.05  # share at the usual tower, inside minus outside the window
+
+
+def _hour_bucket(hour: np.ndarray) -> np.ndarray:
+    """Key bucket of each local hour for ``night="auto"`` (-1: in no candidate window)."""
+    table = np.full(24, -1, dtype=np.int64)
+    table[:_CORE_END] = 0
+    for h in range(_NIGHT_STARTS[0], 24):
+        table[h] = 1 + h - _NIGHT_STARTS[0]
+    for h in range(_CORE_END, _NIGHT_ENDS[-1]):
+        table[h] = 1 + (24 - _NIGHT_STARTS[0]) + h - _CORE_END
+    return table[hour]
+
+
+def _window_buckets(a: int, b: int) -> list[int]:
+    """Buckets of the hours of the window ``[a, b)`` (a candidate window)."""
+    hours = list(range(a, 24)) + list(range(0, b))
+    return sorted({int(x) for x in _hour_bucket(np.asarray(hours))})
+
+
+def _distinct(parts: Sequence[np.ndarray], *, sorted_parts: bool = False) -> np.ndarray:
+    """Sorted distinct values of uint64 arrays (a sort and a run scan: faster than np.unique).
+
+    ``sorted_parts``: each part is sorted already; a stable (merging) sort then
+    only merges them.
+    """
+    if not parts:
+        return np.empty(0, np.uint64)
+    keys = np.sort(np.concatenate(parts), kind="stable" if sorted_parts else None)
+    starts, _ = _sorted_runs(keys)
+    return keys[starts]
+
+
+def _reduce(
+    raw: list[np.ndarray], reduced: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct sorted keys and their counts, from raw keys plus an earlier reduction."""
+    keys = np.sort(np.concatenate(raw)) if raw else np.empty(0, np.uint64)
+    starts, counts = _sorted_runs(keys)
+    keys = keys[starts]
+    if reduced is None or len(reduced[0]) == 0:
+        return keys, counts
+    k = np.concatenate([reduced[0], keys])
+    c = np.concatenate([reduced[1], counts])
+    order = np.argsort(k, kind="stable")
+    k, c = k[order], c[order]
+    starts, _ = _sorted_runs(k)
+    return k[starts], np.add.reduceat(c, starts)
+
+
+class _KeyBuckets:
+    """Sorted distinct (subscriber, unit, day) keys, kept apart per bucket of local hours."""
+
+    def __init__(self, n_buckets: int) -> None:
+        self.n = n_buckets
+        self.raw: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
+        self.reduced = [np.empty(0, np.uint64) for _ in range(n_buckets)]
+        self.pending = 0
+        self.day_events = np.zeros(n_buckets << _DAY_BITS, dtype=np.int64)
+
+    def add(self, key: np.ndarray, bucket: np.ndarray | None, day: np.ndarray) -> None:
+        if bucket is None or self.n == 1:
+            self.raw[0].append(key)
+            self.day_events += np.bincount(day, minlength=len(self.day_events))
+        else:
+            order = np.argsort(bucket.astype(np.uint8), kind="stable")  # a radix sort
+            sizes = np.bincount(bucket, minlength=self.n)
+            for b, part in enumerate(np.split(key[order], np.cumsum(sizes)[:-1])):
+                if len(part):
+                    self.raw[b].append(part)
+            self.day_events += np.bincount(
+                (bucket << _DAY_BITS) + day, minlength=len(self.day_events)
+            )
+        self.pending += len(key)
+        if self.pending > _MAX_PENDING:  # bound memory: keep distinct keys only
+            for b in range(self.n):
+                self._reduce(b)
+            self.pending = 0
+
+    def _reduce(self, b: int) -> None:
+        if self.raw[b]:
+            self.reduced[b] = _distinct([self.reduced[b], *self.raw[b]])
+            self.raw[b] = []
+
+    def keys(self, buckets: Sequence[int]) -> np.ndarray:
+        """Distinct sorted keys of the given buckets."""
+        for b in buckets:
+            self._reduce(b)
+        return _distinct([self.reduced[b] for b in buckets], sorted_parts=True)
+
+    def events_per_day(self, buckets: Sequence[int]) -> np.ndarray:
+        return self.day_events.reshape(self.n, -1)[list(buckets)].sum(axis=0)
+
+
+class _HourSample:
+    """Events per (subscriber, tower, local hour) of a deterministic sample of subscribers.
+
+    Subscribers whose per-run code is a multiple of ``2**k`` are kept; ``k``
+    grows whenever the sample holds more than ``_PROFILE_KEYS`` distinct keys,
+    so the sample is bounded and does not depend on the salt.
+    """
+
+    _TOWER_BITS = 31
+
+    def __init__(self) -> None:
+        self.k = 0
+        self.keys = np.empty(0, np.uint64)
+        self.counts = np.empty(0, np.int64)
+        self.raw: list[np.ndarray] = []
+        self.pending = 0
+
+    def add(self, code: np.ndarray, tower: np.ndarray, hour: np.ndarray) -> None:
+        keep = (code & ((1 << self.k) - 1)) == 0
+        if not keep.any():
+            return
+        key = (
+            (code[keep].astype(np.uint64) << np.uint64(self._TOWER_BITS + 5))
+            | (tower[keep].astype(np.uint64) << np.uint64(5))
+            | hour[keep].astype(np.uint64)
+        )
+        self.raw.append(key)
+        self.pending += len(key)
+        if self.pending > _PROFILE_KEYS:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        if self.raw:
+            self.keys, self.counts = _reduce(self.raw, (self.keys, self.counts))
+            self.raw, self.pending = [], 0
+        while len(self.keys) > _PROFILE_KEYS:
+            self.k += 1
+            code = self.keys >> np.uint64(self._TOWER_BITS + 5)
+            keep = (code & np.uint64((1 << self.k) - 1)) == 0
+            self.keys, self.counts = self.keys[keep], self.counts[keep]
+
+    def profile(self) -> tuple[pd.DataFrame, int]:
+        """Per local hour: events and events at each subscriber's usual (modal) tower.
+
+        Returns the table and the number of subscribers in the sample.
+        """
+        self._reduce()
+        code = (self.keys >> np.uint64(self._TOWER_BITS + 5)).astype(np.int64)
+        tower_hour = self.keys & np.uint64((1 << (self._TOWER_BITS + 5)) - 1)
+        tower = (tower_hour >> np.uint64(5)).astype(np.int64)
+        hour = (tower_hour & np.uint64(31)).astype(np.int64)
+        events = np.bincount(hour, weights=self.counts, minlength=24)
+        at_usual = np.zeros(24)
+        n_subs = 0
+        if len(code):
+            # events per (subscriber, tower): keys are sorted by code, then tower
+            st = tower_hour >> np.uint64(5)
+            first = np.empty(len(code), dtype=bool)
+            first[0] = True
+            first[1:] = (code[1:] != code[:-1]) | (st[1:] != st[:-1])
+            starts = np.flatnonzero(first)
+            per_tower = np.add.reduceat(self.counts, starts)
+            s_code, s_tower = code[starts], tower[starts]
+            # the usual tower: most events, ties to the lowest tower index
+            order = np.lexsort((s_tower, -per_tower, s_code))
+            s_first = np.empty(len(order), dtype=bool)
+            s_first[0] = True
+            s_first[1:] = s_code[order][1:] != s_code[order][:-1]
+            usual = pd.Series(s_tower[order][s_first], index=s_code[order][s_first])
+            # only subscribers with enough events to have a usual tower
+            per_sub = pd.Series(self.counts).groupby(code).sum()
+            usual = usual[per_sub.reindex(usual.index) >= _PROFILE_MIN_EVENTS_PER_SUBSCRIBER]
+            n_subs = len(usual)
+            kept = np.isin(code, usual.index.to_numpy())
+            events = np.bincount(hour[kept], weights=self.counts[kept], minlength=24)
+            at = kept & (tower == usual.reindex(code).to_numpy())
+            at_usual = np.bincount(hour[at], weights=self.counts[at], minlength=24)
+        table = pd.DataFrame(
+            {"hour": np.arange(24), "events": events[:24], "at_usual_tower": at_usual[:24]}
+        )
+        return table, n_subs
+
+
+def _choose_night(profile: pd.DataFrame, n_subs: int) -> tuple[tuple[int, int], str]:
+    """Choose the night window from the event-hour profile, or fall back; return (window, why).
+
+    Rule: among windows ``[a, b)`` with ``a`` in 17..23 and ``b`` in 4..10, the
+    one whose hours hold the most events at subscribers' usual towers *beyond*
+    the overall share, sum over its hours of ``at_usual - overall x events``
+    (ties: the shortest). It is used when the sample has enough events and
+    subscribers and the usual-tower share inside it exceeds the share outside
+    by at least 5 points; otherwise ``FALLBACK_NIGHT``.
+    """
+    n_events = float(profile["events"].sum())
+    if n_events < _PROFILE_MIN_EVENTS or n_subs < _PROFILE_MIN_SUBSCRIBERS:
+        return FALLBACK_NIGHT, "default (too few events to read the hour profile)"
+    overall = float(profile["at_usual_tower"].sum()) / n_events
+    excess = profile["at_usual_tower"].to_numpy() - overall * profile["events"].to_numpy()
+    best, best_key = None, None
+    for a in _NIGHT_STARTS:
+        for b in _NIGHT_ENDS:
+            hours = list(range(a, 24)) + list(range(0, b))
+            gain = float(excess[hours].sum())
+            key = (round(gain, 6), -len(hours))
+            if best_key is None or key > best_key:
+                best, best_key = (a, b), key
+    assert best is not None
+    a, b = best
+    inside = np.zeros(24, dtype=bool)
+    inside[list(range(a, 24)) + list(range(0, b))] = True
+    ev, at = profile["events"].to_numpy(), profile["at_usual_tower"].to_numpy()
+    if ev[inside].sum() == 0 or ev[~inside].sum() == 0:
+        return FALLBACK_NIGHT, "default (events at too few hours to read the hour profile)"
+    contrast = at[inside].sum() / ev[inside].sum() - at[~inside].sum() / ev[~inside].sum()
+    if contrast < _PROFILE_MIN_CONTRAST:
+        return FALLBACK_NIGHT, (
+            "default (subscribers are not more often at their usual tower at night: "
+            f"{contrast:+.2f} share points)"
+        )
+    return (a, b), (
+        f"data (hours when subscribers are most often at their usual tower: "
+        f"{at[inside].sum() / ev[inside].sum():.0%} of events inside vs "
+        f"{at[~inside].sum() / ev[~inside].sum():.0%} outside)"
+    )
+
+
+# ------------------------------------------------------------------- home candidates
+@dataclass
+class _Candidates:
+    """Per (subscriber, period) with night-time activity, sorted by subscriber then period."""
+
+    sub: np.ndarray
+    pidx: np.ndarray
+    unit: np.ndarray  # the unit with the most active days (any, when tied)
+    n_home: np.ndarray  # active days at that unit
+    strict: np.ndarray  # more active days there than at any other unit
+    n_active: np.ndarray  # active days in the period
+    labels: list[str]
+    ords: np.ndarray
+
+    def level(self) -> np.ndarray:
+        """Return the largest ``min_active_days`` that still gives a home (0: none, a tie)."""
+        return np.where(self.strict, self.n_home, 0)
+
+
+def _home_candidates(key: np.ndarray, period: Period) -> _Candidates:
+    """Modal unit, its active days, the runner-up and active days per (subscriber, period).
+
+    ``key`` are sorted distinct (subscriber, unit, day) keys; keys are sorted by
+    subscriber, unit, day, and the period is monotone in the day, so
+    (subscriber, unit, period) groups are runs.
+    """
+    e = np.empty(0, np.int64)
+    if len(key) == 0:
+        return _Candidates(e, e, e, e, np.empty(0, bool), e, [], e)
+    day_mask = (1 << _DAY_BITS) - 1
+    sub = (key >> np.uint64(_UNIT_BITS + _DAY_BITS)).astype(np.int64)
+    unit = ((key >> np.uint64(_DAY_BITS)) & np.uint64((1 << _UNIT_BITS) - 1)).astype(np.int64)
+    day = (key & np.uint64(day_mask)).astype(np.int64)
+    dmin, dmax = int(day.min()), int(day.max())
+    span = np.arange(dmin, dmax + 1, dtype=np.int64)
+    ords_span, labels_span = _period_ordinals(span + _DAY0, period)
+    present = np.zeros(len(span), dtype=bool)
+    present[day - dmin] = True
+    used = ords_span[present]
+    ustarts, _ = _sorted_runs(used)  # ordinals are non-decreasing in the day
+    uords = used[ustarts]
+    pidx_span = np.searchsorted(uords, ords_span)
+    first_day = np.searchsorted(ords_span, uords)
+    labels = [str(labels_span[i]) for i in first_day]
+    n_p = len(uords)
+    pidx = pidx_span[day - dmin]
+    # (subscriber, unit, period) runs: active days per candidate home
+    su = key >> np.uint64(_DAY_BITS)
+    boundary = np.empty(len(key), dtype=bool)
+    boundary[0] = True
+    boundary[1:] = (su[1:] != su[:-1]) | (pidx[1:] != pidx[:-1])
+    starts = np.flatnonzero(boundary)
+    ndays = np.diff(np.append(starts, len(key)))
+    r_sub, r_unit, r_p = sub[starts], unit[starts], pidx[starts]
+    g_run = r_sub * n_p + r_p
+    # the two units with the most active days in each group
+    order = np.lexsort((r_unit, -ndays, g_run))
+    g_sorted = g_run[order]
+    gst, gsize = _sorted_runs(g_sorted)
+    best = order[gst]
+    has_second = gsize > 1
+    second_days = np.zeros(len(gst), dtype=np.int64)
+    second_days[has_second] = ndays[order[gst[has_second] + 1]]
+    # active days per (subscriber, period): distinct (subscriber, day)
+    sd = np.sort((sub << _DAY_BITS) | day)
+    st, _ = _sorted_runs(sd)
+    sd = sd[st]
+    g_sd = (sd >> _DAY_BITS) * n_p + pidx_span[(sd & day_mask) - dmin]
+    _, active = _sorted_runs(g_sd)  # the same groups, in the same (sorted) order
+    g = g_sorted[gst]
+    return _Candidates(
+        sub=g // n_p,
+        pidx=g % n_p,
+        unit=r_unit[best],
+        n_home=ndays[best].astype(np.int64),
+        strict=ndays[best] > second_days,
+        n_active=active.astype(np.int64),
+        labels=labels,
+        ords=uords,
+    )
+
+
+def _spurious_table(c: _Candidates, max_m: int) -> pd.DataFrame:
+    """For each ``min_active_days`` m: homes, consecutive pairs, moves, triples, A->B->A bounces.
+
+    ``spurious_share`` estimates the share of detected moves that are
+    misclassified homes: a home wrong in one period produces an out-and-back
+    move A->B->A, which real relocations rarely do, so ``(bounces + 1) /
+    triples`` estimates the per-period error rate e (the +1 keeps a small log
+    without bounces from looking perfect), each consecutive pair holds about
+    ``2 e`` spurious moves, and the estimate is ``2 e x pairs / moves``.
+    """
+    level = c.level()
+    same = (c.sub[1:] == c.sub[:-1]) & (c.ords[c.pidx[1:]] - c.ords[c.pidx[:-1]] == 1)
+    lv2 = np.minimum(level[1:], level[:-1])[same]
+    moved = (c.unit[1:] != c.unit[:-1])[same]
+    same3 = same[1:] & same[:-1]
+    lv3 = np.minimum(np.minimum(level[2:], level[1:-1]), level[:-2])[same3]
+    bounce = ((c.unit[1:-1] != c.unit[:-2]) & (c.unit[2:] == c.unit[:-2]))[same3]
+
+    def at_least(levels: np.ndarray) -> np.ndarray:
+        n = np.bincount(np.minimum(levels, max_m), minlength=max_m + 1)
+        return np.cumsum(n[::-1])[::-1][1:]  # count with level >= m, m = 1..max_m
+
+    table = pd.DataFrame(
+        {
+            "min_active_days": np.arange(1, max_m + 1),
+            "homes": at_least(level),
+            "pairs": at_least(lv2),
+            "moves": at_least(lv2[moved]),
+            "triples": at_least(lv3),
+            "bounces": at_least(lv3[bounce]),
+        }
+    )
+    err = (table["bounces"] + 1) / table["triples"].where(table["triples"] > 0)
+    share = 2 * err * table["pairs"] / table["moves"].where(table["moves"] > 0)
+    table["spurious_share"] = share  # NaN without moves or without triples: not measurable
+    return table
+
+
+def _choose_min_days(table: pd.DataFrame, max_share: float) -> tuple[int, str]:
+    """Pick the smallest ``min_active_days`` whose estimated spurious share <= ``max_share``."""
+    est = table["spurious_share"]
+    if est.isna().all():
+        why = (
+            "no moves were detected"
+            if table["triples"].iloc[0] > 0
+            else "it needs homes in 3 consecutive periods; the log has fewer"
+        )
+        return (
+            FALLBACK_MIN_ACTIVE_DAYS,
+            f"default (the spurious-move rate is not measurable: {why})",
+        )
+    ok = table.loc[est <= max_share, "min_active_days"]
+    if len(ok):
+        m = int(ok.iloc[0])
+        return m, (
+            f"data (the smallest value whose estimated share of spurious moves, "
+            f"{float(est.loc[table['min_active_days'] == m].iloc[0]):.1%}, is at most "
+            f"{max_share:.0%})"
+        )
+    m = int(table.loc[est.idxmin(), "min_active_days"])
+    return m, (
+        f"data (no value keeps the estimated share of spurious moves at or below "
+        f"{max_share:.0%}; {m} has the lowest, {float(est.min()):.1%})"
+    )
+
+
 def detect_homes(
     events: EventSource,
     tower_units: pd.DataFrame,
@@ -659,8 +1139,9 @@ def detect_homes(
     timestamp: str = "timestamp",
     cell_id: str = "cell_id",
     period: Period = "month",
-    night: tuple[int, int] | None = (19, 7),
-    min_active_days: int = 5,
+    night: tuple[int, int] | Literal["auto"] | None = "auto",
+    min_active_days: int | Literal["auto"] = "auto",
+    max_spurious_share: float = MAX_SPURIOUS_SHARE,
     timezone: str | None = None,
     timestamp_format: str | None = None,
     timestamp_unit: Literal["s", "ms", "us", "ns"] = "s",
@@ -671,19 +1152,42 @@ def detect_homes(
     batch_size: int = 1_000_000,
     progress: bool | None = None,
 ) -> HomeLocations:
-    """Home unit per subscriber and period: the modal night-time unit.
+    """Home unit per subscriber and period: the clear modal night-time unit.
 
     Rules, in order:
 
-    1. Events outside ``[start, end)`` are ignored; with ``night=(a, b)`` only
-       events with local hour in ``[a, 24) ∪ [0, b)`` (wrapping midnight; or
-       ``[a, b)`` when ``a < b``) count. A *day* runs from hour ``b`` to hour
-       ``b`` the next day, so one night is one day and belongs to one period.
-    2. A subscriber is *active* on a day with at least one counted event; only
-       subscribers active on at least ``min_active_days`` days of a period get a
-       home in that period.
-    3. The home is the unit with the most active days; ties go to the unit with
-       more events, then to the unit listed first in ``unit_ids``.
+    1. Events outside ``[start, end)`` are ignored; only events at night count:
+       local hour in ``[a, 24) ∪ [0, b)`` for ``night=(a, b)`` (wrapping
+       midnight; ``[a, b)`` when ``a < b``). A *day* runs from hour ``b`` to
+       hour ``b`` the next day, so one night is one day and belongs to one
+       period; the night before the log's first calendar day (whose morning
+       hours open a log that starts at midnight) is not used.
+    2. A subscriber is *active* on a day with at least one counted event.
+    3. The home in a period is the unit with the most active days, when it has
+       strictly more than any other unit (a tie gives no home: the evidence
+       points two ways) and at least ``min_active_days`` of them.
+
+    ``night="auto"`` and ``min_active_days="auto"`` (defaults) choose both
+    from the data, by the rules documented in ``docs/census_cdr.md``:
+
+    * the night window: among windows starting 17:00-23:00 and ending
+      04:00-10:00, the hours in which subscribers are most often at their
+      usual (modal) tower, from the event-hour profile of a sample of
+      subscribers (the window summing the most such events beyond the overall
+      share; ties to the shortest). Too few events, or no night-time contrast
+      of at least 5 share points: ``FALLBACK_NIGHT`` (19, 7).
+    * ``min_active_days``: the smallest value (1, 2, ...) whose estimated share
+      of spurious moves among detected moves is at most ``max_spurious_share``
+      (5 %). A home that is wrong in one period shows up as a move out and
+      back, A -> B -> A, in three consecutive periods, which real relocations
+      rarely produce; their rate estimates the error rate of homes (see
+      :func:`relocation_od`'s ``diagnostics``). With fewer than 3 consecutive
+      periods the rate cannot be measured: ``FALLBACK_MIN_ACTIVE_DAYS`` (3).
+
+    The values used and why are logged (INFO) and kept in ``settings``. An
+    explicit ``min_active_days`` whose estimated spurious share exceeds
+    ``max_spurious_share`` warns; so does a result where most active
+    subscriber-periods get no home.
 
     Parameters
     ----------
@@ -703,10 +1207,13 @@ def detect_homes(
         ``"day"``, ``"week"`` (Monday-based, label ``W<monday>``),
         ``"month"`` (label ``YYYY-MM``), ``"quarter"`` (``YYYY-Qn``), ``"year"``.
     night
-        Night hours ``(start, end)`` in local time, default ``(19, 7)``; None
-        uses every event and days run from midnight.
+        ``"auto"`` (default, see above), night hours ``(start, end)`` in local
+        time, or None to use every event (days then run from midnight).
     min_active_days
-        Minimum number of active days in a period (default 5).
+        ``"auto"`` (default, see above) or the minimum number of active days
+        at the home unit in a period.
+    max_spurious_share
+        Largest estimated share of spurious moves for ``min_active_days="auto"``.
     timezone
         IANA zone for timestamps that carry one (and for numeric epochs, which
         are UTC); naive timestamps are taken as local time already.
@@ -718,9 +1225,11 @@ def detect_homes(
         Optional time window (local, end exclusive).
     on_bad_events
         Events with a missing subscriber id or cell, an unparsable timestamp, a
-        timestamp before 1980 or after 2159, or a cell absent from the towers
-        table: ``"error"`` (default) raises :class:`CDRInputError` with counts
-        and row numbers (never ids); ``"drop"`` drops them and warns with counts.
+        timestamp before 1980 or after 2159, a cell absent from the towers
+        table, or (CSV) a row with the wrong number of fields: ``"error"``
+        (default) raises :class:`CDRInputError` naming the file, the column,
+        the counts and the data-row numbers (never ids); ``"drop"`` drops them
+        and warns with the same.
     salt
         Secret key of the id hash (default: random per call).
     batch_size
@@ -731,12 +1240,23 @@ def detect_homes(
     Returns
     -------
     HomeLocations
-        In-memory homes; ``report`` holds event and subscriber counts.
+        In-memory homes; ``report`` holds exact event and subscriber counts,
+        ``settings`` the night window and ``min_active_days`` used.
     """
     from tqdm.auto import tqdm
 
-    if min_active_days < 1:
+    auto_night = isinstance(night, str)
+    if auto_night and night != "auto":
+        raise ValueError(f"night must be 'auto', None or two hours (start, end); got {night!r}")
+    auto_days = isinstance(min_active_days, str)
+    if auto_days and min_active_days != "auto":
+        raise ValueError(
+            f"min_active_days must be 'auto' or an integer >= 1; got {min_active_days!r}"
+        )
+    if not auto_days and int(min_active_days) < 1:
         raise ValueError("min_active_days must be >= 1")
+    if not 0 < max_spurious_share < 1:
+        raise ValueError(f"max_spurious_share must be in (0, 1), got {max_spurious_share!r}")
     unit_ids = np.asarray([str(u) for u in unit_ids], dtype=object)
     n_units = len(unit_ids)
     if n_units >= 1 << _UNIT_BITS:
@@ -759,12 +1279,16 @@ def detect_homes(
     cells = pa.array(tu["cell_id"].to_numpy(dtype=object), type=pa.string())
     covered = np.zeros(n_units, dtype=bool)
     covered[tower_unit[tower_unit >= 0]] = True
-    if night is not None:
-        a, b = int(night[0]), int(night[1])
+    if auto_night:
+        a = b = -1
+        shift = 12 * 3600  # days from noon to noon hold every candidate night whole
+    elif night is not None:
+        a, b = int(night[0]), int(night[1])  # type: ignore[index]
         if not (0 <= a <= 23 and 0 <= b <= 24 and a != b):
             raise ValueError(f"night must be two different hours in 0..24, got {night!r}")
         shift = b * 3600 if a > b else 0
     else:
+        a = b = -1
         shift = 0
     t_start = None if start is None else int(np.datetime64(start, "s").astype(np.int64))
     t_end = None if end is None else int(np.datetime64(end, "s").astype(np.int64))
@@ -772,7 +1296,7 @@ def detect_homes(
     hasher = SubscriberHasher(salt)
     codes = _Codes()
     cols = [subscriber_id, timestamp, cell_id]
-    batches, total_rows, label = _iter_batches(events, cols, batch_size)
+    batches, total_rows, label, malformed = _iter_batches(events, cols, batch_size)
     report = dict.fromkeys(
         [
             "events",
@@ -781,6 +1305,7 @@ def detect_homes(
             "bad_timestamp",
             "out_of_range_timestamp",
             "unknown_cell",
+            "malformed_row",
             "tower_outside_units",
             "outside_window",
             "daytime",
@@ -790,13 +1315,13 @@ def detect_homes(
         0,
     )
     bad_rows: dict[str, list[int]] = {}
-    raw_keys: list[np.ndarray] = []
-    reduced: tuple[np.ndarray, np.ndarray] | None = None
-    pending = 0
+    store = _KeyBuckets(_N_BUCKETS if auto_night else 1)
+    sample = _HourSample()
+    t_first = np.iinfo(np.int64).max
     row0 = 0
     n_batches = None if total_rows is None else max(1, -(-total_rows // batch_size))
     bar = tqdm(
-        _scrubbed(batches, label),
+        _scrubbed(batches, label, malformed),
         total=n_batches,
         desc="CDR home detection",
         unit="batch",
@@ -830,7 +1355,12 @@ def detect_homes(
         _flag(sid.is_null().to_numpy(zero_copy_only=False), "missing_subscriber")
         _flag(cel.is_null().to_numpy(zero_copy_only=False), "missing_cell")
         secs = _timestamps_seconds(
-            ts, timestamp_format=timestamp_format, timestamp_unit=timestamp_unit, timezone=timezone
+            ts,
+            timestamp_format=timestamp_format,
+            timestamp_unit=timestamp_unit,
+            timezone=timezone,
+            column=timestamp,
+            label=label,
         )
         invalid = secs == np.iinfo(np.int64).min
         _flag(invalid, "bad_timestamp")
@@ -854,24 +1384,37 @@ def detect_homes(
                 win &= secs < t_end
             report["outside_window"] += int((ok & ~win).sum())
             ok &= win
-        if night is not None:
-            hour = np.floor_divide(np.mod(secs, 86400), 3600)
-            is_night = (hour >= a) | (hour < b) if a > b else (hour >= a) & (hour < b)
-            report["daytime"] += int((ok & ~is_night).sum())
-            ok &= is_night
         if not ok.any():
             row0 += n
             continue
-        keep = np.flatnonzero(ok)
+        t_first = min(t_first, int(secs[ok].min()))
+        hour = np.floor_divide(np.mod(secs, 86400), 3600)
         uniq_hash, sub_idx = hasher.hash_dictionary(sid)
         del sid
-        sub = codes.encode_unique(uniq_hash)[sub_idx[keep]]
+        code_all = codes.encode_unique(uniq_hash)[sub_idx]
         if codes.n >= 1 << _SUB_BITS:
             raise CDRInputError(
                 f"more than {(1 << _SUB_BITS) - 1} subscribers in one run; split by region."
             )
+        sample.add(code_all[ok], tpos[ok], hour[ok])  # every hour: the event-hour profile
+        bucket = None
+        if auto_night:
+            bucket = _hour_bucket(hour)
+            is_night = bucket >= 0
+        elif night is not None:
+            is_night = (hour >= a) | (hour < b) if a > b else (hour >= a) & (hour < b)
+        else:
+            is_night = np.ones(n, dtype=bool)
+        report["daytime"] += int((ok & ~is_night).sum())
+        ok &= is_night
+        if not ok.any():
+            row0 += n
+            continue
+        keep = np.flatnonzero(ok)
+        sub = code_all[keep]
         secs_k = secs[keep]
         unit_k = unit[keep]
+        bucket_k = None if bucket is None else bucket[keep]
         # exact duplicates (same subscriber, time and cell) within a batch
         ev_key = _mix64(
             sub.astype(np.uint64)
@@ -881,47 +1424,24 @@ def detect_homes(
         if dup.any():
             report["duplicates"] += int(dup.sum())
             sub, unit_k, secs_k = sub[~dup], unit_k[~dup], secs_k[~dup]
+            bucket_k = None if bucket_k is None else bucket_k[~dup]
+        day_k = np.floor_divide(secs_k - shift, 86400) - _DAY0
         key = (
             (sub.astype(np.uint64) << np.uint64(_UNIT_BITS + _DAY_BITS))
             | (unit_k.astype(np.uint64) << np.uint64(_DAY_BITS))
-            | (np.floor_divide(secs_k - shift, 86400) - _DAY0).astype(np.uint64)
+            | day_k.astype(np.uint64)
         )
-        report["used"] += len(key)
-        raw_keys.append(key)
-        pending += len(key)
-        if pending > _MAX_PENDING:  # bound memory: reduce to distinct keys with counts
-            reduced = _reduce(raw_keys, reduced)
-            raw_keys, pending = [], 0
+        store.add(key, bucket_k, day_k)
         row0 += n
     bar.close()
 
-    bad = {
-        k: report[k]
-        for k in (
-            "missing_subscriber",
-            "missing_cell",
-            "bad_timestamp",
-            "out_of_range_timestamp",
-            "unknown_cell",
-        )
-        if report[k]
-    }
-    if bad:
-        detail = "; ".join(
-            f"{k.replace('_', ' ')}: {v} (rows {_fmt(bad_rows.get(k, []))})"
-            for k, v in bad.items()
-        )
-        if on_bad_events == "error":
-            raise CDRInputError(
-                f"{label}: {sum(bad.values())} bad event(s) of {report['events']} — {detail}. Fix: correct the "
-                "log (timestamps 1980-2159 in a parseable format; every cell in the towers table), pass "
-                "timestamp_format=, or on_bad_events='drop' to drop them."
-            )
-        warnings.warn(
-            f"{label}: dropped {sum(bad.values())} bad event(s) — {detail}.",
-            UserWarning,
-            stacklevel=2,
-        )
+    if malformed is not None and malformed.count:
+        report["malformed_row"] = malformed.count
+        located = malformed.locate()
+        bad_rows = {k: _renumber(v, located) for k, v in bad_rows.items()}
+        bad_rows["malformed_row"] = located[:_MAX_SHOWN]
+        report["events"] += malformed.count
+    _report_bad_events(report, bad_rows, label, on_bad_events, columns=cols)
     if report["events"] == 0:
         raise CDRInputError(
             f"{label}: the event log is empty. Fix: check the file and the time window."
@@ -938,11 +1458,87 @@ def detect_homes(
             UserWarning,
             stacklevel=2,
         )
-    key, cnt = _reduce(raw_keys, reduced)
-    del raw_keys, reduced
-    homes = _homes_from_keys(key, cnt, period, min_active_days, n_units)
-    sub_h, per_h, unit_h, periods, ords = homes
-    if len(sub_h) == 0:
+
+    # --- the night window
+    profile, n_sample = sample.profile()
+    del sample
+    if auto_night:
+        (a, b), night_why = _choose_night(profile, n_sample)
+        buckets = _window_buckets(a, b)
+        night_used: tuple[int, int] | None = (a, b)
+    else:
+        buckets = [0]
+        night_used = None if night is None else (a, b)
+        night_why = "given"
+    key = store.keys(buckets)
+    per_day = store.events_per_day(buckets)
+    used = int(per_day.sum())
+    if auto_night:  # events in candidate hours outside the chosen window are daytime too
+        report["daytime"] += int(store.day_events.sum()) - used
+    report["used"] = used
+    del store
+    # the night before the log's first calendar day holds only the log's first morning
+    first_night_dropped = False
+    if shift > 0 and len(key) and t_first < np.iinfo(np.int64).max:
+        first = np.uint64(t_first // 86400 - _DAY0)
+        early = (key & np.uint64((1 << _DAY_BITS) - 1)) < first
+        if early.any():
+            key = key[~early]
+            first_night_dropped = True
+
+    # --- homes and min_active_days
+    cand = _home_candidates(key, period)
+    del key
+    level = cand.level()
+    max_m = int(min(max(int(level.max()) if len(level) else 1, 1), 62))
+    table = _spurious_table(cand, max_m)
+    if auto_days:
+        m, days_why = _choose_min_days(table, max_spurious_share)
+    else:
+        m, days_why = int(min_active_days), "given"
+    home = level >= m
+    est_row = table.loc[table["min_active_days"] == m, "spurious_share"]
+    est = float(est_row.iloc[0]) if len(est_row) else float("nan")
+    n_p = len(cand.labels)
+    period_stats = pd.DataFrame(
+        {
+            "period": cand.labels,
+            "active_subscribers": np.bincount(cand.pidx, minlength=n_p),
+            "subscribers_with_home": np.bincount(cand.pidx[home], minlength=n_p),
+            "median_active_nights": pd.Series(cand.n_active)
+            .groupby(cand.pidx)
+            .median()
+            .reindex(range(n_p))
+            .to_numpy(dtype=float),
+            "events": _events_per_period(per_day, cand, period),
+        }
+    )
+    settings: dict[str, Any] = {
+        "night": night_used,
+        "night_chosen_by": night_why,
+        "min_active_days": m,
+        "min_active_days_chosen_by": days_why,
+        "max_spurious_share": float(max_spurious_share),
+        "spurious_share_estimate": None if np.isnan(est) else round(est, 3),
+        "first_night_dropped": first_night_dropped,
+        "period": period,
+    }
+    report["subscribers"] = int(codes.n)
+    report["subscriber_periods_with_home"] = int(home.sum())
+    report["active_subscriber_periods"] = len(cand.sub)
+    night_text = (
+        "every hour" if night_used is None else f"{night_used[0]:02d}:00-{night_used[1]:02d}:00"
+    )
+    log.info(
+        "CDR home detection: %d events read, %d used; night %s (%s); min_active_days=%d (%s)",
+        report["events"],
+        report["used"],
+        night_text,
+        night_why,
+        m,
+        days_why,
+    )
+    if not home.any():
         warnings.warn(
             f"{label}: no subscriber has a home in any period ({report['used']} events used of "
             f"{report['events']}). Fix: check night= (local hours), timezone=, min_active_days= and "
@@ -950,108 +1546,125 @@ def detect_homes(
             UserWarning,
             stacklevel=2,
         )
-    report["subscribers"] = int(codes.n)
-    report["subscriber_periods_with_home"] = len(sub_h)
-    log.info(
-        "CDR home detection: %d events read, %d used, %d subscribers, %d subscriber-periods with a home",
-        report["events"],
-        report["used"],
-        report["subscribers"],
-        len(sub_h),
-    )
+    elif home.mean() < 0.5:
+        warnings.warn(
+            f"{label}: most subscribers active at night get no home (fewer than half of the "
+            f"subscriber-periods; min_active_days={m}): the log is sparse for period={period!r}. "
+            "Fix: a longer period= (e.g. 'quarter') gives each subscriber more nights; the "
+            "relocation counts then cover fewer subscribers than the operator has "
+            "(CDRFlows.diagnostics shows the shares).",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not np.isnan(est) and est > max_spurious_share:
+        fix = (
+            "Fix: a longer period= gives each subscriber more nights (the log has few "
+            "movers to tell real moves from misplaced homes)"
+            if auto_days
+            else "Fix: min_active_days='auto' chooses the smallest value below that level"
+        )
+        warnings.warn(
+            f"min_active_days={m}: an estimated {est:.0%} of detected moves are spurious (homes "
+            f"misplaced in one period, seen as moves out and back), above {max_spurious_share:.0%}. "
+            f"{fix}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    h = np.flatnonzero(home)
     return HomeLocations(
-        subscriber=sub_h,
-        period=per_h,
-        unit=unit_h,
-        periods=periods,
-        period_ordinals=ords,
+        subscriber=cand.sub[h],
+        period=cand.pidx[h],
+        unit=cand.unit[h],
+        periods=cand.labels,
+        period_ordinals=cand.ords,
         unit_ids=unit_ids,
         unit_country=np.asarray(
             unit_country if unit_country is not None else [""] * n_units, dtype=object
         ),
         covered=covered,
         report=report,
+        settings=settings,
+        hour_profile=_public_profile(profile, n_sample, night_used),
+        period_stats=period_stats,
+        candidates=table,
     )
 
 
-def _reduce(
-    raw: list[np.ndarray], reduced: tuple[np.ndarray, np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct sorted keys and their event counts, from raw keys plus an earlier reduction."""
-    keys = np.sort(np.concatenate(raw)) if raw else np.empty(0, np.uint64)
-    starts, counts = _sorted_runs(keys)
-    keys = keys[starts]
-    if reduced is None or len(reduced[0]) == 0:
-        return keys, counts
-    k = np.concatenate([reduced[0], keys])
-    c = np.concatenate([reduced[1], counts])
-    order = np.argsort(k, kind="stable")
-    k, c = k[order], c[order]
-    starts, _ = _sorted_runs(k)
-    return k[starts], np.add.reduceat(c, starts)
+def _events_per_period(per_day: np.ndarray, cand: _Candidates, period: Period) -> np.ndarray:
+    """Events used per period (``per_day`` indexed by day since 1980)."""
+    out = np.zeros(len(cand.labels), dtype=np.int64)
+    days = np.flatnonzero(per_day)
+    if len(days) and len(cand.ords):
+        ords, _ = _period_ordinals(days + _DAY0, period)
+        pos = np.searchsorted(cand.ords, ords)
+        inside = (pos < len(cand.ords)) & (cand.ords[np.minimum(pos, len(cand.ords) - 1)] == ords)
+        np.add.at(out, pos[inside], per_day[days[inside]])
+    return out
 
 
-def _homes_from_keys(
-    key: np.ndarray, cnt: np.ndarray, period: Period, min_active_days: int, n_units: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], np.ndarray]:
-    """Apply the home rules to sorted distinct (subscriber, unit, day) keys with event counts.
-
-    Sort-free apart from one ``np.sort``: keys are sorted by subscriber, unit,
-    day, and the period is monotone in the day, so (subscriber, unit, period)
-    groups are runs. Returns homes sorted by (subscriber, period).
-    """
-    if len(key) == 0:
-        e = np.empty(0, np.int64)
-        return e, e, e, [], e
-    day_mask = (1 << _DAY_BITS) - 1
-    sub = (key >> np.uint64(_UNIT_BITS + _DAY_BITS)).astype(np.int64)
-    unit = ((key >> np.uint64(_DAY_BITS)) & np.uint64((1 << _UNIT_BITS) - 1)).astype(np.int64)
-    day = (key & np.uint64(day_mask)).astype(np.int64)
-    dmin, dmax = int(day.min()), int(day.max())
-    span = np.arange(dmin, dmax + 1, dtype=np.int64)
-    ords_span, labels_span = _period_ordinals(span + _DAY0, period)
-    present = np.zeros(len(span), dtype=bool)
-    present[day - dmin] = True
-    used = ords_span[present]
-    ustarts, _ = _sorted_runs(used)  # ordinals are non-decreasing in the day
-    uords = used[ustarts]
-    pidx_span = np.searchsorted(uords, ords_span)
-    first_day = np.searchsorted(ords_span, uords)
-    labels = [str(labels_span[i]) for i in first_day]
-    n_p = len(uords)
-    pidx = pidx_span[day - dmin]
-    # (subscriber, unit, period) runs: active days and events per candidate home
-    su = key >> np.uint64(_DAY_BITS)
-    boundary = np.empty(len(key), dtype=bool)
-    boundary[0] = True
-    boundary[1:] = (su[1:] != su[:-1]) | (pidx[1:] != pidx[:-1])
-    starts = np.flatnonzero(boundary)
-    ndays = np.diff(np.append(starts, len(key)))
-    nev = np.add.reduceat(cnt.astype(np.int64), starts)
-    r_sub, r_unit, r_p = sub[starts], unit[starts], pidx[starts]
-    # active days per (subscriber, period): distinct (subscriber, day)
-    sd = np.sort((sub << _DAY_BITS) | day)
-    st, _ = _sorted_runs(sd)
-    sd = sd[st]
-    g_sd = (sd >> _DAY_BITS) * n_p + pidx_span[(sd & day_mask) - dmin]
-    gst, active = _sorted_runs(g_sd)
-    g_active = g_sd[gst]
-    # modal unit: most active days, then most events, then the first unit
-    g_run = r_sub * n_p + r_p
-    gi = np.searchsorted(g_active, g_run)
-    score = (
-        (ndays.astype(np.int64) << 54)
-        | (np.minimum(nev, (1 << 34) - 1) << 20)
-        | (((1 << _UNIT_BITS) - 1) - r_unit)
+def _public_profile(
+    profile: pd.DataFrame, n_subs: int, night: tuple[int, int] | None
+) -> pd.DataFrame:
+    """Return the event-hour profile as shares (empty for a sample of 15 subscribers or fewer)."""
+    if n_subs <= DEFAULT_THRESHOLD or profile["events"].sum() == 0:
+        return pd.DataFrame(
+            {"hour": [], "share_of_events": [], "share_at_usual_tower": [], "night": []}
+        )
+    ev = profile["events"].to_numpy(dtype=float)
+    hours = np.arange(24)
+    if night is None:
+        inside = np.ones(24, dtype=bool)
+    else:
+        a, b = night
+        inside = ((hours >= a) | (hours < b)) if a > b else ((hours >= a) & (hours < b))
+    return pd.DataFrame(
+        {
+            "hour": hours,
+            "share_of_events": np.round(ev / ev.sum(), 3),
+            "share_at_usual_tower": np.round(
+                np.divide(profile["at_usual_tower"], ev, out=np.full(24, np.nan), where=ev > 0), 2
+            ),
+            "night": inside,
+        }
     )
-    best = np.zeros(len(g_active), dtype=np.int64)
-    np.maximum.at(best, gi, score)
-    win = score == best[gi]
-    home_unit = np.full(len(g_active), -1, dtype=np.int64)
-    home_unit[gi[win]] = r_unit[win]
-    keep = active >= min_active_days
-    g = g_active[keep]
-    return g // n_p, g % n_p, home_unit[keep], labels, uords
+
+
+def _report_bad_events(
+    report: dict[str, int],
+    bad_rows: dict[str, list[int]],
+    label: str,
+    on_bad_events: str,
+    *,
+    columns: list[str],
+) -> None:
+    """Raise (or warn, for ``on_bad_events='drop'``) on bad events: file, column, rows and fix."""
+    subscriber_id, timestamp, cell_id = columns
+    what = {
+        "missing_subscriber": f"missing subscriber id (column {subscriber_id!r})",
+        "missing_cell": f"missing cell (column {cell_id!r})",
+        "bad_timestamp": f"unparsable timestamp (column {timestamp!r})",
+        "out_of_range_timestamp": f"timestamp before 1980 or after 2159 (column {timestamp!r})",
+        "unknown_cell": f"unknown cell, not in the towers table (column {cell_id!r})",
+        "malformed_row": "malformed row, wrong number of fields",
+    }
+    bad = {k: report[k] for k in what if report[k]}
+    if not bad:
+        return
+    detail = "; ".join(
+        f"{what[k]}: {v} (data rows {_fmt(bad_rows.get(k, []))})" for k, v in bad.items()
+    )
+    if on_bad_events == "error":
+        raise CDRInputError(
+            f"{label}: {sum(bad.values())} bad event(s) of {report['events']} — {detail} (data "
+            "rows count from 1, a file's header not included). Fix: correct those rows (timestamps 1980-2159 "
+            "in a parseable format, every cell in the towers table, one field per column), pass "
+            "timestamp_format=, or on_bad_events='drop' to drop them."
+        )
+    warnings.warn(
+        f"{label}: dropped {sum(bad.values())} bad event(s) — {detail}.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------- redaction
@@ -1114,13 +1727,438 @@ def redact(
     return out
 
 
+# ------------------------------------------------------------ the rule for totals and logs
+def _keeps_ranges(
+    lo: float,
+    hi: float,
+    known: float,
+    lows: np.ndarray,
+    highs: np.ndarray,
+    relation: Literal["sum", "upper", "lower"] = "sum",
+    capacity: np.ndarray | None = None,
+) -> bool:
+    """Whether learning ``lo <= x <= hi`` leaves every redacted item its whole range.
+
+    ``x`` relates to released numbers summing to ``known`` and to hidden
+    items ``i`` whose public range is ``[lows[i], highs[i]]``: ``"sum"``
+    ``x = known + sum(items)``, ``"upper"`` ``x >= known + sum(items)``,
+    ``"lower"`` ``x <= known + sum(items)``. Items with a finite upper bound
+    are *redacted* and must keep their whole range (each can still take its
+    lowest and its highest value); items with ``highs = inf`` (counts withheld
+    for another reason) only absorb. ``capacity`` (default ``highs``) is what
+    each item can be given *together*, when other released numbers cap sums
+    of items (a line total of 15 or fewer caps its cells at 15 in all): a
+    feasible allocation, so that an item can sit at its lowest value while the
+    others carry the rest. This is the one test behind complementary
+    suppression of totals and of subscriber counts and behind every number of
+    ``CDRFlows.diagnostics``, logs and warnings; ``docs/privacy.md`` states it.
+    """
+    lows = np.asarray(lows, dtype=float)
+    highs = np.asarray(highs, dtype=float)
+    redacted = np.isfinite(highs)
+    if not redacted.any():
+        return True
+    cap = highs if capacity is None else np.minimum(np.asarray(capacity, dtype=float), highs)
+    width = float((highs[redacted] - lows[redacted]).max())
+    r_lo, r_hi = lo - known, hi - known
+    can_reach_top = r_hi >= lows.sum() + width
+    can_reach_bottom = r_lo <= lows.sum() + float(
+        (cap - lows).sum() - (cap - lows)[redacted].max()
+    )
+    if relation == "sum":
+        return bool(can_reach_top and can_reach_bottom)
+    if relation == "upper":
+        return bool(can_reach_top)
+    if relation == "lower":
+        return bool(can_reach_bottom)
+    raise ValueError(f"relation must be 'sum', 'upper' or 'lower', got {relation!r}")
+
+
+def _public_base(x: float, threshold: int) -> float:
+    """Return the rounding base of a published count: 2 significant figures, >= 2(threshold+1)."""
+    floor = 2 * (threshold + 1)
+    nice = next(m * 10**e for e in range(0, 12) for m in (1, 2, 5) if m * 10**e >= floor)
+    magnitude = 10 ** max(int(np.floor(np.log10(x))) - 1, 0) if x >= 1 else 1
+    return float(max(nice, magnitude))
+
+
+@dataclass(frozen=True)
+class PublicCount:
+    """A count of subscribers, subscriber-periods or relocations as it may be published.
+
+    ``value`` is the count rounded to a multiple of ``base`` (NaN when
+    withheld); ``text`` is what logs and warnings print.
+    """
+
+    value: float
+    base: float
+
+    @property
+    def withheld(self) -> bool:
+        """Whether the count is withheld."""
+        return bool(np.isnan(self.value))
+
+    @property
+    def text(self) -> str:
+        """Render the count for a log or warning."""
+        if self.withheld:
+            return "a number withheld to protect redacted cells"
+        if self.value == 0:
+            return f"fewer than {self.base / 2:,.0f}"
+        return f"about {self.value:,.0f}"
+
+
+#: A relation of a count to released tables: (relation, released sum, item lows, item highs[,
+#: item capacity]); see :func:`_keeps_ranges`.
+_Check = tuple[Any, ...]
+
+
+def public_count(x: float, checks: Sequence[_Check] = (), *, threshold: int) -> PublicCount:
+    """Publish a subscriber-derived count by the rule for totals and logs.
+
+    The count is rounded to 2 significant figures and to no less than a
+    multiple of ``2 x (threshold + 1)`` rounded up to 1, 2 or 5 x 10^k (50 for
+    the default threshold 15), so that on its own it says nothing finer than
+    that base; it is withheld when the interval it implies, combined with
+    the released cells and totals it sums or bounds (``checks``), would
+    narrow any redacted cell below its range 0..threshold (:func:`_keeps_ranges`).
+    """
+    base = _public_base(float(x), threshold)
+    value = float(np.round(float(x) / base) * base)
+    lo, hi = value - base / 2, value + base / 2
+    for relation, known, lows, highs, *capacity in checks:
+        cap = capacity[0] if capacity else None
+        if not _keeps_ranges(lo, hi, known, lows, highs, relation, cap):
+            return PublicCount(float("nan"), base)
+    return PublicCount(value, base)
+
+
+def _cells(values: np.ndarray, bounds: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(released sum, lows, highs) of a set of cells: released counts and redacted bounds."""
+    values = np.asarray(values, dtype=float)
+    hidden = np.isnan(values)
+    highs = np.asarray(bounds, dtype=float)[hidden]
+    return (
+        float(np.nansum(values)),
+        np.zeros(int(hidden.sum())),
+        np.where(np.isnan(highs), np.inf, highs),
+    )
+
+
+def _line_caps(
+    f: pd.DataFrame,
+    side: str,
+    totals: pd.DataFrame | None,
+    col: str,
+    subs: pd.DataFrame | None,
+    subs_period: str | None,
+    threshold: int,
+) -> pd.Series:
+    """Public upper bound of the redacted cells' sum of each line (unit) of one period.
+
+    From the line's total when it is redacted or suppressed (its ``_max``
+    minus the released cells) and from the subscribers of the unit (every
+    mover out of / into a unit had a home there): a released count minus the
+    released cells, or the threshold for a redacted count. Infinite otherwise.
+    """
+    released = f.groupby(side)["count"].sum()
+    caps = pd.Series(np.inf, index=pd.Index(f[side].unique()))
+    if totals is not None and len(totals) and f"{col}_max" in totals.columns:
+        t = totals.loc[totals[col].isna() & totals[f"{col}_max"].notna()]
+        bound = pd.Series(t[f"{col}_max"].to_numpy(), index=t["unit_id"].to_numpy())
+        caps = np.minimum(caps, (bound - released).reindex(caps.index).fillna(np.inf))
+    if subs is not None and subs_period is not None and len(subs):
+        sp = subs.loc[subs["period"] == subs_period]
+        value = sp["cdr_subscribers"].to_numpy(dtype=float)
+        bound = np.where(np.isnan(value), sp["cdr_subscribers_max"].to_numpy(dtype=float), value)
+        bound = np.where(np.isnan(bound), np.inf, bound)
+        b = pd.Series(bound, index=sp["unit_id"].to_numpy())
+        caps = np.minimum(caps, (b - released).reindex(caps.index).fillna(np.inf))
+    return caps.clip(lower=0.0)
+
+
+def _share_of(f: pd.DataFrame, cells: np.ndarray, side: str, cap: pd.Series) -> np.ndarray:
+    """``cap`` of each cell's line split evenly among the line's ``cells`` (inf: no cap)."""
+    n = f.loc[cells].groupby(side).size()
+    per_cell = (cap / n.reindex(cap.index)).reindex(f[side]).to_numpy(dtype=float)
+    return np.where(cells, np.where(np.isnan(per_cell), np.inf, per_cell), np.nan)
+
+
+def _line_usage(f: pd.DataFrame, cells: np.ndarray, side: str, share: np.ndarray) -> pd.Series:
+    """Sum of ``share`` over ``cells`` per line."""
+    return pd.Series(np.where(cells, share, 0.0)).groupby(f[side].to_numpy()).sum()
+
+
+def _protect_totals(
+    totals: pd.DataFrame,
+    flows: pd.DataFrame,
+    threshold: int,
+    subs: pd.DataFrame | None = None,
+    periods: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Complementary suppression: hide every total that would narrow a redacted cell.
+
+    A total of a row (``outflow``, over the unit's origin cells) or column
+    (``inflow``) minus its released cells is the sum ``R`` of its ``k``
+    redacted cells. It is released only when each of those cells keeps its
+    whole range 0..threshold given ``R``:
+
+    * ``threshold <= R <= (k - 1) x threshold`` (so never for ``k = 1``,
+      ``R = 0`` or the saturated ``R = k x threshold``);
+    * the other cells can carry ``R`` when any one of them is 0, within the
+      caps that redacted totals and subscriber counts put on the crossing
+      lines; each cap is split evenly among the redacted cells of the rows
+      (columns) that may be released, which is one allocation that satisfies
+      every cap at once;
+    * for an inflow total, none of its redacted cells lies in a row whose
+      outflow total is released, so that each redacted cell is in at most one
+      released equation.
+
+    Suppressed totals become NaN with ``<col>_max`` = released cells +
+    threshold x redacted cells.
+    """
+    if totals.empty or flows.empty:
+        return totals
+    out = totals.copy()
+    prev = {} if periods is None else {p: periods[k - 1] for k, p in enumerate(periods) if k}
+    t_cap = float(threshold)
+    for per, f in flows.groupby("period", sort=False):
+        f = f.reset_index(drop=True)
+        at = np.flatnonzero(out["period"].to_numpy() == per)
+        hidden = f["count"].isna().to_numpy()
+        count = f["count"].to_numpy(dtype=float)
+        highs_all = f["max"].to_numpy(dtype=float)
+        released_rows: set[str] = set()
+        for col, side, other, subs_period in (
+            ("outflow", "origin", "destination", per),
+            ("inflow", "destination", "origin", prev.get(per)),
+        ):
+            if col not in out.columns:
+                continue
+            lines = f[side].to_numpy()
+            members = pd.Series(np.arange(len(f))).groupby(lines).indices
+            rows = {}
+            for i in at:  # the band test: R alone leaves every redacted cell its range
+                unit, value = out["unit_id"].iat[i], out[col].iat[i]
+                if np.isnan(value) or unit not in members:
+                    continue
+                idx = members[unit]
+                h = idx[hidden[idx]]
+                known = float(np.nansum(count[idx]))
+                ok = _keeps_ranges(value, value, known, np.zeros(len(h)), highs_all[h], "sum")
+                if ok and col == "inflow":
+                    ok = not set(f[other].to_numpy()[h]) & released_rows
+                rows[i] = (unit, value, known, h, ok)
+            # the capacity test, with the crossing lines' caps shared by the candidates
+            cross = "inflow" if col == "outflow" else "outflow"
+            cap = _line_caps(f, other, out.iloc[at], cross, subs, subs_period, threshold)
+            candidate = np.isin(lines, [r[0] for r in rows.values() if r[4]]) & hidden
+            y = np.fmin(t_cap, _share_of(f, candidate, other, cap))
+            for i, (unit, value, known, h, ok) in rows.items():
+                if ok:
+                    ok = _keeps_ranges(
+                        value, value, known, np.zeros(len(h)), highs_all[h], "sum", y[h]
+                    )
+                if ok:
+                    if col == "outflow" and len(h):
+                        released_rows.add(unit)
+                    continue
+                out.iloc[i, out.columns.get_loc(col)] = np.nan
+                out.iloc[i, out.columns.get_loc(f"{col}_max")] = known + float(highs_all[h].sum())
+    return out
+
+
+def _protect_subscribers(
+    subs: pd.DataFrame, flows: pd.DataFrame, periods: Sequence[str], threshold: int
+) -> pd.DataFrame:
+    """Withhold subscriber counts that bound a row or column of redacted OD cells too tightly.
+
+    Every relocation out of unit u labelled t is a subscriber with a home in u
+    in period t-1, so the released ``cdr_subscribers`` of (u, t-1) is an upper
+    bound of the row of u in period t, and that of (u, t) of the column of u;
+    a bound that leaves a redacted cell less than its whole range (e.g. a unit
+    whose 16 subscribers all show up in a released cell of 16 movers, which
+    proves its other cells are 0) is withheld: NaN, no bound.
+    """
+    if subs.empty or flows.empty:
+        return subs
+    out = subs.copy()
+    prev = {p: periods[k - 1] for k, p in enumerate(periods) if k > 0}
+    index = {(u, p): i for i, (u, p) in enumerate(zip(out["unit_id"], out["period"], strict=True))}
+    values = out["cdr_subscribers"].to_numpy(dtype=float)
+    hide = np.zeros(len(out), dtype=bool)
+    for side, shift in (("origin", True), ("destination", False)):
+        for (unit, per), g in flows.groupby([side, "period"], sort=False):
+            at = prev.get(per) if shift else per
+            i = index.get((unit, at))
+            if i is None or np.isnan(values[i]):
+                continue
+            known, lows, highs = _cells(g["count"].to_numpy(), g["max"].to_numpy())
+            if not _keeps_ranges(values[i], values[i], known, lows, highs, "upper"):
+                hide[i] = True
+    if hide.any():
+        out.loc[hide, "cdr_subscribers"] = np.nan
+        out.loc[hide, "cdr_subscribers_max"] = np.nan
+    return out
+
+
+class _Disclosure:
+    """The released tables of one result, to publish other counts by :func:`public_count`.
+
+    It knows how each published count relates to the released cells, totals
+    and subscriber counts, and hands :func:`public_count` those relations:
+
+    * relocations of a period = released cells + the redacted cells' sum. The
+      sums over rows and columns whose total is released are public, so the
+      count is an exact sum over the *free* redacted cells (in no released
+      row or column): that sum must keep each of them its range.
+    * subscribers with a home in a period = released + redacted (0..threshold)
+      + withheld (more than the threshold) subscriber counts: a sum over the
+      redacted ones. Each unit's subscribers in period p are at least its
+      relocations in (cells of p) and out (cells of the next period), so the
+      count also bounds the redacted cells of the units whose count is not
+      released: it must leave each of them room to reach the threshold.
+    * active subscribers and distinct subscribers bound the same from above.
+    """
+
+    def __init__(
+        self,
+        flows: pd.DataFrame,
+        totals: pd.DataFrame,
+        subs: pd.DataFrame,
+        periods: Sequence[str],
+        threshold: int,
+    ) -> None:
+        self.threshold = threshold
+        self.flows, self.totals, self.subs = flows, totals, subs
+        self.periods = list(periods)
+
+    def _free_cells(self, period: str) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """Known part, ranges and capacity of the redacted cells in no released row or column."""
+        f = self.flows.loc[self.flows["period"] == period].reset_index(drop=True)
+        count = f["count"].to_numpy(dtype=float)
+        hidden = np.isnan(count)
+        known = float(np.nansum(count))
+        t = self.totals.loc[self.totals["period"] == period] if len(self.totals) else None
+        in_line, need = {}, np.zeros(len(f))
+        for col, side in (("outflow", "origin"), ("inflow", "destination")):
+            in_line[side] = np.zeros(len(f), dtype=bool)
+            if t is None or col not in t.columns:
+                continue
+            rel = t.loc[t[col].notna()]
+            line = f[side].isin(rel["unit_id"]).to_numpy()
+            # a released total fixes the sum of its redacted cells: total - its released cells
+            known += float(rel[col].sum()) - float(np.nansum(count[line]))
+            in_line[side] = line & hidden
+            # ... which its redacted cells hold, spread evenly
+            r_sum = (
+                pd.Series(rel[col].to_numpy(), index=rel["unit_id"].to_numpy())
+                - f.groupby(side)["count"]
+                .sum()
+                .reindex(rel["unit_id"].to_numpy())
+                .fillna(0)
+                .to_numpy()
+            )
+            per_cell = (r_sum / f.loc[in_line[side]].groupby(side).size()).reindex(f[side])
+            need = np.where(in_line[side], per_cell.to_numpy(dtype=float), need)
+        free = hidden & ~in_line["origin"] & ~in_line["destination"]
+        fixed = hidden & ~free
+        k = self.periods.index(period) if period in self.periods else -1
+        before = self.periods[k - 1] if k > 0 else None
+        t_cap = float(self.threshold)
+        left = {}
+        for side, subs_period, col in (
+            ("origin", before, "outflow"),
+            ("destination", period, "inflow"),
+        ):
+            # caps on a line's redacted sum, from its total (15 or fewer) and its subscribers;
+            # the cells of released crossing lines hold their line's redacted sum spread evenly
+            cap = _line_caps(f, side, t, col, self.subs, subs_period, self.threshold)
+            left[side] = cap.sub(_line_usage(f, fixed, side, need), fill_value=0).clip(lower=0)
+        capacity = np.fmin(
+            t_cap,
+            np.fmin(
+                _share_of(f, free, "origin", left["origin"]),
+                _share_of(f, free, "destination", left["destination"]),
+            ),
+        )[free]
+        highs = f["max"].to_numpy(dtype=float)[free]
+        highs = np.where(np.isnan(highs), np.inf, highs)
+        return known, np.zeros(int(free.sum())), highs, capacity
+
+    def _subs_items(self, periods: Sequence[str]) -> tuple[float, np.ndarray, np.ndarray]:
+        s = self.subs.loc[self.subs["period"].isin(list(periods))]
+        v = s["cdr_subscribers"].to_numpy(dtype=float)
+        bound = s["cdr_subscribers_max"].to_numpy(dtype=float)
+        hidden = np.isnan(v)
+        withheld = hidden & np.isnan(bound)  # withheld counts are above the threshold
+        lows = np.where(withheld, self.threshold + 1.0, 0.0)[hidden]
+        highs = np.where(withheld, np.inf, bound)[hidden]
+        return float(np.nansum(v)), lows, highs
+
+    def _chains(self, periods: Sequence[str]) -> list[_Check]:
+        """Cells bounded through the subscribers of units whose count is not released."""
+        s = self.subs.loc[self.subs["period"].isin(list(periods))]
+        known_subs = float(np.nansum(s["cdr_subscribers"].to_numpy(dtype=float)))
+        checks: list[_Check] = []
+        for side, offset in (("destination", 0), ("origin", 1)):
+            known, n_hidden = known_subs, 0
+            for p in periods:
+                k = self.periods.index(p) + offset if p in self.periods else -1
+                if not 0 <= k < len(self.periods):
+                    continue
+                units = s.loc[(s["period"] == p) & s["cdr_subscribers"].isna(), "unit_id"]
+                f = self.flows.loc[
+                    (self.flows["period"] == self.periods[k]) & self.flows[side].isin(units)
+                ]
+                known += float(f["count"].sum())
+                n_hidden += int(f["count"].isna().sum())
+            if n_hidden:
+                t = float(self.threshold)
+                checks.append(("upper", known, np.zeros(n_hidden), np.full(n_hidden, t)))
+        return checks
+
+    def relocations(self, x: float, period: str) -> PublicCount:
+        """Publish a period's relocations (an exact sum of its cells)."""
+        known, lows, highs, capacity = self._free_cells(period)
+        return public_count(x, [("sum", known, lows, highs, capacity)], threshold=self.threshold)
+
+    def subscribers(self, x: float, periods: Sequence[str], relation: str) -> PublicCount:
+        """Publish a count that sums (or bounds) the subscribers of ``periods`` together."""
+        checks: list[_Check] = [(relation, *self._subs_items(periods))]
+        if relation in ("sum", "upper"):
+            checks += self._chains(periods)
+        return public_count(x, checks, threshold=self.threshold)
+
+    def subscribers_each(self, x: float, periods: Sequence[str]) -> PublicCount:
+        """Publish a count >= the subscribers of each of ``periods`` (e.g. distinct subscribers)."""
+        checks: list[_Check] = []
+        for p in periods:
+            checks += [("upper", *self._subs_items([p])), *self._chains([p])]
+        return public_count(x, checks, threshold=self.threshold)
+
+    def plain(self, x: float) -> PublicCount:
+        """Publish a count related to no released table (rounded only)."""
+        return public_count(x, threshold=self.threshold)
+
+
+def _share(num: PublicCount, den: PublicCount) -> float:
+    """Compute a share from published counts only (NaN when either is withheld or zero)."""
+    if num.withheld or den.withheld or den.value <= 0:
+        return float("nan")
+    return round(min(num.value / den.value, 1.0), 2)
+
+
 # ---------------------------------------------------------------------- OD tables
 @dataclass(repr=False)
 class CDRFlows:
     """Redacted CDR flow tables (see the module docstring for the columns).
 
     ``flows`` plugs into ``build_dataset(..., flows={"cdr": result.flows})``,
-    ``covariates`` into ``covariates=``. Every count is already redacted.
+    ``covariates`` into ``covariates=``, ``totals`` into
+    :func:`flowmodel.dataset.totals_to_dataset`. Every count is already
+    redacted; ``report``, ``diagnostics`` and ``settings`` follow the rule for
+    totals and logs (``docs/privacy.md``), so all of it may be printed or saved.
     """
 
     flows: pd.DataFrame
@@ -1128,7 +2166,11 @@ class CDRFlows:
     subscribers: pd.DataFrame
     covariates: pd.DataFrame
     threshold: int
-    report: dict[str, int] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    settings: dict[str, Any] = field(default_factory=dict)
+    hour_profile: pd.DataFrame = field(default_factory=pd.DataFrame)
+    home_rule: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def __repr__(self) -> str:
         n_obs = int(self.flows["count"].notna().sum())
@@ -1136,6 +2178,22 @@ class CDRFlows:
             f"CDRFlows({len(self.flows)} OD rows, {n_obs} above the threshold {self.threshold}, "
             f"periods {sorted(self.flows['period'].unique().tolist()) if 'period' in self.flows else []})"
         )
+
+
+#: Statistics of ``CDRFlows.diagnostics`` (one row per period and statistic).
+DIAGNOSTICS = {
+    "events": "night-time events used (exact: not a count of subscribers)",
+    "active_subscribers": "subscribers with at least one night-time event in the period",
+    "subscribers_with_home": "subscribers given a home in the period",
+    "share_with_home": "subscribers_with_home / active_subscribers (of the published counts)",
+    "median_active_nights": "median active nights of the active subscribers",
+    "events_per_active_subscriber": "events / active_subscribers (of the published counts)",
+    "relocations": "subscribers whose home changed since the previous period (in the universe)",
+    "relocations_released": "sum of the released OD cells (exact)",
+    "cells_released": "OD cells above the threshold (exact)",
+    "cells_redacted": "OD cells of 0..threshold, censored (exact)",
+    "relocations_outside_universe": "relocations dropped because a unit is outside the universe",
+}
 
 
 def _universe_mask(covered: np.ndarray, country: np.ndarray, universe: str) -> np.ndarray:
@@ -1149,35 +2207,80 @@ def _universe_mask(covered: np.ndarray, country: np.ndarray, universe: str) -> n
     return mask
 
 
-def _protect_totals(totals: pd.DataFrame, flows: pd.DataFrame, threshold: int) -> pd.DataFrame:
-    """Complementary suppression: hide a total that would reveal its redacted cells.
+def _diagnostics(
+    homes: HomeLocations,
+    disclose: _Disclosure,
+    flows: pd.DataFrame,
+    moves: dict[str, int],
+    dropped: dict[str, int],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, PublicCount]]:
+    """Build the public per-period diagnostics and home-rule tables (the rule for totals and logs)."""
+    rows: list[dict[str, Any]] = []
 
-    ``total - sum(released cells)`` is the sum of the redacted cells of that row
-    (or column); when there is at least one redacted cell and that remainder is
-    0..threshold, releasing the total would release a small count (exactly, when
-    one cell is redacted). Such totals become NaN with ``<col>_max`` = released
-    sum + threshold x (number of redacted cells).
-    """
-    if totals.empty or flows.empty:
-        return totals
-    out = totals.copy()
-    for col, side in (("outflow", "origin"), ("inflow", "destination")):
-        if col not in out.columns:
+    def add(period: str, stat: str, value: float, base: float = float("nan")) -> None:
+        rows.append({"period": period, "statistic": stat, "value": value, "rounded_to": base})
+
+    stats = homes.period_stats.set_index("period") if len(homes.period_stats) else None
+    published: dict[str, PublicCount] = {}
+    for per in homes.periods:
+        if stats is None or per not in stats.index:
             continue
-        g = (
-            flows.assign(_vis=flows["count"].fillna(0.0), _red=flows["count"].isna())
-            .groupby([side, "period"])[["_vis", "_red"]]
-            .sum()
+        st = stats.loc[per]
+        add(per, "events", float(st["events"]))
+        active = disclose.subscribers(float(st["active_subscribers"]), [per], "upper")
+        with_home = disclose.subscribers(float(st["subscribers_with_home"]), [per], "sum")
+        published[per] = with_home
+        add(per, "active_subscribers", active.value, active.base)
+        add(per, "subscribers_with_home", with_home.value, with_home.base)
+        add(per, "share_with_home", _share(with_home, active), 0.01)
+        few = active.withheld or st["active_subscribers"] <= disclose.threshold
+        add(per, "median_active_nights", np.nan if few else float(st["median_active_nights"]), 0.5)
+        rate = (
+            round(float(st["events"]) / active.value, 1)
+            if not active.withheld and active.value > 0
+            else float("nan")
         )
-        key = pd.MultiIndex.from_arrays([out["unit_id"], out["period"]])
-        vis = g["_vis"].reindex(key).to_numpy(dtype=float)
-        red = g["_red"].reindex(key).fillna(0).to_numpy(dtype=float)
-        rem = out[col].to_numpy(dtype=float) - np.nan_to_num(vis)
-        hide = (red > 0) & (rem >= 0) & (rem <= threshold) & out[col].notna().to_numpy()
-        if hide.any():
-            out.loc[hide, col] = np.nan
-            out.loc[hide, f"{col}_max"] = np.nan_to_num(vis[hide]) + threshold * red[hide]
-    return out
+        add(per, "events_per_active_subscriber", rate, 0.1)
+    for per in sorted(set(flows["period"])):
+        f = flows.loc[flows["period"] == per]
+        moved = disclose.relocations(float(moves.get(per, 0)), per)
+        add(per, "relocations", moved.value, moved.base)
+        add(per, "relocations_released", float(f["count"].sum()))
+        add(per, "cells_released", float(f["count"].notna().sum()))
+        add(per, "cells_redacted", float(f["count"].isna().sum()))
+        if dropped.get(per):
+            out = disclose.plain(float(dropped[per]))
+            add(per, "relocations_outside_universe", out.value, out.base)
+    table = pd.DataFrame(rows, columns=["period", "statistic", "value", "rounded_to"])
+    # the home rule: share with a home and estimated spurious share per min_active_days
+    rule = homes.candidates
+    m_used = homes.settings.get("min_active_days")
+    rule_rows = []
+    if len(rule) and stats is not None:
+        all_periods = list(stats.index)
+        active = disclose.subscribers(
+            float(stats["active_subscribers"].sum()), all_periods, "upper"
+        )
+        for r in rule.itertuples():
+            relation = (
+                "sum"
+                if r.min_active_days == m_used
+                else ("upper" if r.min_active_days < m_used else "lower")
+            )
+            n = disclose.subscribers(float(r.homes), all_periods, relation)
+            est = r.spurious_share
+            rule_rows.append(
+                {
+                    "min_active_days": int(r.min_active_days),
+                    "share_with_home": _share(n, active),
+                    "spurious_share": round(float(est), 2) if pd.notna(est) else float("nan"),
+                    "used": r.min_active_days == m_used,
+                }
+            )
+    rule_table = pd.DataFrame(
+        rule_rows, columns=["min_active_days", "share_with_home", "spurious_share", "used"]
+    )
+    return table, rule_table, published
 
 
 def relocation_od(
@@ -1214,6 +2317,15 @@ def relocation_od(
     Returns
     -------
     CDRFlows
+        With ``diagnostics`` (per period: events, active subscribers,
+        subscribers with a home and their share, median active nights, events
+        per subscriber, relocations, released and redacted cells; see
+        :data:`DIAGNOSTICS`), ``home_rule`` (share with a home and estimated
+        spurious share for each ``min_active_days``), ``settings`` and
+        ``hour_profile`` of the home detection. Counts of subscribers there and
+        in ``report``, logs and warnings are published by
+        :func:`public_count`: rounded, and withheld where they would narrow
+        a redacted cell.
     """
     threshold = _check_threshold(threshold, allow_small_cells)
     n_units = len(homes.unit_ids)
@@ -1239,14 +2351,11 @@ def relocation_od(
     o, d, t = o[movers], d[movers], t[movers]
     mask = _universe_mask(homes.covered, homes.unit_country.astype(str), universe)
     inside = mask[o, d]
-    if not inside.all():
-        warnings.warn(
-            f"{int((~inside).sum())} relocation(s) between units outside the universe {universe!r} were "
-            "dropped (e.g. across borders with universe='within').",
-            UserWarning,
-            stacklevel=2,
-        )
-        o, d, t = o[inside], d[inside], t[inside]
+    dropped = {
+        homes.periods[k]: int(n) for k, n in enumerate(np.bincount(t[~inside], minlength=n_p)) if n
+    }
+    o, d, t = o[inside], d[inside], t[inside]
+    moves = {homes.periods[k]: int(n) for k, n in enumerate(np.bincount(t, minlength=n_p))}
     cell = o.astype(np.int64) * n_units + d
     ids = homes.unit_ids
     oi, di = np.nonzero(mask)
@@ -1288,21 +2397,14 @@ def relocation_od(
         else pd.DataFrame({"unit_id": [], "period": [], "outflow": [], "inflow": []})
     )
     small_ok = threshold < DEFAULT_THRESHOLD
-    totals = redact(
-        totals,
-        column="outflow",
-        max_column="outflow_max",
-        threshold=threshold,
-        allow_small_cells=small_ok,
-    )
-    totals = redact(
-        totals,
-        column="inflow",
-        max_column="inflow_max",
-        threshold=threshold,
-        allow_small_cells=small_ok,
-    )
-    totals = _protect_totals(totals, flows, threshold)
+    for col in ("outflow", "inflow"):
+        totals = redact(
+            totals,
+            column=col,
+            max_column=f"{col}_max",
+            threshold=threshold,
+            allow_small_cells=small_ok,
+        )
     # subscribers per unit and period
     per = np.zeros((n_p, n_units))
     if len(homes.unit):
@@ -1315,15 +2417,6 @@ def relocation_od(
         }
     )
     subs = subs.loc[np.tile(homes.covered, n_p)].reset_index(drop=True)
-    # the covariate averages only released (> threshold) period counts, so that it cannot be
-    # combined with the per-period table to recover a redacted count
-    released = np.where(per > threshold, per, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN units
-        mean_subs = pd.Series(
-            np.nanmean(released, axis=0) if n_p else np.full(n_units, np.nan),
-            index=pd.Index(ids, name="unit_id"),
-        )
     subs = redact(
         subs,
         column="cdr_subscribers",
@@ -1331,30 +2424,100 @@ def relocation_od(
         threshold=threshold,
         allow_small_cells=small_ok,
     )
+    subs = _protect_subscribers(subs, flows, homes.periods, threshold)
+    totals = _protect_totals(totals, flows, threshold, subs, homes.periods)
+    # the covariate averages only released period counts, so that it cannot be combined with
+    # the per-period table to recover a redacted or withheld count
+    mean_subs = subs.groupby("unit_id")["cdr_subscribers"].mean().reindex(ids).astype(float)
+    mean_subs.index = pd.Index(ids, name="unit_id")
     cov = pd.DataFrame({"cdr_subscribers": mean_subs}).loc[homes.covered]
     if population is not None:
         pop = pd.Series(population).rename(index=str).reindex(cov.index).astype(float)
         cov["cdr_subscribers_per_resident"] = cov["cdr_subscribers"] / pop.where(pop > 0)
-    report = dict(homes.report)
-    report.update(relocations=len(o), periods=len(rel_periods))
+    flows = flows[["origin", "destination", "period", "count", "max"]].astype(
+        {"origin": str, "destination": str, "period": str, "count": float, "max": float}
+    )
+    totals = totals.reset_index(drop=True)
+    # --- everything else that leaves this function goes through the rule for totals and logs
+    disclose = _Disclosure(flows, totals, subs, homes.periods, threshold)
+    diagnostics, home_rule, with_home = _diagnostics(homes, disclose, flows, moves, dropped)
+    rel_labels = [homes.periods[k] for k in rel_periods]
+    moved = {p: disclose.relocations(float(moves.get(p, 0)), p) for p in rel_labels}
+    report = _public_report(homes.report, moved, with_home, dropped, disclose)
+    report.update(periods=len(rel_periods))
+    if any(dropped.values()):
+        n_out = disclose.plain(float(sum(dropped.values())))
+        warnings.warn(
+            f"{n_out.text} relocation(s) between units outside the universe {universe!r} were "
+            "dropped (e.g. across borders with universe='within').",
+            UserWarning,
+            stacklevel=2,
+        )
     log.info(
-        "CDR relocation OD: %d relocations in %d period(s); %d of %d cells above the threshold %d",
-        len(o),
+        "CDR relocation OD: %s relocation(s) in %d period(s); released: %d relocations in %d of "
+        "%d cells above the threshold %d",
+        _sum_text(list(moved.values())),
         len(rel_periods),
+        int(flows["count"].sum()),
         int(flows["count"].notna().sum()),
         len(flows),
         threshold,
     )
+    shares = diagnostics.loc[diagnostics["statistic"] == "share_with_home", "value"]
+    log.info(
+        "CDR homes: %s subscriber-period(s) with a home; share of active subscribers with a "
+        "home per period: %s",
+        _sum_text(list(with_home.values())),
+        ", ".join("-" if np.isnan(v) else f"{v:.0%}" for v in shares),
+    )
     return CDRFlows(
-        flows=flows[["origin", "destination", "period", "count", "max"]].astype(
-            {"origin": str, "destination": str, "period": str, "count": float, "max": float}
-        ),
-        totals=totals.reset_index(drop=True),
+        flows=flows,
+        totals=totals,
         subscribers=subs,
         covariates=cov,
         threshold=threshold,
         report=report,
+        diagnostics=diagnostics,
+        settings=dict(homes.settings),
+        hour_profile=homes.hour_profile.copy(),
+        home_rule=home_rule,
     )
+
+
+def _sum_text(counts: Sequence[PublicCount]) -> str:
+    """Render the sum of published counts as text (no finer than its parts)."""
+    if not counts:
+        return "0"
+    if any(c.withheld for c in counts):
+        return "a number (withheld to protect redacted cells) of"
+    total = sum(c.value for c in counts)
+    base = max(c.base for c in counts)
+    return f"fewer than {base / 2 * len(counts):,.0f}" if total == 0 else f"about {total:,.0f}"
+
+
+def _public_report(
+    exact: Mapping[str, Any],
+    moved: Mapping[str, PublicCount],
+    with_home: Mapping[str, PublicCount],
+    dropped: Mapping[str, int],
+    disclose: _Disclosure,
+) -> dict[str, Any]:
+    """``CDRFlows.report``: exact event counts; subscriber counts published by the rule."""
+    subscriber_keys = ("subscribers", "subscriber_periods_with_home", "active_subscriber_periods")
+    out = {k: v for k, v in exact.items() if k not in subscriber_keys}
+
+    def total(counts: Sequence[PublicCount]) -> float:
+        return float("nan") if any(c.withheld for c in counts) else sum(c.value for c in counts)
+
+    if "subscribers" in exact:
+        out["subscribers"] = disclose.subscribers_each(
+            float(exact["subscribers"]), list(with_home)
+        ).value
+    out["subscriber_periods_with_home"] = total(list(with_home.values()))
+    out["relocations"] = total(list(moved.values()))
+    if any(dropped.values()):
+        out["relocations_outside_universe"] = disclose.plain(float(sum(dropped.values()))).value
+    return out
 
 
 def cdr_flows(
@@ -1370,8 +2533,9 @@ def cdr_flows(
     assignment: Literal["point", "voronoi"] = "point",
     outside: Literal["error", "drop", "nearest"] = "error",
     period: Period = "month",
-    night: tuple[int, int] | None = (19, 7),
-    min_active_days: int = 5,
+    night: tuple[int, int] | Literal["auto"] | None = "auto",
+    min_active_days: int | Literal["auto"] = "auto",
+    max_spurious_share: float = MAX_SPURIOUS_SHARE,
     timezone: str | None = None,
     timestamp_format: str | None = None,
     start: str | None = None,
@@ -1421,6 +2585,7 @@ def cdr_flows(
         period=period,
         night=night,
         min_active_days=min_active_days,
+        max_spurious_share=max_spurious_share,
         timezone=timezone,
         timestamp_format=timestamp_format,
         start=start,
@@ -1658,7 +2823,10 @@ def write_cdr_outputs(result: CDRFlows, out_dir: str | os.PathLike[str]) -> dict
     """Write the redacted tables of ``result`` atomically as CSV into ``out_dir``.
 
     Files: ``cdr_flows.csv``, ``cdr_totals.csv``, ``cdr_subscribers.csv``,
-    ``cdr_covariates.csv``. Returns ``{"flows": path, ...}``.
+    ``cdr_covariates.csv``, and for raw events ``cdr_diagnostics.csv``,
+    ``cdr_home_rule.csv``, ``cdr_hour_profile.csv`` and ``cdr_settings.json``
+    (all published by the rule for totals and logs). Returns
+    ``{"flows": path, ...}``.
 
     Raises
     ------
@@ -1686,11 +2854,23 @@ def write_cdr_outputs(result: CDRFlows, out_dir: str | os.PathLike[str]) -> dict
         "totals": result.totals,
         "subscribers": result.subscribers,
         "covariates": result.covariates.reset_index(),
+        "diagnostics": result.diagnostics,
+        "home_rule": result.home_rule,
+        "hour_profile": result.hour_profile,
     }
     paths = {}
     for name, table in tables.items():
+        if name in ("diagnostics", "home_rule", "hour_profile") and table.empty:
+            continue
         path = out_dir / f"cdr_{name}.csv"
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
         paths[name] = path
+    if result.settings:
+        import json
+
+        path = out_dir / "cdr_settings.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result.settings, indent=2, default=str) + "\n")
+        paths["settings"] = path
     return paths
