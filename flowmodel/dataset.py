@@ -232,7 +232,7 @@ def _flow_variables(
 def _long_to_labels(
     table: pd.DataFrame, column: str, ids: pd.Index, periods: pd.Index | None
 ) -> np.ndarray:
-    """A text column of a long table as an (origin, destination[, period]) array ("" = none)."""
+    """Return a text column of a long table as an (origin, destination[, period]) array."""
     n = len(ids)
     pos = pd.Series(np.arange(n), index=ids)
     o = pos.reindex(table["origin"].to_numpy()).to_numpy().astype(int)

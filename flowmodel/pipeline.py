@@ -1071,6 +1071,7 @@ class SourceTables:
     flows: Any
     covariates: Any = None
     totals: Any = None
+    cdr: Any = None
 
 
 def read_flow_source(
@@ -1140,7 +1141,7 @@ def read_flow_source(
         totals = getattr(result, "totals", None)
         if totals is not None and len(totals) == 0:
             totals = None
-        return SourceTables(result.flows, covariates, totals)
+        return SourceTables(result.flows, covariates, totals, result)
     path = Path(source.path)
     try:
         if path.suffix == ".parquet":
@@ -1269,6 +1270,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     flows = {}
     estimates = {}
     totals = {}
+    cdr_results = {}
     for name, source in cfg.flows.items():
         population = None
         if covariates is not None and "population" in covariates:
@@ -1282,6 +1284,8 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         flows[name] = read.flows
         if read.totals is not None:
             totals[name] = read.totals
+        if read.cdr is not None:
+            cdr_results[name] = read.cdr
         logger.info("flows.%s: %d rows (%s)", name, len(flows[name]), source.resolved_kind(name))
         if extra is not None:
             covariates = (
@@ -1304,6 +1308,13 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     outputs = {"dataset": save_dataset(ds, ctx.path(DATASET))}
     attrs = provenance_attrs(config=cfg.section_dict(), seed=cfg.run.seed, data=ds)
     outputs["units"] = write_units(ds, ctx.path(UNITS), geometry=units, attrs=attrs)
+    if cdr_results:
+        from flowmodel.inputs.cdr import write_cdr_outputs
+
+        # what home detection found (aggregates under the privacy rule) and chose, per source
+        for name, result in cdr_results.items():
+            for key, path in write_cdr_outputs(result, ctx.path(f"cdr_{name}")).items():
+                outputs[f"cdr_{name}_{key}"] = Path(path)
     return outputs
 
 

@@ -1577,21 +1577,50 @@ def _simulated_totals(
     period: str,
     in_cdr: np.ndarray,
 ) -> pd.DataFrame:
-    """In/out totals of one simulated CDR period, redacted and protected like the operator's."""
-    table = pd.DataFrame({"unit_id": ids[in_cdr], "period": period})
+    """In/out totals of one simulated CDR period, redacted and protected like the operator's.
+
+    The totals are summed before redaction and then go through the package's own
+    rule (:func:`flowmodel.inputs.cdr.redact` and its complementary suppression), so
+    the simulated operator releases exactly what :func:`flowmodel.inputs.cdr.cdr_flows`
+    would.
+    """
+    import warnings
+
+    from flowmodel.inputs.cdr import _protect_totals, redact
+
     counts = y[o, d]
-    for kind, side in (("outflow", o), ("inflow", d)):
-        n = len(ids)
-        total = np.bincount(side, counts, minlength=n)
-        released = np.bincount(side, np.where(redacted, 0.0, counts), minlength=n)
-        n_red = np.bincount(side, redacted.astype(float), minlength=n)
-        small = total <= redaction
-        reveal = (n_red > 0) & (total - released <= redaction)
-        value = np.where(small | reveal, np.nan, total)
-        bound = np.where(small, redaction, np.where(reveal, released + redaction * n_red, np.nan))
-        table[kind] = value[in_cdr]
-        table[f"{kind}_max"] = bound[in_cdr]
-    return table
+    n = len(ids)
+    table = pd.DataFrame(
+        {
+            "unit_id": ids[in_cdr],
+            "period": period,
+            "outflow": np.bincount(o, counts, minlength=n)[in_cdr],
+            "inflow": np.bincount(d, counts, minlength=n)[in_cdr],
+        }
+    )
+    if redaction < 0:  # no redaction at all: every total as it is
+        return table
+    threshold = int(redaction)
+    flows = pd.DataFrame(
+        {
+            "origin": ids[o],
+            "destination": ids[d],
+            "period": period,
+            "count": np.where(redacted, np.nan, counts),
+            "max": np.where(redacted, float(threshold), np.nan),
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # thresholds below 15 are the caller's explicit choice
+        for col in ("outflow", "inflow"):
+            table = redact(
+                table,
+                column=col,
+                max_column=f"{col}_max",
+                threshold=threshold,
+                allow_small_cells=True,
+            )
+        return _protect_totals(table, flows, threshold)
 
 
 def simulate_fusion_dataset(

@@ -451,6 +451,12 @@ def test_totals_likelihood_at_the_truth_is_calibrated(world):
             expected += stats.norm.logcdf(upper, mean[cen], sd[cen]).sum()
         np.testing.assert_allclose(got, expected, rtol=1e-6)
         z = np.concatenate(z)
+        if kind == "inflow":
+            # the operator's complementary suppression releases an inflow total only when none
+            # of its redacted cells is in a row whose outflow total is released: here none is,
+            # and they all enter through their bounds (checked against the reference above)
+            assert len(z) < 10
+            continue
         assert len(z) > 40 and abs(z.mean()) < 0.4 and 0.7 < z.std() < 1.4, (
             kind,
             z.mean(),
