@@ -342,3 +342,28 @@ def test_quantiles_do_not_depend_on_block_size_or_dask(gravity_laplace, sim_smal
     one = gravity_laplace.predict(sp, block_size=1, use_dask=False, **kw)
     big = gravity_laplace.predict(sp, block_size=5000, use_dask=False, **kw)
     xr.testing.assert_identical(one[quantiles], big[quantiles])
+
+
+def test_posterior_file_keeps_a_labelled_float32_loglik_or_its_loo(sim_small, tmp_path, monkeypatch):
+    """Small fits store the pointwise log-likelihood (float32, labelled cells); above the size
+    limit the file holds PSIS-LOO per cell instead, so it stays small."""
+    from flowmodel.models import base
+
+    ds, _ = sim_small
+    model = GravityModel(destination_covariates=["log_population"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend="laplace", random_seed=1, draws=100, chains=2)
+    ll = model.idata["log_likelihood"]["flow"]
+    assert ll.dtype == np.float32 and ll.dims == ("chain", "draw", "cell")
+    assert {"source", "origin", "destination"} <= set(ll.coords)
+    small = model.save(tmp_path / "small.nc")
+    monkeypatch.setattr(base, "LOG_LIKELIHOOD_MAX_VALUES", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend="laplace", random_seed=1, draws=100, chains=2)
+    assert "log_likelihood" not in model.idata.children
+    loo = model.idata["loo"].to_dataset()
+    assert set(loo.data_vars) == {"elpd_i", "pareto_k"} and loo.sizes["cell"] == ll.sizes["cell"]
+    big = model.save(tmp_path / "big.nc")
+    assert big.stat().st_size < small.stat().st_size / 3
