@@ -1,4 +1,4 @@
-"""Zonal statistics benchmark: flowmodel vs exactextract vs rasterstats (DESIGN §6).
+"""Zonal statistics benchmark: flowmodel vs exactextract vs rasterstats.
 
 Generates its own tiled float32 GeoTIFFs and random Voronoi polygons (admin-like
 tilings of the raster), then times, each tool in a fresh subprocess (so peak RSS

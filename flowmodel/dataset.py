@@ -1,4 +1,4 @@
-"""The FlowDataset: a documented :class:`xarray.Dataset` (DESIGN §3).
+"""The FlowDataset: a documented :class:`xarray.Dataset`.
 
 Coordinates ``unit``, ``origin`` and ``destination`` (the same ids);
 ``country`` is a (non-index) coordinate along ``unit`` — xarray cannot hold a
@@ -465,7 +465,7 @@ def _offending_pairs(ds: xr.Dataset, mask: xr.DataArray) -> list[str]:
 
 
 def validate_dataset(ds: xr.Dataset) -> xr.Dataset:
-    """Check a FlowDataset against the contract of DESIGN §3.
+    """Check a FlowDataset against the FlowDataset contract (docs/architecture.md).
 
     Parameters
     ----------

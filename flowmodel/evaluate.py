@@ -11,7 +11,7 @@ Baselines are the two comparators every table shows beside the Bayesian
 models: a maximum-likelihood gravity model (a statsmodels Poisson GLM with the
 same covariates, :func:`glm_baseline`) and the parameter-free radiation model
 (Simini et al. 2012, :func:`radiation_baseline`). Both return a Dataset shaped
-like :meth:`FlowModel.predict`'s (DESIGN §4.3): ``mean`` and ``q05`` ... ``q95``
+like :meth:`FlowModel.predict`'s: ``mean`` and ``q05`` ... ``q95``
 over ``(origin, destination)``.
 
 :func:`cross_validate` refits a model (a fresh clone per fold) with pairs held
@@ -58,7 +58,7 @@ __all__ = [
     "summarize_cv",
 ]
 
-#: Quantiles of a prediction Dataset (DESIGN §4.3).
+#: Quantiles of a prediction Dataset.
 DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 #: (lower, upper, nominal probability) of the central intervals scored by :func:`flow_metrics`.
@@ -219,7 +219,7 @@ def flow_metrics(observed: ArrayLike, predictions: xr.Dataset) -> dict[str, floa
         pairs and the diagonal are skipped).
     predictions
         Dataset with ``mean`` and, where available, ``q05``, ``q25``,
-        ``q75``, ``q95`` (DESIGN §4.3); missing or all-NaN quantiles give NaN
+        ``q75``, ``q95``; missing or all-NaN quantiles give NaN
         coverage and width.
 
     Returns

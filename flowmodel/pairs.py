@@ -1,6 +1,6 @@
 """Pair features: geodesic distance, cross-border and contiguity flags, s_ij, sparse pairs.
 
-Dims follow DESIGN §3: ``origin`` x ``destination`` (dense), both indexed by
+Dims follow the FlowDataset contract: ``origin`` x ``destination`` (dense), both indexed by
 the unit ids, or one ``pair`` dim with ``origin`` / ``destination`` coordinates
 (sparse, :func:`sparse_pairs`). The diagonal (i = j) is NaN in every float pair
 variable and absent from sparse pair sets.
@@ -259,7 +259,7 @@ def sparse_pairs(
     max_km: float | None = None,
     include_observed: bool = True,
 ) -> xr.Dataset:
-    """Sparse pair set of DESIGN §3: one ``pair`` dim with ``origin``/``destination`` coords.
+    """Sparse pair set: one ``pair`` dim with ``origin``/``destination`` coords.
 
     Keeps, for each origin, the ``k`` nearest destinations and/or those within
     ``max_km`` (both given: the ``k`` nearest *among* those within ``max_km``).

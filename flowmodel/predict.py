@@ -11,7 +11,7 @@ predictive noise of origin row ``i`` is drawn from its own stream
 :data:`SPARSE_CHUNK` pairs), so results do not depend on the block size or on
 dask.
 
-A sparse pair set (DESIGN §3: one ``pair`` dim with ``origin``/``destination``
+A sparse pair set (one ``pair`` dim with ``origin``/``destination``
 coordinates, e.g. from :func:`flowmodel.pairs.sparse_pairs`) is streamed in
 blocks of ``block_size`` *pairs* instead: each block draws ``(S, block)`` flows
 from the pair variables of those pairs only, and the result is a Dataset over

@@ -1,13 +1,13 @@
 """Simulated worlds with known parameters, shared by tests, docs, benchmarks and the demo.
 
 :func:`simulate_flow_dataset` makes an in-memory FlowDataset in a second (no
-files); :func:`simulate_world` (below) writes the full file-based world of
-DESIGN §5b — polygons, rasters, census and CDR — whose flows come from the
+files); :func:`simulate_world` (below) writes the full file-based world —
+polygons, rasters, census tables and records, and CDR — whose flows come from the
 same generating process, :func:`gravity_log_rate`, applied to the zonal
 statistics of the rasters it wrote; :func:`load_world` reopens one. Every file,
 column and generating rule is documented in ``docs/simulated_world.md``.
 
-Parameter names follow DESIGN §4.0; coefficients are on the raw covariate
+Parameter names are the models' node names; coefficients are on the raw covariate
 scale, with terms named ``origin:<var>``, ``destination:<var>``,
 ``log_distance``, ``cross_border`` and ``contiguous``.
 """
@@ -142,7 +142,7 @@ def simulate_flow_dataset(
     Returns
     -------
     (xarray.Dataset, dict)
-        The FlowDataset and the truth: parameters keyed by DESIGN §4.0 names,
+        The FlowDataset and the truth: parameters keyed by the models' node names,
         ``country_effect`` per country and ``mu`` (true expected flows, origin x
         destination, before sampling).
     """
@@ -316,7 +316,7 @@ class SimulatedWorld:
         ``cdr_towers``, ``cdr_events``, ``truth``, ``true_flows``,
         ``true_covariates``, ``true_cdr_homes``).
     truth
-        The content of ``truth.json`` (parameters keyed by DESIGN §4.0 node
+        The content of ``truth.json`` (parameters keyed by the models' node
         names, countries with census / CDR, file names, design settings).
     """
 
@@ -777,7 +777,7 @@ def simulate_world(
     bbox: tuple[float, float, float, float] = WORLD_BBOX,
     progress: Callable[[str], None] | bool | None = None,
 ) -> SimulatedWorld:
-    """Write a simulated world (DESIGN §5b) to ``out_dir`` and return its paths and truth.
+    """Write a simulated world to ``out_dir`` and return its paths and truth.
 
     The world: ``n_units`` Voronoi cells inside an irregular outline in East
     Africa (EPSG:4326), grouped into ``n_countries`` contiguous countries that
@@ -1642,7 +1642,7 @@ def simulate_fusion_dataset(
 ) -> tuple[xr.Dataset, dict[str, Any]]:
     """Simulate a FlowDataset observed by a census sample and by redacted CDR, in memory.
 
-    The default is the fusion design of DESIGN §5b: 6 countries on a 2 x 3 grid
+    The default is the fusion design of the default world: 6 countries on a 2 x 3 grid
     (neighbours share borders), a census sample in 2 of them, CDR in 3 (one
     overlapping a census country) and nothing in the remaining 2. One latent
     gravity field (:func:`flowmodel.simulate.gravity_log_rate`) generates
@@ -1694,7 +1694,7 @@ def simulate_fusion_dataset(
         ``flow_cdr_max`` with a ``period`` dim, unit covariate
         ``cdr_subscribers_per_resident`` — a penetration measure biased by
         country (+0.2 ± 0.2 on the logit scale), around which the unit's
-        market share scatters with sd 0.15; NaN outside CDR countries) and the truth: DESIGN §4.0 names plus
+        market share scatters with sd 0.15; NaN outside CDR countries) and the truth: the models' node names plus
         ``country_effect`` (country -> value), ``market_share`` (Series over
         the units of CDR countries), ``period_effect`` (Series over periods),
         ``mu`` and ``flows`` (true expected and realised population flows,
@@ -1736,7 +1736,7 @@ def simulate_fusion_dataset(
     ).set_index("unit_id")
 
     # penetration covariate per unit (CDR countries), biased by country; the operator's share
-    # of the movers scatters around it (DESIGN §4.4: the share's prior is centred on the
+    # of the movers scatters around it (the model's share prior is centred on the
     # covariate; a share drawn first with the covariate measured from it makes the logit
     # link's curvature a spurious signal of the share's level, see docs/fusion.md)
     shares = dict(zip(cdr_countries, (0.45, 0.30, 0.55, 0.40, 0.35, 0.50), strict=False))

@@ -1,4 +1,4 @@
-"""The FlowDataset contract (DESIGN §3): build, validate, save/load."""
+"""The FlowDataset contract: build, validate, save/load."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_load_missing_file(tmp_path):
         load_dataset(tmp_path / "nope.nc")
 
 
-# --- every rule of DESIGN §3 -----------------------------------------------------------
+# --- every rule of the FlowDataset contract -----------------------------------------------------------
 def _modify(ds: xr.Dataset, how: str) -> xr.Dataset:
     ds = ds.copy(deep=True)
     if how == "duplicate ids":

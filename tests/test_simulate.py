@@ -1,4 +1,4 @@
-"""The simulators: in-memory FlowDataset and the file-based world of DESIGN §5b."""
+"""The simulators: in-memory FlowDataset and the file-based world."""
 
 from __future__ import annotations
 

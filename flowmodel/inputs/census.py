@@ -1,4 +1,4 @@
-"""Census migration data -> observed flow tables (DESIGN §3).
+"""Census migration data -> observed flow tables.
 
 Two inputs are supported, and both return a long table that plugs straight into
 :func:`flowmodel.dataset.build_dataset` as ``flows={"census": table}``:

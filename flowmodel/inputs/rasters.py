@@ -1173,7 +1173,7 @@ def zonal_covariates(
     threads: int | None = None,
     engine: Engine = "flowmodel",
 ) -> pd.DataFrame:
-    """Compute the unit covariates of a FlowDataset from rasters (DESIGN §3).
+    """Compute the unit covariates of a FlowDataset from rasters.
 
     Parameters
     ----------

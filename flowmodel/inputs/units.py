@@ -1,4 +1,4 @@
-"""Load and validate administrative unit polygons (DESIGN §2, §3).
+"""Load and validate administrative unit polygons .
 
 Reads GeoPackage, GeoJSON, Shapefile and GeoParquet through pyogrio / pyarrow
 and returns a GeoDataFrame with the normalised columns ``unit_id``, ``country``,

@@ -557,8 +557,10 @@ class ScaleFactor:
     """A multiplier of a source's expected counts with a prior: undercount or duration.
 
     ``spec`` is one prior (one factor) or ``{class: prior}`` (one factor per class
-    of report, the class of each cell read from ``class_<source>``). Node:
-    ``<name>_<source>`` (dims ``<name>_<source>_class`` per class).
+    of report, the class of each cell read from ``class_<source>``; a number in
+    place of a prior fixes that class's factor, e.g. ``1.0`` for a reference
+    reporter taken as unbiased). Node: ``<name>_<source>`` (dims
+    ``<name>_<source>_class`` per class).
     """
 
     name: str
@@ -606,7 +608,13 @@ class ScaleFactor:
                 f"prior (priors given for {classes}). Fix: add them to the {self.name} option"
             )
         pm.modelcontext(None).add_coords({self.class_dim: classes})
-        factors = [create_prior(f"{self.node}_{c}", spec[c]) for c in classes]
+        # a number fixes the factor: a reference reporter whose counts are taken as true
+        factors = [
+            pt.as_tensor_variable(float(spec[c]))
+            if isinstance(spec[c], int | float)
+            else create_prior(f"{self.node}_{c}", spec[c])
+            for c in classes
+        ]
         vec = pm.Deterministic(self.node, pt.stack(factors), dims=self.class_dim)
         idx = np.searchsorted(classes, cells.cell_class)
         return pt.log(vec)[idx]

@@ -1,4 +1,4 @@
-"""Priors keyed by PyMC node name (DESIGN §4.0), with one precedence rule.
+"""Priors keyed by PyMC node name, with one precedence rule.
 
 A prior is either a :class:`pymc_extras.prior.Prior` or a plain mapping
 ``{"dist": "<pymc distribution name>", **parameters}``, e.g.

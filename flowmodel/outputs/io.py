@@ -1,4 +1,4 @@
-"""Atomic writers (and readers) for every file flowmodel produces (DESIGN §7).
+"""Atomic writers (and readers) for every file flowmodel produces.
 
 Every writer goes through :func:`atomic_path`: the data are written to a
 temporary file beside the target and renamed over it only when the write
@@ -486,7 +486,7 @@ def write_flows(
     ----------
     predictions
         Dataset ``(origin, destination)`` (or sparse ``pair``) with ``mean``
-        and ``q05`` ... ``q95`` (DESIGN §4.3/§7).
+        and ``q05`` ... ``q95``.
     path
         Target; the suffix picks the format (``.zarr`` -> Zarr store,
         anything else -> NetCDF-4 via h5netcdf).

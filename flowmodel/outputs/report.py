@@ -67,7 +67,7 @@ __all__ = [
 WITHIN_COLOR = "#253494"
 CROSS_COLOR = "#e31a1c"
 POINT_COLOR = "#1f78b4"
-#: Parameters (DESIGN §4.0 node names) compared with a known truth.
+#: Parameters (the models' node names) compared with a known truth.
 TRUTH_NODES = (
     "intercept",
     "beta",
@@ -453,7 +453,7 @@ def plot_posterior_prior(
         DataTree with ``posterior`` and ``prior`` groups (a fitted model's
         ``idata`` has both).
     var_names
-        Nodes to show (DESIGN §4.0 names); vector nodes get one panel per element.
+        Nodes to show (the model's node names); vector nodes get one panel per element.
     max_panels
         At most this many panels.
 
@@ -606,7 +606,7 @@ def truth_table(model: Any, truth: Mapping[str, Any], *, ci_prob: float = 0.9) -
     model
         A fitted model with ``summary(ci_prob=...)``.
     truth
-        Keys of DESIGN §4.0: ``intercept``, ``beta`` (term -> value),
+        Node names: ``intercept``, ``beta`` (term -> value),
         ``sigma_country``, ``phi``, ``country_effect`` (country -> value), ...
 
     Returns
@@ -614,7 +614,7 @@ def truth_table(model: Any, truth: Mapping[str, Any], *, ci_prob: float = 0.9) -
     pandas.DataFrame
         ``parameter``, ``true``, ``estimate`` (posterior mean), ``lower``,
         ``upper`` (equal-tailed ``ci_prob`` interval), ``covered``; one row per
-        true value of a DESIGN §4.0 node that the model estimates (others, e.g.
+        true value of a node that the model estimates (others, e.g.
         ``market_share`` for a gravity model, are left out).
     """
     summary = model.summary(ci_prob=ci_prob)
