@@ -1246,6 +1246,79 @@ def _add_totals(ds: Any, totals: Mapping[str, Any], cfg: RunConfig) -> Any:
     return ds
 
 
+def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[Any, Any]:
+    """Covariates of ``[covariates]`` and of ``[rasters.<name>] <date> = path``.
+
+    Returns the static covariates (the rasters' joined with the table's rows without
+    a period; a dated covariate's latest value where no static one is given, so
+    ``population`` may come from either) and the dated long table (``unit_id``,
+    ``period``, covariates) or None.
+    """
+    import pandas as pd
+
+    from flowmodel.exceptions import InputFileError
+
+    cfg = ctx.config
+    dated_parts = []
+    by_date = {k: v for k, v in cfg.rasters.items() if isinstance(v, dict)}
+    if by_date:
+        from flowmodel.inputs.rasters import zonal_covariates_by_date
+
+        rasters = {k: {d: str(p) for d, p in v.items()} for k, v in by_date.items()}
+        dated_parts.append(zonal_covariates_by_date(units, rasters, progress=ctx.progress))
+        logger.info("dated rasters: %s", ", ".join(f"{k} {sorted(v)}" for k, v in by_date.items()))
+    static = []
+    section = cfg.covariates
+    if section is not None:
+        path = Path(section.path)
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if section.id_field not in table.columns:
+            raise InputFileError(
+                f"{path} ([covariates] path): no column '{section.id_field}' (columns: "
+                f"{list(table.columns)}). Fix: name the unit id column, [covariates] id_field"
+            )
+        table = table.rename(columns={section.id_field: "unit_id"})
+        table["unit_id"] = table["unit_id"].astype(str)
+        if section.period_field in table.columns:
+            table = table.rename(columns={section.period_field: "period"})
+            with_date = table["period"].notna()
+            dated_parts.append(table.loc[with_date])
+            table = table.loc[~with_date].drop(columns="period")
+        if len(table):
+            static.append(table.set_index("unit_id"))
+        logger.info("covariates table %s: %d rows", path.name, len(table))
+    dated = pd.concat(dated_parts, ignore_index=True) if dated_parts else None
+    if dated is not None:
+        from flowmodel.periods import parse_period
+
+        dated["_date"] = dated["period"].map(lambda x: parse_period(x).midpoint)
+        latest = (
+            dated.sort_values("_date").groupby("unit_id").last().drop(columns=["period", "_date"])
+        )
+        dated = dated.drop(columns="_date")
+        static.append(latest)
+    for frame in static:
+        frame = frame.drop(columns=[c for c in ("geometry",) if c in frame.columns])
+        if covariates is None:
+            covariates = frame
+        else:
+            new = [c for c in frame.columns if c not in covariates.columns]
+            covariates = covariates.join(frame[new])
+    return covariates, dated
+
+
+def _add_periods(ds: Any, cfg: RunConfig, dated: Any) -> Any:
+    """Add dated covariates (``<var>_by_date``) and each ``[flows.<name>] period`` attribute."""
+    if dated is not None:
+        from flowmodel.periods import add_dated_covariates
+
+        ds = add_dated_covariates(ds, dated)
+    for name, source in cfg.flows.items():
+        if source.period and f"flow_{name}" in ds:
+            ds[f"flow_{name}"].attrs["period"] = source.period
+    return ds
+
+
 def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     """Read units, zonal raster covariates and flow sources; write ``dataset.nc`` and ``units.gpkg``."""
     from flowmodel.dataset import build_dataset, save_dataset
@@ -1255,11 +1328,12 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     units = _load_units(cfg)
     logger.info("units: %d from %d file(s)", len(units), len(cfg.units.paths()))
     covariates = None
-    if cfg.rasters:
+    static_rasters = {k: v for k, v in cfg.rasters.items() if not isinstance(v, dict)}
+    if static_rasters:
         from flowmodel.inputs.rasters import zonal_covariates
         from flowmodel.parallel import is_remote
 
-        rasters = {k: str(v) for k, v in cfg.rasters.items()}
+        rasters = {k: str(v) for k, v in static_rasters.items()}
         if is_remote(cfg.dask, ctx.scheduler):
             # on a cluster the zonal statistics run as a task on a worker (its memory, its disk)
             logger.info("zonal statistics on a dask worker")
@@ -1267,6 +1341,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         else:
             covariates = zonal_covariates(units, rasters, progress=ctx.progress)
         logger.info("covariates: %s", ", ".join(map(str, covariates.columns)))
+    covariates, dated = _period_covariates(ctx, units, covariates)
     flows = {}
     estimates = {}
     totals = {}
@@ -1302,6 +1377,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         flows=flows or None,
         attrs={"run": cfg.run.name, "data_sources": "; ".join(sources)},
     )
+    ds = _add_periods(ds, cfg, dated)
     ds = _add_marginals(ds, cfg)
     ds = _add_estimates(ds, estimates)
     ds = _add_totals(ds, totals, cfg)
