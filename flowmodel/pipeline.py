@@ -1286,7 +1286,8 @@ def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[
             table = table.loc[~with_date].drop(columns="period")
         if len(table):
             static.append(table.set_index("unit_id"))
-        logger.info("covariates table %s: %d rows", path.name, len(table))
+        n_dated = len(dated_parts[-1]) if dated_parts and "period" in table.columns else 0
+        logger.info("covariates table %s: %d rows", path.name, len(table) + n_dated)
     dated = pd.concat(dated_parts, ignore_index=True) if dated_parts else None
     if dated is not None:
         from flowmodel.periods import parse_period
@@ -1441,10 +1442,16 @@ def _primary_source(ds: Any) -> str | None:
     return (plain or sources or [None])[0]
 
 
-def _observed(ds: Any, source: str | None) -> Any:
+def _observed(ds: Any, source: str | None, period: str | None = None) -> Any:
     if source is None:
         return None
     flow = ds[f"flow_{source}"]
+    if period is not None:
+        # a model with periods: the source's flows of the predicted window, if it saw it
+        if "period" in flow.dims:
+            labels = [str(p) for p in flow["period"].values]
+            return flow.sel(period=period, drop=True) if period in labels else None
+        return flow if flow.attrs.get("period") == period else None
     if "period" in flow.dims:
         flow = flow.sum("period", min_count=1)
     return flow
@@ -1475,8 +1482,13 @@ def _output_period(cfg: RunConfig, source: str | None) -> str:
     return src.period if src is not None and src.period else DEFAULT_PERIOD
 
 
-def _output_attrs(ctx: StageContext, ds: Any, model: Any, source: str | None) -> dict[str, Any]:
-    """Provenance of the predict and report outputs: inputs by name and SHA-256, period."""
+def _output_attrs(
+    ctx: StageContext, ds: Any, model: Any, source: str | None, period: str | None = None
+) -> dict[str, Any]:
+    """Provenance of the predict and report outputs: inputs by name and SHA-256, period.
+
+    ``period``: the period a model with periods predicted (else the primary source's).
+    """
     from flowmodel.outputs import io
 
     cfg = ctx.config
@@ -1488,7 +1500,7 @@ def _output_attrs(ctx: StageContext, ds: Any, model: Any, source: str | None) ->
         seed=cfg.run.seed,
         data=ds,
         input_files=io.input_file_records(cfg.input_files(), hashes=known),
-        period=_output_period(cfg, source),
+        period=period or _output_period(cfg, source),
         extra={"run": cfg.run.name, "observed_source": source or "none"},
     )
 
@@ -1512,6 +1524,11 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
     kwargs: dict[str, Any] = {"quantiles": tuple(cfg.predict.quantiles), "seed": cfg.run.seed}
     if cfg.predict.draws is not None:
         kwargs["draws"] = cfg.predict.draws
+    # [predict] period: a model with periods predicts that window (default its latest)
+    period = model.target_period(cfg.predict.period)
+    if period is not None:
+        kwargs["period"] = period
+        logger.info("prediction: period %s", period)
     if use_dask:
         _ = ctx.client  # origin blocks run as tasks on the run's dask workers
         logger.info("prediction: origin blocks on dask workers")
@@ -1527,9 +1544,9 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
             **kwargs,
         )
     source = _primary_source(ds)
-    observed = _observed(ds, source)
+    observed = _observed(ds, source, period)
     exposure = ds.get(f"exposure_{source}") if source else None
-    attrs = _output_attrs(ctx, ds, model, source)
+    attrs = _output_attrs(ctx, ds, model, source, period)
     formats = cfg.predict.formats
     obs = {"observed": observed, "exposure": exposure}
     # flows.nc is always written: evaluate and report read it
@@ -1557,6 +1574,7 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
         seed=cfg.run.seed,
         block_size=cfg.predict.block_size,
         progress=_progress(ctx),
+        period=period,
     )
     outputs["totals"] = io.write_totals(totals, ctx.path(TOTALS), attrs=attrs)
     if "csv" in formats:
@@ -1613,6 +1631,17 @@ def evaluation_sources(cfg: RunConfig, ds: Any) -> list[str]:
     return plain or available
 
 
+def _latest_round_first(ds: Any, sources: list[str]) -> list[str]:
+    """Order ``sources`` so the one with the latest window comes first (``last_period``)."""
+    from flowmodel.periods import observed_periods, parse_period
+
+    def latest(source: str) -> float:
+        labels = observed_periods(ds, source)
+        return parse_period(labels[-1]).end if labels else float("-inf")
+
+    return sorted(sources, key=latest, reverse=True)
+
+
 def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
     """In-sample metrics per source and optional cross-validation; write ``metrics.json`` (and ``cv.csv``)."""
     from flowmodel.atomic import atomic_path
@@ -1631,10 +1660,15 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
             model, ds, source=source, quantiles=quantiles, baselines=cfg.evaluate.baselines
         )
         metrics["sources"][source] = {
-            str(row["model"]): _jsonable({k: v for k, v in row.items() if k != "model"})
+            # a model with periods is scored per observed window: "<model> <period>"
+            " ".join([str(row["model"]), *([str(row["period"])] if "period" in row else [])]): (
+                _jsonable({k: v for k, v in row.items() if k not in ("model", "period")})
+            )
             for row in table.to_dict("records")
         }
     outputs: dict[str, Path] = {}
+    if cfg.evaluate.cv == "last_period" and sources:
+        sources = _latest_round_first(ds, sources)
     if cfg.evaluate.cv != "none" and sources:
         cv = cross_validate(
             model,

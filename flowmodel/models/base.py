@@ -274,7 +274,22 @@ class FlowModel(abc.ABC):
         periods = None
         if temporal:
             periods = self._latent_periods(data, cells)
-            cells = {s: window_cells(data, c, periods) for s, c in cells.items()}
+            windowed = {s: window_cells(data, c, periods) for s, c in cells.items()}
+            split = [
+                o.source
+                for o in observations
+                if o.kind == "cdr"
+                and windowed[o.source].aggregated
+                and not cells[o.source].aggregated
+            ]
+            if split:
+                raise ModelConfigError(
+                    f"{type(self).__name__}: a period of CDR source(s) {split} spans several "
+                    "latent periods (its market share and period effect apply per cell). "
+                    "Fix: choose latent periods (temporal={'periods': [...]}) that contain "
+                    "each CDR period"
+                )
+            cells = windowed
             n_t = len(periods)
             rows = [
                 o.latent_rows(data, cells[o.source], lambda c: window_of(data, c, periods))

@@ -260,6 +260,33 @@ def test_build_windows_each_source_into_latent_rows(panel):
     np.testing.assert_allclose(cdr.member_weight, 1 / 12, rtol=0.1)
 
 
+def test_a_window_over_several_latent_periods_sums_them(panel):
+    ds, _ = panel
+    periods = ["2005-2010", "2015-2017", "2017-2020", "2020-2025"]
+    model = _fusion(periods=periods)
+    pm_model, state, _ = model._build(ds)
+    assert state["latent"]["periods"] == periods
+    from flowmodel.models.observations import window_cells
+
+    cells = window_cells(
+        ds, model._observation_models(ds)[0].cells(ds), [parse_period(p) for p in periods]
+    )
+    # a 2015-2020 cell sums 2 years of 2015-2017 and 3 of 2017-2020
+    later = cells.latent_period >= 1
+    assert cells.aggregated
+    years = np.bincount(cells.member_cell[later], cells.member_weight[later])
+    np.testing.assert_allclose(years[years > 0], 5.0)
+    assert set(np.round(cells.member_weight[later], 6)) == {2.0, 3.0}
+    assert np.isfinite(pm_model.compile_logp()(pm_model.initial_point()))
+    # a CDR period may not straddle two latent periods
+    relabelled = ds.assign_coords(
+        period=[p if p != "2024-02" else "2023-12/2024-02" for p in ds["period"].values]
+    )
+    straddling = _fusion(periods=["2005-2010", "2015-2020", "2020-2024", "2024-2025"])
+    with pytest.raises(ModelConfigError, match="spans several latent periods"):
+        straddling._build(relabelled)
+
+
 def test_a_source_without_a_window_is_refused(panel):
     ds, _ = panel
     ds = ds.copy()
@@ -424,3 +451,171 @@ def test_fitted_intervals_widen_monotonically_with_the_horizon(panel, panel_fits
         pred = model.predict(ds, period=period, quantiles=(0.05, 0.95), seed=1)
         ratio.append(float(np.nanmedian(pred["q95"] / np.maximum(pred["q05"], 1))))
     assert all(b > a for a, b in itertools.pairwise(ratio)), ratio
+
+
+# ------------------------------------------------------------------ the run config
+def _project(root, ds):
+    """Files of a run: unit squares, a covariates table by period, rounds and CDR as tables."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    root.mkdir(parents=True, exist_ok=True)
+    lon, lat = ds["lon"].values, ds["lat"].values
+    units = gpd.GeoDataFrame(
+        {
+            "unit_id": ds["unit"].values.astype(str),
+            "country": ds["country"].values.astype(str),
+            "cdr_subscribers_per_resident": ds["cdr_subscribers_per_resident"].values,
+        },
+        geometry=[
+            box(x - 0.04, y - 0.04, x + 0.04, y + 0.04) for x, y in zip(lon, lat, strict=True)
+        ],
+        crs="EPSG:4326",
+    )
+    units.to_file(root / "units.gpkg", layer="units")
+    pop = ds["population_by_date"]
+    rows = [
+        pd.DataFrame(
+            {"unit_id": ds["unit"].values, "period": label, "population": pop.isel(date=k).values}
+        )
+        for k, label in enumerate(ds["date_label"].values)
+    ]
+    pd.concat(rows).to_csv(root / "covariates.csv", index=False)
+    for name, label in [("census2010", "2005-2010"), ("census2020", "2015-2020")]:
+        flow = ds["flow_census"].sel(period=label, drop=True).to_dataframe().dropna()
+        flow = flow.reset_index().rename(columns={"flow_census": "count"})
+        flow["exposure"] = 0.1
+        flow[["origin", "destination", "count", "exposure"]].to_csv(
+            root / f"{name}.csv", index=False
+        )
+    cdr = ds[["flow_cdr", "flow_cdr_max"]].to_dataframe().reset_index()
+    cdr = cdr.loc[cdr["flow_cdr"].notna() | cdr["flow_cdr_max"].notna()]
+    cdr = cdr.rename(columns={"flow_cdr": "count", "flow_cdr_max": "max"})
+    cdr[["origin", "destination", "period", "count", "max"]].to_csv(root / "cdr.csv", index=False)
+    config = f"""\
+[run]
+name = "nowcast"
+out_dir = "run"
+seed = 1
+
+[units]
+path = "units.gpkg"
+
+[covariates]
+path = "covariates.csv"
+
+[flows.census2010]
+kind = "table"
+path = "census2010.csv"
+period = "2005-2010"
+
+[flows.census2020]
+kind = "table"
+path = "census2020.csv"
+period = "2015-2020"
+
+[flows.cdr]
+kind = "table"
+path = "cdr.csv"
+
+[model]
+type = "fusion"
+backend = "laplace"
+draws = 200
+chains = 1
+
+[model.options]
+sources = ["census2010", "census2020", "cdr"]
+
+[model.options.latent]
+type = "gravity"
+
+[model.options.latent.temporal]
+periods = {PERIODS!r}
+noncentered = true  # Laplace: the walks' joint mode needs it on this small world
+
+[predict]
+period = "2020-2025"
+formats = ["netcdf", "csv"]
+
+[evaluate]
+cv = "last_period"
+baselines = true
+
+[report]
+enabled = false
+"""
+    (root / "run.toml").write_text(config)
+    return root / "run.toml"
+
+
+def test_config_reads_the_period_sections(tmp_path):
+    from flowmodel.config import load_config
+    from flowmodel.exceptions import ConfigError
+
+    (tmp_path / "u.gpkg").write_bytes(b"")
+    text = """\
+[units]
+path = "u.gpkg"
+
+[covariates]
+path = "cov.csv"
+
+[rasters.population]
+2000 = "pop2000.tif"
+2020 = "pop2020.tif"
+
+[rasters]
+night_lights = "nl.tif"
+
+[predict]
+period = "2015-2020"
+
+[evaluate]
+cv = "last_period"
+"""
+    path = tmp_path / "a.toml"
+    path.write_text(text)
+    cfg = load_config(path, check_files=False)
+    assert cfg.predict.period == "2015-2020"
+    assert cfg.evaluate.cv == "last_period"
+    assert set(cfg.rasters["population"]) == {"2000", "2020"}
+    files = cfg.input_files()
+    assert files["rasters.population.2000"].name == "pop2000.tif"
+    assert files["covariates.path"].name == "cov.csv"
+    path.write_text(text.replace('period = "2015-2020"', 'period = "soon"'))
+    with pytest.raises(ConfigError, match=r"\[predict\] period: period label 'soon'"):
+        load_config(path, check_files=False)
+
+
+@pytest.mark.slow
+def test_flowmodel_run_nowcasts_census_rounds_and_cdr(tmp_path, panel):
+    """prepare -> fit (Laplace) -> predict 2020-2025 -> evaluate cv='last_period'."""
+    import json
+
+    from flowmodel import pipeline
+    from flowmodel.config import load_config
+
+    ds, _ = panel
+    config = _project(tmp_path, ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline.run_pipeline(load_config(config), ["prepare", "fit", "predict", "evaluate"])
+    run = tmp_path / "run"
+    prepared = xr.open_dataset(run / "dataset.nc")
+    assert prepared["flow_census2010"].attrs["period"] == "2005-2010"
+    assert "population_by_date" in prepared
+    flows = xr.open_dataset(run / "flows.nc")
+    assert flows.attrs["period"] == "2020-2025"
+    assert np.isfinite(flows["mean"].values[~np.eye(ds.sizes["unit"], dtype=bool)]).all()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["cv"]["scheme"] == "last_period"
+    assert metrics["cv"]["source"] == "census2020"
+    models = metrics["cv"]["models"]
+    assert {"persistence", "persistence_rescaled", "gravity_baseline"} <= set(models)
+    cv = pd.read_csv(run / "cv.csv")
+    assert set(cv["held_out"]) == {"2015-2020"}
+    assert {"FusionModel", "FusionModel (median)"} <= set(cv["model"])
+    assert np.isfinite(cv["cpc"]).all() and np.isfinite(cv["log_rmse"]).all()
+    fusion = cv.loc[cv["model"] == "FusionModel"].iloc[0]
+    assert 0 < fusion["coverage_90"] <= 1
