@@ -173,7 +173,14 @@ STAGES: dict[str, StageSpec] = {
         "prepare",
         (),
         # marginals join the hash only when given, so older run directories stay valid
-        lambda c: _cfg(c, "units", "rasters", "flows", *(["marginals"] if c.marginals else [])),
+        lambda c: _cfg(
+            c,
+            "units",
+            "rasters",
+            "flows",
+            *(["marginals"] if c.marginals else []),
+            *(["covariates"] if c.covariates else []),
+        ),
         "read units, rasters and flow tables; build and save the FlowDataset",
     ),
     "fit": StageSpec(
