@@ -78,6 +78,7 @@ from pydantic import (
 from flowmodel.exceptions import ConfigError
 
 __all__ = [
+    "CovariatesSection",
     "DaskSection",
     "EvaluateSection",
     "FlowSource",
@@ -282,6 +283,41 @@ class FlowSource(_Section):
         return self
 
 
+def _period_label(value: str) -> str:
+    """Check a period label (``2005-2010``, ``2020``, ``2024-01/2024-03``, ...)."""
+    from flowmodel.exceptions import ModelConfigError
+    from flowmodel.periods import parse_period
+
+    try:
+        return parse_period(value).label
+    except ModelConfigError as err:
+        raise ValueError(str(err).replace("Fix: ", "")) from None
+
+
+#: A period label, checked (see :mod:`flowmodel.periods`).
+PeriodLabel = Annotated[str, AfterValidator(_period_label)]
+
+
+class CovariatesSection(_Section):
+    """``[covariates]``: unit covariates from a table (instead of, or beside, rasters).
+
+    Attributes
+    ----------
+    path
+        CSV or Parquet: ``id_field``, optional ``period_field`` (a period label or a
+        year), then one column per covariate (``population`` may come from here
+        instead of a raster). Rows with a period give covariates that change
+        (``<var>_by_date``, interpolated log-linearly between dates by a model with
+        periods); the static ``<var>`` of a dated covariate is its latest value.
+    id_field, period_field
+        Column names of the unit id and of the period.
+    """
+
+    path: RelPath
+    id_field: str = "unit_id"
+    period_field: str = "period"
+
+
 class MarginalSource(_Section):
     """``[marginals.<name>]``: country-pair totals of the flow, for the fusion model.
 
@@ -353,6 +389,9 @@ class PredictSection(_Section):
     use_dask
         Stream the origin blocks through the run's dask cluster (default: on
         a remote or multi-worker cluster, or above 2,000 units).
+    period
+        The period to predict (``"2015-2020"``) with a model with periods
+        (``[model.options.temporal]``); default its latest latent period.
     """
 
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 0.75, 0.95])
@@ -363,6 +402,7 @@ class PredictSection(_Section):
     draws: int | None = Field(None, ge=1, le=MAX_DRAWS * MAX_CHAINS)
     block_size: int | None = Field(None, ge=1)
     use_dask: bool | None = None
+    period: PeriodLabel | None = None
 
     @field_validator("quantiles")
     @classmethod
@@ -380,8 +420,10 @@ class EvaluateSection(_Section):
     ----------
     cv
         ``none`` (in-sample metrics only), ``pairs`` (k-fold over observed
-        pairs), ``unit`` (leave one unit out) or ``country`` (leave one country
-        out: as if its census were missing).
+        pairs), ``unit`` (leave one unit out), ``country`` (leave one country
+        out: as if its census were missing) or ``last_period`` (hold out the
+        latest observed round, fit on the rest and predict it, beside
+        persistence and a gravity baseline; a model with periods).
     folds
         Number of folds (``pairs``), or at most this many held-out units /
         countries.
@@ -394,7 +436,7 @@ class EvaluateSection(_Section):
         are on the subscriber scale; else every source).
     """
 
-    cv: Literal["none", "pairs", "unit", "country"] = "none"
+    cv: Literal["none", "pairs", "unit", "country", "last_period"] = "none"
     folds: int = Field(5, ge=2)
     backend: Backend | None = None
     baselines: bool = True
@@ -480,15 +522,20 @@ class RunConfig(_Section):
     run, units, rasters, flows, marginals, model, predict, evaluate, report, dask
         The sections (see their classes). ``rasters`` maps a covariate role
         (``population``, ``built_up``, ``night_lights``, or any name) to a
-        GeoTIFF; ``flows`` maps a source name to a :class:`FlowSource`;
-        ``marginals`` maps a name to a :class:`MarginalSource`.
+        GeoTIFF, or to a table ``date -> GeoTIFF`` (``[rasters.population]
+        2000 = "pop2000.tif"``) for a covariate that changes; ``flows`` maps a
+        source name to a :class:`FlowSource`; ``marginals`` maps a name to a
+        :class:`MarginalSource`.
+    covariates
+        Optional :class:`CovariatesSection`.
     source
         The config file this was read from (None when built in Python).
     """
 
     run: RunSection = Field(default_factory=RunSection)
     units: UnitsSection
-    rasters: dict[str, RelPath] = Field(default_factory=dict)
+    rasters: dict[str, RelPath | dict[PeriodLabel, RelPath]] = Field(default_factory=dict)
+    covariates: CovariatesSection | None = None
     flows: dict[str, FlowSource] = Field(default_factory=dict)
     marginals: dict[str, MarginalSource] = Field(default_factory=dict)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -526,7 +573,12 @@ class RunConfig(_Section):
                 "units.path" if not isinstance(self.units.path, list) else f"units.path[{i}]"
             ] = path
         for role, path in self.rasters.items():
-            files[f"rasters.{role}"] = path
+            if isinstance(path, dict):
+                files.update({f"rasters.{role}.{date}": p for date, p in path.items()})
+            else:
+                files[f"rasters.{role}"] = path
+        if self.covariates is not None:
+            files["covariates.path"] = self.covariates.path
         for name, src in self.flows.items():
             files[f"flows.{name}.path"] = src.path
             if src.towers is not None:

@@ -49,9 +49,12 @@ __all__ = [
     "holdout_folds",
     "interval_coverage",
     "interval_width",
+    "last_period_cv",
+    "last_period_split",
     "log_rmse",
     "mae",
     "pearson_log",
+    "persistence_baseline",
     "quantile_name",
     "radiation_baseline",
     "spearman_log",
@@ -674,7 +677,7 @@ def radiation_baseline(
 
 
 # ------------------------------------------------------------------ cross-validation
-Scheme = Literal["pairs", "unit", "country"]
+Scheme = Literal["pairs", "unit", "country", "last_period"]
 
 
 def holdout_folds(
@@ -892,7 +895,8 @@ def cross_validate(
     data
         Dense FlowDataset.
     scheme, folds, seed
-        See :func:`holdout_folds`.
+        See :func:`holdout_folds`; ``scheme="last_period"`` holds out the latest
+        observed round instead (:func:`last_period_cv`).
     backend
         Backend of the refits (``"laplace"`` or ``"map"`` keep it fast); if it
         fails to import the refit falls back to ``"map"`` with a warning. The
@@ -921,6 +925,17 @@ def cross_validate(
     if source is None and model is not None:
         source = (getattr(model, "model_config", {}) or {}).get("source")
     source = _resolve_source(data, source)
+    if scheme == "last_period":
+        return last_period_cv(
+            model,
+            data,
+            source=source,
+            backend=backend,
+            seed=seed,
+            baselines=baselines is not False,
+            quantiles=quantiles,
+            glm_kwargs=glm_kwargs,
+        )
     if baselines is True:
         which = ["glm", "radiation"]
     elif baselines is False:
@@ -995,6 +1010,321 @@ def cross_validate(
     return frame
 
 
+def _is_cdr(source: str) -> bool:
+    return source == "cdr" or source.startswith("cdr_")
+
+
+def _model_sources(model: Any, data: xr.Dataset, source: str) -> list[str]:
+    config = getattr(model, "model_config", {}) or {}
+    return list(config.get("sources") or [config.get("source") or source])
+
+
+def _round_values(data: xr.Dataset, source: str, label: str) -> xr.DataArray:
+    """``flow_<source>`` of the window ``label`` over (origin, destination)."""
+    var = data[f"flow_{source}"]
+    if "period" in var.dims:
+        var = var.sel(period=label)
+    return var.transpose("origin", "destination")
+
+
+def _unit_exposure(data: xr.Dataset, source: str) -> np.ndarray:
+    return _exposure_matrix(data, source)
+
+
+def last_period_split(data: xr.Dataset, sources: Sequence[str], source: str) -> dict[str, Any]:
+    """Find the latest round of ``source``, the latest round before it, what to hold out.
+
+    Returns
+    -------
+    dict
+        ``held_out`` (window label), ``held_in`` ``(source, label)`` (the latest
+        round of a non-CDR source before it), ``drop_sources`` (sources whose every
+        window overlaps the held-out one) and ``mask_periods`` (``source ->
+        labels`` of the period dim to set to NaN): every non-CDR cell whose window
+        overlaps the held-out window is held out (a census's one-year question
+        goes with its five-year one); CDR stays (the current digital trace).
+
+    Raises
+    ------
+    DataContractError
+        When ``source`` has no labelled window, or no earlier round exists.
+    """
+    from flowmodel.periods import observed_periods, parse_period
+
+    rounds = {s: observed_periods(data, s) for s in sources if not _is_cdr(s)}
+    own = rounds.get(source) or observed_periods(data, source)
+    if not own:
+        raise DataContractError(
+            f"cv='last_period': flow_{source} has no labelled window. Fix: give its table a "
+            f"'period' column, or [flows.{source}] period = '2005-2010'"
+        )
+    held_out = own[-1]
+    window = parse_period(held_out)
+    drop, mask = [], {}
+    earlier: list[tuple[float, str, str]] = []
+    for s, labels in rounds.items():
+        overlapping = [lab for lab in labels if parse_period(lab).overlap(window) > 0]
+        has_dim = "period" in data[f"flow_{s}"].dims
+        if overlapping and (len(overlapping) == len(labels) or not has_dim):
+            drop.append(s)
+        elif overlapping:
+            mask[s] = overlapping
+        for lab in labels:
+            p = parse_period(lab)
+            if p.end <= window.start + 1e-9 or (p.overlap(window) == 0 and p.start < window.start):
+                earlier.append((p.midpoint, s, lab))
+    if not earlier:
+        raise DataContractError(
+            f"cv='last_period': no round before {held_out!r} to fit on (rounds: {rounds}). "
+            "Fix: add an earlier census round, or use cv='pairs'"
+        )
+    _, s_in, lab_in = max(earlier)
+    return {
+        "held_out": held_out,
+        "held_in": (s_in, lab_in),
+        "drop_sources": drop,
+        "mask_periods": mask,
+    }
+
+
+def _without_sources(model: Any, drop: Sequence[str]) -> Any:
+    """Return a fresh clone of ``model`` without the sources ``drop`` (a fusion's list)."""
+    clone = _clone(model)
+    if not drop:
+        return clone
+    config = dict(getattr(clone, "model_config", {}) or {})
+    if "sources" not in config:
+        raise ModelConfigError(
+            f"cv='last_period': the held-out round is all of source(s) {list(drop)}, which "
+            f"the {type(model).__name__} fits alone. Fix: put the rounds in one flow table "
+            "with a 'period' column, or fit a FusionModel of several rounds"
+        )
+    sources = [s for s in config["sources"] if s not in drop]
+    if not sources:
+        raise ModelConfigError("cv='last_period': no source is left to fit on")
+    config["sources"] = sources
+    config["source_options"] = {
+        k: v for k, v in (config.get("source_options") or {}).items() if k in sources
+    }
+    if config.get("reference_source") in drop:
+        config["reference_source"] = None
+    return type(clone)(priors=clone.priors, sampler_config=clone.sampler_config, **config)
+
+
+def persistence_baseline(
+    data: xr.Dataset,
+    held_in: tuple[str, str],
+    source: str,
+    *,
+    scale_to: float | None = None,
+) -> xr.Dataset:
+    """Predict the held-out round by the latest held-in round ("no change").
+
+    The held-in counts are moved to the held-out source's sampling scale
+    (``count / exposure_in * exposure_out``); ``scale_to`` rescales them to that
+    total (e.g. the model's predicted total). No intervals (quantiles are absent).
+    """
+    s_in, lab_in = held_in
+    y = np.asarray(_round_values(data, s_in, lab_in).values, dtype=float)
+    values = y / _unit_exposure(data, s_in) * _unit_exposure(data, source)
+    if scale_to is not None:
+        total = np.nansum(values)
+        values = values * (scale_to / total if total > 0 else 1.0)
+    name = "persistence_rescaled" if scale_to is not None else "persistence"
+    return _prediction_dataset(
+        data, values, None, (), {"model": name, "held_in": f"{s_in} {lab_in}"}
+    )
+
+
+def _moved_glm(
+    data: xr.Dataset,
+    held_in: tuple[str, str],
+    held_out: str,
+    source: str,
+    quantiles: Sequence[float],
+    gkw: Mapping[str, Any],
+) -> xr.Dataset:
+    """Fit a gravity GLM to the held-in round and move it to the held-out covariates."""
+    from flowmodel.periods import dataset_at, parse_period
+
+    s_in, lab_in = held_in
+    d_in = dataset_at(data, lab_in)
+    keep = [v for v in d_in.data_vars if not str(v).startswith(("flow_", "exposure_"))]
+    d_in = d_in[keep]
+    d_in["flow__round"] = _round_values(data, s_in, lab_in)
+    d_in["exposure__round"] = (("origin", "destination"), _unit_exposure(data, s_in))
+    fit_pred, fit = glm_baseline(
+        d_in,
+        source="_round",
+        population_scale=True,
+        intervals="none",
+        quantiles=(),
+        return_fit=True,
+        **{k: v for k, v in gkw.items() if k not in ("population_scale",)},
+    )
+    d_out = dataset_at(data, held_out)
+    params = fit.params
+    n = d_in.sizes["origin"]
+    shift = np.zeros((n, n))
+    for term, coef in params.items():
+        side, _, var = str(term).partition(":")
+        if side not in ("origin", "destination") or not var:
+            continue
+        delta = _unit_covariate(d_out, var) - _unit_covariate(d_in, var)
+        shift += float(coef) * (delta[:, None] if side == "origin" else delta[None, :])
+    # window lengths: the GLM's flows are per held-in window
+    ratio = parse_period(held_out).length / parse_period(lab_in).length
+    mean = np.asarray(fit_pred["mean"].values) * np.exp(shift) * ratio
+    mean = mean * _unit_exposure(data, source)
+    qvals = {}
+    finite = np.isfinite(mean)
+    for q in quantiles:
+        vals = np.full(mean.shape, np.nan)
+        vals[finite] = stats.poisson.ppf(q, mean[finite])
+        qvals[q] = vals
+    return _prediction_dataset(
+        data,
+        mean,
+        qvals,
+        quantiles,
+        {
+            "model": "gravity_baseline",
+            "description": f"GLM on {s_in} {lab_in}, moved to {held_out}",
+        },
+    )
+
+
+def last_period_cv(
+    model: Any,
+    data: xr.Dataset,
+    *,
+    source: str | None = None,
+    backend: str = "laplace",
+    seed: int = 0,
+    baselines: bool = True,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    glm_kwargs: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Hold out the latest observed round, fit on the rest, predict it: ``cv = "last_period"``.
+
+    The latest window of ``source`` is held out, with every non-CDR cell whose
+    window overlaps it (a source left with nothing is dropped from the model; CDR,
+    the current digital trace, stays). A fresh clone of ``model`` (a model with
+    periods) is fitted to the rest and predicts that period on ``source``'s
+    reporting scale (its exposure and duration factor). Beside it:
+
+    - ``<model> (median)``: the same prediction scored with its predictive median
+      as the point forecast (quantiles include 0.5);
+    - ``persistence``: the latest held-in round as it is (moved to the held-out
+      source's sample fraction);
+    - ``persistence_rescaled``: the same, rescaled to the model's predicted total;
+    - ``gravity_baseline``: a Poisson GLM gravity model (:func:`glm_baseline`,
+      the model's covariates) fitted to the held-in round and moved to the held-out
+      period's covariates (dated covariates interpolated).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per model: ``model``, ``scheme`` (``last_period``), ``fold`` (0),
+        ``held_out`` (the window), ``held_in`` (source and window of persistence),
+        ``backend``, ``n_train``, ``n_test``, ``fit_seconds`` and the columns of
+        :func:`flow_metrics` (persistence has no interval columns: NaN).
+    """
+    source = _resolve_source(data, source)
+    sources = _model_sources(model, data, source) if model is not None else [source]
+    split = last_period_split(data, sources, source)
+    held_out = split["held_out"]
+    train = data.copy()
+    for s, labels in split["mask_periods"].items():
+        for name in (f"flow_{s}", f"flow_{s}_max", f"flow_{s}_min"):
+            if name in train:
+                hold = train["period"].isin(labels)
+                train[name] = train[name].where(~hold)
+    for s in split["drop_sources"]:
+        for name in (f"flow_{s}", f"flow_{s}_max", f"flow_{s}_min"):
+            if name in train:
+                train[name] = train[name].where(False)
+                train[name].attrs = dict(data[name].attrs)
+    test = _round_values(data, source, held_out)
+    n_train = sum(
+        int(np.isfinite(train[f"flow_{s}"].values).sum())
+        for s in sources
+        if f"flow_{s}" in train and s not in split["drop_sources"]
+    )
+    base = {
+        "scheme": "last_period",
+        "fold": 0,
+        "held_out": held_out,
+        "held_in": f"{split['held_in'][0]} {split['held_in'][1]}",
+        "n_train": n_train,
+        "n_test": int(np.isfinite(test.values).sum()),
+    }
+    rows: list[dict[str, Any]] = []
+    model_pred = None
+    if model is not None:
+        t0 = time.perf_counter()
+        clone = _without_sources(model, split["drop_sources"])
+        used = _fit(clone, train, backend, seed)
+        kwargs: dict[str, Any] = {"quantiles": tuple(quantiles), "seed": seed, "period": held_out}
+        if f"exposure_{source}" in data:
+            kwargs["exposure"] = source
+        model_pred = clone.predict(train, **kwargs)
+        seconds = time.perf_counter() - t0
+        rows.append(
+            {
+                "model": _model_name(model),
+                **base,
+                "backend": used,
+                "fit_seconds": seconds,
+                **flow_metrics(test, model_pred),
+            }
+        )
+        if "q50" in model_pred:
+            # the same predictive distribution with its median as the point forecast (the
+            # mean carries the log-normal inflation of the forecast's uncertainty)
+            median = model_pred.assign(mean=model_pred["q50"])
+            rows.append(
+                {
+                    "model": f"{_model_name(model)} (median)",
+                    **base,
+                    "backend": used,
+                    "fit_seconds": seconds,
+                    **flow_metrics(test, median),
+                }
+            )
+    pers = persistence_baseline(data, split["held_in"], source)
+    rows.append({"model": "persistence", **base, "backend": "none", **flow_metrics(test, pers)})
+    if model_pred is not None:
+        both = np.isfinite(test.values) & np.isfinite(pers["mean"].values)
+        total = float(np.nansum(np.where(both, model_pred["mean"].values, np.nan)))
+        scaled = persistence_baseline(data, split["held_in"], source)
+        in_total = float(np.nansum(np.where(both, scaled["mean"].values, np.nan)))
+        scaled["mean"] = scaled["mean"] * (total / in_total if in_total > 0 else 1.0)
+        scaled.attrs["model"] = "persistence_rescaled"
+        rows.append(
+            {
+                "model": "persistence_rescaled",
+                **base,
+                "backend": "none",
+                **flow_metrics(test, scaled),
+            }
+        )
+    if baselines:
+        gkw = dict(_glm_kwargs(model) if model is not None else {})
+        gkw["pair_covariates"] = tuple(c for c in gkw.get("pair_covariates", ()) if c in data)
+        gkw.update(glm_kwargs or {})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                glm = _moved_glm(data, split["held_in"], held_out, source, quantiles, gkw)
+            rows.append(
+                {"model": "gravity_baseline", **base, "backend": "mle", **flow_metrics(test, glm)}
+            )
+        except FlowModelError as err:
+            warnings.warn(f"gravity_baseline, {held_out}: {err}", UserWarning, stacklevel=2)
+    return pd.DataFrame(rows)
+
+
 def summarize_cv(cv: pd.DataFrame) -> pd.DataFrame:
     """Mean of each metric over folds, one row per model (and backend)."""
     metric_cols = [
@@ -1022,6 +1352,28 @@ def summarize_cv(cv: pd.DataFrame) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------------------- evaluate
+def _evaluate_periods(
+    model: Any, data: xr.Dataset, source: str, quantiles: Sequence[float], exposure: bool
+) -> pd.DataFrame:
+    """In-sample metrics of a model with periods: one row per observed window of ``source``."""
+    from flowmodel.periods import observed_periods
+
+    rows = []
+    for label in observed_periods(data, source):
+        kwargs: dict[str, Any] = {"quantiles": tuple(quantiles), "period": label}
+        if exposure and f"exposure_{source}" in data:
+            kwargs["exposure"] = source
+        pred = model.predict(data, **kwargs)
+        rows.append(
+            {
+                "model": _model_name(model),
+                "period": label,
+                **flow_metrics(_round_values(data, source, label), pred),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def evaluate(
     model: Any,
     data: xr.Dataset,
@@ -1066,7 +1418,9 @@ def evaluate(
     Returns
     -------
     pandas.DataFrame
-        One row per model with the columns of :func:`flow_metrics`.
+        One row per model with the columns of :func:`flow_metrics`. A model with
+        periods scored against its own source gives one row per observed window
+        (column ``period``; baselines are in ``cv="last_period"``).
     """
     if source is None and model is not None:
         source = (getattr(model, "model_config", {}) or {}).get("source")
@@ -1086,6 +1440,8 @@ def evaluate(
         cells = model.predict_cells(data, src, quantiles=quantiles)
         row = {"model": _model_name(model), **flow_metrics(cells["observed"], cells)}
         return pd.DataFrame([row])
+    if predictions is None and observed is None and getattr(model, "periods", None):
+        return _evaluate_periods(model, data, src, quantiles, exposure)
     if predictions is None:
         if model is None:
             raise ValueError("evaluate: pass a fitted model or predictions=")

@@ -173,7 +173,14 @@ STAGES: dict[str, StageSpec] = {
         "prepare",
         (),
         # marginals join the hash only when given, so older run directories stay valid
-        lambda c: _cfg(c, "units", "rasters", "flows", *(["marginals"] if c.marginals else [])),
+        lambda c: _cfg(
+            c,
+            "units",
+            "rasters",
+            "flows",
+            *(["marginals"] if c.marginals else []),
+            *(["covariates"] if c.covariates else []),
+        ),
         "read units, rasters and flow tables; build and save the FlowDataset",
     ),
     "fit": StageSpec(
@@ -1246,6 +1253,80 @@ def _add_totals(ds: Any, totals: Mapping[str, Any], cfg: RunConfig) -> Any:
     return ds
 
 
+def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[Any, Any]:
+    """Covariates of ``[covariates]`` and of ``[rasters.<name>] <date> = path``.
+
+    Returns the static covariates (the rasters' joined with the table's rows without
+    a period; a dated covariate's latest value where no static one is given, so
+    ``population`` may come from either) and the dated long table (``unit_id``,
+    ``period``, covariates) or None.
+    """
+    import pandas as pd
+
+    from flowmodel.exceptions import InputFileError
+
+    cfg = ctx.config
+    dated_parts = []
+    by_date = {k: v for k, v in cfg.rasters.items() if isinstance(v, dict)}
+    if by_date:
+        from flowmodel.inputs.rasters import zonal_covariates_by_date
+
+        rasters = {k: {d: str(p) for d, p in v.items()} for k, v in by_date.items()}
+        dated_parts.append(zonal_covariates_by_date(units, rasters, progress=ctx.progress))
+        logger.info("dated rasters: %s", ", ".join(f"{k} {sorted(v)}" for k, v in by_date.items()))
+    static = []
+    section = cfg.covariates
+    if section is not None:
+        path = Path(section.path)
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if section.id_field not in table.columns:
+            raise InputFileError(
+                f"{path} ([covariates] path): no column '{section.id_field}' (columns: "
+                f"{list(table.columns)}). Fix: name the unit id column, [covariates] id_field"
+            )
+        table = table.rename(columns={section.id_field: "unit_id"})
+        table["unit_id"] = table["unit_id"].astype(str)
+        if section.period_field in table.columns:
+            table = table.rename(columns={section.period_field: "period"})
+            with_date = table["period"].notna()
+            dated_parts.append(table.loc[with_date])
+            table = table.loc[~with_date].drop(columns="period")
+        if len(table):
+            static.append(table.set_index("unit_id"))
+        n_dated = len(dated_parts[-1]) if dated_parts and "period" in table.columns else 0
+        logger.info("covariates table %s: %d rows", path.name, len(table) + n_dated)
+    dated = pd.concat(dated_parts, ignore_index=True) if dated_parts else None
+    if dated is not None:
+        from flowmodel.periods import parse_period
+
+        dated["_date"] = dated["period"].map(lambda x: parse_period(x).midpoint)
+        latest = (
+            dated.sort_values("_date").groupby("unit_id").last().drop(columns=["period", "_date"])
+        )
+        dated = dated.drop(columns="_date")
+        static.append(latest)
+    for frame in static:
+        frame = frame.drop(columns=[c for c in ("geometry",) if c in frame.columns])
+        if covariates is None:
+            covariates = frame
+        else:
+            new = [c for c in frame.columns if c not in covariates.columns]
+            covariates = covariates.join(frame[new])
+    return covariates, dated
+
+
+def _add_periods(ds: Any, cfg: RunConfig, dated: Any) -> Any:
+    """Add dated covariates (``<var>_by_date``) and each ``[flows.<name>] period`` attribute."""
+    if dated is not None:
+        from flowmodel.periods import add_dated_covariates
+
+        ds = add_dated_covariates(ds, dated)
+    for name, source in cfg.flows.items():
+        if source.period and f"flow_{name}" in ds:
+            ds[f"flow_{name}"].attrs["period"] = source.period
+    return ds
+
+
 def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     """Read units, zonal raster covariates and flow sources; write ``dataset.nc`` and ``units.gpkg``."""
     from flowmodel.dataset import build_dataset, save_dataset
@@ -1255,11 +1336,12 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     units = _load_units(cfg)
     logger.info("units: %d from %d file(s)", len(units), len(cfg.units.paths()))
     covariates = None
-    if cfg.rasters:
+    static_rasters = {k: v for k, v in cfg.rasters.items() if not isinstance(v, dict)}
+    if static_rasters:
         from flowmodel.inputs.rasters import zonal_covariates
         from flowmodel.parallel import is_remote
 
-        rasters = {k: str(v) for k, v in cfg.rasters.items()}
+        rasters = {k: str(v) for k, v in static_rasters.items()}
         if is_remote(cfg.dask, ctx.scheduler):
             # on a cluster the zonal statistics run as a task on a worker (its memory, its disk)
             logger.info("zonal statistics on a dask worker")
@@ -1267,6 +1349,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         else:
             covariates = zonal_covariates(units, rasters, progress=ctx.progress)
         logger.info("covariates: %s", ", ".join(map(str, covariates.columns)))
+    covariates, dated = _period_covariates(ctx, units, covariates)
     flows = {}
     estimates = {}
     totals = {}
@@ -1302,6 +1385,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
         flows=flows or None,
         attrs={"run": cfg.run.name, "data_sources": "; ".join(sources)},
     )
+    ds = _add_periods(ds, cfg, dated)
     ds = _add_marginals(ds, cfg)
     ds = _add_estimates(ds, estimates)
     ds = _add_totals(ds, totals, cfg)
@@ -1365,10 +1449,16 @@ def _primary_source(ds: Any) -> str | None:
     return (plain or sources or [None])[0]
 
 
-def _observed(ds: Any, source: str | None) -> Any:
+def _observed(ds: Any, source: str | None, period: str | None = None) -> Any:
     if source is None:
         return None
     flow = ds[f"flow_{source}"]
+    if period is not None:
+        # a model with periods: the source's flows of the predicted window, if it saw it
+        if "period" in flow.dims:
+            labels = [str(p) for p in flow["period"].values]
+            return flow.sel(period=period, drop=True) if period in labels else None
+        return flow if flow.attrs.get("period") == period else None
     if "period" in flow.dims:
         flow = flow.sum("period", min_count=1)
     return flow
@@ -1399,8 +1489,13 @@ def _output_period(cfg: RunConfig, source: str | None) -> str:
     return src.period if src is not None and src.period else DEFAULT_PERIOD
 
 
-def _output_attrs(ctx: StageContext, ds: Any, model: Any, source: str | None) -> dict[str, Any]:
-    """Provenance of the predict and report outputs: inputs by name and SHA-256, period."""
+def _output_attrs(
+    ctx: StageContext, ds: Any, model: Any, source: str | None, period: str | None = None
+) -> dict[str, Any]:
+    """Provenance of the predict and report outputs: inputs by name and SHA-256, period.
+
+    ``period``: the period a model with periods predicted (else the primary source's).
+    """
     from flowmodel.outputs import io
 
     cfg = ctx.config
@@ -1412,7 +1507,7 @@ def _output_attrs(ctx: StageContext, ds: Any, model: Any, source: str | None) ->
         seed=cfg.run.seed,
         data=ds,
         input_files=io.input_file_records(cfg.input_files(), hashes=known),
-        period=_output_period(cfg, source),
+        period=period or _output_period(cfg, source),
         extra={"run": cfg.run.name, "observed_source": source or "none"},
     )
 
@@ -1436,6 +1531,11 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
     kwargs: dict[str, Any] = {"quantiles": tuple(cfg.predict.quantiles), "seed": cfg.run.seed}
     if cfg.predict.draws is not None:
         kwargs["draws"] = cfg.predict.draws
+    # [predict] period: a model with periods predicts that window (default its latest)
+    period = model.target_period(cfg.predict.period)
+    if period is not None:
+        kwargs["period"] = period
+        logger.info("prediction: period %s", period)
     if use_dask:
         _ = ctx.client  # origin blocks run as tasks on the run's dask workers
         logger.info("prediction: origin blocks on dask workers")
@@ -1451,9 +1551,9 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
             **kwargs,
         )
     source = _primary_source(ds)
-    observed = _observed(ds, source)
+    observed = _observed(ds, source, period)
     exposure = ds.get(f"exposure_{source}") if source else None
-    attrs = _output_attrs(ctx, ds, model, source)
+    attrs = _output_attrs(ctx, ds, model, source, period)
     formats = cfg.predict.formats
     obs = {"observed": observed, "exposure": exposure}
     # flows.nc is always written: evaluate and report read it
@@ -1481,6 +1581,7 @@ def stage_predict(ctx: StageContext) -> dict[str, Path]:
         seed=cfg.run.seed,
         block_size=cfg.predict.block_size,
         progress=_progress(ctx),
+        period=period,
     )
     outputs["totals"] = io.write_totals(totals, ctx.path(TOTALS), attrs=attrs)
     if "csv" in formats:
@@ -1537,6 +1638,17 @@ def evaluation_sources(cfg: RunConfig, ds: Any) -> list[str]:
     return plain or available
 
 
+def _latest_round_first(ds: Any, sources: list[str]) -> list[str]:
+    """Order ``sources`` so the one with the latest window comes first (``last_period``)."""
+    from flowmodel.periods import observed_periods, parse_period
+
+    def latest(source: str) -> float:
+        labels = observed_periods(ds, source)
+        return parse_period(labels[-1]).end if labels else float("-inf")
+
+    return sorted(sources, key=latest, reverse=True)
+
+
 def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
     """In-sample metrics per source and optional cross-validation; write ``metrics.json`` (and ``cv.csv``)."""
     from flowmodel.atomic import atomic_path
@@ -1555,10 +1667,15 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Path]:
             model, ds, source=source, quantiles=quantiles, baselines=cfg.evaluate.baselines
         )
         metrics["sources"][source] = {
-            str(row["model"]): _jsonable({k: v for k, v in row.items() if k != "model"})
+            # a model with periods is scored per observed window: "<model> <period>"
+            " ".join([str(row["model"]), *([str(row["period"])] if "period" in row else [])]): (
+                _jsonable({k: v for k, v in row.items() if k not in ("model", "period")})
+            )
             for row in table.to_dict("records")
         }
     outputs: dict[str, Path] = {}
+    if cfg.evaluate.cv == "last_period" and sources:
+        sources = _latest_round_first(ds, sources)
     if cfg.evaluate.cv != "none" and sources:
         cv = cross_validate(
             model,

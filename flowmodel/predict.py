@@ -64,6 +64,7 @@ class _Context:
         exposure: str | None,
         seed: int,
         dtype: Any,
+        period: str | None = None,
     ) -> None:
         if kind not in ("predictive", "mean"):
             raise ModelConfigError(f"kind={kind!r} is not valid; use 'predictive' or 'mean'")
@@ -90,10 +91,15 @@ class _Context:
         self.seed = seed
         self.dtype = np.dtype(dtype)
         self.n = data.sizes["unit"]
+        self.period = model.target_period(period)
         self.params = model._prediction_params(
-            posterior, data, rng=np.random.default_rng([seed, 2**31])
+            posterior, data, rng=np.random.default_rng([seed, 2**31]), period=self.period
         )
-        self.features = model._features(data)
+        self.features = model._features(data, period=self.period)
+        if self.period is not None and exposure is not None:
+            # on the source's reporting scale: its duration / undercount factor too
+            log_factor = model._source_log_factor(posterior, exposure)
+            self.params["log_offset"] = self.params.get("log_offset", 0.0) + log_factor
         self.n_samples = int(posterior.sizes["chain"] * posterior.sizes["draw"])
         self.exposure_unit = np.ones(self.n)
         self.exposure_pair = None
@@ -313,6 +319,7 @@ def predict_flows(
     seed: int = 0,
     dtype: Any = np.float64,
     progress: bool | None = None,
+    period: str | None = None,
 ) -> xr.Dataset:
     """Mean and quantiles of predicted flows for every pair of ``data``, streamed.
 
@@ -350,6 +357,10 @@ def predict_flows(
         Progress over blocks (numpy path): None follows
         :func:`flowmodel.progress.set_progress` (on: a bar when interactive,
         a heartbeat line a minute in logs); True/False force it.
+    period
+        Models with periods: the period predicted (default the latest latent
+        period); its label is the ``period`` attribute of the result. ``exposure``
+        then also applies the source's duration / undercount factor.
 
     Returns
     -------
@@ -360,7 +371,16 @@ def predict_flows(
         NaN on the diagonal. Dask-backed when ``use_dask``.
     """
     posterior = thin_posterior(model.posterior, draws)
-    ctx = _Context(model, data, posterior, kind=kind, exposure=exposure, seed=seed, dtype=dtype)
+    ctx = _Context(
+        model,
+        data,
+        posterior,
+        kind=kind,
+        exposure=exposure,
+        seed=seed,
+        dtype=dtype,
+        period=period,
+    )
     size = ctx.aligned(int(block_size)) if block_size else ctx.block_size()
     blocks = block_ranges(ctx.n_rows, size)
     quantiles = [float(q) for q in quantiles]
@@ -397,6 +417,10 @@ def predict_flows(
         seed=seed,
         quantiles=list(quantiles),
     )
+    if ctx.period is not None:
+        from flowmodel.periods import parse_period
+
+        ds.attrs.update(period=ctx.period, window_years=parse_period(ctx.period).length)
     return ds
 
 
@@ -410,6 +434,7 @@ def flow_draws(
     seed: int = 0,
     use_dask: bool | None = None,
     block_size: int | None = None,
+    period: str | None = None,
 ) -> xr.DataArray:
     """Posterior draws of flows, dims (chain, draw, origin, destination) or (chain, draw, pair).
 
@@ -421,7 +446,14 @@ def flow_draws(
     """
     posterior = thin_posterior(model.posterior, draws)
     ctx = _Context(
-        model, data, posterior, kind=kind, exposure=exposure, seed=seed, dtype=np.float64
+        model,
+        data,
+        posterior,
+        kind=kind,
+        exposure=exposure,
+        seed=seed,
+        dtype=np.float64,
+        period=period,
     )
     n_chain, n_draw = posterior.sizes["chain"], posterior.sizes["draw"]
     size = ctx.aligned(int(block_size)) if block_size else ctx.block_size()
@@ -458,5 +490,6 @@ def flow_draws(
             **ctx.out_coords(),
         },
         name="flow",
-        attrs={"kind": kind, "exposure": exposure or "none (population scale)"},
+        attrs={"kind": kind, "exposure": exposure or "none (population scale)"}
+        | ({"period": ctx.period} if ctx.period is not None else {}),
     )

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_TRUTH",
     "FILES",
     "FUSION_TRUTH",
+    "PANEL_TRUTH",
     "WORLD_TRUTH",
     "WORLD_VERSION",
     "SimulatedWorld",
@@ -40,6 +41,7 @@ __all__ = [
     "load_world",
     "simulate_flow_dataset",
     "simulate_fusion_dataset",
+    "simulate_panel_dataset",
     "simulate_world",
 ]
 
@@ -1820,3 +1822,295 @@ def simulate_fusion_dataset(
         "no_data_countries": sorted(set(codes) - set(census_countries) - set(cdr_countries)),
     }
     return ds, out
+
+
+# ======================================================================== the panel
+#: Generating parameters of :func:`simulate_panel_dataset`: gravity terms of the annual
+#: rate of moves (raw scale), the temporal structure and the sources' factors.
+PANEL_TRUTH: dict[str, Any] = {
+    "intercept": -4.9,
+    "beta": {
+        "origin:log_population": 0.8,
+        "destination:log_population": 0.7,
+        "log_distance": -1.4,
+        "cross_border": -1.5,
+    },
+    "sigma_country": 0.3,
+    "phi": 5.0,
+    "sigma_pair": 0.5,
+    "sigma_trend": 0.05,
+    "sigma_origin_trend": 0.03,
+    "sigma_destination_trend": 0.03,
+    "duration_census": 0.7,
+    "period_scale": 3.0,
+}
+
+
+def simulate_panel_dataset(
+    *,
+    units_per_country: int = 12,
+    n_countries: int = 3,
+    periods: Sequence[str] = ("2005-2010", "2015-2020", "2020-2025"),
+    census_rounds: Sequence[str] = ("2005-2010", "2015-2020"),
+    census_1y: str | None = "2019-2020",
+    cdr_months: Sequence[str] = ("2019-10", "2019-11", "2019-12", "2024-01", "2024-02", "2024-03"),
+    cdr_countries: Sequence[str] = ("C01", "C02"),
+    shock_country: str = "C01",
+    shock_units: int = 4,
+    shock: float = 2.0,
+    sample_fraction: float = 0.1,
+    redaction: float = 15.0,
+    truth: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[xr.Dataset, dict[str, Any]]:
+    r"""Simulate census rounds, a census one-year question and CDR months of a changing world.
+
+    One latent field with periods generates everything: the annual rate of moves
+    from unit ``i`` to ``j`` during latent period ``t`` is
+
+    .. math::
+
+        \eta_{ijt} = \alpha + \gamma_{c(i)} + \beta \cdot x_{ijt} + u_{ij}
+            + \tau_{c(i),t} + o_{i,t} + d_{j,t} + s_{it}
+
+    with populations given at 2000 and 2020 and interpolated log-linearly to each
+    period's midpoint (:func:`flowmodel.periods.covariate_at`), pair effects
+    :math:`u \sim N(0, \sigma_{pair}^2)`, country trends and origin/destination unit
+    walks anchored at 0 in the first period with steps :math:`N(0, \sigma^2\Delta)`
+    over a gap of :math:`\Delta` years, and a **shock** :math:`s_{it} = \log`
+    ``shock`` for the first ``shock_units`` units of ``shock_country`` in the last
+    period (their out-migration doubles after the last census) and 0 elsewhere.
+
+    What the sources record (what real ones do):
+
+    - ``census`` (``flow_census`` over ``period`` = ``census_rounds``): a sample
+      (``exposure_census`` = ``sample_fraction``) of the five-year migrants of each
+      round, ``y ~ NB(f * duration * 5 * exp(eta), phi)`` for every origin unit of
+      every country (a five-year count is not five one-year counts:
+      ``duration_census`` < 1);
+    - ``census_1y`` (``flow_census_1y`` over ``period`` = ``census_1y``): the same
+      census's one-year question, ``NB(f * exp(eta), phi)`` (the latent definition:
+      moves per year);
+    - ``cdr`` (``flow_cdr`` over ``period`` = ``cdr_months``): monthly relocations of
+      an operator's subscribers within each CDR country,
+      ``NB(exp(eta) / 12 * share_i * period_effect_m, phi)``, counts of ``redaction``
+      or fewer redacted (NaN, bound in ``flow_cdr_max``); months before the last
+      census window's end lie in the census period, the others in the last period.
+      Only the CDR sees the shock.
+
+    Parameters
+    ----------
+    periods
+        Latent periods (labels, time order); the last is the current period.
+    census_rounds, census_1y, cdr_months
+        Windows observed by each source (each must lie in one latent period).
+    cdr_countries, shock_country, shock_units, shock
+        Where the CDR is, and the shocked units (the first ``shock_units`` of
+        ``shock_country``) with their factor on out-migration in the last period.
+    truth
+        Generating parameters (default :data:`PANEL_TRUTH`).
+
+    Returns
+    -------
+    (xarray.Dataset, dict)
+        The FlowDataset (also ``population_by_date`` at 2000 and 2020,
+        ``cdr_subscribers_per_resident``) and the truth: :data:`PANEL_TRUTH`
+        names plus ``country_effect``, ``trend`` (country x period),
+        ``origin_trend`` / ``destination_trend`` (unit x period), ``pair_effect``,
+        ``market_share``, ``period_effect`` (CDR months), ``mu`` (expected census
+        five-year counts at full coverage, origin x destination x period),
+        ``flows`` (realised such counts: the truth a nowcast of the last period
+        is scored against), ``shocked_units`` and ``shocked_pairs`` (boolean
+        origin x destination).
+    """
+    from scipy.special import expit, logit
+
+    from flowmodel.dataset import build_dataset
+    from flowmodel.exceptions import ModelConfigError
+    from flowmodel.periods import add_dated_covariates, covariate_at, parse_period
+
+    rng = np.random.default_rng(seed)
+    truth = dict(PANEL_TRUTH if truth is None else truth)
+    codes = np.array([f"C{k:02d}" for k in range(n_countries)])
+    unknown = sorted((set(cdr_countries) | {shock_country}) - set(codes))
+    if unknown:
+        raise ModelConfigError(
+            f"simulate_panel_dataset: countries {unknown} do not exist; the world has "
+            f"{codes.tolist()}. Fix: name countries C00..C{n_countries - 1:02d}."
+        )
+    latent = [parse_period(p) for p in periods]
+    times = np.array([p.midpoint for p in latent])
+    n_t = len(latent)
+
+    def latent_of(label: str) -> int:
+        w = parse_period(label)
+        hit = [k for k, p in enumerate(latent) if p.contains(w.midpoint)]
+        if not hit:
+            raise ModelConfigError(
+                f"simulate_panel_dataset: window {label!r} lies in no latent period {periods}"
+            )
+        return hit[0]
+
+    n_units = n_countries * units_per_country
+    k = np.repeat(np.arange(n_countries), units_per_country)
+    n_cols = int(np.ceil(n_countries / 2))
+    lon = 30.0 + 2.0 * (k % n_cols) + rng.uniform(0.0, 2.0, n_units)
+    lat = -2.0 + 2.0 * (k // n_cols) + rng.uniform(0.0, 2.0, n_units)
+    country = codes[k]
+    ids = np.array([f"U{i:03d}" for i in range(n_units)])
+    log_pop_2000 = rng.normal(12.0, 0.8, n_units)
+    growth = rng.normal(0.02, 0.01, n_units)  # per year
+    pop = {
+        2000: np.round(np.exp(log_pop_2000)),
+        2020: np.round(np.exp(log_pop_2000 + 20 * growth)),
+    }
+    units = pd.DataFrame(
+        {"unit_id": ids, "country": country, "population": pop[2020], "lon": lon, "lat": lat}
+    )
+    ds = build_dataset(units)
+    dated = pd.DataFrame(
+        {
+            "unit_id": np.concatenate([ids, ids]),
+            "period": ["2000"] * n_units + ["2020"] * n_units,
+            "population": np.concatenate([pop[2000], pop[2020]]),
+        }
+    )
+    ds = add_dated_covariates(ds, dated)
+    pair = {
+        "distance_km": ds["distance_km"].values,
+        "cross_border": ds["cross_border"].values.astype(float),
+    }
+    off_diag = ~np.eye(n_units, dtype=bool)
+
+    effects = rng.normal(0.0, truth["sigma_country"], n_countries)
+    u = rng.normal(0.0, truth["sigma_pair"], (n_units, n_units))
+
+    def walk(n: int, sigma: float) -> np.ndarray:
+        steps = rng.normal(0.0, 1.0, (n, n_t - 1)) * sigma * np.sqrt(np.diff(times))
+        return np.concatenate([np.zeros((n, 1)), np.cumsum(steps, axis=1)], axis=1)
+
+    trend = walk(n_countries, truth["sigma_trend"])
+    o_walk = walk(n_units, truth["sigma_origin_trend"])
+    d_walk = walk(n_units, truth["sigma_destination_trend"])
+    shocked = np.zeros(n_units, dtype=bool)
+    shocked[np.flatnonzero(country == shock_country)[:shock_units]] = True
+    eta = np.empty((n_units, n_units, n_t))
+    for t in range(n_t):
+        unit = pd.DataFrame(
+            {"log_population": covariate_at(ds, "log_population", times[t])}, index=ids
+        )
+        eta_t = gravity_log_rate(unit, pair, truth, effects[k])
+        eta_t = eta_t + u + trend[k, t][:, None] + o_walk[:, t][:, None] + d_walk[:, t][None, :]
+        if t == n_t - 1:
+            eta_t = eta_t + np.where(shocked, np.log(shock), 0.0)[:, None]
+        eta[:, :, t] = np.where(off_diag, eta_t, np.nan)
+    rate = np.exp(eta)
+    phi = float(truth["phi"])
+    duration = float(truth["duration_census"])
+
+    def census_counts(t: int, years: float, factor: float) -> np.ndarray:
+        return np.where(
+            off_diag,
+            _neg_binomial(rng, rate[:, :, t] * years * factor * sample_fraction, phi),
+            np.nan,
+        )
+
+    rows = []
+    for label in census_rounds:
+        t = latent_of(label)
+        y = census_counts(t, parse_period(label).length, duration)
+        o, d = np.nonzero(off_diag)
+        rows.append(
+            pd.DataFrame(
+                {"origin": ids[o], "destination": ids[d], "period": label, "count": y[o, d]}
+            )
+        )
+    flows = {"census": pd.concat(rows, ignore_index=True)}
+    if census_1y is not None:
+        t = latent_of(census_1y)
+        y = census_counts(t, parse_period(census_1y).length, 1.0)
+        o, d = np.nonzero(off_diag)
+        flows["census_1y"] = pd.DataFrame(
+            {"origin": ids[o], "destination": ids[d], "period": census_1y, "count": y[o, d]}
+        )
+
+    # the operator's market share and penetration covariate (as simulate_fusion_dataset)
+    in_cdr = np.isin(country, list(cdr_countries))
+    base_share = dict(zip(cdr_countries, (0.40, 0.30, 0.55, 0.45), strict=False))
+    logit_share = np.full(n_units, np.nan)
+    covariate = np.full(n_units, np.nan)
+    for code in cdr_countries:
+        m = country == code
+        spread = rng.normal(0.0, 0.4, m.sum())
+        bias = rng.normal(0.2, 0.2)
+        noise = rng.normal(0.0, 0.15, m.sum())
+        covariate[m] = expit(logit(base_share[code]) + bias + spread)
+        logit_share[m] = logit(base_share[code]) + spread - noise
+    share = np.nan_to_num(expit(logit_share))
+    log_pe = rng.normal(0.0, 0.1, len(cdr_months))
+    log_pe = log_pe - log_pe.mean() + np.log(truth["period_scale"])
+    same = (country[:, None] == country[None, :]) & off_diag & in_cdr[:, None]
+    cdr_rows = []
+    for m, label in enumerate(cdr_months):
+        t = latent_of(label)
+        mean = rate[:, :, t] * parse_period(label).length * share[:, None] * np.exp(log_pe[m])
+        y = _neg_binomial(rng, mean, phi)
+        o, d = np.nonzero(same)
+        counts = y[o, d]
+        redacted = counts <= redaction
+        cdr_rows.append(
+            pd.DataFrame(
+                {
+                    "origin": ids[o],
+                    "destination": ids[d],
+                    "period": label,
+                    "count": np.where(redacted, np.nan, counts),
+                    "max": np.where(redacted, redaction, np.nan),
+                }
+            )
+        )
+    if cdr_months:
+        flows["cdr"] = pd.concat(cdr_rows, ignore_index=True)
+    units["cdr_subscribers_per_resident"] = covariate
+    out = build_dataset(units, flows=flows)
+    out = add_dated_covariates(out, dated)
+    out["exposure_census"] = ("unit", np.full(n_units, float(sample_fraction)))
+    if census_1y is not None:
+        out["exposure_census_1y"] = ("unit", np.full(n_units, float(sample_fraction)))
+    out.attrs.update(simulated=1, seed=seed, redaction=redaction)
+
+    # the truth: census five-year counts at full coverage in every latent period
+    mu = rate * duration * np.array([p.length for p in latent])[None, None, :]
+    realised = np.where(off_diag[:, :, None], _neg_binomial(rng, mu, phi), np.nan)
+    coords = {"origin": ids, "destination": ids, "period": [p.label for p in latent]}
+    dims = ("origin", "destination", "period")
+    period_labels = [p.label for p in latent]
+    return out, {
+        **truth,
+        "country_effect": dict(zip(codes.tolist(), effects.tolist(), strict=True)),
+        "trend": pd.DataFrame(trend, index=pd.Index(codes, name="country"), columns=period_labels),
+        "origin_trend": pd.DataFrame(
+            o_walk, index=pd.Index(ids, name="unit"), columns=period_labels
+        ),
+        "destination_trend": pd.DataFrame(
+            d_walk, index=pd.Index(ids, name="unit"), columns=period_labels
+        ),
+        "pair_effect": xr.DataArray(
+            np.where(off_diag, u, np.nan),
+            dims=dims[:2],
+            coords={"origin": ids, "destination": ids},
+        ),
+        "market_share": pd.Series(share[in_cdr], index=pd.Index(ids[in_cdr], name="unit")),
+        "period_effect": pd.Series(
+            np.exp(log_pe), index=pd.Index(list(cdr_months), name="period")
+        ),
+        "mu": xr.DataArray(np.where(off_diag[:, :, None], mu, np.nan), dims=dims, coords=coords),
+        "flows": xr.DataArray(realised, dims=dims, coords=coords),
+        "periods": period_labels,
+        "shocked_units": ids[shocked].tolist(),
+        "shocked_pairs": xr.DataArray(
+            shocked[:, None] & off_diag, dims=dims[:2], coords={"origin": ids, "destination": ids}
+        ),
+        "cdr_countries": list(cdr_countries),
+        "sample_fraction": float(sample_fraction),
+    }

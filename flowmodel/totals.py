@@ -190,6 +190,7 @@ def totals_draws(
     block_size: int | None = None,
     kind: str = "predictive",
     progress: bool | None = None,
+    period: str | None = None,
 ) -> xr.Dataset:
     """Joint posterior (predictive) draws of migration totals, streamed.
 
@@ -238,7 +239,16 @@ def totals_draws(
 
     levels = _levels(by)
     posterior = thin_posterior(model.posterior, draws)
-    ctx = _Context(model, data, posterior, kind=kind, exposure=None, seed=seed, dtype=np.float64)
+    ctx = _Context(
+        model,
+        data,
+        posterior,
+        kind=kind,
+        exposure=None,
+        seed=seed,
+        dtype=np.float64,
+        period=period,
+    )
     countries = _country_codes(ctx.data)
     need_pairs = countries is not None and bool({"country", "country_pair", "total"} & set(levels))
     need_units = "unit" in levels or (countries is None and "total" in levels)
@@ -382,6 +392,7 @@ def predict_totals(
     block_size: int | None = None,
     kind: str = "predictive",
     progress: bool | None = None,
+    period: str | None = None,
 ) -> xr.Dataset:
     """Migration totals with intervals from joint posterior predictive draws, streamed.
 
@@ -412,6 +423,9 @@ def predict_totals(
     progress
         Progress bar or heartbeat lines; None follows
         :func:`flowmodel.progress.progress_enabled`.
+    period
+        Models with periods: the period whose totals are predicted (default the
+        latest latent period; see :meth:`~flowmodel.models.base.FlowModel.predict`).
 
     Returns
     -------
@@ -435,5 +449,6 @@ def predict_totals(
         block_size=block_size,
         kind=kind,
         progress=progress,
+        period=period,
     )
     return summarise_totals(joint, quantiles=quantiles)

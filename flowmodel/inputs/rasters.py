@@ -1357,3 +1357,48 @@ def _weighted_centroid(
 def _area_centroid(geometry: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray]:
     cent = geometry.to_crs("EPSG:6933").centroid.to_crs("EPSG:4326")
     return cent.x.to_numpy(), cent.y.to_numpy()
+
+
+def zonal_covariates_by_date(
+    units: gpd.GeoDataFrame,
+    rasters: Mapping[str, Mapping[str, str | os.PathLike[str] | Any]],
+    *,
+    id_field: str = "unit_id",
+    stats: Mapping[str, str] | None = None,
+    progress: bool | None = None,
+    engine: Engine = "flowmodel",
+) -> pd.DataFrame:
+    """Compute unit covariates from one raster per date (covariates that change over time).
+
+    Parameters
+    ----------
+    units
+        Unit polygons, as for :func:`zonal_covariates`.
+    rasters
+        ``name -> {date label -> GeoTIFF}``, e.g. ``{"population": {"2000":
+        "pop2000.tif", "2020": "pop2020.tif"}}``; a date label is a year or any
+        period label of :mod:`flowmodel.periods` (its midpoint is the date).
+    id_field, stats, progress, engine
+        As for :func:`zonal_covariates`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Long table: ``unit_id``, ``period`` (the date label) and one column per
+        raster name (the statistic :func:`zonal_covariates` gives it), one row
+        per unit and date; ready for :func:`flowmodel.periods.add_dated_covariates`,
+        which interpolates log-linearly between dates.
+    """
+    frames = []
+    dates = sorted({str(d) for per in rasters.values() for d in per})
+    for date in dates:
+        at = {name: p for name, per in rasters.items() for d, p in per.items() if str(d) == date}
+        table = zonal_covariates(
+            units, at, id_field=id_field, stats=stats, progress=progress, engine=engine
+        )
+        keep = [c for c in table.columns if c in at or c == "night_lights_per_capita"]
+        frame = table[keep].copy()
+        frame.insert(0, "period", date)
+        frame.insert(0, "unit_id", frame.index.astype(str))
+        frames.append(frame.reset_index(drop=True))
+    return pd.concat(frames, ignore_index=True)

@@ -66,7 +66,10 @@ from flowmodel.models.observations import (
     ObservationModel,
     ObservedPairs,
     PriorFactory,
+    cell_period_labels,
     read_cells,
+    window_cells,
+    window_of,
 )
 from flowmodel.models.priors import DEFAULT_PRIORS, PriorSpec, resolve_priors
 
@@ -257,6 +260,9 @@ class FlowModel(abc.ABC):
         left to ``"auto"`` take their form for it).
         """
         observations = self._observation_models(data)
+        temporal = self.field.temporal is not None
+        if temporal:
+            data = _observed_periods(data, observations)
         cells = {o.source: o.cells(data) for o in observations}
         empty = [s for s, c in cells.items() if c.n == 0]
         if empty:
@@ -265,12 +271,47 @@ class FlowModel(abc.ABC):
                 "off-diagonal cell. Fix: drop them from the sources or check the flow tables"
             )
         n_units = int(data.sizes["unit"])
-        needed = [o.latent_pairs(data, cells[o.source]) for o in observations]
-        keys = np.unique(np.concatenate([oi * n_units + dj for oi, dj in needed]))
-        union = LatentPairs((keys // n_units).astype(np.int64), (keys % n_units).astype(np.int64))
+        periods = None
+        if temporal:
+            periods = self._latent_periods(data, cells)
+            windowed = {s: window_cells(data, c, periods) for s, c in cells.items()}
+            split = [
+                o.source
+                for o in observations
+                if o.kind == "cdr"
+                and windowed[o.source].aggregated
+                and not cells[o.source].aggregated
+            ]
+            if split:
+                raise ModelConfigError(
+                    f"{type(self).__name__}: a period of CDR source(s) {split} spans several "
+                    "latent periods (its market share and period effect apply per cell). "
+                    "Fix: choose latent periods (temporal={'periods': [...]}) that contain "
+                    "each CDR period"
+                )
+            cells = windowed
+            n_t = len(periods)
+            rows = [
+                o.latent_rows(data, cells[o.source], lambda c: window_of(data, c, periods))
+                for o in observations
+            ]
+            keys = np.unique(np.concatenate([(oi * n_units + dj) * n_t + t for oi, dj, t in rows]))
+            pair = keys // n_t
+            union = LatentPairs(
+                (pair // n_units).astype(np.int64),
+                (pair % n_units).astype(np.int64),
+                period_idx=(keys % n_t).astype(np.int64),
+                periods=[p.label for p in periods],
+            )
+        else:
+            needed = [o.latent_pairs(data, cells[o.source]) for o in observations]
+            keys = np.unique(np.concatenate([oi * n_units + dj for oi, dj in needed]))
+            union = LatentPairs(
+                (keys // n_units).astype(np.int64), (keys % n_units).astype(np.int64)
+            )
         dispersed = [o.source for o in observations if o.uses_dispersion]
         known = self.field.nodes(data) + (["phi"] if dispersed else [])
-        defaults: dict[str, Any] = dict(DEFAULT_PRIORS)
+        defaults: dict[str, Any] = dict(DEFAULT_PRIORS) | self.field.default_priors()
         for o in observations:
             known += [n for n in o.nodes(data) if n not in known]
             defaults.update(o.default_priors())
@@ -294,7 +335,15 @@ class FlowModel(abc.ABC):
             phi = None
             if dispersed:
                 phi = factory("phi", dims="source" if by_source else None)
-            build = Build(data, term, union.origin_idx, union.dest_idx, factory)
+            build = Build(
+                data,
+                term,
+                union.origin_idx,
+                union.dest_idx,
+                factory,
+                union_period=union.period_idx,
+                periods=periods,
+            )
             for o in observations:
                 if phi is not None and o.uses_dispersion:
                     build.phi = phi[dispersed.index(o.source)] if by_source else phi
@@ -315,6 +364,91 @@ class FlowModel(abc.ABC):
         if len(observations) == 1:
             state["source"] = observations[0].source
         return model, state, priors
+
+    # ------------------------------------------------------------------ periods
+    def _latent_periods(self, data: xr.Dataset, cells: Mapping[str, Cells]) -> list[Any]:
+        """Latent periods of a field with periods: asked for, or from the observed windows."""
+        from flowmodel.periods import latent_periods
+
+        labels = []
+        for source, c in cells.items():
+            lab = cell_period_labels(data, c)
+            if lab is None:
+                raise ModelConfigError(
+                    f"{type(self).__name__}: a model with periods needs the window each source "
+                    f"observes, and '{source}' has none. Fix: give its flow table a 'period' "
+                    f"column, or a run config [flows.{source}] period = '2005-2010'"
+                )
+            labels += np.unique(lab).tolist()
+        return latent_periods(labels, (self.field.temporal or {}).get("periods"))
+
+    @property
+    def periods(self) -> list[str]:
+        """Latent period labels of the fit, in time order ([] for a model without periods)."""
+        return list(self.fit_meta.get("latent", {}).get("periods") or [])
+
+    def _fitted_periods(self) -> list[Any]:
+        from flowmodel.periods import parse_period
+
+        return [parse_period(p) for p in self.periods]
+
+    def _windowed(self, data: xr.Dataset, cells: Cells) -> Cells:
+        """``cells`` over latent (pair, period) rows in a model with periods, else as they are."""
+        if self.field.temporal is None:
+            return cells
+        return window_cells(data, cells, self._fitted_periods())
+
+    def target_period(self, period: str | None = None) -> str | None:
+        """Return the period a prediction describes: ``period``, else the latest latent one.
+
+        Raises
+        ------
+        ModelConfigError
+            When ``period`` is given to a model without periods, or is not a period label.
+        """
+        from flowmodel.periods import parse_period
+
+        if self.field.temporal is None:
+            if period is not None:
+                raise ModelConfigError(
+                    f"{type(self).__name__} has no periods, so it cannot predict period "
+                    f"{period!r}: its flows are those of the window it was fitted to. Fix: fit "
+                    "a model with periods (GravityModel(temporal={...}), or [model.options."
+                    "temporal] in a run config), or drop the period"
+                )
+            return None
+        if period is None:
+            return self.periods[-1]
+        return parse_period(period).label
+
+    def _cell_log_rate(
+        self, posterior: xr.Dataset, data: xr.Dataset, state: Mapping[str, Any], rng: Any
+    ) -> Any:
+        """``log_rate(origin_idx, dest_idx[, latent_period])`` of cells, from posterior draws."""
+        latent = state["latent"]
+        params = self.field.prediction_params(posterior, data, latent, rng=rng)
+        if self.field.temporal is None:
+            feats = self._features(data)
+
+            def log_rate(oi: np.ndarray, dj: np.ndarray, t: Any = None) -> np.ndarray:
+                return self.field.log_rate(
+                    params, feats, oi, dj, self.field.pair_values(data, oi, dj, latent)
+                )
+
+            return log_rate
+        feats_t = self.field.features_at(data, list(latent["times"]))
+
+        def log_rate_t(oi: np.ndarray, dj: np.ndarray, t: Any = None) -> np.ndarray:
+            return self.field.log_rate(
+                params,
+                feats_t,
+                oi,
+                dj,
+                self.field.pair_values(data, oi, dj, latent),
+                period_idx=t,
+            )
+
+        return log_rate_t
 
     def build_model(self, data: xr.Dataset) -> pm.Model:
         """Build the PyMC model of ``data`` (no side effects on the model object).
@@ -580,10 +714,30 @@ class FlowModel(abc.ABC):
         return state
 
     def _prediction_params(
-        self, posterior: xr.Dataset, data: xr.Dataset, *, rng: np.random.Generator
+        self,
+        posterior: xr.Dataset,
+        data: xr.Dataset,
+        *,
+        rng: np.random.Generator,
+        period: str | None = None,
     ) -> dict[str, Any]:
-        """Posterior draws as numpy arrays with a leading ``sample`` axis (see the latent fields)."""
-        params = self.field.prediction_params(posterior, data, self._state(), rng=rng)
+        """Posterior draws as numpy arrays with a leading ``sample`` axis (see the latent fields).
+
+        A model with periods predicts the moves over the window of ``period``
+        (default: the latest latent period): the rate per year there times the
+        window's years.
+        """
+        label = self.target_period(period)
+        if label is None:
+            params = self.field.prediction_params(posterior, data, self._state(), rng=rng)
+        else:
+            from flowmodel.periods import parse_period
+
+            params = self.field.prediction_params(
+                posterior, data, self._state(), rng=rng, periods=[label]
+            )
+            params["log_offset"] = np.log(parse_period(label).length)
+            params["period"] = label
         params["phi"] = None
         if "phi" in posterior:
             phi = posterior["phi"]
@@ -594,8 +748,21 @@ class FlowModel(abc.ABC):
             params["phi"] = stack_samples(phi)
         return params
 
-    def _features(self, data: xr.Dataset) -> Features:
-        return self.field.features(data)
+    def _features(self, data: xr.Dataset, period: str | None = None) -> Features:
+        label = self.target_period(period) if self.fit_meta else None
+        if label is None:
+            return self.field.features(data)
+        from flowmodel.periods import parse_period
+
+        return self.field.features_at(data, [parse_period(label).midpoint])
+
+    def _source_log_factor(self, posterior: xr.Dataset, source: str) -> np.ndarray | float:
+        """``(sample,)`` log of the one-factor undercount and duration of ``source`` (0 if none)."""
+        out: Any = 0.0
+        for name in (f"duration_{source}", f"undercount_{source}"):
+            if name in posterior and posterior[name].ndim == 2:
+                out = out + np.log(stack_samples(posterior[name]))
+        return out
 
     def _pair_values(
         self, data: xr.Dataset, origin_idx: np.ndarray, dest_idx: np.ndarray
@@ -662,6 +829,7 @@ class FlowModel(abc.ABC):
         seed: int = 0,
         dtype: Any = np.float64,
         progress: Any = None,
+        period: str | None = None,
     ) -> xr.Dataset:
         """Summary of predicted flows for every (origin, destination) pair of ``data``.
 
@@ -697,6 +865,11 @@ class FlowModel(abc.ABC):
             Float type of the draws inside a block (float32 halves memory).
         progress
             Show a progress bar over blocks (default: when interactive).
+        period
+            Models with periods only: the period to predict (a label, e.g.
+            ``"2015-2020"``; default the latest latent period). The flows are the
+            moves over that window; trends and walks are drawn there, so the
+            intervals widen with its distance from the observed windows.
 
         Returns
         -------
@@ -725,6 +898,7 @@ class FlowModel(abc.ABC):
             seed=seed,
             dtype=dtype,
             progress=progress,
+            period=period,
         )
 
     def predict_posterior(
@@ -736,6 +910,7 @@ class FlowModel(abc.ABC):
         exposure: str | None = None,
         seed: int = 0,
         use_dask: bool | None = None,
+        period: str | None = None,
     ) -> xr.DataArray:
         """Posterior draws of flows for every pair of ``data``.
 
@@ -748,7 +923,14 @@ class FlowModel(abc.ABC):
         from flowmodel.predict import flow_draws
 
         return flow_draws(
-            self, data, draws=draws, kind=kind, exposure=exposure, seed=seed, use_dask=use_dask
+            self,
+            data,
+            draws=draws,
+            kind=kind,
+            exposure=exposure,
+            seed=seed,
+            use_dask=use_dask,
+            period=period,
         )
 
     def predict_totals(
@@ -923,20 +1105,13 @@ class FlowModel(abc.ABC):
                 "kind='predictive')"
             )
         rng = np.random.default_rng(seed)
-        params = self.field.prediction_params(draws, data, state["latent"], rng=rng)
-        feats = self._features(data)
-
-        def log_rate(oi: np.ndarray, dj: np.ndarray) -> np.ndarray:
-            return self.field.log_rate(
-                params, feats, oi, dj, self.field.pair_values(data, oi, dj, state["latent"])
-            )
-
+        log_rate = self._cell_log_rate(draws, data, state, rng)
         pred, observed = {}, {}
         shape = (draws.sizes["chain"], draws.sizes["draw"])
         for obs in self._observation_models(data):
             if obs.kind == "estimates":
                 continue
-            cells = obs.cells(data)
+            cells = self._windowed(data, obs.cells(data))
             exact = np.flatnonzero(cells.observed)
             keep = cells if cells.aggregated else cells.subset(cells.observed)
             log_mu = obs.cell_log_mu(draws, data, keep, log_rate)
@@ -975,22 +1150,13 @@ class FlowModel(abc.ABC):
         """
         posterior = self.posterior
         state = self.fit_meta
-        params = self.field.prediction_params(
-            posterior, data, state["latent"], rng=np.random.default_rng(0)
-        )
-        feats = self._features(data)
-
-        def log_rate(oi: np.ndarray, dj: np.ndarray) -> np.ndarray:
-            return self.field.log_rate(
-                params, feats, oi, dj, self.field.pair_values(data, oi, dj, state["latent"])
-            )
-
+        log_rate = self._cell_log_rate(posterior, data, state, np.random.default_rng(0))
         blocks, ys, labels = [], [], {"source": [], "origin": [], "destination": [], "period": []}
         periods = (
             np.asarray(data["period"].values).astype(str) if "period" in data.coords else None
         )
         for obs in self._fitted_observations(data):
-            cells = obs.cells(data)
+            cells = self._windowed(data, obs.cells(data))
             blocks.append(obs.pointwise(posterior, data, cells, log_rate))
             ys.append(cells.y)
             labels["source"].append(np.full(cells.n, obs.source))
@@ -1118,6 +1284,28 @@ class FlowModel(abc.ABC):
         model.fit_meta = json.loads(attrs.get("flowmodel_fit_meta", "{}"))
         model._idata = tree
         return model
+
+
+def _observed_periods(data: xr.Dataset, observations: Sequence[ObservationModel]) -> xr.Dataset:
+    """Return ``data`` with only the periods in which some fitted source has a cell.
+
+    A held-out round, or the census windows in a CDR source's ``period`` dim, are
+    not periods of that source: they carry no CDR period effect and no latent rows.
+    """
+    if "period" not in data.dims:
+        return data
+    keep = np.zeros(data.sizes["period"], dtype=bool)
+    for obs in observations:
+        for prefix in ("flow", "estimate"):
+            for suffix in ("", "_max"):
+                var = data.get(f"{prefix}_{obs.source}{suffix}")
+                if var is None or "period" not in var.dims:
+                    continue
+                other = [d for d in var.dims if d != "period"]
+                keep |= np.asarray(var.notnull().any(other).values, dtype=bool)
+    if keep.all() or not keep.any():
+        return data
+    return data.isel(period=np.flatnonzero(keep))
 
 
 def load_model(path: str | os.PathLike[str]) -> FlowModel:

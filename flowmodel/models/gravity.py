@@ -19,7 +19,7 @@ import xarray as xr
 
 from flowmodel.exceptions import ModelConfigError
 from flowmodel.models.base import FlowModel
-from flowmodel.models.latent import CONSTRAINTS, GravityField
+from flowmodel.models.latent import CONSTRAINTS, GravityField, TemporalGravityField
 from flowmodel.models.likelihoods import LIKELIHOODS
 from flowmodel.models.observations import (
     ConstrainedCountObservation,
@@ -97,6 +97,15 @@ class GravityModel(FlowModel):
         when countries have many observed pairs. ``"auto"`` (default): centred
         for NUTS, non-centred for Laplace, ADVI and MAP, whose Gaussian sits at
         the joint mode — which a centred hierarchy has at ``sigma_country -> 0``.
+    temporal
+        None (one period: the window of the data) or the options of a field with
+        periods (:class:`~flowmodel.models.latent.TemporalGravityField`, see
+        ``docs/nowcast.md``): ``periods`` (latent period labels; default from the
+        observed windows), ``trend`` (``"rw"``, ``"ar1"`` or ``"none"``: the
+        origin country's trend), ``pair_effect`` (a shrunk effect per observed pair,
+        shared by every period), ``pair_walk``, ``unit_trends`` (origin and
+        destination random walks), ``covariates`` (``"by_period"`` or ``"fixed"``),
+        ``noncentered``; True takes the defaults. Unconstrained only.
     source
         Which ``flow_<source>`` to fit (default: the only one).
     priors, sampler_config
@@ -130,6 +139,7 @@ class GravityModel(FlowModel):
         country_effects: bool = True,
         country_slopes: Sequence[str] = (),
         noncentered: bool | str = "auto",
+        temporal: Mapping[str, Any] | bool | None = None,
         source: str | None = None,
         priors: Mapping[str, PriorSpec] | None = None,
         sampler_config: Mapping[str, Any] | None = None,
@@ -147,6 +157,7 @@ class GravityModel(FlowModel):
             country_effects=bool(country_effects),
             country_slopes=list(country_slopes),
             noncentered=noncentered if noncentered == "auto" else bool(noncentered),
+            temporal=_temporal(temporal),
             source=source,
         )
 
@@ -161,7 +172,10 @@ class GravityModel(FlowModel):
         return self.model_config["constraint"]
 
     def _latent_field(self) -> GravityField:
-        return GravityField(**{k: self.model_config[k] for k in GravityField.default_config})
+        config = {k: self.model_config[k] for k in GravityField.default_config}
+        if config.get("temporal") is not None:
+            return TemporalGravityField(**config)
+        return GravityField(**config)
 
     def _observation_models(self, data: xr.Dataset) -> list[ObservationModel]:
         source = self._source(data)
@@ -190,3 +204,17 @@ def _names(values: Sequence[str], key: str) -> list[str]:
             f"{key} must be a list of names, got the string {values!r}; Fix: {key}=[{values!r}]"
         )
     return [str(v) for v in values]
+
+
+def _temporal(value: Mapping[str, Any] | bool | None) -> dict[str, Any] | None:
+    """``temporal=`` as stored in the model config: None, or a dict of options."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ModelConfigError(
+            f"temporal={value!r}: expected a table of options (periods, trend, pair_effect, "
+            "unit_trends), True or None. Fix: e.g. temporal={'trend': 'rw'}"
+        )
+    return {str(k): (list(v) if k == "periods" and v is not None else v) for k, v in value.items()}

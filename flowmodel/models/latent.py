@@ -43,6 +43,7 @@ __all__ = [
     "LatentPairs",
     "LatentTerm",
     "RadiationField",
+    "TemporalGravityField",
     "intervening_rows",
     "pair_values",
     "radiation_log_probability",
@@ -67,10 +68,18 @@ class Features:
 
 @dataclass
 class LatentPairs:
-    """Latent pairs as positions into ``data.unit`` (dim ``pair``)."""
+    """Latent pairs as positions into ``data.unit`` (dim ``pair``).
+
+    A field with periods (:class:`TemporalGravityField`) has one latent row per
+    (pair, period): ``period_idx`` gives each row's position in ``periods`` (the
+    latent period labels, in time order). A field without periods is the special
+    case of one period (both None).
+    """
 
     origin_idx: np.ndarray
     dest_idx: np.ndarray
+    period_idx: np.ndarray | None = None
+    periods: list[str] | None = None
 
     @property
     def n(self) -> int:
@@ -209,6 +218,15 @@ class LatentField(abc.ABC):
         """Priors derived from the data (between defaults and the user's)."""
         return {}
 
+    def default_priors(self) -> dict[str, Any]:
+        """Default priors of nodes the field adds beyond the shared defaults."""
+        return {}
+
+    @property
+    def temporal(self) -> dict[str, Any] | None:
+        """The field's temporal structure (periods), or None for a single-period field."""
+        return None
+
     @abc.abstractmethod
     def fit_state(self, data: xr.Dataset, pairs: LatentPairs) -> dict[str, Any]:
         """Fit-derived constants of the field for ``pairs`` (JSON-able, computed once)."""
@@ -337,6 +355,7 @@ class GravityField(LatentField):
         "country_effects": True,
         "country_slopes": [],
         "noncentered": "auto",
+        "temporal": None,
     }
 
     @override
@@ -344,6 +363,11 @@ class GravityField(LatentField):
         self._choice("cost_func", ("pow", "exp"), "GravityModel")
         self._choice("constraint", CONSTRAINTS, "GravityModel")
         self._choice("noncentered", (True, False, "auto"), "GravityModel")
+        if self.config.get("temporal") is not None and type(self) is GravityField:
+            raise ModelConfigError(
+                "GravityField has no periods; Fix: use TemporalGravityField (GravityModel("
+                "temporal={...}) picks it)"
+            )
 
     @property
     def constraint(self) -> str:
@@ -433,6 +457,12 @@ class GravityField(LatentField):
             return np.zeros((len(origin_idx), 0))
         return np.column_stack(cols)
 
+    def design(self, data: xr.Dataset, pairs: LatentPairs, terms: Sequence[str]) -> np.ndarray:
+        """Raw term values ``(row, term)`` of the latent rows ``pairs``."""
+        feats = self.features(data)
+        pvals = self.pair_values(data, pairs.origin_idx, pairs.dest_idx, {"terms": list(terms)})
+        return self.term_matrix(terms, feats, pairs.origin_idx, pairs.dest_idx, pvals)
+
     def data_priors(self, data: xr.Dataset, reference: Any) -> dict[str, Any]:
         """Centre the intercept on the log observed rate of the reference source."""
         if reference is None:
@@ -448,8 +478,7 @@ class GravityField(LatentField):
         """Terms, their means and sds over ``pairs``, the countries with effects."""
         feats = self.features(data)
         terms = self.candidate_terms()
-        pvals = self.pair_values(data, pairs.origin_idx, pairs.dest_idx, {"terms": terms})
-        X = self.term_matrix(terms, feats, pairs.origin_idx, pairs.dest_idx, pvals)
+        X = self.design(data, pairs, terms)
         means, sds = [], []
         for k, term in enumerate(terms):
             col = X[:, k]
@@ -538,8 +567,7 @@ class GravityField(LatentField):
         means = np.asarray(state["term_mean"], dtype=float)
         sds = np.asarray(state["term_sd"], dtype=float)
         feats = self.features(data)
-        pvals = self.pair_values(data, pairs.origin_idx, pairs.dest_idx, state)
-        X = self.term_matrix(terms, feats, pairs.origin_idx, pairs.dest_idx, pvals)
+        X = self.design(data, pairs, terms)
         Xs = (X - means) / sds if len(terms) else X
         countries = list(state["countries"])
         use_ce = self._has_country_effects(countries)
@@ -972,8 +1000,562 @@ class RadiationField(LatentField):
         return np.log(params["tau_unit"][:, origin_idx]) + np.log(mi)[None, :] + logp
 
 
+# ============================================================================ periods
+#: Options of the temporal structure of :class:`TemporalGravityField` and their defaults.
+TEMPORAL_DEFAULTS: dict[str, Any] = {
+    "periods": None,
+    "trend": "rw",
+    "pair_effect": True,
+    "pair_walk": False,
+    "unit_trends": True,
+    "noncentered": "pairs",
+    "covariates": "by_period",
+}
+#: Kinds of the country trend.
+TRENDS = ("rw", "ar1", "none")
+#: Default priors of the temporal nodes (scales are per year, or per sqrt(year) for walks).
+TEMPORAL_PRIORS: dict[str, dict[str, Any]] = {
+    # sd of the pair effects: how far a corridor sits above or below the gravity surface
+    # (log scale); a gravity fit's residual sd is typically 0.5-1.5
+    "sigma_pair": {"dist": "HalfNormal", "sigma": 1.5},
+    # walk scales are per sqrt(year), LogNormal: few countries and few rounds inform them
+    # little, so the prior decides how fast intervals widen; a LogNormal is Gaussian on the
+    # log scale where Laplace approximates it (a HalfNormal's long log-scale tail made
+    # Laplace draws of a barely informed trend scale explode the forecast mean).
+    # Country trend: median 0.05 (a decade moves a country's level by ~16%, one sd),
+    # 95% prior interval 0.011-0.22
+    "sigma_trend": {"dist": "LogNormal", "mu": float(np.log(0.05)), "sigma": 0.75},
+    # AR(1) coefficient per year of an "ar1" trend (mean 0.8; a decade keeps ~0.1 of a shock)
+    "trend_rho": {"dist": "Beta", "alpha": 8.0, "beta": 2.0},
+    # origin and destination unit walks (a unit's out- or in-migration drifting apart
+    # from its country's): same prior
+    "sigma_origin_trend": {"dist": "LogNormal", "mu": float(np.log(0.05)), "sigma": 0.75},
+    # pair walk: a corridor's own drift (per sqrt(year)), beside the shared pair effect
+    "sigma_pair_walk": {"dist": "LogNormal", "mu": float(np.log(0.05)), "sigma": 0.75},
+    "sigma_destination_trend": {"dist": "LogNormal", "mu": float(np.log(0.05)), "sigma": 0.75},
+}
+
+
+@dataclass
+class PeriodFeatures(Features):
+    """Unit inputs of a temporal field: ``slots[k]`` holds the covariates at slot ``k``'s time."""
+
+    slots: list[Features] = field(default_factory=list)
+
+
+def _walk_at(
+    states: np.ndarray,
+    times: np.ndarray,
+    time: float,
+    sigma: np.ndarray,
+    rho: np.ndarray | None,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Draw a random walk (``rho`` None) or AR(1) process ``(S, K)`` at ``time``.
+
+    ``states`` ``(S, K, T)`` are the process at the fitted ``times``: the value at a
+    fitted time is returned as is; between two fitted times it is drawn from the
+    bridge (conditional on both neighbours); before the first or after the last
+    it is propagated from the nearest (variance growing with the gap).
+    """
+    n_s, n_k, _ = states.shape
+    hit = np.flatnonzero(np.abs(times - time) < 1e-9)
+    if hit.size:
+        return states[:, :, int(hit[0])].copy()
+    z = rng.standard_normal((n_s, n_k))
+    sig2 = (sigma**2)[:, None]
+    if rho is None:
+
+        def step(x: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
+            return x, sig2 * gap * np.ones_like(x)
+
+    else:
+        r = np.asarray(rho, dtype=float)[:, None]
+        stat = sig2 / (1.0 - r**2)
+
+        def step(x: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
+            phi = r**gap
+            return phi * x, stat * (1.0 - phi**2) * np.ones_like(x)
+
+    if time > times[-1]:
+        mean, var = step(states[:, :, -1], time - times[-1])
+    elif time < times[0]:
+        mean, var = step(states[:, :, 0], times[0] - time)
+    else:
+        k1 = int(np.searchsorted(times, time))
+        k0 = k1 - 1
+        a, b = time - times[k0], times[k1] - time
+        left_mean, left_var = step(states[:, :, k0], a)
+        if rho is None:
+            g = a + b
+            mean = states[:, :, k0] + a / g * (states[:, :, k1] - states[:, :, k0])
+            var = sig2 * a * b / g * np.ones_like(mean)
+        else:
+            phi_b = np.asarray(rho, dtype=float)[:, None] ** b
+            _, right_var = step(np.zeros_like(left_mean), b)
+            prec = 1.0 / left_var + phi_b**2 / right_var
+            var = 1.0 / prec
+            mean = var * (left_mean / left_var + phi_b * states[:, :, k1] / right_var)
+    return mean + np.sqrt(np.maximum(var, 0.0)) * z
+
+
+class TemporalGravityField(GravityField):
+    r"""Gravity field with periods: the log rate of moves per year in each latent period.
+
+    :math:`\eta_{ijt}` is the log of the expected moves per year from :math:`i` to
+    :math:`j` during latent period :math:`t`:
+
+    .. math::
+
+        \eta_{ijt} = \alpha + \gamma_{c(i)} + \sum_k \beta_k \tilde x_{k,ijt} + u_{ij}
+            + \tau_{c(i),t} + o_{i,t} + d_{j,t}
+
+    - :math:`\tilde x_{k,ijt}`: the gravity terms with unit covariates at the period's
+      midpoint (``<var>_by_date`` interpolated log-linearly, see
+      :mod:`flowmodel.periods`; a covariate held once is the same in every period),
+      standardised over the latent rows;
+    - :math:`u_{ij} \sim N(0, \sigma_{\text{pair}}^2)`: the **pair effect**, shared by
+      every period, one per pair observed in some period (``pair_effect``): the old
+      census's corridors carry forward; a pair never observed gets a fresh draw;
+    - :math:`\tau_{c,t}`: the **country trend** of the origin country (``trend``):
+      ``"rw"`` a random walk over the period midpoints anchored at 0 in the first
+      period, steps :math:`N(0, \sigma_{\text{trend}}^2\,\Delta)` for a gap of
+      :math:`\Delta` years (irregular census rounds: the variance scales with the
+      gap); ``"ar1"`` a stationary AR(1) with coefficient :math:`\rho` per year
+      (:math:`\tau_{t+\Delta} = \rho^\Delta \tau_t + N(0, s^2(1-\rho^{2\Delta}))`,
+      :math:`s^2 = \sigma_{\text{trend}}^2/(1-\rho^2)`); ``"none"``;
+    - :math:`o_{i,t}, d_{j,t}`: origin and destination **unit walks** (``unit_trends``),
+      random walks like the trend, one per unit of a latent pair.
+
+    Predictions for a period that is not a latent period draw the trends and walks
+    there (the bridge between two fitted periods, or propagated from the nearest one),
+    so intervals widen with the distance from the last observed window.
+
+    Parameters
+    ----------
+    temporal
+        ``periods`` (latent period labels; default: from the observed windows, see
+        :func:`flowmodel.periods.latent_periods`), ``trend`` (``"rw"``, ``"ar1"``,
+        ``"none"``), ``pair_effect`` (bool), ``pair_walk`` (bool: each observed pair's
+        effect also walks, so the latest round weighs more for it), ``unit_trends``
+        (bool), ``noncentered``
+        (``"pairs"``: pair effects as ``sigma_pair * z``, walk steps centred — the
+        default, for every backend; True: walk steps too; False: neither).
+    **config
+        The options of :class:`GravityField` (unconstrained only).
+    """
+
+    @override
+    def validate(self) -> None:
+        super().validate()
+        spec = self.config.get("temporal")
+        if spec is True:
+            spec = {}
+        if not isinstance(spec, Mapping):
+            raise ModelConfigError(
+                f"temporal={spec!r}: expected a table of options {sorted(TEMPORAL_DEFAULTS)} "
+                "(or True for the defaults). Fix: e.g. temporal={'trend': 'rw'}"
+            )
+        unknown = sorted(set(spec) - set(TEMPORAL_DEFAULTS))
+        if unknown:
+            raise ModelConfigError(
+                f"temporal: unknown option(s) {unknown}; valid options are "
+                f"{sorted(TEMPORAL_DEFAULTS)}"
+            )
+        merged = TEMPORAL_DEFAULTS | dict(spec)
+        if merged["noncentered"] not in (True, False, "pairs"):
+            raise ModelConfigError(
+                f"temporal: noncentered={merged['noncentered']!r} is not valid; use 'pairs', "
+                "True or False"
+            )
+        if merged["covariates"] not in ("by_period", "fixed"):
+            raise ModelConfigError(
+                f"temporal: covariates={merged['covariates']!r} is not valid; use 'by_period' "
+                "(dated covariates at each period's midpoint) or 'fixed' (the static values)"
+            )
+        if merged["trend"] not in TRENDS:
+            raise ModelConfigError(
+                f"temporal: trend={merged['trend']!r} is not valid; use one of {list(TRENDS)}"
+            )
+        if merged["periods"] is not None:
+            from flowmodel.periods import parse_period
+
+            merged["periods"] = [parse_period(p).label for p in merged["periods"]]
+        if self.constraint != "none":
+            raise ModelConfigError(
+                f"temporal: constraint={self.constraint!r} conditions on one round's margins; "
+                "a model with periods needs constraint='none'"
+            )
+        self._temporal = merged
+
+    @property
+    @override
+    def temporal(self) -> dict[str, Any]:
+        return dict(self._temporal)
+
+    @override
+    def nodes(self, data: xr.Dataset | None = None) -> list[str]:
+        nodes = super().nodes(data)
+        opts = self._temporal
+        if opts["pair_effect"]:
+            nodes.append("sigma_pair")
+        if opts["pair_effect"] and opts["pair_walk"]:
+            nodes.append("sigma_pair_walk")
+        if opts["trend"] != "none":
+            nodes.append("sigma_trend")
+        if opts["trend"] == "ar1":
+            nodes.append("trend_rho")
+        if opts["unit_trends"]:
+            nodes += ["sigma_origin_trend", "sigma_destination_trend"]
+        return nodes
+
+    @override
+    def summary_vars(self) -> list[str]:
+        return [
+            *super().summary_vars(),
+            "sigma_pair",
+            "sigma_trend",
+            "trend_rho",
+            "sigma_origin_trend",
+            "sigma_destination_trend",
+        ]
+
+    @override
+    def default_priors(self) -> dict[str, Any]:
+        return dict(TEMPORAL_PRIORS)
+
+    # ------------------------------------------------------------------ covariates
+    def features_at(self, data: xr.Dataset, times: Sequence[float | None]) -> PeriodFeatures:
+        """Return the unit covariates at each of ``times`` (decimal years; None: static)."""
+        from flowmodel.periods import covariate_at
+
+        base = self.features(data)
+        if self._temporal["covariates"] == "fixed":
+            times = [None] * len(times)
+        slots = []
+        for time in times:
+            values = {}
+            for name, static in base.unit_values.items():
+                at = covariate_at(data, name, time)
+                values[name] = static if at is None else at
+            slots.append(Features(unit=base.unit, country=base.country, unit_values=values))
+        return PeriodFeatures(
+            unit=base.unit, country=base.country, unit_values=base.unit_values, slots=slots
+        )
+
+    @staticmethod
+    def _times(periods: Sequence[str]) -> list[float]:
+        from flowmodel.periods import parse_period
+
+        return [parse_period(p).midpoint for p in periods]
+
+    @override
+    def design(self, data: xr.Dataset, pairs: LatentPairs, terms: Sequence[str]) -> np.ndarray:
+        periods = pairs.periods or [None]
+        times = self._times(pairs.periods) if pairs.periods else [None]
+        feats = self.features_at(data, times)
+        t = pairs.period_idx if pairs.period_idx is not None else np.zeros(pairs.n, dtype=int)
+        pvals = self.pair_values(data, pairs.origin_idx, pairs.dest_idx, {"terms": list(terms)})
+        X = np.empty((pairs.n, len(terms)))
+        for k in range(len(periods)):
+            rows = np.flatnonzero(t == k)
+            if rows.size == 0:
+                continue
+            X[rows] = self.term_matrix(
+                terms,
+                feats.slots[k],
+                pairs.origin_idx[rows],
+                pairs.dest_idx[rows],
+                {name: v[rows] for name, v in pvals.items()},
+            )
+        return X
+
+    # ------------------------------------------------------------------ build
+    @override
+    def fit_state(self, data: xr.Dataset, pairs: LatentPairs) -> dict[str, Any]:
+        if not pairs.periods:
+            raise ModelConfigError(
+                "TemporalGravityField.fit_state needs latent pairs with periods "
+                "(LatentPairs(..., period_idx=..., periods=[...]))"
+            )
+        state = super().fit_state(data, pairs)
+        units = np.asarray(data["unit"].values).astype(str)
+        country = np.asarray(data["country"].values).astype(str)
+        state.update(
+            periods=list(pairs.periods),
+            times=self._times(pairs.periods),
+            temporal=self.temporal,
+            trend_countries=sorted(set(country[pairs.origin_idx])),
+            origin_units=units[np.unique(pairs.origin_idx)].tolist(),
+            destination_units_trend=units[np.unique(pairs.dest_idx)].tolist(),
+            n_latent_pairs=len(np.unique(pairs.origin_idx * len(units) + pairs.dest_idx)),
+        )
+        return state
+
+    def _walk(
+        self,
+        name: str,
+        dim: str,
+        labels: Sequence[str],
+        times: np.ndarray,
+        prior: PriorFactory,
+        *,
+        ar1: bool = False,
+    ) -> Any:
+        """Register a random walk (or AR(1)) ``name`` over (``dim``, ``latent_period``)."""
+        model = pm.modelcontext(None)
+        model.add_coords({dim: list(labels)})
+        sigma = prior(f"sigma_{name}")
+        n_t = len(times)
+        if not ar1 and n_t == 1:
+            # one period: the walk is at its anchor; sigma keeps its prior for predictions
+            walk = pt.zeros((len(labels), 1))
+        elif not ar1:
+            scale = sigma * np.sqrt(np.diff(times))[None, :]
+            steps = self._effect(f"{name}_step", scale, (dim, "latent_step"))
+            walk = pt.concatenate([pt.zeros((len(labels), 1)), pt.cumsum(steps, axis=1)], axis=1)
+        else:
+            rho = prior(f"{name}_rho")
+            stat = sigma / pt.sqrt(1.0 - rho**2)
+            phis = [rho ** float(times[k] - times[k - 1]) for k in range(1, n_t)]
+            scale = pt.stack([stat, *(stat * pt.sqrt(1.0 - phi**2) for phi in phis)])
+            innovations = self._effect(
+                f"{name}_innovation", scale[None, :], (dim, "latent_period")
+            )
+            cols = [innovations[:, 0]]
+            for k in range(1, n_t):
+                cols.append(phis[k - 1] * cols[-1] + innovations[:, k])
+            walk = pt.stack(cols, axis=1)
+        return pm.Deterministic(name, walk, dims=(dim, "latent_period"))
+
+    def _effect(self, name: str, scale: Any, dims: tuple[str, ...]) -> Any:
+        """Register effects ``N(0, scale)`` over ``dims``: centred, or ``scale * z`` (non-centred).
+
+        ``noncentered``: ``"pairs"`` (default) makes the pair effects non-centred and the
+        walks centred, True both, False neither. A pair effect rests on one pair's few
+        (often small) counts: centred, the joint mode collapses to ``sigma_pair = 0``,
+        which Laplace and MAP cannot use. A walk step rests on a whole unit's or
+        country's counts: centred, its scale's mode is the data's; non-centred, the
+        joint mode of the scale is pushed up by its prior (wider forecasts).
+        """
+        opt = self._temporal["noncentered"]
+        if opt is True or (opt == "pairs" and name.startswith("pair_")):
+            z = pm.Normal(f"{name}_z", 0.0, 1.0, dims=dims)
+            return scale * z
+        return pm.Normal(name, 0.0, scale, dims=dims)
+
+    @override
+    def add(self, data, pairs, state, prior):
+        """Gravity terms with period covariates, plus pair effects, trends and unit walks."""
+        term = super().add(data, pairs, state, prior)
+        opts = self._temporal
+        model = pm.modelcontext(None)
+        periods = list(state["periods"])
+        times = np.asarray(state["times"], dtype=float)
+        n_t = len(periods)
+        model.add_coords({"latent_period": periods})
+        if n_t > 1:
+            model.add_coords({"latent_step": periods[1:]})
+        t = pairs.period_idx if pairs.period_idx is not None else np.zeros(pairs.n, dtype=int)
+        units = np.asarray(data["unit"].values).astype(str)
+        country = np.asarray(data["country"].values).astype(str)
+        eta = term.eta
+        pieces: list[tuple[np.ndarray, int, Any]] = []
+        if opts["pair_effect"]:
+            n = len(units)
+            keys, pidx = np.unique(pairs.origin_idx * n + pairs.dest_idx, return_inverse=True)
+            labels = [f"{units[k // n]}>{units[k % n]}" for k in keys]
+            model.add_coords({"latent_pair": labels})
+            sigma = prior("sigma_pair")
+            u = self._effect("pair_effect", sigma, ("latent_pair",))
+            if self._temporal["noncentered"] in (True, "pairs"):
+                u = pm.Deterministic("pair_effect", u, dims="latent_pair")
+            eta = eta + u[pidx]
+            pieces.append((pidx, len(keys), u))
+            if opts["pair_walk"]:
+                walk = self._walk("pair_walk", "latent_pair", labels, times, prior)
+                eta = eta + walk[pidx, t]
+                pieces.append((pidx * n_t + t, len(keys) * n_t, walk.flatten()))
+        if opts["trend"] != "none":
+            countries = list(state["trend_countries"])
+            tau = self._walk(
+                "trend", "trend_country", countries, times, prior, ar1=opts["trend"] == "ar1"
+            )
+            cidx = np.searchsorted(countries, country[pairs.origin_idx])
+            eta = eta + tau[cidx, t]
+            pieces.append((cidx * n_t + t, len(countries) * n_t, tau.flatten()))
+        if opts["unit_trends"]:
+            for side, idx, key in (
+                ("origin", pairs.origin_idx, "origin_units"),
+                ("destination", pairs.dest_idx, "destination_units_trend"),
+            ):
+                ids = list(state[key])
+                walk = self._walk(f"{side}_trend", f"{side}_trend_unit", ids, times, prior)
+                uidx = unit_positions_in(units[idx], ids)
+                eta = eta + walk[uidx, t]
+                pieces.append((uidx * n_t + t, len(ids) * n_t, walk.flatten()))
+        base_linear = term.linear
+
+        def linear(w: np.ndarray) -> Any:
+            w = np.asarray(w, dtype=float)
+            out = base_linear(w) if base_linear is not None else pt.dot(w, term.eta)
+            for index, size, coef in pieces:
+                out = out + pt.dot(np.bincount(index, weights=w, minlength=size), coef)
+            return out
+
+        return LatentTerm(eta=eta, linear=linear)
+
+    # ------------------------------------------------------------------ prediction
+    @override
+    def prediction_params(self, posterior, data, state, *, rng, periods=None):
+        """Posterior draws at ``periods`` (labels; default the fitted latent periods).
+
+        Each requested period is a *slot* of the log rate: the trends and walks are
+        taken at the fitted value, drawn on the bridge between two fitted periods,
+        or propagated beyond the first or last one.
+        """
+        from flowmodel.periods import parse_period
+
+        params = super().prediction_params(posterior, data, state, rng=rng)
+        opts = dict(state.get("temporal") or self._temporal)
+        fitted = list(state["periods"])
+        slots = list(fitted if periods is None else [parse_period(p).label for p in periods])
+        slot_times = np.asarray(self._times(slots))
+        times = np.asarray(state["times"], dtype=float)
+        params["slots"] = slots
+        params["slot_times"] = slot_times
+        units = np.asarray(data["unit"].values).astype(str)
+        country = np.asarray(data["country"].values).astype(str)
+        n_samples = params["beta"].shape[0]
+        n = len(units)
+
+        def process(name: str, dim: str, keys: np.ndarray, ar1: bool) -> np.ndarray | None:
+            """``(S, len(keys), slot)`` of walk ``name``; keys the fit never saw start fresh."""
+            if name not in posterior:
+                return None
+            var = posterior[name].transpose("chain", "draw", dim, "latent_period")
+            fitted_keys = list(var[dim].values.astype(str))
+            states = np.asarray(var.values, dtype=float).reshape(n_samples, len(fitted_keys), -1)
+            sigma = stack_samples(posterior[f"sigma_{name}"])
+            rho = stack_samples(posterior[f"{name}_rho"]) if ar1 else None
+            out = np.empty((n_samples, len(keys), len(slots)))
+            pos = pd.Series(np.arange(len(fitted_keys)), index=fitted_keys).reindex(keys)
+            known = pos.notna().to_numpy()
+            for k, time in enumerate(slot_times):
+                at = _walk_at(states, times, float(time), sigma, rho, rng)
+                out[:, known, k] = at[:, pos[known].to_numpy().astype(int)]
+                if (~known).any():
+                    # a unit or country the fit never saw: its own walk from the anchor
+                    m = int((~known).sum())
+                    if ar1:
+                        sd = (sigma / np.sqrt(1.0 - rho**2))[:, None]
+                    else:
+                        sd = sigma[:, None] * np.sqrt(abs(float(time) - times[0]))
+                    out[:, ~known, k] = rng.standard_normal((n_samples, m)) * sd
+            return out
+
+        trend = process("trend", "trend_country", country, opts["trend"] == "ar1")
+        if trend is not None:
+            params["trend_unit"] = trend
+        for side in ("origin", "destination"):
+            walk = process(f"{side}_trend", f"{side}_trend_unit", units, False)
+            if walk is not None:
+                params[f"{side}_trend_unit"] = walk
+        if "pair_effect" in posterior:
+            u = posterior["pair_effect"]
+            labels = np.asarray(u["latent_pair"].values).astype(str)
+            split = np.array([lab.split(">", 1) for lab in labels])
+            o_pos = pd.Series(np.arange(n), index=units).reindex(split[:, 0]).to_numpy()
+            d_pos = pd.Series(np.arange(n), index=units).reindex(split[:, 1]).to_numpy()
+            ok = ~(np.isnan(o_pos) | np.isnan(d_pos))
+            keys = o_pos[ok].astype(np.int64) * n + d_pos[ok].astype(np.int64)
+            params["pair_lookup"] = pd.Series(np.flatnonzero(ok), index=keys)
+            params["pair_effect"] = stack_samples(u)
+            params["sigma_pair"] = stack_samples(posterior["sigma_pair"])
+            if int(posterior.attrs.get("approximate", 0)):
+                # Laplace / ADVI / MAP: the joint mode of the non-centred sigma_pair is set
+                # by its prior, not the data; a new pair takes the spread of the fitted ones
+                params["sigma_pair"] = np.sqrt(np.mean(params["pair_effect"] ** 2, axis=1))
+            params["pair_seed"] = int(rng.integers(2**62))
+            params["n_units"] = n
+        if "pair_walk" in posterior:
+            var = posterior["pair_walk"].transpose("chain", "draw", "latent_pair", "latent_period")
+            states = np.asarray(var.values, dtype=float).reshape(n_samples, var.shape[2], -1)
+            sigma = stack_samples(posterior["sigma_pair_walk"])
+            params["pair_walk"] = np.stack(
+                [_walk_at(states, times, float(tm), sigma, None, rng) for tm in slot_times],
+                axis=2,
+            )
+            params["sigma_pair_walk"] = sigma
+            params["walk_gap"] = np.abs(slot_times - times[0])
+        return params
+
+    def _pair_draws(
+        self, params: Mapping[str, Any], oi: np.ndarray, dj: np.ndarray, slot: int = 0
+    ) -> np.ndarray:
+        """``(S, row)`` pair effects (+ pair walk at ``slot``): fitted, or drawn for new pairs.
+
+        A never-observed pair gets ``N(0, sigma_pair)`` (and its walk ``N(0,
+        sigma_pair_walk^2 * years from the first period)``) from a stream per origin
+        unit, so the draws do not depend on how rows are blocked.
+        """
+        n = int(params["n_units"])
+        u = params["pair_effect"]
+        walk = params.get("pair_walk")
+        cols = params["pair_lookup"].reindex(oi.astype(np.int64) * n + dj).to_numpy()
+        known = ~np.isnan(cols)
+        out = np.empty((u.shape[0], len(oi)))
+        out[:, known] = u[:, cols[known].astype(np.int64)]
+        if walk is not None:
+            out[:, known] += walk[:, cols[known].astype(np.int64), slot]
+        if (~known).any():
+            sigma = params["sigma_pair"][:, None]
+            for origin in np.unique(oi[~known]):
+                rows = np.flatnonzero(~known & (oi == origin))
+                g = np.random.default_rng([params["pair_seed"], int(origin)])
+                z = g.standard_normal((u.shape[0], n))
+                out[:, rows] = z[:, dj[rows]] * sigma
+                if walk is not None:
+                    zw = g.standard_normal((u.shape[0], n))
+                    sd = params["sigma_pair_walk"][:, None] * np.sqrt(params["walk_gap"][slot])
+                    out[:, rows] += zw[:, dj[rows]] * sd
+        return out
+
+    @override
+    def log_rate(self, params, features, origin_idx, dest_idx, pair_vals, period_idx=None):
+        """``(sample, row)`` log rates; ``period_idx`` gives each row's slot (default slot 0)."""
+        origin_idx = np.asarray(origin_idx)
+        dest_idx = np.asarray(dest_idx)
+        t = np.zeros(len(origin_idx), dtype=int) if period_idx is None else np.asarray(period_idx)
+        slots = getattr(features, "slots", None) or [features]
+        out = np.empty((params["beta"].shape[0], len(origin_idx)))
+        for k in np.unique(t):
+            rows = np.flatnonzero(t == k)
+            oi, dj = origin_idx[rows], dest_idx[rows]
+            eta = super().log_rate(
+                params,
+                slots[int(k)] if len(slots) > 1 else slots[0],
+                oi,
+                dj,
+                {name: np.asarray(v)[rows] for name, v in pair_vals.items()},
+            )
+            if "trend_unit" in params:
+                eta = eta + params["trend_unit"][:, oi, k]
+            if "origin_trend_unit" in params:
+                eta = eta + params["origin_trend_unit"][:, oi, k]
+            if "destination_trend_unit" in params:
+                eta = eta + params["destination_trend_unit"][:, dj, k]
+            if "pair_effect" in params:
+                eta = eta + self._pair_draws(params, oi, dj, int(k))
+            out[:, rows] = eta
+        if "log_offset" in params:
+            out = out + np.reshape(params["log_offset"], (-1, 1))
+        return out
+
+
 #: Latent field classes by the preset's name (saved configs name them).
 LATENT_FIELDS: dict[str, type[LatentField]] = {
     "gravity": GravityField,
     "radiation": RadiationField,
+    "temporal_gravity": TemporalGravityField,
 }

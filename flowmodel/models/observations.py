@@ -74,6 +74,8 @@ __all__ = [
     "ObservationModel",
     "ObservedPairs",
     "read_cells",
+    "window_cells",
+    "window_of",
 ]
 
 #: Defaults of the CDR scaling nodes (suffixed ``_<source>`` for sources other than ``cdr``).
@@ -123,6 +125,12 @@ class Cells:
         ``(cell,)`` standard errors of published estimates, else None.
     cell_class
         ``(cell,)`` class of each report (e.g. an undercount class), else None.
+    latent_period
+        ``(member,)`` latent period of each member in a model with periods
+        (:func:`window_cells`), else None.
+    member_weight
+        ``(member,)`` years of the member's latent period inside the cell's window
+        (the latent field is a rate per year), else None.
     """
 
     origin_idx: np.ndarray
@@ -138,6 +146,8 @@ class Cells:
     destination_label: np.ndarray | None = None
     se: np.ndarray | None = None
     cell_class: np.ndarray | None = None
+    latent_period: np.ndarray | None = None
+    member_weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.lower is None:
@@ -200,6 +210,8 @@ class Cells:
             pick(self.destination_label),
             pick(self.se),
             pick(self.cell_class),
+            pick(self.latent_period),
+            pick(self.member_weight),
         )
 
 
@@ -381,6 +393,80 @@ def _aggregated_cells(data: xr.Dataset, source: str, prefix: str) -> Cells:
     )
 
 
+# ============================================================================= periods
+def cell_period_labels(data: xr.Dataset, cells: Cells) -> np.ndarray | None:
+    """``(cell,)`` label of the window each cell observes, or None when the source has none.
+
+    The cell's ``period`` (a period dim or ``cell_<source>_period``); for a source
+    without one, the ``period`` attribute of ``flow_<source>`` / ``estimate_<source>``
+    (``[flows.<source>] period`` in a run config).
+    """
+    if cells.period_idx is not None:
+        return np.asarray(data["period"].values).astype(str)[cells.period_idx]
+    source = cells.source.split(":", 1)[0]
+    for name in (f"flow_{source}", f"estimate_{source}"):
+        if name in data and data[name].attrs.get("period"):
+            return np.full(cells.n, str(data[name].attrs["period"]))
+    return None
+
+
+def window_cells(data: xr.Dataset, cells: Cells, periods: Sequence[Any]) -> Cells:
+    """Cells whose members are latent (pair, period) rows with their years in the window.
+
+    A cell observing the window ``[a, b)`` sums the latent flows (moves per year) of
+    every latent period its window overlaps, each times the years attributed to it
+    (:func:`flowmodel.periods.window_weights`): a five-year census window that is one
+    latent period is one member of weight 5; a month of phone data inside a latent
+    period one member of weight 1/12.
+
+    Parameters
+    ----------
+    periods
+        The latent periods (:class:`flowmodel.periods.Period`), in time order.
+
+    Raises
+    ------
+    ModelConfigError
+        When the source's cells carry no window (no period), or a window overlaps
+        no latent period.
+    """
+    from dataclasses import replace
+
+    from flowmodel.periods import parse_period, window_weights
+
+    labels = cell_period_labels(data, cells)
+    if labels is None:
+        raise ModelConfigError(
+            f"source '{cells.source}': a model with periods needs the window each cell "
+            f"observes, and flow_{cells.source} has no period. Fix: give the flow table a "
+            f"'period' column, or a run config [flows.{cells.source}] period = '2005-2010'"
+        )
+    maps = {lab: window_weights(parse_period(lab), periods) for lab in np.unique(labels)}
+    if not cells.aggregated and all(len(m) == 1 for m in maps.values()):
+        t = np.array([next(iter(maps[lab])) for lab in labels], dtype=np.int64)
+        w = np.array([next(iter(maps[lab].values())) for lab in labels], dtype=float)
+        return replace(cells, latent_period=t, member_weight=w)
+    member_cell = cells.member_cell if cells.aggregated else np.arange(cells.n, dtype=np.int64)
+    parts: list[tuple[np.ndarray, int, float]] = []
+    member_label = labels[member_cell]
+    for lab, weights in maps.items():
+        members = np.flatnonzero(member_label == lab)
+        parts += [(members, k, w) for k, w in weights.items()]
+    members = np.concatenate([m for m, _, _ in parts])
+    t = np.concatenate([np.full(len(m), k, dtype=np.int64) for m, k, _ in parts])
+    w = np.concatenate([np.full(len(m), wk) for m, _, wk in parts])
+    order = np.lexsort((t, members))
+    members, t, w = members[order], t[order], w[order]
+    return replace(
+        cells,
+        origin_idx=cells.origin_idx[members],
+        dest_idx=cells.dest_idx[members],
+        member_cell=member_cell[members],
+        latent_period=t,
+        member_weight=w,
+    )
+
+
 # ============================================================================== build
 class PriorFactory:
     """Creates nodes from the resolved priors inside ``build_model`` (``prior(name, dims=...)``).
@@ -411,12 +497,20 @@ class Build:
     union_dest: np.ndarray
     prior: PriorFactory
     phi: Any = None
+    union_period: np.ndarray | None = None
+    periods: Sequence[Any] | None = None
 
     def __post_init__(self) -> None:
         n = int(self.data.sizes["unit"])
-        self._lookup = pd.Series(
-            np.arange(len(self.union_origin)), index=self.union_origin * n + self.union_dest
-        )
+        key = self.union_origin * n + self.union_dest
+        if self.union_period is not None:
+            key = key * self.n_periods + self.union_period
+        self._lookup = pd.Series(np.arange(len(self.union_origin)), index=key)
+
+    @property
+    def n_periods(self) -> int:
+        """Number of latent periods (1 for a field without periods)."""
+        return len(self.periods) if self.periods else 1
 
     @property
     def eta(self) -> Any:
@@ -428,11 +522,46 @@ class Build:
         """Number of latent pairs."""
         return len(self.union_origin)
 
-    def where(self, origin_idx: np.ndarray, dest_idx: np.ndarray) -> np.ndarray:
-        """Positions of pairs in the union of latent pairs."""
+    def where(
+        self, origin_idx: np.ndarray, dest_idx: np.ndarray, period_idx: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Positions of pairs (of latent rows ``(pair, latent period)``) in the union."""
         n = int(self.data.sizes["unit"])
-        pos = self._lookup.reindex(np.asarray(origin_idx) * n + np.asarray(dest_idx)).to_numpy()
+        key = np.asarray(origin_idx) * n + np.asarray(dest_idx)
+        if self.union_period is not None:
+            t = np.zeros(len(key), dtype=np.int64) if period_idx is None else period_idx
+            key = key * self.n_periods + np.asarray(t)
+        pos = self._lookup.reindex(key).to_numpy()
         return pos.astype(np.int64)
+
+    def window(self, cells: Cells) -> tuple[np.ndarray | None, Any]:
+        """``(latent period, log years)`` of each member of ``cells`` (see :func:`window_of`)."""
+        return window_of(self.data, cells, self.periods)
+
+
+def window_of(
+    data: xr.Dataset, cells: Cells, periods: Sequence[Any] | None
+) -> tuple[np.ndarray | None, Any]:
+    """``(latent period, log years)`` of each member of ``cells``; ``(None, 0)`` without periods.
+
+    Cells not yet windowed (e.g. CDR in/out totals) must each lie in one latent period.
+
+    Raises
+    ------
+    ModelConfigError
+        When a unit-level cell's window spans several latent periods.
+    """
+    if not periods:
+        return None, 0.0
+    if cells.latent_period is None:
+        windowed = window_cells(data, cells, periods)
+        if windowed.aggregated and not cells.aggregated:
+            raise ModelConfigError(
+                f"source '{cells.source}': a window spans several latent periods; "
+                "Fix: use latent periods that contain each of its windows"
+            )
+        cells = windowed
+    return cells.latent_period, np.log(np.asarray(cells.member_weight, dtype=float))
 
 
 class ObservationModel(abc.ABC):
@@ -496,6 +625,16 @@ class ObservationModel(abc.ABC):
         """Latent pairs this source needs (its members; CDR totals add their universe)."""
         return cells.origin_idx, cells.dest_idx
 
+    def latent_rows(
+        self, data: xr.Dataset, cells: Cells, window: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Latent ``(origin, destination, latent period)`` rows of windowed ``cells``.
+
+        ``window(cells) -> (latent period, log years)`` windows other cells of the
+        source (:meth:`Build.window`).
+        """
+        return cells.origin_idx, cells.dest_idx, cells.latent_period
+
     @abc.abstractmethod
     def add(self, build: Build, cells: Cells) -> None:
         """Register the source's nodes and likelihood terms in the current PyMC model."""
@@ -524,7 +663,11 @@ class ObservationModel(abc.ABC):
 
         ``log_rate(origin_idx, dest_idx)`` gives ``(sample, member)`` latent log rates.
         """
-        eta = log_rate(cells.origin_idx, cells.dest_idx)
+        if cells.latent_period is None:
+            eta = log_rate(cells.origin_idx, cells.dest_idx)
+        else:
+            eta = log_rate(cells.origin_idx, cells.dest_idx, cells.latent_period)
+            eta = eta + np.log(cells.member_weight)[None, :]
         eta = eta + self.member_log_scale_draws(posterior, data, cells)
         if cells.aggregated:
             m = eta.max(axis=1, keepdims=True)
@@ -691,8 +834,10 @@ class CountObservation(ObservationModel):
     def add(self, build: Build, cells: Cells) -> None:
         likelihood = self.options["likelihood"]
         phi = build.phi if self.uses_dispersion else None
-        where = build.where(cells.origin_idx, cells.dest_idx)
+        t, log_w = build.window(cells)
+        where = build.where(cells.origin_idx, cells.dest_idx, t)
         member_scale, cell_scale = self._scale(build, cells)
+        member_scale = member_scale + log_w
         log_e = np.log(cells.exposure)
         obs = cells.observed
         cens = cells.censored
@@ -717,7 +862,7 @@ class CountObservation(ObservationModel):
                         likelihood=likelihood,
                         phi=phi,
                         linear=linear,
-                        log_offset=log_e[idx],
+                        log_offset=(log_e + log_w)[idx] if t is not None else log_e[idx],
                     ),
                 )
             if cens.any():
@@ -860,6 +1005,15 @@ class CDRObservation(CountObservation):
             d.append(total.dest_idx)
         return np.concatenate(o), np.concatenate(d)
 
+    @override
+    def latent_rows(self, data, cells, window):
+        o, d, t = [cells.origin_idx], [cells.dest_idx], [cells.latent_period]
+        for total in self.total_cells(data, cells).values():
+            o.append(total.origin_idx)
+            d.append(total.dest_idx)
+            t.append(window(total)[0])
+        return np.concatenate(o), np.concatenate(d), np.concatenate(t)
+
     def _scale(self, build: Build, cells: Cells) -> tuple[Any, Any]:
         self._share = self._add_scaling(build, cells)
         _, cell_scale = super()._scale(build, cells)
@@ -946,8 +1100,9 @@ class CDRObservation(CountObservation):
             return
         self._totals_used = {}
         for kind, total in totals.items():
-            where = build.where(total.origin_idx, total.dest_idx)
-            log_cell = build.eta[where] + self._share(total.origin_idx, total.period_idx)
+            t, log_w = build.window(total)
+            where = build.where(total.origin_idx, total.dest_idx, t)
+            log_cell = build.eta[where] + log_w + self._share(total.origin_idx, total.period_idx)
             self._add_totals_likelihood(
                 build.data, kind, total, pt.exp(log_cell), build.phi, weight=1.0 / len(totals)
             )
@@ -1229,9 +1384,10 @@ class EstimateObservation(ObservationModel):
 
     @override
     def add(self, build: Build, cells: Cells) -> None:
-        where = build.where(cells.origin_idx, cells.dest_idx)
+        t, log_w = build.window(cells)
+        where = build.where(cells.origin_idx, cells.dest_idx, t)
         member_cell = cells.member_cell if cells.aggregated else np.arange(cells.n, dtype=np.int64)
-        total = segment_sum(pt.exp(build.eta[where]), member_cell, cells.n)
+        total = segment_sum(pt.exp(build.eta[where] + log_w), member_cell, cells.n)
         dim = f"cell_{self.source}"
         pm.modelcontext(None).add_coord(
             dim,
