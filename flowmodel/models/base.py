@@ -1020,16 +1020,8 @@ class FlowModel(abc.ABC):
             )
         posterior = thin_posterior(self.posterior, draws)
         rng = np.random.default_rng(seed)
-        state = self._state()
-        params = self.field.prediction_params(posterior, data, state, rng=rng)
-        feats = self._features(data)
-
-        def log_rate(oi: np.ndarray, dj: np.ndarray) -> np.ndarray:
-            return self.field.log_rate(
-                params, feats, oi, dj, self.field.pair_values(data, oi, dj, state)
-            )
-
-        cells = obs.cells(data)
+        log_rate = self._cell_log_rate(posterior, data, {"latent": self._state()}, rng)
+        cells = self._windowed(data, obs.cells(data))
         log_mu = obs.cell_log_mu(posterior, data, cells, log_rate)
         mu = np.exp(log_mu)
         if kind == "mean" or obs.kind == "estimates":

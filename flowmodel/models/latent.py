@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, override
@@ -1376,6 +1377,17 @@ class TemporalGravityField(GravityField):
                 walk = self._walk("pair_walk", "latent_pair", labels, times, prior)
                 eta = eta + walk[pidx, t]
                 pieces.append((pidx * n_t + t, len(keys) * n_t, walk.flatten()))
+        if opts["trend"] != "none" and opts["unit_trends"]:
+            _, per_country = np.unique(country, return_counts=True)
+            if (per_country == 1).all():
+                warnings.warn(
+                    "temporal: every country is a single unit here, so the country trend and "
+                    "the origin unit walks are the same process and cannot be told apart "
+                    "(slow mixing, R-hat > 1.01). Fix: temporal={'trend': 'none'} (the unit "
+                    "walks carry each country's trend) or unit_trends=False",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if opts["trend"] != "none":
             countries = list(state["trend_countries"])
             tau = self._walk(

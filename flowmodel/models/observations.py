@@ -744,12 +744,7 @@ class ScaleFactor:
                 f"{self.name} of source '{self.source}' is given per class {classes}, but the "
                 f"dataset has no 'class_{self.source}'. Fix: add a 'class' column to the flow table"
             )
-        unknown = sorted(str(c) for c in set(cells.cell_class) - set(classes))
-        if unknown:
-            raise ModelConfigError(
-                f"{self.name} of source '{self.source}': classes {unknown} of the data have no "
-                f"prior (priors given for {classes}). Fix: add them to the {self.name} option"
-            )
+        idx = self._class_index(classes, cells)
         pm.modelcontext(None).add_coords({self.class_dim: classes})
         # a number fixes the factor: a reference reporter whose counts are taken as true
         factors = [
@@ -759,15 +754,28 @@ class ScaleFactor:
             for c in classes
         ]
         vec = pm.Deterministic(self.node, pt.stack(factors), dims=self.class_dim)
-        idx = np.searchsorted(classes, cells.cell_class)
         return pt.log(vec)[idx]
+
+    def _class_index(self, classes: list[str], cells: Cells) -> np.ndarray:
+        """Position of each cell's class in ``classes`` (sorted); unknown classes raise."""
+        cell_class = np.asarray(cells.cell_class).astype(str)
+        unknown = sorted(set(cell_class.tolist()) - set(classes))
+        if unknown:
+            shown = ["(missing)" if c in ("", "nan", "None") else c for c in unknown]
+            raise ModelConfigError(
+                f"{self.name} of source '{self.source}': report class(es) {shown} of "
+                f"class_{self.source} have no factor (factors are given for {classes}). Fix: "
+                f"give every reported cell a class in the flow table's 'class' column, or add "
+                f"the class to the {self.name} option"
+            )
+        return np.searchsorted(classes, cell_class)
 
     def log_draws(self, posterior: xr.Dataset, cells: Cells) -> np.ndarray:
         values = stack_samples(posterior[self.node])
         if values.ndim == 1:
             return np.log(values)[:, None]
         classes = list(posterior[self.node][self.class_dim].values.astype(str))
-        return np.log(values)[:, np.searchsorted(classes, cells.cell_class)]
+        return np.log(values)[:, self._class_index(classes, cells)]
 
 
 # ======================================================================== count sources

@@ -201,7 +201,9 @@ def test_two_reports_of_one_flow_each_with_its_undercount(tiny):
         sources=["emig", "immi"],
         source_options={"emig": {"undercount": {"low": priors["low"]}}},
     )
-    with pytest.raises(ModelConfigError, match=r"classes \['high'\] of the data have no prior"):
+    with pytest.raises(
+        ModelConfigError, match=r"class\(es\) \['high'\] of class_emig have no factor"
+    ):
         bad.build_model(ds)
 
 
