@@ -619,3 +619,26 @@ def test_flowmodel_run_nowcasts_census_rounds_and_cdr(tmp_path, panel):
     assert np.isfinite(cv["cpc"]).all() and np.isfinite(cv["log_rmse"]).all()
     fusion = cv.loc[cv["model"] == "FusionModel"].iloc[0]
     assert 0 < fusion["coverage_90"] <= 1
+
+
+def test_predict_cells_sum_each_cells_window_of_latent_periods(small_panel):
+    """A source's predicted cells are its windows over the latent periods, as in the fit.
+
+    With every parameter held at one draw, the cells' expected values agree with the
+    mean of the posterior predictive draws of the same cells (which go through the
+    fitted windows): summed over the cells, within the count noise of 200 draws.
+    """
+    ds, _ = small_panel
+    model = _mock_fit(_fusion(sources=("census", "cdr")), ds, draws=200, vary=())
+    checks = model.sample_posterior_predictive(ds, random_seed=2)["posterior_predictive"]
+    for source in ("census", "cdr"):
+        cells = model.predict_cells(ds, source, kind="mean", quantiles=(0.5,))
+        drawn = checks[f"flow_{source}"].mean(("chain", "draw")).values
+        observed = np.isfinite(cells["observed"].values)
+        assert cells["mean"].values[observed].sum() == pytest.approx(drawn.sum(), rel=0.1)
+    # CDR months of one pair in different latent periods differ (the trends and walks)
+    model = _mock_fit(_fusion(sources=("census", "cdr")), ds, draws=20)
+    cells = model.predict_cells(ds, "cdr", kind="mean", quantiles=(0.5,))
+    frame = cells.to_dataframe().reset_index()
+    by_pair = frame.groupby(["origin", "destination"])["mean"].nunique()
+    assert (by_pair > 1).mean() > 0.9
