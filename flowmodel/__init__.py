@@ -92,6 +92,7 @@ def show_versions() -> str:
         "statsmodels",
         "matplotlib",
         "dask-jobqueue",
+        "jinja2",
     ]
     lines = [
         f"flowmodel: {__version__}",

@@ -1786,6 +1786,11 @@ def stage_report(ctx: StageContext) -> dict[str, Path]:
         notes=notes,
         totals=totals,
         period=_output_period(cfg, source),
+        cdr_folders={
+            name: ctx.path(f"cdr_{name}")
+            for name in sorted(cfg.flows)
+            if ctx.path(f"cdr_{name}").is_dir()
+        },
     )
     outputs = {"report": Path(path)}
     for png in sorted(ctx.run_dir.glob("*.png")):

@@ -353,6 +353,10 @@ def test_demo_small(tmp_path: Path, capsys, mock_sampling) -> None:
     code, stdout, err = run_cli(capsys, "demo", "--out", str(out), "--size", "small")
     assert code == EXIT_OK, err
     assert (out / "report.html").exists()
+    html = (out / "report.html").read_text(encoding="utf-8")
+    # how homes were detected from the raw phone events: the settings the data chose
+    assert "Home detection: cdr" in html
+    assert "night hours" in html and "chosen by" in html
     assert "true vs estimated parameters" in stdout
     assert "beta[log_distance]" in stdout
     assert f"report: {(out / 'report.html').resolve()}" in stdout

@@ -51,6 +51,7 @@ from flowmodel.naming import quantile_name
 from flowmodel.outputs.io import flows_table
 
 __all__ = [
+    "cdr_home_detection",
     "data_coverage",
     "diagnostics",
     "map_layers",
@@ -1243,6 +1244,100 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
     }
 
 
+def cdr_home_detection(
+    folder: str | os.PathLike[str], source: str = "cdr"
+) -> dict[str, Any] | None:
+    """Summarise how homes were detected from raw CDR events, from the prepare stage's folder.
+
+    Reads ``cdr_settings.json``, ``cdr_diagnostics.csv`` and ``cdr_home_rule.csv``
+    written by :func:`flowmodel.inputs.cdr.write_cdr_outputs` (``cdr_<source>/`` of a
+    run directory). Everything there is already published under the totals rule
+    (counts rounded, nothing at or below the redaction threshold).
+
+    Returns
+    -------
+    dict or None
+        ``source``, ``settings`` (rows of setting, value, how it was chosen),
+        ``periods`` (rows of period, active subscribers, share with a home) and
+        ``rule`` (the candidate minimum active days with their share with a home and
+        estimated share of spurious moves); None when the folder holds no settings
+        (an OD table was read, not raw events).
+    """
+    import json
+
+    folder = Path(folder)
+    settings_path = folder / "cdr_settings.json"
+    if not settings_path.exists():
+        return None
+    settings = json.loads(settings_path.read_text())
+    rows = []
+    night = settings.get("night")
+    if night is not None:
+        rows.append(
+            {
+                "setting": "night hours (home = the usual tower at night)",
+                "value": f"{int(night[0]):02d}:00-{int(night[1]):02d}:00",
+                "chosen_by": settings.get("night_chosen_by", "config"),
+            }
+        )
+    if "min_active_days" in settings:
+        rows.append(
+            {
+                "setting": "minimum active nights for a home",
+                "value": str(settings["min_active_days"]),
+                "chosen_by": settings.get("min_active_days_chosen_by", "config"),
+            }
+        )
+    if settings.get("spurious_share_estimate") is not None:
+        rows.append(
+            {
+                "setting": "estimated share of spurious moves (home flips of stayers)",
+                "value": f"{float(settings['spurious_share_estimate']):.1%}",
+                "chosen_by": f"at most {float(settings.get('max_spurious_share', 0.05)):.0%} allowed",
+            }
+        )
+    if settings.get("period"):
+        rows.append({"setting": "home period", "value": str(settings["period"]), "chosen_by": ""})
+    periods = []
+    diag_path = folder / "cdr_diagnostics.csv"
+    if diag_path.exists():
+        diag = pd.read_csv(diag_path, dtype={"period": str})
+        wide = diag.pivot_table(
+            index="period", columns="statistic", values="value", aggfunc="first"
+        )
+        for period, row in wide.iterrows():
+            periods.append(
+                {
+                    "period": str(period),
+                    "active": _fmt(row.get("active_subscribers"), 0),
+                    "share_with_home": f"{float(row['share_with_home']):.0%}"
+                    if pd.notna(row.get("share_with_home"))
+                    else "–",
+                }
+            )
+    rule = []
+    rule_path = folder / "cdr_home_rule.csv"
+    if rule_path.exists():
+        table = pd.read_csv(rule_path)
+        used = table.get("used", pd.Series(False, index=table.index)).astype(bool)
+        # candidates that leave under 5% of subscribers a home say nothing (their
+        # spurious-move estimate rests on a handful of people)
+        table = table.loc[(table["share_with_home"] >= 0.05) | used]
+        for _, row in table.iterrows():
+            spurious = float(row["spurious_share"])
+            rule.append(
+                {
+                    "min_active_days": int(row["min_active_days"]),
+                    "share_with_home": f"{float(row['share_with_home']):.0%}",
+                    "spurious_share": "–"
+                    if not np.isfinite(spurious)
+                    else ("> 100%" if spurious > 1 else f"{spurious:.1%}"),
+                    "used": bool(used.loc[row.name]),
+                }
+            )
+    return {"source": source, "settings": rows, "periods": periods, "rule": rule}
+
+
 def _unit_country_series(data: xr.Dataset) -> pd.Series | None:
     if "country" not in data or "unit" not in data.dims:
         return None
@@ -1588,6 +1683,7 @@ def report(
     notes: Sequence[str] = (),
     totals: xr.Dataset | None = None,
     period: str | None = None,
+    cdr_folders: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Write ``report.html`` (one self-contained file, offline) and its PNG figures into ``out_dir``.
 
@@ -1651,6 +1747,9 @@ def report(
     period
         The period the flows cover (default ``attrs["period"]``, else
         "unspecified (the census window)").
+    cdr_folders
+        ``{source: folder}`` of the prepare stage's CDR outputs (``cdr_<source>/``):
+        the report shows how homes were detected (:func:`cdr_home_detection`).
 
     Returns
     -------
@@ -1929,6 +2028,11 @@ def report(
             observed=observed_pop,
         ),
         "coverage": data_coverage(data),
+        "home_detection": [
+            h
+            for name, folder in (cdr_folders or {}).items()
+            if (h := cdr_home_detection(folder, name)) is not None
+        ],
         "figures": figures,
         "metrics": _table(_metrics_frame(metrics)) if metrics is not None else None,
         "sample_scale": scale_note != "",
