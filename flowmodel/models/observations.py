@@ -78,9 +78,13 @@ __all__ = [
 
 #: Defaults of the CDR scaling nodes (suffixed ``_<source>`` for sources other than ``cdr``).
 CDR_PRIORS: dict[str, dict[str, Any]] = {
-    # logit(market_share_i) = logit(penetration_i) + market_share_country[c(i)]
-    #                         + sigma_market_share * market_share_z_i
+    # logit(market_share_i) = centre_c + market_share_country[c] + market_share_slope * z_i
+    #                         + sigma_market_share * market_share_z_i      (z: the covariate's
+    # within-country standardised log or logit; see CDRObservation.market_share_design)
     "market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
+    # a penetration measure goes with the share: one within-country sd of the covariate moves
+    # the logit share by about a half (the within-country logit sd of real shares is ~0.3-0.6)
+    "market_share_slope": {"dist": "Normal", "mu": 0.5, "sigma": 0.5},
     "sigma_market_share": {"dist": "HalfNormal", "sigma": 0.5},
     # overall CDR counts per latent flow beyond the market share (time windows differ:
     # days to months of CDR against a 1- or 5-year census question); broad by default,
@@ -89,6 +93,10 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     # log period_effect = log period_scale + deviation, deviation ~ ZeroSumNormal(sigma)
     "period_effect": {"dist": "ZeroSumNormal", "sigma": 0.5},
 }
+#: Country means of a share-scale covariate (all values in (0, 1)) inside this range centre
+#: the market share's level; outside it (e.g. a panel's subscribers per resident, ~4e-4) the
+#: covariate informs the shares' shape only and ``market_share_default`` gives the level.
+SHARE_LEVEL_RANGE = (0.02, 0.98)
 #: Default prior of an undercount or duration factor (a multiplier of the expected count).
 FACTOR_PRIOR: dict[str, Any] = {"dist": "LogNormal", "mu": 0.0, "sigma": 0.5}
 
@@ -773,17 +781,30 @@ class CDRObservation(CountObservation):
 
     .. math::
 
-        y_{ijt} \sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
-        \operatorname{logit} s_i = \operatorname{logit} p_i + \delta_{c(i)} + \sigma_s z_i,
-        \qquad \log \pi_t = \log\kappa + d_t
+        y_{ijt} &\sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
+        \log \pi_t = \log\kappa + d_t \\
+        \operatorname{logit} s_i &= m_{c(i)} + \delta_{c(i)} + b\, z_i + \sigma_s e_i,
+        \qquad \delta_c \sim N(0, 0.5^2),\ b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1)
 
-    with :math:`p_i` the penetration covariate (``market_share_covariate``),
-    :math:`\delta_c` its per-country bias, :math:`\kappa` the ``period_scale`` and
-    :math:`d` zero-sum period deviations. Cells redacted at 15 or fewer enter as
-    ``P(y <= 15)``. The operator's in/out totals (``<source>_outflow`` /
-    ``_inflow``, summed before redaction) enter through the remainder ``total -
-    released cells``, normal with the summed moments of the redacted and missing
-    cells.
+    :math:`s_i` is the share of origin unit :math:`i`'s movers that the CDR counts
+    as relocations — the operator's market share times the rate at which home
+    detection finds a subscriber's home in both periods (a relocation missed by
+    home detection is not counted) — and :math:`\kappa` the ``period_scale``, with
+    :math:`d` zero-sum period deviations. The penetration covariate
+    :math:`p_i` (``market_share_covariate``, e.g. subscribers per resident) enters
+    by its *shape*: :math:`z_i` is :math:`g(p_i)` standardised within its country
+    (:math:`g` = logit when every value lies in (0, 1), else log; centred on the
+    country mean, divided by the pooled within-country sd; 0 where the covariate
+    is missing), with slope :math:`b`. The country level :math:`m_c` is the logit
+    of the country's mean covariate when the covariate reads as a share (all
+    values in (0, 1) and every country mean in :data:`SHARE_LEVEL_RANGE`), else
+    ``logit(market_share_default)``: a panel's subscribers per resident (~4e-4)
+    says which units have more subscribers, not what share of the market they
+    are. The country offsets :math:`\delta_c` and the unit effects :math:`e_i`
+    are non-centred. Cells redacted at 15 or fewer enter as ``P(y <= 15)``. The
+    operator's in/out totals (``<source>_outflow`` / ``_inflow``, summed before
+    redaction) enter through the remainder ``total - released cells``, normal with
+    the summed moments of the redacted and missing cells.
     """
 
     kind = "cdr"
@@ -813,13 +834,20 @@ class CDRObservation(CountObservation):
         flow = data.get(f"flow_{source}")
         return int(data.sizes["period"]) if flow is not None and "period" in flow.dims else 1
 
+    def _covariate(self, data: xr.Dataset | None) -> np.ndarray | None:
+        """Return the penetration covariate over ``data.unit`` (None when not used or absent)."""
+        name = self.options["market_share_covariate"]
+        if data is None or not name or name not in data or data[name].dims != ("unit",):
+            return None
+        values = np.asarray(data[name].values, dtype=float)
+        return values if (np.isfinite(values) & (values > 0)).any() else None
+
     @override
     def nodes(self, data: xr.Dataset | None = None) -> list[str]:
-        nodes = [
-            self.node("market_share_country"),
-            self.node("sigma_market_share"),
-            self.node("period_scale"),
-        ]
+        nodes = [self.node("market_share_country"), self.node("sigma_market_share")]
+        if data is None or self._covariate(data) is not None:
+            nodes.append(self.node("market_share_slope"))
+        nodes.append(self.node("period_scale"))
         if data is None or self.n_periods(data, self.source) > 1:
             nodes.append(self.node("period_effect"))
         return nodes + super().nodes(data)
@@ -828,20 +856,69 @@ class CDRObservation(CountObservation):
     def default_priors(self) -> dict[str, Any]:
         return {self.node(k): v for k, v in CDR_PRIORS.items()} | super().default_priors()
 
+    def market_share_design(self, data: xr.Dataset, units: np.ndarray) -> dict[str, Any]:
+        """How the penetration covariate enters the market share of the units ``units``.
+
+        Parameters
+        ----------
+        data
+            The FlowDataset.
+        units
+            Positions into ``data.unit`` of the CDR origin units.
+
+        Returns
+        -------
+        dict
+            ``centre`` (per unit: the logit level :math:`m_{c(i)}` of its country),
+            ``z`` (per unit: the covariate standardised within its country, 0 where
+            missing or without a covariate), ``scale`` (``"logit"``, ``"log"`` or
+            None: how the covariate was transformed), ``level`` (``"covariate"``
+            when the country means give the level, else ``"default"``) and
+            ``n_covariate`` (units with a usable value).
+        """
+        default = float(special.logit(self.options["market_share_default"]))
+        n = len(units)
+        out: dict[str, Any] = {
+            "centre": np.full(n, default),
+            "z": np.zeros(n),
+            "scale": None,
+            "level": "default",
+            "n_covariate": 0,
+        }
+        values = self._covariate(data)
+        if values is None:
+            return out
+        v = values[units]
+        ok = np.isfinite(v) & (v > 0)
+        if not ok.any():
+            return out
+        scale = "logit" if np.all(v[ok] < 1.0) else "log"
+        g = np.full(n, np.nan)
+        g[ok] = special.logit(v[ok]) if scale == "logit" else np.log(v[ok])
+        country = np.asarray(data["country"].values).astype(str)[units]
+        means = pd.Series(g[ok]).groupby(country[ok]).mean()
+        dev = np.where(ok, g - means.reindex(country).to_numpy(), 0.0)
+        dof = int(ok.sum()) - len(means)
+        sd = float(np.sqrt(np.sum(dev[ok] ** 2) / dof)) if dof > 0 else 0.0
+        out["z"] = dev / sd if sd > 0 else np.zeros(n)
+        out.update(scale=scale, n_covariate=int(ok.sum()))
+        lo, hi = special.logit(SHARE_LEVEL_RANGE[0]), special.logit(SHARE_LEVEL_RANGE[1])
+        if scale == "logit" and bool(((means >= lo) & (means <= hi)).all()):
+            level = means.reindex(country).to_numpy()
+            out["centre"] = np.where(np.isnan(level), default, level)
+            out["level"] = "covariate"
+        return out
+
     def market_share_centre(self, data: xr.Dataset, units: np.ndarray) -> np.ndarray:
         """Prior centre (logit scale) of the market share of each unit position in ``units``.
 
-        The penetration covariate clipped to [0.01, 0.99] where it is finite and
-        positive, else ``market_share_default``.
+        The country level :math:`m_{c(i)}` plus the covariate's shape at the prior
+        mean of the slope: the logit share of a unit at zero country offset and unit
+        effect.
         """
-        default = float(special.logit(self.options["market_share_default"]))
-        name = self.options["market_share_covariate"]
-        centre = np.full(len(units), default)
-        if name and name in data and data[name].dims == ("unit",):
-            values = np.asarray(data[name].values, dtype=float)[units]
-            ok = np.isfinite(values) & (values > 0)
-            centre[ok] = special.logit(np.clip(values[ok], 0.01, 0.99))
-        return centre
+        design = self.market_share_design(data, units)
+        slope = CDR_PRIORS["market_share_slope"]["mu"] if design["scale"] else 0.0
+        return design["centre"] + slope * design["z"]
 
     # ------------------------------------------------------------------ build
     @override
@@ -882,11 +959,29 @@ class CDRObservation(CountObservation):
         model = pm.modelcontext(None)
         model.add_coord(unit_dim, np.asarray(data["unit"].values).astype(str)[units])
         model.add_coord(country_dim, countries)
-        centre = self.market_share_centre(data, units)
-        offset = build.prior(self.node("market_share_country"), dims=country_dim)
+        design = self.market_share_design(data, units)
+        self._design = {k: v for k, v in design.items() if k not in ("centre", "z")}
+        # non-centred: the shares are weakly identified (most cells redacted), so the
+        # offsets are sampled as standard normals and scaled
+        off_name = self.node("market_share_country")
+        spec = priors[off_name]
+        if not (isinstance(spec, Mapping) and spec.get("dist", "Normal") == "Normal"):
+            raise ModelConfigError(
+                f"prior '{off_name}' must be a Normal (the country offsets of the logit market "
+                "share are sampled non-centred). Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
+            )
+        off_z = pm.Normal(f"{off_name}_z", 0.0, 1.0, dims=country_dim)
+        offset = pm.Deterministic(
+            off_name,
+            float(spec.get("mu", 0.0)) + float(spec.get("sigma", 1.0)) * off_z,
+            dims=country_dim,
+        )
         sigma = build.prior(self.node("sigma_market_share"))
         z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
-        logit_share = centre + offset[country_pos] + sigma * z
+        logit_share = design["centre"] + offset[country_pos] + sigma * z
+        if design["scale"] is not None:
+            slope = build.prior(self.node("market_share_slope"))
+            logit_share = logit_share + slope * design["z"]
         pm.Deterministic(self.node("market_share"), pm.math.sigmoid(logit_share), dims=unit_dim)
         log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
         log_level = pt.log(build.prior(self.node("period_scale")))
@@ -933,23 +1028,79 @@ class CDRObservation(CountObservation):
     @override
     def add(self, build: Build, cells: Cells) -> None:
         super().add(build, cells)
+        self._totals_used: dict[str, int] = {}
+        self._totals_weight = 1.0
         totals = self.total_cells(build.data, cells)
-        if not totals:
-            return
-        self._totals_used = {}
-        for kind, total in totals.items():
-            where = build.where(total.origin_idx, total.dest_idx)
-            log_cell = build.eta[where] + self._share(total.origin_idx, total.period_idx)
+        plans = {
+            kind: self._totals_plan(build.data, kind, total) for kind, total in totals.items()
+        }
+        plans, self._totals_weight = self._select_totals(plans)
+        for kind, plan in plans.items():
+            self._totals_used[f"{self.source}_{kind}"] = int(plan["used"].size)
+            if not plan["used"].size:
+                continue
+            total = totals[kind]
+            idx = plan["cells"]
+            where = build.where(total.origin_idx[idx], total.dest_idx[idx])
+            period = None if total.period_idx is None else total.period_idx[idx]
+            log_cell = build.eta[where] + self._share(total.origin_idx[idx], period)
             self._add_totals_likelihood(
-                build.data, kind, total, pt.exp(log_cell), build.phi, weight=1.0 / len(totals)
+                kind, plan, pt.exp(log_cell) * total.exposure[idx], build.phi, self._totals_weight
             )
+
+    @staticmethod
+    def _select_totals(
+        plans: Mapping[str, dict[str, Any]],
+    ) -> tuple[dict[str, dict[str, Any]], float]:
+        """Keep the totals whose open cells no total of the other kind already sums.
+
+        An outflow and an inflow remainder that share a redacted cell would count
+        it twice. Released totals are kept first (the operator releases an inflow
+        total only when none of its redacted cells is in a released outflow row,
+        so they rarely share; when they do, both kinds get weight 1/2, a composite
+        likelihood); then the bounds of suppressed outflow totals, then those of
+        inflow totals, each only when it shares no open cell with a total already
+        kept. Returns the restricted plans and the weight.
+        """
+        if len(plans) < 2:
+            return dict(plans), 1.0
+        kinds = list(plans)
+
+        def cells_of(kind: str, equations: np.ndarray) -> np.ndarray:
+            plan = plans[kind]
+            return plan["open_ids"][np.isin(plan["key"], equations)]
+
+        kept = {k: plans[k]["obs"] for k in kinds}
+        shared = np.intersect1d(
+            cells_of(kinds[0], kept[kinds[0]]), cells_of(kinds[1], kept[kinds[1]])
+        )
+        weight = 0.5 if shared.size else 1.0
+        for kind, other in ((kinds[0], kinds[1]), (kinds[1], kinds[0])):
+            plan = plans[kind]
+            taken = cells_of(other, kept[other])
+            clash = np.unique(plan["key"][np.isin(plan["open_ids"], taken)])
+            cen = np.setdiff1d(plan["cen"], clash)
+            kept[kind] = np.union1d(kept[kind], cen)
+        out = {}
+        for kind in kinds:
+            plan = dict(plans[kind])
+            keep = np.isin(plan["key"], kept[kind])
+            for name in ("cells", "key", "censored", "upper", "lower", "open_ids"):
+                plan[name] = plan[name][keep]
+            plan["cen"] = np.intersect1d(plan["cen"], kept[kind])
+            plan["used"] = np.union1d(plan["obs"], plan["cen"])
+            out[kind] = plan
+        return out, weight
 
     @override
     def state(self, data: xr.Dataset, cells: Cells) -> dict[str, Any]:
         out = super().state(data, cells)
-        totals = self.total_cells(data, cells)
-        out["totals"] = sorted(totals)
-        out["n_totals"] = dict(getattr(self, "_totals_used", {}))
+        used = dict(getattr(self, "_totals_used", {}))
+        out["totals"] = sorted(k.removeprefix(f"{self.source}_") for k, n in used.items() if n)
+        out["n_totals"] = used
+        out["totals_weight"] = float(getattr(self, "_totals_weight", 1.0))
+        if getattr(self, "_design", None) is not None:
+            out["market_share"] = dict(self._design)
         return out
 
     # ------------------------------------------------------------------ in/out totals
@@ -1050,29 +1201,17 @@ class CDRObservation(CountObservation):
             )
         return out
 
-    def _add_totals_likelihood(
-        self,
-        data: xr.Dataset,
-        kind: str,
-        cells: Cells,
-        mu: Any,
-        phi: Any,
-        weight: float = 1.0,
-    ) -> None:
-        r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
+    def _totals_plan(self, data: xr.Dataset, kind: str, cells: Cells) -> dict[str, Any]:
+        """Which totals of ``kind`` inform the model, and the open cells they sum (numpy).
 
-        A total is the sum of its cells before redaction, so given the cells
-        already in the likelihood its only new information is the remainder
-        :math:`R = T - \sum_{\text{released}} y`, the sum of the redacted (each
-        :math:`\le` its bound) and missing cells. :math:`R` is modelled as
-        :math:`N(\sum m_c, \sum v_c + 1/12)` with :math:`m_c, v_c` the moments
-        of each cell's negative binomial — truncated to ``0..max`` for a
-        redacted cell — (the CLT for a sum of independent cells; 1/12 is the
-        rounding variance). A suppressed total (NaN, bound in
-        ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
-        ``weight`` multiplies the log-likelihood: ``1/2`` when both outflow and
-        inflow totals are used, whose remainders sum the same redacted cells
-        (a composite likelihood that would otherwise count them twice).
+        Returns the totals used (``used``: positions in the flattened ``(unit,
+        period)`` array), released (``obs``) or suppressed (``cen``), their
+        remainders or bounds, and the open (redacted or missing) cells of ``cells``
+        they sum (``cells``: positions; ``key``: their total; ``censored``: which of
+        them are redacted; ``open_ids``: ``(origin, destination, period)`` codes).
+        A suppressed total whose bound is no tighter than its redacted cells' own
+        bounds (the operator's rule: released cells + 15 x redacted cells) says
+        nothing and is left out.
         """
         source = self.source
         has_period = cells.period_idx is not None
@@ -1082,12 +1221,15 @@ class CDRObservation(CountObservation):
         bound = self._unit_period_values(data, f"{source}_{kind}_max", has_period).ravel()
         side = cells.origin_idx if kind == "outflow" else cells.dest_idx
         key = side * n_t + (cells.period_idx if has_period else 0)
-        mu = mu * cells.exposure
         released = np.isfinite(cells.y)
         censored = ~released & np.isfinite(cells.upper)
         missing = ~released & ~censored
         rel_sum = np.bincount(key[released], cells.y[released], minlength=n * n_t)
         n_open = np.bincount(key[~released], minlength=n * n_t)
+        n_missing = np.bincount(key[missing], minlength=n * n_t)
+        top = np.bincount(
+            key[censored], np.floor(cells.upper[censored]), minlength=n * n_t
+        )  # the largest sum the redacted cells can reach
         remainder = total - rel_sum
         bad = np.isfinite(total) & ((remainder < 0) | ((n_open == 0) & (remainder != 0)))
         if bad.any():
@@ -1100,34 +1242,74 @@ class CDRObservation(CountObservation):
             )
         use_obs = np.isfinite(total) & (n_open > 0)
         use_cen = ~np.isfinite(total) & np.isfinite(bound) & (n_open > 0)
-        self._totals_used[f"{source}_{kind}"] = int(use_obs.sum() + use_cen.sum())
-        if not (use_obs.any() or use_cen.any()):
-            return
-        mean = pt.zeros(n * n_t)
-        var = pt.zeros(n * n_t)
+        use_cen &= (n_missing > 0) | (bound - rel_sum < top)
+        used = np.flatnonzero(use_obs | use_cen)
+        open_cells = np.flatnonzero(~released & np.isin(key, used))
+        t = cells.period_idx[open_cells] if has_period else np.zeros(len(open_cells), np.int64)
+        return {
+            "n": n * n_t,
+            "used": used,
+            "obs": np.flatnonzero(use_obs),
+            "cen": np.flatnonzero(use_cen),
+            "remainder": remainder,
+            "bound_left": bound - rel_sum,
+            "cells": open_cells,
+            "key": key[open_cells],
+            "censored": censored[open_cells],
+            "upper": cells.upper[open_cells],
+            "lower": cells.lower[open_cells],
+            "open_ids": (cells.origin_idx[open_cells] * n + cells.dest_idx[open_cells]) * n_t + t,
+        }
+
+    def _add_totals_likelihood(
+        self, kind: str, plan: Mapping[str, Any], mu: Any, phi: Any, weight: float = 1.0
+    ) -> None:
+        r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
+
+        A total is the sum of its cells before redaction, so given the cells
+        already in the likelihood its only new information is the remainder
+        :math:`R = T - \sum_{\text{released}} y`, the sum of the redacted (each
+        :math:`\le` its bound) and missing cells. :math:`R` is modelled as
+        :math:`N(\sum m_c, \sum v_c + 1/12)` with :math:`m_c, v_c` the moments
+        of each cell's negative binomial — truncated to ``0..max`` for a
+        redacted cell — (the CLT for a sum of independent cells; 1/12 is the
+        rounding variance). A suppressed total (NaN, bound in
+        ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
+        ``mu`` are the expected counts of the plan's open cells (:meth:`_totals_plan`);
+        ``weight`` multiplies the log-likelihood: ``1/2`` when outflow and inflow
+        totals used sum the same open cells (a composite likelihood that would
+        otherwise count them twice).
+        """
+        n_keys = plan["n"]
+        key, censored = plan["key"], plan["censored"]
+        mean = pt.zeros(n_keys)
+        var = pt.zeros(n_keys)
         if censored.any():
             idx = np.flatnonzero(censored)
             m_c, v_c = truncated_nb_moments(
-                mu[idx], phi, cells.upper[censored], cells.lower[censored]
+                mu[idx] if not censored.all() else mu,
+                phi,
+                plan["upper"][idx],
+                plan["lower"][idx],
             )
             mean = pt.inc_subtensor(mean[key[idx]], m_c)
             var = pt.inc_subtensor(var[key[idx]], v_c)
-        if missing.any():
-            idx = np.flatnonzero(missing)
+        if not censored.all():
+            idx = np.flatnonzero(~censored)
             m_m = mu[idx]
             mean = pt.inc_subtensor(mean[key[idx]], m_m)
             var = pt.inc_subtensor(var[key[idx]], m_m + m_m**2 / phi)
         sd = pt.sqrt(var + 1.0 / 12.0)
         logp = pt.zeros(())
-        if use_obs.any():
-            sel = np.flatnonzero(use_obs)
+        if plan["obs"].size:
+            sel = plan["obs"]
             dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
-            logp = logp + pm.logp(dist, remainder[sel]).sum()
-        if use_cen.any():
-            sel = np.flatnonzero(use_cen)
+            logp = logp + pm.logp(dist, plan["remainder"][sel]).sum()
+        if plan["cen"].size:
+            sel = plan["cen"]
             dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
-            logp = logp + pm.logcdf(dist, bound[sel] - rel_sum[sel] + 0.5).sum()
-        pm.Potential(f"{source}_{kind}_total", weight * logp)
+            logp = logp + pm.logcdf(dist, plan["bound_left"][sel] + 0.5).sum()
+        pm.Potential(f"{self.source}_{kind}_total", weight * logp)
 
     # ------------------------------------------------------------------ numpy side
     @override
