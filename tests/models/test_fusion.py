@@ -1043,3 +1043,34 @@ def test_g_marginals_give_the_no_data_countries_their_level(world, split, fused)
     assert new_cpc >= base_cpc, lines
     assert new_w < base_w, lines
     assert new_cov >= 0.85, lines
+
+
+def test_chunked_loo_takes_cells_whose_loglik_never_varies():
+    """A redacted cell far below its bound has log P(y <= 15) = 0 in every draw: no PSIS tail."""
+    import arviz as az
+
+    from flowmodel.models.base import pointwise_loo
+
+    rng = np.random.default_rng(0)
+    ll = rng.normal(-2.0, 0.3, (2, 200, 5))
+    ll[:, :, 1] = 0.0
+    ll[:, :, 3] = -1.5
+    tree = xr.DataTree.from_dict(
+        {
+            "posterior": xr.Dataset({"a": (("chain", "draw"), rng.normal(size=(2, 200)))}),
+            "log_likelihood": xr.Dataset({"flow": (("chain", "draw", "cell"), ll)}),
+        }
+    )
+    out = pointwise_loo(tree, chunk=2)
+    np.testing.assert_allclose(out["elpd_i"].values[[1, 3]], [0.0, -1.5])
+    np.testing.assert_array_equal(out["pareto_k"].values[[1, 3]], [0.0, 0.0])
+    varying = tree.copy()
+    varying["log_likelihood"] = xr.DataTree(
+        xr.Dataset({"flow": (("chain", "draw", "cell"), ll[:, :, [0, 2, 4]])})
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = az.loo(varying, pointwise=True, var_name="flow")
+    np.testing.assert_allclose(
+        out["elpd_i"].values[[0, 2, 4]], np.asarray(ref.elpd_i).ravel(), rtol=1e-5
+    )
