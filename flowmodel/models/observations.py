@@ -93,6 +93,15 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     # log period_effect = log period_scale + deviation, deviation ~ ZeroSumNormal(sigma)
     "period_effect": {"dist": "ZeroSumNormal", "sigma": 0.5},
 }
+
+
+def _log_median(spec: Any) -> float:
+    """Log of the median of a positive prior spec (LogNormal: ``mu``), else 0."""
+    if isinstance(spec, Mapping) and spec.get("dist") == "LogNormal":
+        return float(spec.get("mu", 0.0))
+    return 0.0
+
+
 #: Country means of a share-scale covariate (all values in (0, 1)) inside this range centre
 #: the market share's level; outside it (e.g. a panel's subscribers per resident, ~4e-4) the
 #: covariate informs the shares' shape only and ``market_share_default`` gives the level.
@@ -961,21 +970,32 @@ class CDRObservation(CountObservation):
         model.add_coord(country_dim, countries)
         design = self.market_share_design(data, units)
         self._design = {k: v for k, v in design.items() if k not in ("centre", "z")}
-        # non-centred: the shares are weakly identified (most cells redacted), so the
-        # offsets are sampled as standard normals and scaled
         off_name = self.node("market_share_country")
         spec = priors[off_name]
         if not (isinstance(spec, Mapping) and spec.get("dist", "Normal") == "Normal"):
             raise ModelConfigError(
                 f"prior '{off_name}' must be a Normal (the country offsets of the logit market "
-                "share are sampled non-centred). Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
+                "share are sampled relative to the period scale). "
+                "Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
             )
-        off_z = pm.Normal(f"{off_name}_z", 0.0, 1.0, dims=country_dim)
-        offset = pm.Deterministic(
-            off_name,
-            float(spec.get("mu", 0.0)) + float(spec.get("sigma", 1.0)) * off_z,
-            dims=country_dim,
-        )
+        off_mu, off_sd = float(spec.get("mu", 0.0)), float(spec.get("sigma", 0.5))
+        scale_name = self.node("period_scale")
+        log_level = pt.log(build.prior(scale_name))
+        # The counts pin each country's product share x period_scale; how it splits is the
+        # priors' (a ridge that NUTS crosses slowly). Sampling the offsets relative to the log
+        # period scale, raw_c | kappa ~ N(mu + g_c (log kappa - ref), sd) and
+        # delta_c = raw_c - g_c (log kappa - ref), leaves the prior exactly as stated (delta_c
+        # ~ N(mu, sd), independent of kappa; unit Jacobian) and lines raw_c up with what the
+        # data pin: g_c = d logit s / d log s = 1 / (1 - s) at the country's prior share.
+        ref = _log_median(priors.get(scale_name))
+        first = np.unique(country_pos, return_index=True)[1]
+        prior_share = special.expit(design["centre"][first] + off_mu)
+        g = 1.0 / (1.0 - prior_share)
+        shift = g * (log_level - ref)
+        raw = pm.Normal(f"{off_name}_raw", off_mu + shift, off_sd, dims=country_dim)
+        offset = pm.Deterministic(off_name, raw - shift, dims=country_dim)
+        # the unit effects are non-centred: most cells are redacted, so each unit's share is
+        # weakly identified and its effect stays near its prior
         sigma = build.prior(self.node("sigma_market_share"))
         z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
         logit_share = design["centre"] + offset[country_pos] + sigma * z
@@ -984,7 +1004,6 @@ class CDRObservation(CountObservation):
             logit_share = logit_share + slope * design["z"]
         pm.Deterministic(self.node("market_share"), pm.math.sigmoid(logit_share), dims=unit_dim)
         log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
-        log_level = pt.log(build.prior(self.node("period_scale")))
         self._units, self._log_share, self._log_level = units, log_share, log_level
         if cells.period_idx is None:
             self._log_pe = None

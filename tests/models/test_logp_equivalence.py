@@ -16,15 +16,15 @@ purpose in issue 15: the market share's parameters are now a non-centred country
 Each stored point is mapped to the point of the new parametrisation that gives the
 *same market shares* (same offsets and unit effects; the slope that reproduces the
 old centre ``logit(covariate)``, which this world's share-scale covariate allows
-exactly), and then
+exactly; the offsets written relative to the log period scale, a change of variables
+with unit Jacobian), and then
 
 - every cell and marginal Potential must equal its value before the change
   (``data/logp_reference_parts.json``, written by the code before issue 15 at the
   same points) to 1e-8: the likelihood given the shares did not change;
 - for ``fusion_census_cdr`` the log-likelihood and the total log-probability must
-  equal the pre-refactor reference, the total up to the exact change of the prior
-  (``N(u_c; 0, 1)`` of the non-centred offsets instead of ``N(delta_c; 0, 0.5^2)``,
-  and the slope's ``N(b; 0.5, 0.5^2)``).
+  equal the pre-refactor reference, the total up to the exact change of the prior:
+  the new slope's ``N(b; 0.5, 0.5^2)`` (the offsets keep their density).
 
 The in/out totals Potentials of ``fusion_totals_marginals`` are not compared: the data
 side now protects the simulated totals (complementary suppression), which changed
@@ -70,8 +70,8 @@ def _same_shares(data, pm_model, point) -> tuple[dict[str, np.ndarray], float]:
     """The new-parametrisation point with the old point's market shares; the prior change.
 
     Old: ``logit s_i = logit(p_i) + delta_c + sigma e_i``. New: ``logit s_i = m_c +
-    0.5 u_c + b z_i + sigma e_i`` with ``m_c + b z_i = logit(p_i)`` for the within-country
-    sd ``b`` of ``logit(p)``, so ``u_c = delta_c / 0.5`` and ``e_i`` unchanged.
+    delta_c + b z_i + sigma e_i`` with ``m_c + b z_i = logit(p_i)`` for the within-country
+    sd ``b`` of ``logit(p)``; ``delta_c`` and ``e_i`` unchanged.
     """
     units = np.flatnonzero(np.isin(data["unit"].values, pm_model.coords["market_unit"]))
     design = CDRObservation("cdr").market_share_design(data, units)
@@ -84,14 +84,15 @@ def _same_shares(data, pm_model, point) -> tuple[dict[str, np.ndarray], float]:
     slope_prior = CDR_PRIORS["market_share_slope"]
     new = dict(point)
     delta = new.pop("market_share_country")
-    u = (delta - offset_prior["mu"]) / offset_prior["sigma"]
-    new["market_share_country_z"] = u
+    # the offsets are sampled relative to the log period scale (their prior is unchanged):
+    # raw_c = delta_c + g_c (log kappa - log median(kappa)), g_c = 1 / (1 - prior share)
+    countries = np.asarray(data["country"].values).astype(str)[units]
+    first = np.unique(countries, return_index=True)[1]
+    g = 1.0 / (1.0 - special.expit(design["centre"][first] + offset_prior["mu"]))
+    log_kappa = float(point["period_scale_log__"])
+    new["market_share_country_raw"] = delta + g * (log_kappa - CDR_PRIORS["period_scale"]["mu"])
     new["market_share_slope"] = np.asarray(slope)
-    change = (
-        stats.norm.logpdf(u).sum()
-        - stats.norm.logpdf(delta, offset_prior["mu"], offset_prior["sigma"]).sum()
-        + stats.norm.logpdf(slope, slope_prior["mu"], slope_prior["sigma"])
-    )
+    change = stats.norm.logpdf(slope, slope_prior["mu"], slope_prior["sigma"])
     return new, float(change)
 
 
