@@ -344,9 +344,7 @@ def test_quantiles_do_not_depend_on_block_size_or_dask(gravity_laplace, sim_smal
     xr.testing.assert_identical(one[quantiles], big[quantiles])
 
 
-def test_posterior_file_keeps_a_labelled_float32_loglik_or_its_loo(
-    sim_small, tmp_path, monkeypatch
-):
+def test_posterior_file_keeps_a_labelled_float32_loglik_or_its_loo(sim_small, tmp_path, monkeypatch):
     """Small fits store the pointwise log-likelihood (float32, labelled cells); above the size
     limit the file holds PSIS-LOO per cell instead, so it stays small."""
     from flowmodel.models import base
