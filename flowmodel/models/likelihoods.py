@@ -211,15 +211,20 @@ def truncated_nb_moments(
         Mean and variance, shape ``(cell,)``.
     """
     upper, lower = censored_bounds(upper, lower)
+    mean, var = _by_bounds(mu, phi, upper, lower, _moments)
+    return mean, var
 
-    def moments(a: Any, kernel: Any, k: np.ndarray) -> tuple[Any, Any]:
-        # the weights of the counts are the pmf renormalised: phi log p0 cancels
-        w = pt.special.softmax(kernel, axis=1)
-        mean = pt.sum(w * k[None, :], axis=1)
-        var = pt.sum(w * (k[None, :] - pt.shape_padright(mean)) ** 2, axis=1)
-        return mean, var
 
-    mean, var = _by_bounds(mu, phi, upper, lower, moments)
+def _moments(a: Any, kernel: Any, k: np.ndarray) -> tuple[Any, Any]:
+    """Mean and variance of the counts ``k`` with weights ``exp(kernel)`` (renormalised).
+
+    ``phi log p0`` cancels in the renormalisation. Written with the same
+    ``logsumexp(kernel)`` as :func:`censored_nb_logp`, so a graph holding both for
+    the same cells computes the kernel once (PyTensor merges equal subgraphs).
+    """
+    w = pt.exp(kernel - pt.shape_padright(pt.logsumexp(kernel, axis=1)))
+    mean = pt.sum(w * k[None, :], axis=1)
+    var = pt.sum(w * (k[None, :] - pt.shape_padright(mean)) ** 2, axis=1)
     return mean, var
 
 

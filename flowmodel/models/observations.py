@@ -941,7 +941,9 @@ class CDRObservation(CountObservation):
     def _scale(self, build: Build, cells: Cells) -> tuple[Any, Any]:
         self._share = self._add_scaling(build, cells)
         _, cell_scale = super()._scale(build, cells)
-        return self._share(cells.origin_idx, cells.period_idx), cell_scale
+        self._member_scale = self._share(cells.origin_idx, cells.period_idx)
+        self._cell_scale = cell_scale
+        return self._member_scale, cell_scale
 
     def _scale_linear(self, build: Build, cells: Cells, y: np.ndarray) -> Any:
         units = self._units
@@ -1054,18 +1056,76 @@ class CDRObservation(CountObservation):
             kind: self._totals_plan(build.data, kind, total) for kind, total in totals.items()
         }
         plans, self._totals_weight = self._select_totals(plans)
+        if not any(plan["used"].size for plan in plans.values()):
+            for kind in plans:
+                self._totals_used[f"{self.source}_{kind}"] = 0
+            return
+        if build.phi is None:
+            raise ModelConfigError(
+                f"source '{self.source}': the in/out totals need the negative binomial's "
+                "dispersion (the moments of its redacted cells); Fix: likelihood='negbin' "
+                f"(the default), or drop the {self.source}_outflow/_inflow totals"
+            )
+        # the redacted cells of the totals are (almost all) the source's own redacted cells:
+        # their moments are built from the very expression of their censored likelihood, so
+        # the compiled graph computes each cell's pmf kernel once for both
+        n = int(build.data.sizes["unit"])
+        n_t = int(build.data.sizes["period"]) if cells.period_idx is not None else 1
+        cens = np.flatnonzero(cells.censored)
+        own_ids = (cells.origin_idx[cens] * n + cells.dest_idx[cens]) * n_t + (
+            cells.period_idx[cens] if cells.period_idx is not None else 0
+        )
+        where = build.where(cells.origin_idx, cells.dest_idx)
+        log_mu = build.eta[where] + self._member_scale + np.log(cells.exposure) + self._cell_scale
+        own_moments = None
         for kind, plan in plans.items():
             self._totals_used[f"{self.source}_{kind}"] = int(plan["used"].size)
             if not plan["used"].size:
                 continue
             total = totals[kind]
-            idx = plan["cells"]
-            where = build.where(total.origin_idx[idx], total.dest_idx[idx])
-            period = None if total.period_idx is None else total.period_idx[idx]
-            log_cell = build.eta[where] + self._share(total.origin_idx[idx], period)
-            self._add_totals_likelihood(
-                kind, plan, pt.exp(log_cell) * total.exposure[idx], build.phi, self._totals_weight
-            )
+            mean_var = []
+            own = np.zeros(len(plan["open_ids"]), dtype=bool)
+            pos = np.zeros(len(plan["open_ids"]), dtype=np.int64)
+            if own_ids.size:
+                order = np.argsort(own_ids, kind="stable")
+                at = np.minimum(np.searchsorted(own_ids[order], plan["open_ids"]), len(order) - 1)
+                pos = order[at]
+                own = plan["censored"] & (own_ids[pos] == plan["open_ids"])
+            if own.any():
+                if own_moments is None:
+                    own_moments = truncated_nb_moments(
+                        pt.exp(log_mu[cens]), build.phi, cells.upper[cens], cells.lower[cens]
+                    )
+                mean_var.append((own, own_moments[0][pos[own]], own_moments[1][pos[own]]))
+            rest = np.flatnonzero(~own)
+            if rest.size:
+                idx = plan["cells"][rest]
+                where_t = build.where(total.origin_idx[idx], total.dest_idx[idx])
+                period = None if total.period_idx is None else total.period_idx[idx]
+                log_cell = (
+                    build.eta[where_t]
+                    + self._share(total.origin_idx[idx], period)
+                    + np.log(total.exposure[idx])
+                    + self._cell_scale
+                )
+                mu_rest = pt.exp(log_cell)
+                red = plan["censored"][rest]
+                if red.any():
+                    m_c, v_c = truncated_nb_moments(
+                        mu_rest[np.flatnonzero(red)] if not red.all() else mu_rest,
+                        build.phi,
+                        plan["upper"][rest][red],
+                        plan["lower"][rest][red],
+                    )
+                    sel = np.zeros(len(own), dtype=bool)
+                    sel[rest[red]] = True
+                    mean_var.append((sel, m_c, v_c))
+                if not red.all():
+                    m_m = mu_rest[np.flatnonzero(~red)] if red.any() else mu_rest
+                    sel = np.zeros(len(own), dtype=bool)
+                    sel[rest[~red]] = True
+                    mean_var.append((sel, m_m, m_m + m_m**2 / build.phi))
+            self._add_totals_likelihood(kind, plan, mean_var, self._totals_weight)
 
     @staticmethod
     def _select_totals(
@@ -1281,7 +1341,11 @@ class CDRObservation(CountObservation):
         }
 
     def _add_totals_likelihood(
-        self, kind: str, plan: Mapping[str, Any], mu: Any, phi: Any, weight: float = 1.0
+        self,
+        kind: str,
+        plan: Mapping[str, Any],
+        pieces: Sequence[tuple[np.ndarray, Any, Any]],
+        weight: float = 1.0,
     ) -> None:
         r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
 
@@ -1294,30 +1358,18 @@ class CDRObservation(CountObservation):
         redacted cell — (the CLT for a sum of independent cells; 1/12 is the
         rounding variance). A suppressed total (NaN, bound in
         ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
-        ``mu`` are the expected counts of the plan's open cells (:meth:`_totals_plan`);
-        ``weight`` multiplies the log-likelihood: ``1/2`` when outflow and inflow
-        totals used sum the same open cells (a composite likelihood that would
-        otherwise count them twice).
+        ``pieces`` are ``(mask over the plan's open cells, mean, variance)``
+        (:meth:`_totals_plan`); ``weight`` multiplies the log-likelihood (``1/2``
+        when released outflow and inflow totals share an open cell: a composite
+        likelihood that would otherwise count it twice).
         """
         n_keys = plan["n"]
-        key, censored = plan["key"], plan["censored"]
+        key = plan["key"]
         mean = pt.zeros(n_keys)
         var = pt.zeros(n_keys)
-        if censored.any():
-            idx = np.flatnonzero(censored)
-            m_c, v_c = truncated_nb_moments(
-                mu[idx] if not censored.all() else mu,
-                phi,
-                plan["upper"][idx],
-                plan["lower"][idx],
-            )
-            mean = pt.inc_subtensor(mean[key[idx]], m_c)
-            var = pt.inc_subtensor(var[key[idx]], v_c)
-        if not censored.all():
-            idx = np.flatnonzero(~censored)
-            m_m = mu[idx]
-            mean = pt.inc_subtensor(mean[key[idx]], m_m)
-            var = pt.inc_subtensor(var[key[idx]], m_m + m_m**2 / phi)
+        for mask, m_c, v_c in pieces:
+            mean = pt.inc_subtensor(mean[key[mask]], m_c)
+            var = pt.inc_subtensor(var[key[mask]], v_c)
         sd = pt.sqrt(var + 1.0 / 12.0)
         logp = pt.zeros(())
         if plan["obs"].size:
@@ -1329,6 +1381,21 @@ class CDRObservation(CountObservation):
             dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
             logp = logp + pm.logcdf(dist, plan["bound_left"][sel] + 0.5).sum()
         pm.Potential(f"{self.source}_{kind}_total", weight * logp)
+
+    def totals_moments(self, plan: Mapping[str, Any], mu: Any, phi: Any) -> list[tuple]:
+        """``pieces`` of :meth:`_add_totals_likelihood` from the open cells' expected counts."""
+        censored = plan["censored"]
+        out = []
+        if censored.any():
+            idx = np.flatnonzero(censored)
+            m_c, v_c = truncated_nb_moments(
+                mu[idx] if not censored.all() else mu, phi, plan["upper"][idx], plan["lower"][idx]
+            )
+            out.append((censored, m_c, v_c))
+        if not censored.all():
+            m_m = mu[np.flatnonzero(~censored)]
+            out.append((~censored, m_m, m_m + m_m**2 / phi))
+        return out
 
     # ------------------------------------------------------------------ numpy side
     @override

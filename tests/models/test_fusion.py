@@ -504,7 +504,7 @@ def test_totals_likelihood_at_the_truth_is_calibrated(world):
             * effect[c.period_idx[idx]]
         )
         with pm.Model() as pm_model:
-            obs._add_totals_likelihood(kind, plan, cell_mu, phi)
+            obs._add_totals_likelihood(kind, plan, obs.totals_moments(plan, cell_mu, phi))
         got = pm_model.compile_logp()({})
         expected, z, n_uninformative = 0.0, [], 0
         total, total_max = ds[f"cdr_{kind}"].values, ds[f"cdr_{kind}_max"].values

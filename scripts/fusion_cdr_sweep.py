@@ -1,0 +1,340 @@
+"""Does the CDR help? Fusion against census-only on the default world, dense and sparse CDR.
+
+For each seed and CDR activity the script simulates the default world
+(:func:`flowmodel.simulate.simulate_world`, 120 units; ``cdr_activity=4``: a sparse
+operator log whose median subscriber is seen on 4 nights a month), runs the
+pipeline's ``prepare`` stage with the demo config (home detection, redaction, the
+census as recorded: internal movers by unit, immigrants by previous country),
+fits the demo's model with the demo's sampler settings and the same model
+without the CDR (``sources = census, census_abroad``: census-only gravity), and
+scores both against the truth:
+
+- CPC of the posterior mean against the true expected flows, within the CDR-only
+  countries (the issue asks fused - census-only >= 0.02);
+- 90% coverage of the predictive intervals against the realised flows there;
+- predicted / true within-country total of each CDR-only country (0.8-1.25);
+- per-unit market shares: share of units whose true value lies inside their 90%
+  interval (>= 85%) and the correlation of posterior means with the truth
+  (>= 0.5); the truth is the operator's market share (``truth.json``) times the
+  detection rate of home detection (relocations counted per true relocation, from
+  the released outflow totals and ``true_cdr_homes.csv``);
+- sampling: largest R-hat and smallest bulk ESS over the summary parameters
+  (``FlowModel._summary_vars``: latent coefficients, country effects, phi, the
+  CDR scales), divergences, the fit's wall time and the process's peak memory.
+
+Run from the repository root (each world in its own process, for its peak memory)::
+
+    .venv/bin/python scripts/fusion_cdr_sweep.py --seeds 0-4 --activity default 4 \\
+        --out fusion-cdr-sweep.md
+
+About 4-6 minutes per world on 2 cores (two fits). ``--draws``/``--tune``/``--chains``
+override the demo's sampler settings (e.g. for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+CENSUS_ONLY = ["census", "census_abroad"]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4,7"`` -> ``[0, 1, 2, 3, 4, 7]``."""
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += range(int(lo), int(hi) + 1)
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+def prepare_world(out: Path, *, seed: int, cdr_activity: float | None, n_units: int = 120):
+    """Simulate the world and run the demo config's ``prepare`` stage; return the config."""
+    from flowmodel.config import load_config
+    from flowmodel.pipeline import DEMO_CONFIG, run_pipeline
+    from flowmodel.simulate import simulate_world
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "demo.toml"
+    if not (out / "dataset.nc").exists():
+        world = simulate_world(
+            out / "world", seed=seed, n_units=n_units, n_countries=6, cdr_activity=cdr_activity
+        )
+        truth = world.truth
+        config.write_text(
+            DEMO_CONFIG.format(
+                size="medium",
+                seed=seed,
+                config_name=config.name,
+                sample_fraction=truth.get("sample_fraction", 0.1),
+                census_level="unit",
+                timezone=truth.get("timezone", "UTC"),
+            )
+        )
+        run_pipeline(load_config(config), stages=["prepare"])
+    return load_config(config)
+
+
+def truth_matrices(out: Path, units: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """``(truth, true expected flows, realised flows)`` over ``units`` x ``units``."""
+    truth = json.loads((out / "world" / "truth.json").read_text())
+    flows = pd.read_csv(out / "world" / truth["true_flows"])
+
+    def matrix(column: str) -> np.ndarray:
+        wide = flows.pivot(index="origin", columns="destination", values=column)
+        m = wide.reindex(index=units, columns=units).to_numpy(dtype=float, copy=True)
+        np.fill_diagonal(m, np.nan)
+        return m
+
+    return truth, matrix("mu"), matrix("flow")
+
+
+def detection_rate(out: Path, ds: Any) -> float:
+    """Relocations counted per true relocation of the panel (released outflow totals / truth).
+
+    The true relocations are those of ``true_cdr_homes.csv`` (home in t-1 != home in
+    t), per origin unit and period; the counted ones are the operator's released
+    outflow totals (``cdr_outflow``, summed before redaction), over the unit-periods
+    where a total is released.
+    """
+    homes = pd.read_csv(out / "world" / "true_cdr_homes.csv").pivot(
+        index="subscriber_id", columns="period", values="unit_id"
+    )
+    periods = list(homes.columns)
+    parts = []
+    for a, b in zip(periods[:-1], periods[1:], strict=True):
+        moved = homes[a] != homes[b]
+        n = homes.loc[moved].groupby(a).size()
+        parts.append(pd.Series(n.to_numpy(), index=pd.MultiIndex.from_product([n.index, [b]])))
+    true = pd.concat(parts)
+    counted = ds["cdr_outflow"].to_series().dropna()
+    both = true.reindex(counted.index).dropna()
+    return float(counted.reindex(both.index).sum() / both.sum())
+
+
+def groups(ds: Any, truth: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Pair masks: within each CDR-only country, all CDR-only, cross-border."""
+    country = ds["country"].values.astype(str)
+    off = ~np.eye(len(country), dtype=bool)
+    same = (country[:, None] == country[None, :]) & off
+    cdr_only = sorted(set(truth["cdr_countries"]) - set(truth["census_countries"]))
+    out = {c: same & (country == c)[:, None] for c in cdr_only}
+    out["CDR only"] = same & np.isin(country, cdr_only)[:, None]
+    return out
+
+
+def score(
+    ds: Any,
+    truth: dict[str, Any],
+    mu: np.ndarray,
+    flow: np.ndarray,
+    pred: Any,
+) -> dict[str, float]:
+    """CPC, 90% coverage and within-country total ratios of a prediction."""
+    from flowmodel.evaluate import cpc, interval_coverage
+
+    mean, lo, hi = (np.asarray(pred[v].values, dtype=float) for v in ("mean", "q05", "q95"))
+    out: dict[str, float] = {}
+    for label, sel in groups(ds, truth).items():
+        out[f"cpc[{label}]"] = cpc(mu[sel], mean[sel])
+        out[f"coverage[{label}]"] = interval_coverage(flow[sel], lo[sel], hi[sel])
+        out[f"total_ratio[{label}]"] = float(mean[sel].sum() / mu[sel].sum())
+    return out
+
+
+def sampling(model: Any) -> dict[str, float]:
+    """Largest R-hat, smallest bulk ESS (summary parameters), divergences."""
+    import arviz as az
+
+    post = model.posterior
+    names = [v for v in model._summary_vars() if v in post]
+    names += [v for v in ("market_share_slope", "market_share_country") if v in post]
+    rhat, ess = az.rhat(post[names]), az.ess(post[names])
+    out = {
+        "rhat_max": max(float(np.nanmax(rhat[v].values)) for v in names),
+        "ess_min": min(float(np.nanmin(ess[v].values)) for v in names),
+    }
+    worst = min(names, key=lambda v: float(np.nanmin(ess[v].values)))
+    out["ess_min_param"] = worst
+    ss = model.idata["sample_stats"] if "sample_stats" in model.idata.children else None
+    out["divergences"] = int(ss["diverging"].values.sum()) if ss is not None else -1
+    out["diagnostic_warnings"] = len(model.fit_meta.get("diagnostics", []))
+    return out
+
+
+def shares(model: Any, truth: dict[str, Any], detection: float) -> dict[str, float]:
+    """Per-unit market shares against the truth x detection rate: 90% coverage, correlation."""
+    summary = model.market_share_summary(ci_prob=0.90)
+    true = pd.Series(truth["market_share"]).reindex(summary.index) * detection
+    inside = (true >= summary["eti_lo"]) & (true <= summary["eti_hi"])
+    return {
+        "share_inside90": float(inside.mean()),
+        "share_corr": float(np.corrcoef(summary["mean"], true)[0, 1]),
+        "share_mae": float(np.abs(summary["mean"] - true).mean()),
+        "n_units": len(true),
+        "detection_rate": detection,
+    }
+
+
+def run_one(
+    work: Path, seed: int, activity: float | None, overrides: dict[str, int], census_only: bool
+) -> dict[str, Any]:
+    """Prepare one world, fit fused (and census-only), return every number."""
+    from flowmodel.dataset import load_dataset
+    from flowmodel.pipeline import build_model
+
+    cfg = prepare_world(work, seed=seed, cdr_activity=activity)
+    ds = load_dataset(work / "dataset.nc").load()
+    units = ds["unit"].values.astype(str)
+    truth, mu, flow = truth_matrices(work, units)
+    kwargs: dict[str, Any] = {
+        "draws": cfg.model.draws,
+        "tune": cfg.model.tune,
+        "chains": cfg.model.chains,
+        **cfg.model.sample_kwargs,
+        **overrides,
+    }
+    row: dict[str, Any] = {"seed": seed, "activity": "default" if activity is None else activity}
+    model = build_model(cfg)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend=cfg.model.backend, random_seed=seed, **kwargs)
+    row["fit_s"] = time.perf_counter() - t0
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["backend"] = model.fit_meta["backend"]
+    row["n_totals"] = model.fit_meta["observations"]["cdr"].get("n_totals", {})
+    row.update(sampling(model))
+    row.update(shares(model, truth, detection_rate(work, ds)))
+    fused = score(ds, truth, mu, flow, model.predict(ds, seed=seed))
+    row.update({f"fused.{k}": v for k, v in fused.items()})
+    if census_only:
+        cfg.model.options["sources"] = CENSUS_ONLY
+        base = build_model(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base.fit(ds, backend=cfg.model.backend, random_seed=seed, **kwargs)
+        row.update(
+            {f"census.{k}": v for k, v in score(ds, truth, mu, flow, base.predict(ds, seed=seed)).items()}
+        )
+        row["cpc_gain[CDR only]"] = row["fused.cpc[CDR only]"] - row["census.cpc[CDR only]"]
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the sweep, and the per-target tallies."""
+    lines = [
+        "| seed | CDR activity | CPC fused / census-only (gain) | 90% cov. fused | "
+        "total ratio fused (per country) | shares in 90% / corr | max R-hat / min ESS | "
+        "fit s / peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['seed']} | {r['activity']} | failed: {r['error'][-150:]!r} |")
+            continue
+        ratios = ", ".join(
+            f"{r[k]:.2f}"
+            for k in sorted(r)
+            if k.startswith("fused.total_ratio[") and "CDR only" not in k
+        )
+        gain = r.get("cpc_gain[CDR only]", float("nan"))
+        lines.append(
+            f"| {r['seed']} | {r['activity']} | {r['fused.cpc[CDR only]']:.3f} / "
+            f"{r.get('census.cpc[CDR only]', float('nan')):.3f} ({gain:+.3f}) | "
+            f"{r['fused.coverage[CDR only]']:.3f} | {ratios} | "
+            f"{r['share_inside90']:.2f} / {r['share_corr']:.2f} | "
+            f"{r['rhat_max']:.3f} / {r['ess_min']:.0f} ({r['ess_min_param']}) | "
+            f"{r['fit_s']:.0f} / {r['peak_rss_mb']:.0f} |"
+        )
+    ok = [r for r in rows if "error" not in r]
+    tallies = {
+        "CPC gain >= 0.02": sum(r.get("cpc_gain[CDR only]", -1) >= 0.02 for r in ok),
+        "coverage 0.85-0.95": sum(0.85 <= r["fused.coverage[CDR only]"] <= 0.95 for r in ok),
+        "totals 0.8-1.25": sum(
+            all(
+                0.8 <= r[k] <= 1.25
+                for k in r
+                if k.startswith("fused.total_ratio[") and "CDR only" not in k
+            )
+            for r in ok
+        ),
+        "shares >= 85% inside": sum(r["share_inside90"] >= 0.85 for r in ok),
+        "share corr >= 0.5": sum(r["share_corr"] >= 0.5 for r in ok),
+        "R-hat <= 1.01 and ESS >= 400": sum(
+            r["rhat_max"] <= 1.01 and r["ess_min"] >= 400 for r in ok
+        ),
+    }
+    summary = "; ".join(f"{k}: {v}/{len(rows)}" for k, v in tallies.items())
+    return "\n".join(lines) + f"\n\nworlds meeting each target: {summary}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0-4")
+    parser.add_argument(
+        "--activity",
+        nargs="+",
+        default=["default", "4"],
+        help="CDR activities: 'default' (about 10 nights a month) and/or numbers",
+    )
+    parser.add_argument("--work", type=Path, help="keep the worlds here (default: temporary)")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--draws", type=int)
+    parser.add_argument("--tune", type=int)
+    parser.add_argument("--chains", type=int)
+    parser.add_argument("--no-census-only", action="store_true", help="skip the baseline fit")
+    parser.add_argument("--one", nargs=3, metavar=("WORK", "SEED", "ACTIVITY"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k in ("draws", "tune", "chains") if (v := getattr(args, k)) is not None}
+    if args.one:
+        work, seed, activity = args.one
+        act = None if activity == "default" else float(activity)
+        row = run_one(Path(work), int(seed), act, overrides, not args.no_census_only)
+        print("ROW " + json.dumps(row, default=str))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.work or Path(tmp)
+        for seed in parse_seeds(args.seeds):
+            for activity in args.activity:
+                work = base / f"seed{seed}-activity{activity}"
+                print(f"seed {seed}, CDR activity {activity} ...", file=sys.stderr, flush=True)
+                cmd = [sys.executable, __file__, "--one", str(work), str(seed), activity]
+                cmd += [f"--{k}={v}" for k, v in overrides.items()]
+                cmd += ["--no-census-only"] if args.no_census_only else []
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
+                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+                if not found:
+                    rows.append({"seed": seed, "activity": activity, "error": proc.stderr})
+                    continue
+                rows.append(json.loads(found[-1][4:]))
+                print(table(rows[-1:]).splitlines()[2], file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
