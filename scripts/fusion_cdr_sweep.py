@@ -34,6 +34,7 @@ override the demo's sampler settings (e.g. for a quick look).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -118,7 +119,7 @@ def detection_rate(out: Path, ds: Any) -> float:
     )
     periods = list(homes.columns)
     parts = []
-    for a, b in zip(periods[:-1], periods[1:], strict=True):
+    for a, b in itertools.pairwise(periods):
         moved = homes[a] != homes[b]
         n = homes.loc[moved].groupby(a).size()
         parts.append(pd.Series(n.to_numpy(), index=pd.MultiIndex.from_product([n.index, [b]])))
@@ -231,7 +232,10 @@ def run_one(
             warnings.simplefilter("ignore")
             base.fit(ds, backend=cfg.model.backend, random_seed=seed, **kwargs)
         row.update(
-            {f"census.{k}": v for k, v in score(ds, truth, mu, flow, base.predict(ds, seed=seed)).items()}
+            {
+                f"census.{k}": v
+                for k, v in score(ds, truth, mu, flow, base.predict(ds, seed=seed)).items()
+            }
         )
         row["cpc_gain[CDR only]"] = row["fused.cpc[CDR only]"] - row["census.cpc[CDR only]"]
     return row
@@ -301,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", type=int)
     parser.add_argument("--chains", type=int)
     parser.add_argument("--no-census-only", action="store_true", help="skip the baseline fit")
-    parser.add_argument("--one", nargs=3, metavar=("WORK", "SEED", "ACTIVITY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one", nargs=3, metavar=("WORK", "SEED", "ACTIVITY"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k in ("draws", "tune", "chains") if (v := getattr(args, k)) is not None}
     if args.one:
@@ -320,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, __file__, "--one", str(work), str(seed), activity]
                 cmd += [f"--{k}={v}" for k, v in overrides.items()]
                 cmd += ["--no-census-only"] if args.no_census_only else []
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ
+                )
                 found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
                 if not found:
                     rows.append({"seed": seed, "activity": activity, "error": proc.stderr})

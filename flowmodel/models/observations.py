@@ -78,9 +78,12 @@ __all__ = [
 
 #: Defaults of the CDR scaling nodes (suffixed ``_<source>`` for sources other than ``cdr``).
 CDR_PRIORS: dict[str, dict[str, Any]] = {
-    # logit(market_share_i) = centre_c + market_share_country[c] + market_share_slope * z_i
-    #                         + sigma_market_share * market_share_z_i      (z: the covariate's
+    # logit(market_share_i) = centre_c + market_share_level + market_share_country[c]
+    #     + market_share_slope * z_i + sigma_market_share * market_share_z_i   (z: the covariate's
     # within-country standardised log or logit; see CDRObservation.market_share_design)
+    # the level common to every CDR country (the operator's typical share times the detection
+    # rate of home detection), relative to the centre; then each country's own offset
+    "market_share_level": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
     "market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
     # a penetration measure goes with the share: one within-country sd of the covariate moves
     # the logit share by about a half (the within-country logit sd of real shares is ~0.3-0.6)
@@ -853,7 +856,11 @@ class CDRObservation(CountObservation):
 
     @override
     def nodes(self, data: xr.Dataset | None = None) -> list[str]:
-        nodes = [self.node("market_share_country"), self.node("sigma_market_share")]
+        nodes = [
+            self.node("market_share_level"),
+            self.node("market_share_country"),
+            self.node("sigma_market_share"),
+        ]
         if data is None or self._covariate(data) is not None:
             nodes.append(self.node("market_share_slope"))
         nodes.append(self.node("period_scale"))
@@ -988,19 +995,36 @@ class CDRObservation(CountObservation):
         # period scale, raw_c | kappa ~ N(mu + g_c (log kappa - ref), sd) and
         # delta_c = raw_c - g_c (log kappa - ref), leaves the prior exactly as stated (delta_c
         # ~ N(mu, sd), independent of kappa; unit Jacobian) and lines raw_c up with what the
-        # data pin: g_c = d logit s / d log s = 1 / (1 - s) at the country's prior share.
+        # data pin: g_c = d logit s / d log s = 1 / (1 - s) at the country's prior share. The
+        # common level takes the mean slope, each country's offset the rest.
         ref = _log_median(priors.get(scale_name))
+        level_name = self.node("market_share_level")
+        level_spec = priors[level_name]
+        if not (isinstance(level_spec, Mapping) and level_spec.get("dist", "Normal") == "Normal"):
+            raise ModelConfigError(
+                f"prior '{level_name}' must be a Normal (the common level of the logit market "
+                "shares is sampled relative to the period scale). "
+                "Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
+            )
+        lvl_mu, lvl_sd = float(level_spec.get("mu", 0.0)), float(level_spec.get("sigma", 0.5))
         first = np.unique(country_pos, return_index=True)[1]
-        prior_share = special.expit(design["centre"][first] + off_mu)
+        prior_share = special.expit(design["centre"][first] + lvl_mu + off_mu)
         g = 1.0 / (1.0 - prior_share)
-        shift = g * (log_level - ref)
-        raw = pm.Normal(f"{off_name}_raw", off_mu + shift, off_sd, dims=country_dim)
-        offset = pm.Deterministic(off_name, raw - shift, dims=country_dim)
+        g_mean = float(g.mean())
+        # the level common to every country (the operator's typical share and the detection
+        # rate of home detection, which are the same everywhere): without it, independent
+        # country offsets would average the unknown common level away
+        shift = g_mean * (log_level - ref)
+        level_raw = pm.Normal(f"{level_name}_raw", lvl_mu + shift, lvl_sd)
+        level = pm.Deterministic(level_name, level_raw - shift)
+        shift_c = (g - g_mean) * (log_level - ref)
+        raw = pm.Normal(f"{off_name}_raw", off_mu + shift_c, off_sd, dims=country_dim)
+        offset = pm.Deterministic(off_name, raw - shift_c, dims=country_dim)
         # the unit effects are non-centred: most cells are redacted, so each unit's share is
         # weakly identified and its effect stays near its prior
         sigma = build.prior(self.node("sigma_market_share"))
         z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
-        logit_share = design["centre"] + offset[country_pos] + sigma * z
+        logit_share = design["centre"] + level + offset[country_pos] + sigma * z
         if design["scale"] is not None:
             slope = build.prior(self.node("market_share_slope"))
             logit_share = logit_share + slope * design["z"]

@@ -290,22 +290,29 @@ def test_penetration_covariate_enters_by_its_shape_whatever_its_scale(world):
 
 
 def test_market_share_offsets_keep_their_prior_relative_to_the_period_scale(world):
-    """delta_c = raw_c - g_c log kappa with raw_c | kappa ~ N(mu + g_c log kappa, sd): N(mu, sd)."""
+    """x = raw - g log kappa with raw | kappa ~ N(mu + g log kappa, sd) is N(mu, sd), kappa-free."""
     ds, _ = world
     model = FusionModel(latent=gravity())
     pm_model, state, _ = model._build(ds)
     free = {v.name for v in pm_model.free_RVs}
-    assert {"market_share_country_raw", "market_share_z", "market_share_slope"} <= free
-    assert "market_share_country" not in free  # a Deterministic
-    draws = pm.draw(
-        [pm_model["market_share_country"], pm_model["period_scale"]],
+    names = {"market_share_level_raw", "market_share_country_raw", "market_share_z"}
+    assert names | {"market_share_slope"} <= free
+    assert not {"market_share_country", "market_share_level"} & free  # Deterministics
+    offset, level, scale = pm.draw(
+        [
+            pm_model["market_share_country"],
+            pm_model["market_share_level"],
+            pm_model["period_scale"],
+        ],
         draws=4000,
         random_seed=0,
     )
-    offset, scale = draws
     assert offset.mean(axis=0) == pytest.approx(np.zeros(3), abs=0.05)
     assert offset.std(axis=0) == pytest.approx(np.full(3, 0.5), rel=0.05)
-    assert abs(np.corrcoef(offset[:, 0], np.log(scale))[0, 1]) < 0.05
+    assert level.mean() == pytest.approx(0.0, abs=0.05)
+    assert level.std() == pytest.approx(0.5, rel=0.05)
+    for x in (offset[:, 0], level):
+        assert abs(np.corrcoef(x, np.log(scale))[0, 1]) < 0.05
     assert state["observations"]["cdr"]["market_share"]["level"] == "covariate"
     bad = FusionModel(
         latent=gravity(), priors={"market_share_country": {"dist": "StudentT", "nu": 3}}

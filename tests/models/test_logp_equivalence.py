@@ -16,15 +16,17 @@ purpose in issue 15: the market share's parameters are now a non-centred country
 Each stored point is mapped to the point of the new parametrisation that gives the
 *same market shares* (same offsets and unit effects; the slope that reproduces the
 old centre ``logit(covariate)``, which this world's share-scale covariate allows
-exactly; the offsets written relative to the log period scale, a change of variables
-with unit Jacobian), and then
+exactly; a common level ``market_share_level`` of 0; the offsets and the level
+written relative to the log period scale, a change of variables with unit Jacobian),
+and then
 
 - every cell and marginal Potential must equal its value before the change
   (``data/logp_reference_parts.json``, written by the code before issue 15 at the
   same points) to 1e-8: the likelihood given the shares did not change;
 - for ``fusion_census_cdr`` the log-likelihood and the total log-probability must
   equal the pre-refactor reference, the total up to the exact change of the prior:
-  the new slope's ``N(b; 0.5, 0.5^2)`` (the offsets keep their density).
+  the new slope's ``N(b; 0.5, 0.5^2)`` and common level's ``N(0; 0, 0.5^2)`` (the
+  offsets keep their density).
 
 The in/out totals Potentials of ``fusion_totals_marginals`` are not compared: the data
 side now protects the simulated totals (complementary suppression), which changed
@@ -84,15 +86,20 @@ def _same_shares(data, pm_model, point) -> tuple[dict[str, np.ndarray], float]:
     slope_prior = CDR_PRIORS["market_share_slope"]
     new = dict(point)
     delta = new.pop("market_share_country")
-    # the offsets are sampled relative to the log period scale (their prior is unchanged):
-    # raw_c = delta_c + g_c (log kappa - log median(kappa)), g_c = 1 / (1 - prior share)
+    # the common level (new) is 0, the country offsets keep their values; both are sampled
+    # relative to the log period scale (their prior is unchanged): raw = value + slope part
+    # (g_c - mean g for the offsets, mean g for the level) x (log kappa - log median(kappa)),
+    # g_c = 1 / (1 - prior share of the country)
     countries = np.asarray(data["country"].values).astype(str)[units]
     first = np.unique(countries, return_index=True)[1]
     g = 1.0 / (1.0 - special.expit(design["centre"][first] + offset_prior["mu"]))
-    log_kappa = float(point["period_scale_log__"])
-    new["market_share_country_raw"] = delta + g * (log_kappa - CDR_PRIORS["period_scale"]["mu"])
+    lam = float(point["period_scale_log__"]) - CDR_PRIORS["period_scale"]["mu"]
+    level_prior = CDR_PRIORS["market_share_level"]
+    new["market_share_level_raw"] = np.asarray(level_prior["mu"] + g.mean() * lam)
+    new["market_share_country_raw"] = delta + (g - g.mean()) * lam
     new["market_share_slope"] = np.asarray(slope)
     change = stats.norm.logpdf(slope, slope_prior["mu"], slope_prior["sigma"])
+    change += stats.norm.logpdf(0.0, level_prior["mu"], level_prior["sigma"])
     return new, float(change)
 
 
