@@ -795,28 +795,38 @@ class CDRObservation(CountObservation):
 
         y_{ijt} &\sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
         \log \pi_t = \log\kappa + d_t \\
-        \operatorname{logit} s_i &= m_{c(i)} + \delta_{c(i)} + b\, z_i + \sigma_s e_i,
-        \qquad \delta_c \sim N(0, 0.5^2),\ b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1)
+        \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
+        + \sigma_s e_i, \qquad \gamma, \delta_c \sim N(0, 0.5^2),\
+        b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1)
 
     :math:`s_i` is the share of origin unit :math:`i`'s movers that the CDR counts
-    as relocations — the operator's market share times the rate at which home
+    as relocations: the operator's market share times the rate at which home
     detection finds a subscriber's home in both periods (a relocation missed by
-    home detection is not counted) — and :math:`\kappa` the ``period_scale``, with
-    :math:`d` zero-sum period deviations. The penetration covariate
-    :math:`p_i` (``market_share_covariate``, e.g. subscribers per resident) enters
-    by its *shape*: :math:`z_i` is :math:`g(p_i)` standardised within its country
-    (:math:`g` = logit when every value lies in (0, 1), else log; centred on the
-    country mean, divided by the pooled within-country sd; 0 where the covariate
-    is missing), with slope :math:`b`. The country level :math:`m_c` is the logit
-    of the country's mean covariate when the covariate reads as a share (all
-    values in (0, 1) and every country mean in :data:`SHARE_LEVEL_RANGE`), else
+    home detection is not counted). :math:`\kappa` is the ``period_scale`` and
+    :math:`d` zero-sum period deviations (``period_effect``). The penetration
+    covariate :math:`p_i` (``market_share_covariate``, e.g. subscribers per
+    resident) enters by its *shape*: :math:`z_i` is :math:`g(p_i)` standardised
+    within its country (:math:`g` = logit when every value lies in (0, 1), else
+    log; centred on the country mean, divided by the pooled within-country sd; 0
+    where the covariate is missing), with the slope :math:`b`
+    (``market_share_slope``). The country level :math:`m_c` is the logit of the
+    country's mean covariate when the covariate reads as a share (all values in
+    (0, 1) and every country mean in :data:`SHARE_LEVEL_RANGE`), else
     ``logit(market_share_default)``: a panel's subscribers per resident (~4e-4)
-    says which units have more subscribers, not what share of the market they
-    are. The country offsets :math:`\delta_c` and the unit effects :math:`e_i`
-    are non-centred. Cells redacted at 15 or fewer enter as ``P(y <= 15)``. The
-    operator's in/out totals (``<source>_outflow`` / ``_inflow``, summed before
-    redaction) enter through the remainder ``total - released cells``, normal with
-    the summed moments of the redacted and missing cells.
+    says which units the operator covers better, not what share of the market it
+    has. :math:`\gamma` (``market_share_level``) is the level common to every CDR
+    country — the operator's typical share and the detection rate, the same
+    everywhere — and :math:`\delta_c` (``market_share_country``) each country's
+    own offset; the unit effects :math:`e_i` are non-centred, and
+    :math:`\gamma, \delta_c` are sampled relative to :math:`\log\kappa` (the
+    data pin only the product :math:`s_i \kappa`; the prior is unchanged).
+
+    Cells redacted at 15 or fewer enter as ``P(y <= 15)``. The operator's in/out
+    totals (``<source>_outflow`` / ``_inflow``, summed before redaction) enter
+    through the remainder ``total - released cells``, normal with the summed
+    moments of the redacted and missing cells; a suppressed total through its
+    bound when the bound is tighter than its redacted cells' own, and only when
+    it shares no redacted cell with a total already used.
     """
 
     kind = "cdr"
