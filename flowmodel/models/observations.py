@@ -1026,15 +1026,21 @@ class CDRObservation(CountObservation):
         # country offsets would average the unknown common level away
         shift = g_mean * (log_level - ref)
         level_raw = pm.Normal(f"{level_name}_raw", lvl_mu + shift, lvl_sd)
-        level = pm.Deterministic(level_name, level_raw - shift)
-        shift_c = (g - g_mean) * (log_level - ref)
-        raw = pm.Normal(f"{off_name}_raw", off_mu + shift_c, off_sd, dims=country_dim)
-        offset = pm.Deterministic(off_name, raw - shift_c, dims=country_dim)
+        pm.Deterministic(level_name, level_raw - shift)
+        # each country's logit level gamma + delta_c, centred on the common level: the data pin
+        # it (relative to the period scale), and then the common level is the prior's and the
+        # countries' (a centred hierarchy: no ridge between gamma and the offsets)
+        lam = log_level - ref
+        raw = pm.Normal(
+            f"{off_name}_raw", off_mu + level_raw + (g - g_mean) * lam, off_sd, dims=country_dim
+        )
+        pm.Deterministic(off_name, raw - level_raw - (g - g_mean) * lam, dims=country_dim)
         # the unit effects are non-centred: most cells are redacted, so each unit's share is
         # weakly identified and its effect stays near its prior
         sigma = build.prior(self.node("sigma_market_share"))
         z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
-        logit_share = design["centre"] + level + offset[country_pos] + sigma * z
+        country_level = raw - g * lam  # gamma + delta_c
+        logit_share = design["centre"] + country_level[country_pos] + sigma * z
         if design["scale"] is not None:
             slope = build.prior(self.node("market_share_slope"))
             logit_share = logit_share + slope * design["z"]

@@ -87,16 +87,16 @@ def _same_shares(data, pm_model, point) -> tuple[dict[str, np.ndarray], float]:
     new = dict(point)
     delta = new.pop("market_share_country")
     # the common level (new) is 0, the country offsets keep their values; both are sampled
-    # relative to the log period scale (their prior is unchanged): raw = value + slope part
-    # (g_c - mean g for the offsets, mean g for the level) x (log kappa - log median(kappa)),
-    # g_c = 1 / (1 - prior share of the country)
+    # relative to the log period scale and the offsets centred on the level (their prior is
+    # unchanged): level_raw = level + mean(g) lam, country_raw = level + offset + g_c lam, with
+    # lam = log kappa - log median(kappa), g_c = 1 / (1 - prior share of the country)
     countries = np.asarray(data["country"].values).astype(str)[units]
     first = np.unique(countries, return_index=True)[1]
     g = 1.0 / (1.0 - special.expit(design["centre"][first] + offset_prior["mu"]))
     lam = float(point["period_scale_log__"]) - CDR_PRIORS["period_scale"]["mu"]
     level_prior = CDR_PRIORS["market_share_level"]
     new["market_share_level_raw"] = np.asarray(level_prior["mu"] + g.mean() * lam)
-    new["market_share_country_raw"] = delta + (g - g.mean()) * lam
+    new["market_share_country_raw"] = delta + g * lam
     new["market_share_slope"] = np.asarray(slope)
     change = stats.norm.logpdf(slope, slope_prior["mu"], slope_prior["sigma"])
     change += stats.norm.logpdf(0.0, level_prior["mu"], level_prior["sigma"])
