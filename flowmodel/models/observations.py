@@ -105,6 +105,8 @@ def _log_median(spec: Any) -> float:
     return 0.0
 
 
+#: Cells per block of the CDR pointwise log-likelihood (bounds its temporaries' memory).
+POINTWISE_BLOCK = 1000
 #: Country means of a share-scale covariate (all values in (0, 1)) inside this range centre
 #: the market share's level; outside it (e.g. a panel's subscribers per resident, ~4e-4) the
 #: covariate informs the shares' shape only and ``market_share_default`` gives the level.
@@ -1438,6 +1440,23 @@ class CDRObservation(CountObservation):
         return out
 
     # ------------------------------------------------------------------ numpy side
+    @override
+    def pointwise(self, posterior, data, cells, log_rate):
+        """Pointwise log-likelihood, in blocks of :data:`POINTWISE_BLOCK` cells.
+
+        A CDR source has thousands of redacted cells and the negative binomial's
+        CDF of thousands of draws at each needs several temporaries of the full
+        (draw, cell) size: in blocks the peak memory stays that of the result.
+        """
+        if cells.aggregated or cells.n <= POINTWISE_BLOCK:
+            return super().pointwise(posterior, data, cells, log_rate)
+        out = np.empty((_n_samples(posterior), cells.n))
+        for start in range(0, cells.n, POINTWISE_BLOCK):
+            block = np.zeros(cells.n, dtype=bool)
+            block[start : start + POINTWISE_BLOCK] = True
+            out[:, block] = super().pointwise(posterior, data, cells.subset(block), log_rate)
+        return out
+
     @override
     def member_log_scale_draws(self, posterior, data, cells):
         share = posterior[self.node("market_share")]

@@ -1091,3 +1091,24 @@ def test_chunked_loo_takes_cells_whose_loglik_never_varies():
     np.testing.assert_allclose(
         out["elpd_i"].values[[0, 2, 4]], np.asarray(ref.elpd_i).ravel(), rtol=1e-5
     )
+
+
+def test_cdr_pointwise_loglik_in_blocks_equals_one_block(world, monkeypatch):
+    """The CDR source's pointwise log-likelihood is computed in blocks of cells (memory)."""
+    import flowmodel.models.observations as observations
+
+    ds, _ = world
+    model = FusionModel(latent=gravity())
+    pm_model, model.fit_meta, _ = model._build(ds)
+    names = [v.name for v in pm_model.free_RVs + pm_model.deterministics]
+    with pm_model:
+        prior = pm.sample_prior_predictive(draws=30, var_names=names, random_seed=1)
+    model.idata = xr.DataTree.from_dict({"posterior": prior["prior"].to_dataset()})
+    n_cdr = read_cells(ds, "cdr").n
+    monkeypatch.setattr(observations, "POINTWISE_BLOCK", 10**6)
+    whole = model.log_likelihood(ds)["log_likelihood"]["flow"].values
+    monkeypatch.setattr(observations, "POINTWISE_BLOCK", 97)
+    assert n_cdr > 3 * 97
+    blocks = model.log_likelihood(ds)["log_likelihood"]["flow"].values
+    np.testing.assert_array_equal(blocks, whole)
+    assert np.isfinite(whole).all()
