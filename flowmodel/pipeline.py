@@ -1783,12 +1783,12 @@ options = {{ timezone = "{timezone}" }}
 [model]
 type = "fusion"
 backend = "auto"   # NUTS: nutpie when installed (pip install 'flowmodel[fast]'), else PyMC's sampler
-# 4 chains make R-hat meaningful (sigma_country has only 4 countries to learn from); 4 x 600
-# draws give a bulk ESS above 400 for every summary parameter on the default world
-draws = 600
-tune = 600
+# the package's defaults: 4 chains (R-hat needs several; sigma_country has only 4 countries to
+# learn from) x 1000 draws after 1000 tuning steps give every summary parameter a bulk ESS above
+# 400 (the slowest: period_scale, which trades off with the spread of the market shares)
+draws = 1000
+tune = 1000
 chains = 4
-sample_kwargs = {{ target_accept = 0.9 }}
 
 [model.options]
 sources = ["census", "census_abroad", "cdr"]

@@ -73,21 +73,24 @@ def prepare_world(out: Path, *, seed: int, cdr_activity: float | None, n_units: 
 
     out.mkdir(parents=True, exist_ok=True)
     config = out / "demo.toml"
-    if not (out / "dataset.nc").exists():
-        world = simulate_world(
+    if not (out / "world" / "truth.json").exists():
+        simulate_world(
             out / "world", seed=seed, n_units=n_units, n_countries=6, cdr_activity=cdr_activity
         )
-        truth = world.truth
-        config.write_text(
-            DEMO_CONFIG.format(
-                size="medium",
-                seed=seed,
-                config_name=config.name,
-                sample_fraction=truth.get("sample_fraction", 0.1),
-                census_level="unit",
-                timezone=truth.get("timezone", "UTC"),
-            )
+    truth = json.loads((out / "world" / "truth.json").read_text())
+    # always the current demo config (its model settings may have changed since the world was
+    # prepared; the prepare stage's inputs did not)
+    config.write_text(
+        DEMO_CONFIG.format(
+            size="medium",
+            seed=seed,
+            config_name=config.name,
+            sample_fraction=truth.get("sample_fraction", 0.1),
+            census_level="unit",
+            timezone=truth.get("timezone", "UTC"),
         )
+    )
+    if not (out / "dataset.nc").exists():
         run_pipeline(load_config(config), stages=["prepare"])
     return load_config(config)
 

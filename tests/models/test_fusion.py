@@ -1112,3 +1112,51 @@ def test_cdr_pointwise_loglik_in_blocks_equals_one_block(world, monkeypatch):
     blocks = model.log_likelihood(ds)["log_likelihood"]["flow"].values
     np.testing.assert_array_equal(blocks, whole)
     assert np.isfinite(whole).all()
+
+
+@pytest.mark.slow
+def test_a_released_total_moves_its_redacted_cells_and_nothing_else():
+    """Issue 15: a total changes the posterior of the redacted flows it sums, and only those.
+
+    Unit U008's outflow in the first period is three redacted cells (each 0..15) and a
+    released total of 26. Fitted (MAP) without totals, with that total as released, and with
+    totals that leave 3 or 42 for the redacted cells: their expected count follows the
+    remainder, while every redacted cell of the other rows moves by a few percent at most.
+    """
+    ds, _ = simulate_fusion_dataset(units_per_country=4, seed=1, totals=True)
+    names = ["cdr_outflow", "cdr_outflow_max", "cdr_inflow", "cdr_inflow_max"]
+    unit, period = ds["unit"].values[8], ds["period"].values[0]
+    flow = ds["flow_cdr"].sel(origin=unit, period=period)
+    redacted = ds["flow_cdr_max"].sel(origin=unit, period=period).notnull()
+    assert int(redacted.sum()) == 3 and float(flow.sum()) == 0.0
+    assert float(ds["cdr_outflow"].sel(unit=unit, period=period)) == 26.0
+
+    def only_total(remainder: float) -> xr.Dataset:
+        out = ds.copy(deep=True)
+        for name in names:
+            out[name][:] = np.nan
+        out["cdr_outflow"].loc[{"unit": unit, "period": period}] = remainder
+        return out
+
+    sums, others = {}, {}
+    for label, data in (
+        ("none", ds.drop_vars(names)),
+        ("3", only_total(3.0)),
+        ("26", only_total(26.0)),
+        ("42", only_total(42.0)),
+    ):
+        model = FusionModel(latent=small_world_gravity(), priors=PRIORS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(data, backend="map", random_seed=0)
+        cells = model.predict_cells(data, "cdr", kind="mean")
+        censored = np.isnan(cells["observed"].values)
+        row = (cells["origin"].values == unit) & (cells["period"].values == period)
+        sums[label] = float(cells["mean"].values[row & censored].sum())
+        others[label] = cells["mean"].values[~row & censored]
+        print(f"total leaving {label}: U008's redacted cells expect {sums[label]:.1f}")
+    assert sums["3"] < 8 < sums["none"] < sums["26"] < sums["42"]
+    assert abs(sums["26"] - 26) < 5 and abs(sums["42"] - 42) < 5
+    for label in ("3", "26", "42"):
+        change = np.abs(others[label] / others["none"] - 1)
+        assert np.median(change) < 0.02 and change.max() < 0.1, (label, change.max())
