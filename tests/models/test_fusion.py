@@ -1121,7 +1121,8 @@ def test_a_released_total_moves_its_redacted_cells_and_nothing_else():
     Unit U008's outflow in the first period is three redacted cells (each 0..15) and a
     released total of 26. Fitted (MAP) without totals, with that total as released, and with
     totals that leave 3 or 42 for the redacted cells: their expected count follows the
-    remainder, while every redacted cell of the other rows moves by a few percent at most.
+    remainder (and U008's cells of the other period with them: one share, one latent row),
+    while the redacted cells of every other origin move by a few percent at most.
     """
     ds, _ = simulate_fusion_dataset(units_per_country=4, seed=1, totals=True)
     names = ["cdr_outflow", "cdr_outflow_max", "cdr_inflow", "cdr_inflow_max"]
@@ -1153,7 +1154,7 @@ def test_a_released_total_moves_its_redacted_cells_and_nothing_else():
         censored = np.isnan(cells["observed"].values)
         row = (cells["origin"].values == unit) & (cells["period"].values == period)
         sums[label] = float(cells["mean"].values[row & censored].sum())
-        others[label] = cells["mean"].values[~row & censored]
+        others[label] = cells["mean"].values[(cells["origin"].values != unit) & censored]
         print(f"total leaving {label}: U008's redacted cells expect {sums[label]:.1f}")
     assert sums["3"] < 8 < sums["none"] < sums["26"] < sums["42"]
     assert abs(sums["26"] - 26) < 5 and abs(sums["42"] - 42) < 5
