@@ -1,4 +1,4 @@
-"""Inference benchmark: effective samples per second of the gravity model, per backend.
+"""Inference benchmark: effective samples per second of the gravity and fusion models, per backend.
 
 For N units of a simulated world (all pairs observed, Poisson flows) it fits the
 6-coefficient Poisson gravity model (intercept, origin and destination log
@@ -18,6 +18,18 @@ ESS/s = min bulk ESS over the 6 coefficients / wall time of the fit call
 
     .venv/bin/python benchmarks/inference.py --units 50 150 400 \
         --chains 4 --draws 1000 --tune 1000 --backends naive careful nutpie numpyro pymc laplace glm
+
+``--fusion`` benchmarks the demo's fusion model instead: the default simulated world
+(:func:`flowmodel.simulate.simulate_world`, ``--units`` units; ``--cdr-activity 4``
+for a sparse operator log) through the pipeline's ``prepare`` stage, fitted with the
+demo config's model and sampler settings (override with ``--draws/--tune/--chains``).
+ESS/s = min bulk ESS over the model's summary parameters (latent coefficients,
+country effects, phi, the CDR scales) / wall time of the fit call (compilation,
+the pointwise log-likelihood and its LOO included); also the largest R-hat and the
+peak memory of the process::
+
+    .venv/bin/python benchmarks/inference.py --fusion --units 120 --backends nutpie laplace
+    .venv/bin/python benchmarks/inference.py --fusion --units 120 --cdr-activity 4
 """
 
 from __future__ import annotations
@@ -116,6 +128,77 @@ def run_glm(ds):
     return time.perf_counter() - t0, res.params, res.bse
 
 
+def run_fusion(args) -> list[dict]:
+    """The demo's fusion model on the default world: wall time, ESS/s, R-hat, peak memory."""
+    import importlib.util
+    import resource
+    import tempfile
+    from pathlib import Path
+
+    import arviz as az
+
+    from flowmodel.config import load_config
+    from flowmodel.dataset import load_dataset
+    from flowmodel.pipeline import build_model
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fusion_cdr_sweep.py"
+    spec = importlib.util.spec_from_file_location("fusion_cdr_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.units:
+            work = Path(tmp) / f"world{n}"
+            sweep.prepare_world(work, seed=args.seed, cdr_activity=args.cdr_activity, n_units=n)
+            cfg = load_config(work / "demo.toml")
+            ds = load_dataset(work / "dataset.nc").load()
+            overrides = {
+                k: v
+                for k in ("draws", "tune", "chains")
+                if (v := getattr(args, k)) != parser_defaults[k]
+            }
+            kwargs = sweep.fit_kwargs(cfg, overrides)
+            for backend in args.backends:
+                model = build_model(cfg)
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.fit(ds, backend=backend, random_seed=args.seed, **kwargs)
+                wall = time.perf_counter() - t0
+                post = model.posterior
+                names = [v for v in model._summary_vars() if v in post]
+                ess = az.ess(post[names])
+                min_ess = min(float(np.nanmin(ess[v].values)) for v in names)
+                rhat = (
+                    max(float(np.nanmax(az.rhat(post[names])[v].values)) for v in names)
+                    if post.sizes.get("chain", 1) > 1 and not model.fit_meta["approximate"]
+                    else float("nan")
+                )
+                row = {
+                    "units": n,
+                    "backend": backend,
+                    "cdr_activity": args.cdr_activity,
+                    "wall_s": wall,
+                    "min_ess": min_ess if not model.fit_meta["approximate"] else float("nan"),
+                    "rhat_max": rhat,
+                    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "diagnostics": model.fit_meta.get("diagnostics", []),
+                }
+                row["ess_per_s"] = row["min_ess"] / wall
+                rows.append(row)
+                print(
+                    f"fusion N={n:4d} {backend:8s} wall={wall:7.1f}s minESS={row['min_ess']:7.0f} "
+                    f"ESS/s={row['ess_per_s']:6.2f} R-hat={rhat:.3f} peak={row['peak_mb']:.0f} MB "
+                    f"{'; '.join(row['diagnostics'])}",
+                    flush=True,
+                )
+    return rows
+
+
+#: argparse defaults of --draws/--tune/--chains (a fusion run uses the demo's unless given)
+parser_defaults = {"draws": 1000, "tune": 1000, "chains": 4}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--units", type=int, nargs="+", default=[50, 150, 400])
@@ -132,8 +215,24 @@ def main(argv=None):
         "--naive-max-units", type=int, default=10_000, help="skip naive above this N"
     )
     parser.add_argument("--json", default=None, help="write the results here too")
+    parser.add_argument(
+        "--fusion", action="store_true", help="the demo's fusion model on the default world"
+    )
+    parser.add_argument(
+        "--cdr-activity", type=float, default=None, help="--fusion: sparse CDR (e.g. 4)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault(CHAINS_ENV, f"--xla_force_host_platform_device_count={args.chains}")
+    if args.fusion:
+        if args.backends == parser.get_default("backends"):
+            args.backends = ["nutpie", "laplace"]
+        if args.units == parser.get_default("units"):
+            args.units = [120]
+        rows = run_fusion(args)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return rows
     rows = []
     for n in args.units:
         ds, _ = world(n, seed=args.seed)

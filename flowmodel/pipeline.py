@@ -1905,22 +1905,26 @@ options = {{ timezone = "{timezone}" }}
 [model]
 type = "fusion"
 backend = "auto"   # NUTS: nutpie when installed (pip install 'flowmodel[fast]'), else PyMC's sampler
-draws = 2000
+# the package's defaults: 4 chains (R-hat needs several; sigma_country has only 4 countries to
+# learn from) x 1000 draws after 1000 tuning steps give every summary parameter a bulk ESS above
+# 400 (the slowest: period_scale, which trades off with the spread of the market shares)
+draws = 1000
 tune = 1000
-chains = 4   # 4 chains make R-hat meaningful (sigma_country has only 4 countries to learn from)
-sample_kwargs = {{ target_accept = 0.95 }}
+chains = 4
 
 [model.options]
 sources = ["census", "census_abroad", "cdr"]
-# the simulated CDR is a panel: subscribers per resident (~0.0004) measures the panel,
-# not the operator's market share, so the market-share prior keeps its default centre
-market_share_covariate = ""
+# the simulated CDR is a panel: its subscribers per resident (~0.0004) say which units the
+# operator covers better, not its market share, so the covariate shapes the shares (a slope on
+# its standardised log) and the level keeps the default centre, market_share_default = 0.3
+market_share_covariate = "cdr_subscribers_per_resident"
 
 [model.options.latent]
 type = "gravity"
 origin_covariates = ["log_population"]
 destination_covariates = ["log_population", "night_lights_per_capita"]
-noncentered = true
+# country levels centred for NUTS (every fitted country has many pairs), non-centred for Laplace
+noncentered = "auto"
 
 # CDR: relocations per month; census: moves over 5 years -> about 1/60 per period
 # (less where home detection misses moves): LogNormal(log(1/60), 1.5)

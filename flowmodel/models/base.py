@@ -1332,17 +1332,25 @@ def pointwise_loo(tree: xr.DataTree, *, chunk: int = 20_000) -> xr.Dataset | Non
     """PSIS-LOO per cell (``elpd_i``, ``pareto_k``) from a ``log_likelihood`` group, in chunks.
 
     Used when the full pointwise log-likelihood is too large to keep: PSIS is
-    computed per cell, so chunks of cells give the same numbers as one call.
+    computed per cell, so chunks of cells give the same numbers as one call. A cell
+    whose log-likelihood is the same in every draw (a redacted cell far below its
+    bound: ``log P(y <= 15) = 0`` to float precision) has uniform importance weights:
+    ``elpd_i`` is that value and ``pareto_k`` 0 (PSIS cannot fit a tail to it).
     """
     import arviz as az
 
     ll = tree["log_likelihood"].to_dataset()["flow"]
     n = ll.sizes["cell"]
-    elpd, k = [], []
+    values = ll.transpose("cell", ...).values.reshape(n, -1)
+    constant = np.all(values == values[:, :1], axis=1)
+    elpd_all = values[:, 0].astype(float)
+    k_all = np.zeros(n)
+    varying = np.flatnonzero(~constant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for a in range(0, n, chunk):
-            part = ll.isel(cell=slice(a, a + chunk))
+        for a in range(0, len(varying), chunk):
+            idx = varying[a : a + chunk]
+            part = ll.isel(cell=idx)
             sub = xr.DataTree.from_dict(
                 {
                     "posterior": tree["posterior"].to_dataset(),
@@ -1350,13 +1358,13 @@ def pointwise_loo(tree: xr.DataTree, *, chunk: int = 20_000) -> xr.Dataset | Non
                 }
             )
             res = az.loo(sub, pointwise=True, var_name="flow")
-            elpd.append(np.asarray(res.elpd_i).ravel())
-            k.append(np.asarray(res.pareto_k).ravel())
+            elpd_all[idx] = np.asarray(res.elpd_i).ravel()
+            k_all[idx] = np.asarray(res.pareto_k).ravel()
     coords = {c: ("cell", ll[c].values) for c in ll.coords if ll[c].dims == ("cell",)}
     return xr.Dataset(
         {
-            "elpd_i": ("cell", np.concatenate(elpd).astype(np.float32)),
-            "pareto_k": ("cell", np.concatenate(k).astype(np.float32)),
+            "elpd_i": ("cell", elpd_all.astype(np.float32)),
+            "pareto_k": ("cell", k_all.astype(np.float32)),
         },
         coords=coords,
         attrs={"note": "PSIS-LOO per cell; the pointwise log-likelihood was too large to keep"},

@@ -7,8 +7,9 @@ one observation model per source (:mod:`flowmodel.models.observations`):
   admin-1 units or countries): negative binomial with the sample fraction as
   exposure, optional undercount and duration factors;
 - **cdr** (``cdr`` / ``cdr_*``): counts scaled by a per-origin-unit market share
-  (logit-normal, pooled within country, centred on a penetration covariate) and
-  period effects; redacted cells enter as ``P(y <= 15)``; the operator's in/out
+  (logit-normal, pooled within country; a penetration covariate enters by its
+  within-country shape with a slope, and by its level only when it reads as a
+  share) and period effects; redacted cells enter as ``P(y <= 15)``; the operator's in/out
   totals (``<source>_outflow`` / ``_inflow``) through the remainder ``total -
   released cells``;
 - **estimates** (``estimate_<name>``: published estimates with standard errors at
@@ -92,8 +93,9 @@ class FusionModel(FlowModel):
         y^{\mathrm{cdr}}_{ijt} &\sim \mathrm{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\
             \phi_{\mathrm{cdr}}\big), \qquad
         P\big(y^{\mathrm{cdr}}_{ijt} \le 15\big) \text{ for a redacted cell} \\
-        \operatorname{logit} s_i &= \operatorname{logit} p_i + \delta_{c(i)}
-            + \sigma_s z_i, \quad \delta_c \sim N(0, 0.5^2),\ z_i \sim N(0, 1) \\
+        \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
+            + \sigma_s e_i, \quad \gamma, \delta_c \sim N(0, 0.5^2),\
+            b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1) \\
         \log \pi_t &= \log \kappa + d_t, \quad \kappa \sim \mathrm{LogNormal}(0, 3^2),\
             d \sim \mathrm{ZeroSumNormal}(0.5) \\
         \log \hat y^{\mathrm{est}}_c &\sim \mathcal N\Big(\log \sum_{(i,j)\in c} e^{\eta_{ij}},\
@@ -102,10 +104,15 @@ class FusionModel(FlowModel):
     with :math:`f_c` the census sample fraction (``exposure_census``), a census
     cell :math:`c` one pair or — for a census that records the previous admin-1
     unit or only the previous *country* of immigrants — every pair of its member
-    units, :math:`s_i` the operator's ``market_share`` in origin unit :math:`i`,
-    :math:`p_i` the penetration covariate (``cdr_subscribers_per_resident``; 0.3
-    where absent), :math:`\pi_t` the ``period_effect`` and :math:`\phi` per
-    source (``phi``, dim ``source``). A census anchors the absolute scale;
+    units, :math:`s_i` the ``market_share`` of origin unit :math:`i` (the
+    operator's share of its movers times the detection rate of home detection),
+    :math:`z_i` the penetration covariate (``cdr_subscribers_per_resident``)
+    standardised within its country on the log or logit scale, :math:`m_c` the
+    logit of the country's mean covariate when it reads as a share (else of
+    ``market_share_default``), :math:`\gamma` the level common to the CDR
+    countries, :math:`\delta_c` each country's offset, :math:`\pi_t` the
+    ``period_effect`` and :math:`\phi` per source (``phi``, dim ``source``); see
+    :class:`~flowmodel.models.observations.CDRObservation`. A census anchors the absolute scale;
     countries with only CDR borrow it through the latent coefficients and the
     country-effect hierarchy, and countries with no data get their effect from
     ``N(0, sigma_country)``.
@@ -123,10 +130,12 @@ class FusionModel(FlowModel):
         census (count) one; ``source_options`` can say otherwise. Estimate
         sources of the dataset not listed are added.
     market_share_covariate
-        Unit variable giving the prior centre of the market share (subscribers
-        per resident); ignored where absent or NaN.
+        Unit variable of the operator's penetration (subscribers per resident):
+        its within-country shape informs the shares through a slope, whatever its
+        scale; its country means give the level only when it reads as a share
+        (values in (0, 1), country means in 2-98%). Ignored where absent or NaN.
     market_share_default
-        Prior centre of the market share where the covariate is absent.
+        Prior centre of the market share where the covariate gives no level.
     reference_source
         Source whose dispersion ``phi`` is used for predictive draws of
         population flows (default: the first census-type source, else the
@@ -139,7 +148,8 @@ class FusionModel(FlowModel):
     priors
         Overrides keyed by node name: the latent's (``intercept``, ``beta``,
         ``cross_border``, ``sigma_country``, ...) and the observation models'
-        (``phi``, ``market_share_country``, ``sigma_market_share``,
+        (``phi``, ``market_share_level``, ``market_share_country``,
+        ``market_share_slope``, ``sigma_market_share``, ``period_scale``,
         ``period_effect``, ``undercount_<source>``, ...).
     sampler_config
         Defaults of :meth:`fit` keyword arguments.
@@ -287,6 +297,7 @@ class FusionModel(FlowModel):
 
     def _summary_vars(self) -> list[str]:
         names = [*self.field.summary_vars(), "phi", "sigma_market_share", "period_scale"]
+        names += ["market_share_level", "market_share_slope"]
         return list(dict.fromkeys([*names, "period_effect"]))
 
     def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:

@@ -76,12 +76,91 @@ def interval_logcdf(make_dist: Any, upper: np.ndarray, lower: np.ndarray) -> Any
     return pt.set_subtensor(log_hi[idx], pm.math.logdiffexp(log_hi[idx], log_lo))
 
 
+def _float_tensor(x: Any) -> Any:
+    """Return a PyTensor variable as it is, numbers and arrays as float64 (not floatX) constants."""
+    if isinstance(x, pt.Variable):
+        return x
+    return pt.as_tensor_variable(np.asarray(x, dtype=float))
+
+
+def _nb_kernel(mu: Any, phi: Any, k: np.ndarray) -> tuple[Any, Any]:
+    """``(phi log p0, log-kernel)`` of a negative binomial on the counts ``k``.
+
+    ``log pmf(k) = phi log(phi / (phi + mu)) + kernel_k`` with
+    ``kernel_k = lgamma(k + phi) - lgamma(phi) - lgamma(k + 1) + k log(mu / (phi + mu))``:
+    for a scalar ``phi`` the lgamma part is one vector over ``k`` (not one per
+    cell and count), so a censored cell costs a multiply-add per count and the
+    graph stays small. ``kernel`` has shape ``(cell, len(k))``.
+    """
+    mu_t, phi_t = _float_tensor(mu), _float_tensor(phi)
+    log_mu = pt.log(mu_t)
+    log_phi_mu = pt.log(phi_t + mu_t)
+    # mu -> 0 gives log q -> -inf and 0 * -inf at k = 0; clipping far below any real value keeps
+    # the pmf at k = 0 exact (exp(-1e4 k) is 0 for k > 0)
+    log_q = pt.maximum(log_mu - log_phi_mu, -1.0e4)
+    k_row = k[None, :]
+    if phi_t.ndim == 0:
+        const = pt.gammaln(k + phi_t) - pt.gammaln(phi_t) - special.gammaln(k + 1)
+        const = const[None, :]
+    else:
+        phi_c = pt.shape_padright(phi_t)
+        const = pt.gammaln(k_row + phi_c) - pt.gammaln(phi_c) - special.gammaln(k_row + 1)
+    kernel = const + k_row * pt.shape_padright(log_q)
+    return phi_t * (pt.log(phi_t) - log_phi_mu), kernel
+
+
+def _bound_groups(upper: np.ndarray, lower: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """Cells grouped by their integer bounds ``(lower, upper)``: ``[(lo, hi, cells), ...]``."""
+    if not upper.size:
+        return []
+    pairs, inverse = np.unique(np.stack([lower, upper], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    return [(int(lo), int(hi), np.flatnonzero(inverse == g)) for g, (lo, hi) in enumerate(pairs)]
+
+
+def _by_bounds(
+    mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray, per_group: Any
+) -> Any | list[Any]:
+    """Apply ``per_group(phi_log_p0, kernel, idx)`` to each group of equal bounds; reassemble.
+
+    Every group sums its own counts ``lower..upper`` (no mask, no wasted terms).
+    With many distinct bounds (> 8) one kernel over ``0..max(upper)`` is masked
+    instead. Returns the per-cell results in the order of the cells (a list when
+    ``per_group`` returns a tuple).
+    """
+    mu_t, phi_t = _float_tensor(mu), _float_tensor(phi)
+    groups = _bound_groups(upper, lower)
+    if len(groups) > 8:
+        k = np.arange(int(upper.max()) + 1, dtype=float)
+        a, kernel = _nb_kernel(mu_t, phi_t, k)
+        inside = (k[None, :] <= upper[:, None]) & (k[None, :] >= lower[:, None])
+        return per_group(a, pt.where(inside, kernel, -np.inf), k)
+    parts, order = [], []
+    for lo, hi, idx in groups:
+        k = np.arange(lo, hi + 1, dtype=float)
+        whole = len(groups) == 1
+        m = mu_t if whole else mu_t[idx]
+        p = phi_t if (whole or phi_t.ndim == 0) else phi_t[idx]
+        a, kernel = _nb_kernel(m, p, k)
+        parts.append(per_group(a, kernel, k))
+        order.append(idx)
+    if len(parts) == 1:
+        return parts[0]
+    back = np.argsort(np.concatenate(order), kind="stable")
+    if isinstance(parts[0], tuple):
+        return [pt.concatenate([p[j] for p in parts])[back] for j in range(len(parts[0]))]
+    return pt.concatenate(parts)[back]
+
+
 def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray | None = None) -> Any:
     """Elementwise ``log P(lower <= y <= upper)`` of a negative binomial (a PyTensor expression).
 
     For bounds up to :data:`MAX_SUMMED_BOUND` it is the log-sum-exp of the pmf
     over ``lower..upper``: exact, cheap, and differentiable in every backend
-    (PyTensor C, JAX, numba). Larger bounds use :func:`pymc.logcdf`
+    (PyTensor C, JAX, numba). The pmf is written as ``phi log p0 + kernel_k``
+    with the ``lgamma`` terms of a scalar ``phi`` computed once per count, and
+    cells are grouped by their bounds, so a redacted cell costs a few
+    multiply-adds per count. Larger bounds use :func:`pymc.logcdf`
     (``log(F(upper) - F(lower - 1))``).
 
     Parameters
@@ -114,13 +193,7 @@ def censored_nb_logp(mu: Any, phi: Any, upper: np.ndarray, lower: np.ndarray | N
             )
 
         return interval_logcdf(dist, upper, lower)
-    k = np.arange(top + 1, dtype=float)
-    mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
-    phi_t = pt.as_tensor_variable(phi)
-    phi_b = pt.shape_padright(phi_t) if phi_t.ndim else phi_t
-    terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
-    mask = (k[None, :] <= upper[:, None]) & (k[None, :] >= lower[:, None])
-    return pt.logsumexp(pt.where(mask, terms, -np.inf), axis=1)
+    return _by_bounds(mu, phi, upper, lower, lambda a, kernel, k: a + pt.logsumexp(kernel, axis=1))
 
 
 def truncated_nb_moments(
@@ -128,8 +201,9 @@ def truncated_nb_moments(
 ) -> tuple[Any, Any]:
     """Mean and variance of a negative binomial truncated to ``lower..upper`` (PyTensor).
 
-    Exact sums of the pmf over ``0..max(upper)``; the moments of a redacted
-    cell given that it was redacted (``lower`` default 0).
+    Exact sums of the pmf over ``lower..upper``; the moments of a redacted
+    cell given that it was redacted (``lower`` default 0). Bounds must be at most
+    :data:`MAX_SUMMED_BOUND` apart from 0 (redaction thresholds are).
 
     Returns
     -------
@@ -137,18 +211,21 @@ def truncated_nb_moments(
         Mean and variance, shape ``(cell,)``.
     """
     upper, lower = censored_bounds(upper, lower)
-    top = int(upper.max()) if upper.size else 0
-    k = np.arange(top + 1, dtype=float)
-    mu_b = pt.shape_padright(pt.as_tensor_variable(mu))
-    phi_t = pt.as_tensor_variable(phi)
-    phi_b = pt.shape_padright(phi_t) if phi_t.ndim else phi_t
-    terms = pm.logp(pm.NegativeBinomial.dist(mu=mu_b, alpha=phi_b), k[None, :])
-    inside = (k[None, :] <= upper[:, None]) & (k[None, :] >= lower[:, None])
-    terms = pt.where(inside, terms, -np.inf)
-    w = pt.exp(terms - pt.logsumexp(terms, axis=1, keepdims=True))
+    mean, var = _by_bounds(mu, phi, upper, lower, _moments)
+    return mean, var
+
+
+def _moments(a: Any, kernel: Any, k: np.ndarray) -> tuple[Any, Any]:
+    """Mean and variance of the counts ``k`` with weights ``exp(kernel)`` (renormalised).
+
+    ``phi log p0`` cancels in the renormalisation. Written with the same
+    ``logsumexp(kernel)`` as :func:`censored_nb_logp`, so a graph holding both for
+    the same cells computes the kernel once (PyTensor merges equal subgraphs).
+    """
+    w = pt.exp(kernel - pt.shape_padright(pt.logsumexp(kernel, axis=1)))
     mean = pt.sum(w * k[None, :], axis=1)
-    var = pt.sum(w * (k**2)[None, :], axis=1) - mean**2
-    return mean, pt.maximum(var, 0.0)
+    var = pt.sum(w * (k[None, :] - pt.shape_padright(mean)) ** 2, axis=1)
+    return mean, var
 
 
 def count_loglik(

