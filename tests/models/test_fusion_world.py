@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -437,3 +438,7 @@ def test_demo_default_fit_reports_no_convergence_warning(tmp_path):
         f"demo fit: {time.perf_counter() - t0:.0f} s, diagnostics {model.fit_meta['diagnostics']}"
     )
     assert model.fit_meta["diagnostics"] == []
+    # the posterior file the demo's fit stage writes (labelled float32 log-likelihood)
+    size = Path(model.save(tmp_path / "posterior.nc")).stat().st_size
+    print(f"demo posterior.nc: {size / 1e6:.1f} MB")
+    assert size < 20e6, size
