@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 import pandas as pd
 import xarray as xr
 
-from flowmodel.dataset import estimate_sources, is_sparse
-from flowmodel.exceptions import DataContractError, ModelConfigError
+from flowmodel.dataset import estimate_sources
+from flowmodel.exceptions import ModelConfigError
 from flowmodel.models.base import _MODEL_REGISTRY, FlowModel
 from flowmodel.models.latent import LatentField
 from flowmodel.models.observations import (
@@ -286,11 +286,6 @@ class FusionModel(FlowModel):
         return options
 
     def _observation_models(self, data: xr.Dataset) -> list[ObservationModel]:
-        if is_sparse(data):
-            raise DataContractError(
-                "FusionModel fits a dense (origin, destination) FlowDataset. Fix: fit on the dense "
-                "dataset of the observed units; predict sparse pair sets with model.predict()"
-            )
         sources = self.sources + [s for s in estimate_sources(data) if s not in self.sources]
         check_sources_exist(data, sources)
         return [observation_for(s, data, self._options(s)) for s in sources]
