@@ -19,6 +19,13 @@ one observation model per source (:mod:`flowmodel.models.observations`):
 Prediction of the latent, population-scale flow goes through the same streamed
 :mod:`flowmodel.predict` path as every model, with the dispersion of the
 reference source (the first census-type count source by default).
+
+The model fits a dense FlowDataset or a sparse pair set
+(:func:`flowmodel.pairs.sparse_pairs`): the latent field is evaluated on the pairs
+the sources inform only, so the cost grows with the cells, never with N². A sparse
+set must hold every member pair of an aggregated cell and every pair an in/out
+total sums (``sparse_pairs(..., include_observed=True)`` keeps them); a missing
+one raises :class:`~flowmodel.exceptions.DataContractError` with the fix.
 """
 
 from __future__ import annotations
