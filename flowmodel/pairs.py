@@ -467,9 +467,9 @@ def _observed_pairs(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
             side_units = (origin_units if kind == "outflow" else covered_units) & reported
             other_units = covered_units if kind == "outflow" else origin_units
             # the universe's pairs of the reported units only: rows (outflow) or columns (inflow)
+            candidates = np.flatnonzero(other_units)
             for u in np.flatnonzero(side_units):
-                others = np.flatnonzero(other_units)
-                others = others[others != u]
+                others = candidates[candidates != u]
                 if universe == "within":
                     others = others[country[others] == country[u]]
                 if kind == "outflow":

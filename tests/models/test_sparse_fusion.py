@@ -262,3 +262,19 @@ def test_sparse_fit_streams_every_pair_with_intervals(world, mock_sampling):
     np.testing.assert_allclose(
         model.predict(sparse, kind="mean")["mean"].values, at["mean"].values, rtol=1e-10
     )
+
+
+def test_sparse_set_of_a_model_with_periods_gives_the_dense_logp():
+    """Census rounds, a one-year census and monthly CDR on latent periods (rows pair x period)."""
+    from flowmodel.simulate import simulate_panel_dataset
+    from tests.models.test_periods import _fusion as panel_fusion
+
+    ds, _ = simulate_panel_dataset(
+        units_per_country=5, n_countries=2, cdr_countries=("C01",), seed=3
+    )
+    sparse = sparse_pairs(ds, k=2)
+    dense_model, dense_state, _ = panel_fusion()._build(ds)
+    sparse_model, sparse_state, _ = panel_fusion()._build(sparse)
+    assert sparse_state["n_cells"] == dense_state["n_cells"]
+    assert sparse_state["n_pairs"] == dense_state["n_pairs"]
+    _same_logp(dense_model, sparse_model, n=2)
