@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from flowmodel.dataset import add_cells, marginals_to_dataset
+from flowmodel.dataset import add_cells, marginals_to_dataset, validate_dataset
 from flowmodel.exceptions import DataContractError
 from flowmodel.models import FusionModel, GravityModel
 from flowmodel.pairs import sparse_pairs
@@ -139,7 +139,7 @@ def test_sparse_set_of_every_pair_gives_the_dense_logp(world):
 
 def test_k_nearest_plus_observed_keeps_every_cell_and_the_logp(world):
     n = world.sizes["unit"]
-    sparse = sparse_pairs(world, k=3, include_observed=True)
+    sparse = validate_dataset(sparse_pairs(world, k=3, include_observed=True))
     origin, destination = sparse["origin"].values.astype(str), sparse["destination"].values
     kept = set(zip(origin, destination.astype(str), strict=True))
     informed = _data_pairs(world)
@@ -158,7 +158,7 @@ def test_k_nearest_plus_observed_keeps_every_cell_and_the_logp(world):
 
 
 def test_aggregated_cells_and_estimates_on_a_sparse_set(aggregated):
-    sparse = sparse_pairs(aggregated, k=2, include_observed=True)
+    sparse = validate_dataset(sparse_pairs(aggregated, k=2, include_observed=True))
     model_options = {"sources": ["census", "abroad"]}
     dense_model, dense_state, _ = fusion(**model_options)._build(aggregated)
     sparse_model, sparse_state, _ = fusion(**model_options)._build(sparse)
