@@ -271,6 +271,15 @@ def cell_members(
     ``destination_labels[c]`` at ``destination_level``
     (:func:`flowmodel.dataset.level_groups`).
 
+    Parameters
+    ----------
+    ds
+        FlowDataset (its ``unit`` variables give the levels).
+    origin_labels, destination_labels
+        ``(cell,)`` labels of the cells.
+    origin_level, destination_level
+        Levels of the labels: ``"unit"``, ``"country"`` or a unit field (``"admin1"``).
+
     Returns
     -------
     pandas.DataFrame
@@ -363,9 +372,16 @@ def total_pairs_outside(
 ) -> np.ndarray:
     """Count, per unit, the pairs of its ``kind`` total that a pair set lacks.
 
-    ``(origin_idx, dest_idx)`` are the set's pairs (distinct); ``kind`` is
-    ``"outflow"`` (a unit's row) or ``"inflow"`` (its column). Counts only:
-    ``O(units + pairs)``.
+    Counts only: ``O(units + pairs)``, no ``N x N`` array.
+
+    Parameters
+    ----------
+    origin_idx, dest_idx
+        ``(pair,)`` unit positions of the set's pairs (distinct).
+    kind
+        ``"outflow"`` (a unit's row) or ``"inflow"`` (its column).
+    origin_units, covered_units, country, universe
+        As :func:`in_total_universe`.
 
     Returns
     -------
