@@ -20,13 +20,17 @@ from flowmodel.exceptions import DataContractError
 
 if TYPE_CHECKING:
     import geopandas as gpd
+    import pandas as pd
 
 __all__ = [
+    "cell_members",
     "contiguity",
     "cross_border",
     "geodesic_distance_km",
+    "in_total_universe",
     "intervening_population",
     "sparse_pairs",
+    "total_pairs_outside",
 ]
 
 _GEOD = Geod(ellps="WGS84")
@@ -252,6 +256,252 @@ def _candidate_pairs(
     return origin[keep], dest[keep]
 
 
+def cell_members(
+    ds: xr.Dataset,
+    origin_labels: ArrayLike,
+    destination_labels: ArrayLike,
+    origin_level: str = "unit",
+    destination_level: str = "unit",
+) -> pd.DataFrame:
+    """Member pairs of aggregated cells: every pair of distinct units whose labels match.
+
+    A cell reported at coarser levels (previous admin-1 or country -> current unit, a
+    country-pair estimate) sums the latent flows of every pair ``(i, j)``, ``i != j``,
+    with ``i`` labelled ``origin_labels[c]`` at ``origin_level`` and ``j`` labelled
+    ``destination_labels[c]`` at ``destination_level``
+    (:func:`flowmodel.dataset.level_groups`).
+
+    Parameters
+    ----------
+    ds
+        FlowDataset (its ``unit`` variables give the levels).
+    origin_labels, destination_labels
+        ``(cell,)`` labels of the cells.
+    origin_level, destination_level
+        Levels of the labels: ``"unit"``, ``"country"`` or a unit field (``"admin1"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``cell`` (position into the labels), ``i``, ``j`` (positions into
+        ``ds.unit``), sorted by cell, then ``i``, then ``j``; a cell whose labels name no
+        pair of distinct units has no row.
+    """
+    import pandas as pd
+
+    from flowmodel.dataset import level_groups
+
+    o_lab = np.asarray(origin_labels).astype(str)
+    d_lab = np.asarray(destination_labels).astype(str)
+    o_groups = level_groups(ds, origin_level)
+    d_groups = level_groups(ds, destination_level)
+    cells = pd.DataFrame({"cell": np.arange(len(o_lab)), "o": o_lab, "d": d_lab})
+    origins = pd.DataFrame({"o": o_groups, "i": np.arange(len(o_groups))})
+    dests = pd.DataFrame({"d": d_groups, "j": np.arange(len(d_groups))})
+    members = cells.merge(origins, on="o").merge(dests, on="d")
+    return members.loc[members["i"] != members["j"]].sort_values(["cell", "i", "j"])
+
+
+def in_total_universe(
+    origin_idx: np.ndarray,
+    dest_idx: np.ndarray,
+    origin_units: np.ndarray,
+    covered_units: np.ndarray,
+    country: np.ndarray,
+    universe: str,
+) -> np.ndarray:
+    """Which pairs an operator's in/out total sums over (its universe), pair by pair.
+
+    The universe of a CDR total (attr ``universe`` of ``<source>_outflow``): the
+    pairs from an origin the operator reports (``origin_units``) to a unit it covers
+    (``covered_units``: every unit in one of its cells), the diagonal excluded;
+    ``"within"`` keeps the pairs inside one country. No ``N x N`` array is built.
+
+    Parameters
+    ----------
+    origin_idx, dest_idx
+        ``(pair,)`` unit positions.
+    origin_units, covered_units
+        ``(unit,)`` booleans.
+    country
+        ``(unit,)`` country codes.
+    universe
+        ``"covered"`` or ``"within"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(pair,)`` boolean.
+    """
+    origin_idx = np.asarray(origin_idx, dtype=np.int64)
+    dest_idx = np.asarray(dest_idx, dtype=np.int64)
+    out = origin_units[origin_idx] & covered_units[dest_idx] & (origin_idx != dest_idx)
+    if universe == "within":
+        out &= country[origin_idx] == country[dest_idx]
+    return out
+
+
+def _total_universe_size(
+    kind: str,
+    origin_units: np.ndarray,
+    covered_units: np.ndarray,
+    country: np.ndarray,
+    universe: str,
+) -> np.ndarray:
+    """Count the pairs the outflow (row) or inflow (column) total of each unit sums."""
+    side, other = (
+        (origin_units, covered_units) if kind == "outflow" else (covered_units, origin_units)
+    )
+    if universe == "within":
+        codes, inverse = np.unique(country, return_inverse=True)
+        per_country = np.bincount(inverse, weights=other, minlength=len(codes))
+        count = per_country[inverse]
+    else:
+        count = np.full(len(side), float(other.sum()))
+    return np.where(side, count - (side & other), 0).astype(np.int64)
+
+
+def total_pairs_outside(
+    origin_idx: np.ndarray,
+    dest_idx: np.ndarray,
+    kind: str,
+    origin_units: np.ndarray,
+    covered_units: np.ndarray,
+    country: np.ndarray,
+    universe: str,
+) -> np.ndarray:
+    """Count, per unit, the pairs of its ``kind`` total that a pair set lacks.
+
+    Counts only: ``O(units + pairs)``, no ``N x N`` array.
+
+    Parameters
+    ----------
+    origin_idx, dest_idx
+        ``(pair,)`` unit positions of the set's pairs (distinct).
+    kind
+        ``"outflow"`` (a unit's row) or ``"inflow"`` (its column).
+    origin_units, covered_units, country, universe
+        As :func:`in_total_universe`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(unit,)`` int64 (0 for units without a total in the universe).
+    """
+    inside = in_total_universe(
+        origin_idx, dest_idx, origin_units, covered_units, country, universe
+    )
+    side = np.asarray(origin_idx if kind == "outflow" else dest_idx, dtype=np.int64)
+    have = np.bincount(side[inside], minlength=len(origin_units))
+    return _total_universe_size(kind, origin_units, covered_units, country, universe) - have
+
+
+def _observed_pairs(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Return the unit positions of every pair some source observes, bounds or sums.
+
+    The pairs where a dense ``flow_*`` or ``estimate_*`` variable (values and bounds)
+    is not NaN; the member pairs of every aggregated cell with a value or a bound
+    (``cell_<source>`` variables, :func:`cell_members`); and every pair an operator's
+    in/out total with a value or a bound sums (:func:`in_total_universe`).
+    """
+    from flowmodel.dataset import TOTAL_KINDS, flow_sources
+
+    n = int(ds.sizes["unit"])
+    units = np.asarray(ds["unit"].values).astype(str)
+    pos = {u: k for k, u in enumerate(units)}
+    parts_o: list[np.ndarray] = []
+    parts_d: list[np.ndarray] = []
+    dense = [
+        (name, var)
+        for name, var in ds.data_vars.items()
+        if str(name).startswith(("flow_", "estimate_"))
+        and {"origin", "destination"} <= set(var.dims)
+    ]
+    o_pos = (
+        np.array([pos[u] for u in np.asarray(ds["origin"].values).astype(str)]) if dense else None
+    )
+    d_pos = (
+        np.array([pos[u] for u in np.asarray(ds["destination"].values).astype(str)])
+        if dense
+        else None
+    )
+    for _, var in dense:
+        v = var.transpose("origin", "destination", ...).notnull()
+        extra = [dim for dim in v.dims if dim not in ("origin", "destination")]
+        a, b = np.nonzero(np.asarray((v.any(extra) if extra else v).values))
+        parts_o.append(o_pos[a])
+        parts_d.append(d_pos[b])
+    for name, var in ds.data_vars.items():
+        name = str(name)
+        if not name.startswith(("flow_", "estimate_")) or name.endswith(("_max", "_min", "_se")):
+            continue
+        source = name.split("_", 1)[1]
+        dim = f"cell_{source}"
+        if dim not in var.dims:
+            continue
+        keep = np.isfinite(np.asarray(var.values, dtype=float))
+        if f"{name}_max" in ds:
+            keep |= np.isfinite(np.asarray(ds[f"{name}_max"].values, dtype=float))
+        members = cell_members(
+            ds,
+            np.asarray(ds[f"{dim}_origin"].values)[keep],
+            np.asarray(ds[f"{dim}_destination"].values)[keep],
+            str(var.attrs.get("origin_level", "unit")),
+            str(var.attrs.get("destination_level", "unit")),
+        )
+        parts_o.append(members["i"].to_numpy(np.int64))
+        parts_d.append(members["j"].to_numpy(np.int64))
+    country = np.asarray(ds["country"].values).astype(str)
+    for source in flow_sources(ds):
+        flow = ds[f"flow_{source}"]
+        if not {"origin", "destination"} <= set(flow.dims):
+            continue
+        names = [f"{source}_{kind}" for kind in TOTAL_KINDS]
+        if not any(x in ds or f"{x}_max" in ds for x in names):
+            continue
+        seen = flow.notnull()
+        if f"flow_{source}_max" in ds:
+            seen = seen | ds[f"flow_{source}_max"].notnull()
+        extra = [dim for dim in seen.dims if dim not in ("origin", "destination")]
+        seen = seen.transpose("origin", "destination", ...)
+        a, b = np.nonzero(np.asarray((seen.any(extra) if extra else seen).values))
+        a, b = o_pos[a], d_pos[b]
+        a, b = a[a != b], b[a != b]
+        origin_units = np.zeros(n, dtype=bool)
+        origin_units[a] = True
+        covered_units = origin_units.copy()
+        covered_units[b] = True
+        for kind, name in zip(TOTAL_KINDS, names, strict=True):
+            reported = np.zeros(n, dtype=bool)
+            for x in (name, f"{name}_max"):
+                if x in ds and "unit" in ds[x].dims:
+                    v = np.asarray(ds[x].transpose("unit", ...).values, dtype=float)
+                    reported |= np.isfinite(v.reshape(n, -1)).any(axis=1)
+            if not reported.any():
+                continue
+            universe = str(ds[name].attrs.get("universe", "covered")) if name in ds else "covered"
+            side_units = (origin_units if kind == "outflow" else covered_units) & reported
+            other_units = covered_units if kind == "outflow" else origin_units
+            # the universe's pairs of the reported units only: rows (outflow) or columns (inflow)
+            candidates = np.flatnonzero(other_units)
+            for u in np.flatnonzero(side_units):
+                others = candidates[candidates != u]
+                if universe == "within":
+                    others = others[country[others] == country[u]]
+                if kind == "outflow":
+                    parts_o.append(np.full(len(others), u))
+                    parts_d.append(others)
+                else:
+                    parts_o.append(others)
+                    parts_d.append(np.full(len(others), u))
+    if not parts_o:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rows = np.concatenate(parts_o).astype(np.int64)
+    cols = np.concatenate(parts_d).astype(np.int64)
+    keys = np.unique(rows[rows != cols] * n + cols[rows != cols])
+    return keys // n, keys % n
+
+
 def sparse_pairs(
     ds: xr.Dataset,
     *,
@@ -263,12 +513,13 @@ def sparse_pairs(
 
     Keeps, for each origin, the ``k`` nearest destinations and/or those within
     ``max_km`` (both given: the ``k`` nearest *among* those within ``max_km``).
-    With a dense ``ds`` every pair variable is gathered at the kept pairs; without
-    dense pair variables (large N: only unit variables with ``lon``/``lat``), the
-    candidates come from a k-d tree on the unit sphere — no ``N x N`` matrix is
-    ever built — and ``distance_km`` (WGS84 geodesic) and ``cross_border`` are
-    computed for the kept pairs only. Ties in distance are broken by destination
-    position (stable), so the result is deterministic.
+    With a dense ``distance_km`` the candidates come from it; without (large N: only
+    unit variables with ``lon``/``lat``), from a k-d tree on the unit sphere — no
+    ``N x N`` matrix is ever built — and ``distance_km`` (WGS84 geodesic) and
+    ``cross_border`` are computed for the kept pairs only. Every dense pair variable
+    of ``ds`` (flows, bounds, ``contiguous``, ...) is gathered at the kept pairs.
+    Ties in distance are broken by destination position (stable), so the result is
+    deterministic.
 
     Parameters
     ----------
@@ -279,14 +530,20 @@ def sparse_pairs(
     max_km
         Largest distance kept, km.
     include_observed
-        Also keep every pair where some ``flow_*`` or ``flow_*_max`` variable is
-        not NaN (dense input only), so no observation is lost.
+        Also keep every pair some source informs, so that a model fitted to the
+        set sees every observation: where a dense ``flow_*`` or ``estimate_*``
+        variable (counts, ``_max`` / ``_min`` bounds, ``_se``) is not NaN; every
+        member pair of an aggregated cell (``cell_<source>``: admin-1 or country
+        cells, country-pair estimates) with a value or a bound; and every pair of
+        the universe of an operator's in/out total (``<source>_outflow`` /
+        ``_inflow`` or their ``_max``) that has a value or a bound.
 
     Returns
     -------
     xarray.Dataset
-        Unit variables unchanged; pair variables along ``pair`` (sorted by origin
-        position, then distance); coords ``origin``, ``destination`` along ``pair``.
+        Unit and cell variables unchanged; pair variables along ``pair`` (sorted by
+        origin position, then distance); coords ``origin``, ``destination`` along
+        ``pair``.
 
     Raises
     ------
@@ -316,19 +573,6 @@ def sparse_pairs(
         cols = order.ravel()
         keep = np.isfinite(d[rows, cols])
         rows, cols = rows[keep], cols[keep]
-        if include_observed:
-            observed = np.zeros((n, n), dtype=bool)
-            for name, var in ds.data_vars.items():
-                if name.startswith("flow_") and {"origin", "destination"} <= set(var.dims):
-                    v = var.transpose("origin", "destination", ...).notnull()
-                    extra = [dim for dim in v.dims if dim not in ("origin", "destination")]
-                    observed |= np.asarray((v.any(extra) if extra else v).values)
-            np.fill_diagonal(observed, False)
-            selected = np.zeros((n, n), dtype=bool)
-            selected[rows, cols] = True
-            add_r, add_c = np.nonzero(observed & ~selected)
-            rows, cols = np.concatenate([rows, add_r]), np.concatenate([cols, add_c])
-        dsel = dist[rows, cols]
     else:
         if "lon" not in ds or "lat" not in ds:
             raise DataContractError(
@@ -338,8 +582,7 @@ def sparse_pairs(
         lon = np.asarray(ds["lon"].values, float)
         lat = np.asarray(ds["lat"].values, float)
         rows, cols = _candidate_pairs(lon, lat, k, max_km)
-        _, _, dm = _GEOD.inv(lon[rows], lat[rows], lon[cols], lat[cols])
-        dsel = np.asarray(dm) / 1000.0
+        dsel = _geodesic_pairs_km(lon, lat, rows, cols)
         if max_km is not None:
             keep = dsel <= max_km
             rows, cols, dsel = rows[keep], cols[keep], dsel[keep]
@@ -348,26 +591,42 @@ def sparse_pairs(
             rows, cols, dsel = rows[o], cols[o], dsel[o]
             rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
             keep = rank < k
-            rows, cols, dsel = rows[keep], cols[keep], dsel[keep]
+            rows, cols = rows[keep], cols[keep]
+    if include_observed:
+        add_r, add_c = _observed_pairs(ds)
+        if add_r.size:
+            kept = np.unique(rows.astype(np.int64) * n + cols)
+            extra = ~np.isin(add_r * n + add_c, kept)
+            rows = np.concatenate([rows, add_r[extra]])
+            cols = np.concatenate([cols, add_c[extra]])
+    dsel = dist[rows, cols] if dense else _geodesic_pairs_km(lon, lat, rows, cols)
     o = np.lexsort((cols, dsel, rows))
-    rows, cols = rows[o], cols[o]
+    rows, cols, dsel = rows[o], cols[o], dsel[o]
     coords = {"origin": ("pair", units[rows]), "destination": ("pair", units[cols])}
     out = ds.drop_vars(
         [name for name, v in ds.variables.items() if {"origin", "destination"} & set(v.dims)]
     )
     out = out.assign_coords(coords)
-    if dense:
-        oi = xr.DataArray(rows, dims="pair")
-        di = xr.DataArray(cols, dims="pair")
-        for name, var in ds.data_vars.items():
-            if {"origin", "destination"} <= set(var.dims):
-                picked = var.isel(origin=oi, destination=di).drop_vars(
-                    ["origin", "destination"], errors="ignore"
-                )
-                out[name] = picked
-    else:
-        out["distance_km"] = ("pair", dsel[o])
+    oi = xr.DataArray(rows, dims="pair")
+    di = xr.DataArray(cols, dims="pair")
+    for name, var in ds.data_vars.items():
+        if {"origin", "destination"} <= set(var.dims):
+            picked = var.isel(origin=oi, destination=di).drop_vars(
+                ["origin", "destination"], errors="ignore"
+            )
+            out[name] = picked
+    if not dense:
+        out["distance_km"] = ("pair", dsel)
+    if "cross_border" not in out:
         country = np.asarray(ds["country"].values)
         out["cross_border"] = ("pair", country[rows] != country[cols])
     out["distance_km"].attrs.update(units="km", long_name="geodesic distance between centroids")
     return out
+
+
+def _geodesic_pairs_km(
+    lon: np.ndarray, lat: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """WGS84 geodesic distance (km) of the pairs ``(rows, cols)`` only."""
+    _, _, dm = _GEOD.inv(lon[rows], lat[rows], lon[cols], lat[cols])
+    return np.asarray(dm, dtype=float) / 1000.0

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from pyproj import Geod
 from shapely.geometry import box
 
-from flowmodel.dataset import build_dataset, validate_dataset
+from flowmodel.dataset import add_cells, build_dataset, validate_dataset
 from flowmodel.exceptions import DataContractError
 from flowmodel.pairs import (
+    cell_members,
     contiguity,
     cross_border,
     geodesic_distance_km,
+    in_total_universe,
     intervening_population,
     sparse_pairs,
+    total_pairs_outside,
 )
-from flowmodel.simulate import simulate_flow_dataset
+from flowmodel.simulate import simulate_flow_dataset, simulate_fusion_dataset
 
 
 def brute_force_sij(pop: np.ndarray, dist: np.ndarray) -> np.ndarray:
@@ -204,3 +208,90 @@ def test_sparse_pairs_errors():
     )
     with pytest.raises(DataContractError, match="neither a dense 'distance_km' nor 'lon'/'lat'"):
         sparse_pairs(bare, k=3)
+
+
+def _kept(sp: xr.Dataset) -> set[tuple[str, str]]:
+    origin, destination = sp["origin"].values.astype(str), sp["destination"].values.astype(str)
+    return set(zip(origin, destination, strict=True))
+
+
+def test_sparse_pairs_keeps_censored_only_pairs_and_their_bounds():
+    ds, _ = simulate_flow_dataset(30, 3, seed=5, observed_countries=["C00"])
+    d = np.nan_to_num(ds["distance_km"].values, nan=-np.inf)
+    o, j = np.unravel_index(np.argmax(d), d.shape)  # the farthest pair: never among the k nearest
+    y = ds["flow_census"].values.copy()
+    upper = np.full_like(y, np.nan)
+    y[o, j], upper[o, j] = np.nan, 4.0
+    ds = ds.assign(
+        flow_census=(("origin", "destination"), y),
+        flow_census_max=(("origin", "destination"), upper),
+    )
+    ids = ds["unit"].values.astype(str)
+    assert (ids[o], ids[j]) not in _kept(sparse_pairs(ds, k=2, include_observed=False))
+    sp = sparse_pairs(ds, k=2)
+    assert (ids[o], ids[j]) in _kept(sp)
+    at = (sp["origin"] == ids[o]) & (sp["destination"] == ids[j])
+    assert sp["flow_census_max"].where(at, drop=True).values.tolist() == [4.0]
+
+
+def test_sparse_pairs_keeps_every_member_of_aggregated_cells():
+    ds, _ = simulate_flow_dataset(20, 2, seed=6, observed_countries=["C00"])
+    ids = ds["unit"].values.astype(str)
+    country = ds["country"].values.astype(str)
+    into = int(np.flatnonzero(country == "C00")[0])
+    table = pd.DataFrame({"origin": ["C01"], "destination": [ids[into]], "count": [np.nan]})
+    table["max"] = 4.0  # a censored cell still needs its members
+    ds = add_cells(ds, "abroad", table, origin_level="country", destination_level="unit")
+    members = cell_members(ds, ["C01"], [ids[into]], "country", "unit")
+    assert set(members["i"]) == set(np.flatnonzero(country == "C01"))
+    assert set(members["j"]) == {into}
+    sp = sparse_pairs(ds, k=1)
+    assert {(ids[i], ids[j]) for i, j in zip(members["i"], members["j"], strict=True)} <= _kept(sp)
+    assert "flow_abroad" in sp and sp["flow_abroad"].dims == ("cell_abroad",)
+
+
+def test_sparse_pairs_keeps_the_universe_of_reported_totals():
+    ds, _ = simulate_fusion_dataset(units_per_country=4, seed=1, totals=True)
+    hidden = (ds["origin"] == "U004") & (ds["destination"] == "U005")
+    for name in ("flow_cdr", "flow_cdr_max", "flow_census"):
+        ds[name] = ds[name].where(~hidden)
+    assert ("U004", "U005") in _kept(sparse_pairs(ds, k=1))
+    no_totals = ds.drop_vars([n for n in ds.data_vars if str(n).startswith("cdr_")])
+    assert ("U004", "U005") not in _kept(sparse_pairs(no_totals, k=1))
+
+
+def test_total_universe_counts_match_a_dense_mask(rng):
+    n = 15
+    country = np.array(["A", "B", "C"])[rng.integers(0, 3, n)]
+    origin_units = rng.random(n) < 0.5
+    covered_units = origin_units | (rng.random(n) < 0.5)
+    o, d = np.nonzero(~np.eye(n, dtype=bool))
+    keep = rng.random(len(o)) < 0.7
+    for universe in ("covered", "within"):
+        mask = origin_units[:, None] & covered_units[None, :] & ~np.eye(n, dtype=bool)
+        if universe == "within":
+            mask &= country[:, None] == country[None, :]
+        inside = in_total_universe(o, d, origin_units, covered_units, country, universe)
+        np.testing.assert_array_equal(inside, mask[o, d])
+        have = np.zeros((n, n), dtype=bool)
+        have[o[keep], d[keep]] = True
+        for kind, axis in (("outflow", 1), ("inflow", 0)):
+            got = total_pairs_outside(
+                o[keep], d[keep], kind, origin_units, covered_units, country, universe
+            )
+            np.testing.assert_array_equal(got, (mask & ~have).sum(axis=axis))
+
+
+def test_sparse_pairs_from_lonlat_gathers_dense_flows_and_observed_pairs():
+    ds, _ = simulate_flow_dataset(40, 3, seed=1, observed_countries=["C00"])
+    no_matrix = ds.drop_vars(["distance_km", "cross_border"])
+    for include in (True, False):
+        a = sparse_pairs(ds, k=3, include_observed=include)
+        b = sparse_pairs(no_matrix, k=3, include_observed=include)
+        np.testing.assert_array_equal(a["origin"].values, b["origin"].values)
+        np.testing.assert_array_equal(a["destination"].values, b["destination"].values)
+        np.testing.assert_allclose(a["distance_km"].values, b["distance_km"].values, rtol=1e-9)
+        np.testing.assert_array_equal(a["cross_border"].values, b["cross_border"].values)
+        xr.testing.assert_equal(a["flow_census"], b["flow_census"])
+    kept = sparse_pairs(no_matrix, k=3)["flow_census"]
+    assert int(kept.notnull().sum()) == int(ds["flow_census"].notnull().sum())

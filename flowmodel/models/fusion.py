@@ -19,6 +19,13 @@ one observation model per source (:mod:`flowmodel.models.observations`):
 Prediction of the latent, population-scale flow goes through the same streamed
 :mod:`flowmodel.predict` path as every model, with the dispersion of the
 reference source (the first census-type count source by default).
+
+The model fits a dense FlowDataset or a sparse pair set
+(:func:`flowmodel.pairs.sparse_pairs`): the latent field is evaluated on the pairs
+the sources inform only, so the cost grows with the cells, never with N². A sparse
+set must hold every member pair of an aggregated cell and every pair an in/out
+total sums (``sparse_pairs(..., include_observed=True)`` keeps them); a missing
+one raises :class:`~flowmodel.exceptions.DataContractError` with the fix.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from typing import Any, ClassVar
 import pandas as pd
 import xarray as xr
 
-from flowmodel.dataset import estimate_sources, is_sparse
-from flowmodel.exceptions import DataContractError, ModelConfigError
+from flowmodel.dataset import estimate_sources
+from flowmodel.exceptions import ModelConfigError
 from flowmodel.models.base import _MODEL_REGISTRY, FlowModel
 from flowmodel.models.latent import LatentField
 from flowmodel.models.observations import (
@@ -286,11 +293,6 @@ class FusionModel(FlowModel):
         return options
 
     def _observation_models(self, data: xr.Dataset) -> list[ObservationModel]:
-        if is_sparse(data):
-            raise DataContractError(
-                "FusionModel fits a dense (origin, destination) FlowDataset. Fix: fit on the dense "
-                "dataset of the observed units; predict sparse pair sets with model.predict()"
-            )
         sources = self.sources + [s for s in estimate_sources(data) if s not in self.sources]
         check_sources_exist(data, sources)
         return [observation_for(s, data, self._options(s)) for s in sources]

@@ -48,6 +48,7 @@ __all__ = [
     "intervening_rows",
     "pair_values",
     "radiation_log_probability",
+    "sparse_pair_positions",
     "unit_positions",
     "unit_variable",
 ]
@@ -144,6 +145,23 @@ def unit_variable(data: xr.Dataset, name: str) -> np.ndarray:
     )
 
 
+def sparse_pair_positions(
+    data: xr.Dataset, origin_idx: np.ndarray, dest_idx: np.ndarray
+) -> np.ndarray:
+    """Positions along ``pair`` of the pairs ``(origin_idx, dest_idx)`` of a sparse ``data``.
+
+    ``origin_idx`` / ``dest_idx`` are positions into ``data.unit``; a pair that is not
+    in the set gets -1.
+    """
+    n = data.sizes["unit"]
+    pos = unit_positions(data, data["origin"].values) * n + unit_positions(
+        data, data["destination"].values
+    )
+    lookup = pd.Series(np.arange(len(pos)), index=pos)
+    where = lookup.reindex(np.asarray(origin_idx) * n + np.asarray(dest_idx)).to_numpy()
+    return np.where(np.isnan(where), -1, where).astype(np.int64)
+
+
 def pair_values(
     data: xr.Dataset, name: str, origin_idx: np.ndarray, dest_idx: np.ndarray
 ) -> np.ndarray:
@@ -154,15 +172,10 @@ def pair_values(
     """
     var = data[name]
     if is_sparse(data):
-        n = data.sizes["unit"]
-        pos = unit_positions(data, data["origin"].values) * n + unit_positions(
-            data, data["destination"].values
-        )
-        lookup = pd.Series(np.arange(len(pos)), index=pos)
-        where = lookup.reindex(np.asarray(origin_idx) * n + np.asarray(dest_idx)).to_numpy()
-        if np.isnan(where).any():
+        where = sparse_pair_positions(data, origin_idx, dest_idx)
+        if (where < 0).any():
             raise ModelConfigError(f"'{name}': requested pairs are not in the sparse pair set")
-        return np.asarray(var.values, dtype=float)[where.astype(int)]
+        return np.asarray(var.values, dtype=float)[where]
     o_pos = unit_positions(data, data["origin"].values)
     d_pos = unit_positions(data, data["destination"].values)
     values = np.asarray(var.transpose("origin", "destination").values, dtype=float)

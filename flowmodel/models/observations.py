@@ -49,11 +49,10 @@ from flowmodel.dataset import (
     cell_dim,
     estimate_sources,
     is_sparse,
-    level_groups,
 )
 from flowmodel.exceptions import DataContractError, ModelConfigError
 from flowmodel.models.inference import stack_samples
-from flowmodel.models.latent import LatentTerm, unit_positions
+from flowmodel.models.latent import LatentTerm, sparse_pair_positions, unit_positions
 from flowmodel.models.likelihoods import (
     LIKELIHOODS,
     censored_count_logp,
@@ -64,6 +63,7 @@ from flowmodel.models.likelihoods import (
     segment_sum,
     truncated_nb_moments,
 )
+from flowmodel.pairs import cell_members, in_total_universe, total_pairs_outside
 
 __all__ = [
     "CDRObservation",
@@ -363,13 +363,7 @@ def _aggregated_cells(data: xr.Dataset, source: str, prefix: str) -> Cells:
     o_lab = np.asarray(data[f"{dim}_origin"].values).astype(str)[keep]
     d_lab = np.asarray(data[f"{dim}_destination"].values).astype(str)[keep]
     n_cells = int(keep.sum())
-    o_groups = level_groups(data, o_level)
-    d_groups = level_groups(data, d_level)
-    cells = pd.DataFrame({"cell": np.arange(n_cells), "o": o_lab, "d": d_lab})
-    origins = pd.DataFrame({"o": o_groups, "i": np.arange(len(o_groups))})
-    dests = pd.DataFrame({"d": d_groups, "j": np.arange(len(d_groups))})
-    members = cells.merge(origins, on="o").merge(dests, on="d")
-    members = members.loc[members["i"] != members["j"]].sort_values(["cell", "i", "j"])
+    members = cell_members(data, o_lab, d_lab, o_level, d_level)
     empty = sorted(set(range(n_cells)) - set(members["cell"]))
     if empty:
         bad = [f"{o_lab[c]}->{d_lab[c]}" for c in empty[:10]]
@@ -378,6 +372,8 @@ def _aggregated_cells(data: xr.Dataset, source: str, prefix: str) -> Cells:
             f"labels name no unit at level {o_level!r} -> {d_level!r}. Fix: check the labels "
             "against the units' level field"
         )
+    if is_sparse(data):
+        _check_members_in_set(data, name, members, o_lab, d_lab)
     exp_name = f"exposure_{source}"
     ex = (
         np.asarray(data[exp_name].values, dtype=float)[keep]
@@ -412,6 +408,27 @@ def _aggregated_cells(data: xr.Dataset, source: str, prefix: str) -> Cells:
         cell_class=np.asarray(data[class_name].values).astype(str)[keep]
         if class_name in data
         else None,
+    )
+
+
+def _check_members_in_set(
+    data: xr.Dataset, name: str, members: pd.DataFrame, o_lab: np.ndarray, d_lab: np.ndarray
+) -> None:
+    """Raise when member pairs of aggregated cells are not in a sparse pair set."""
+    where = sparse_pair_positions(
+        data, members["i"].to_numpy(np.int64), members["j"].to_numpy(np.int64)
+    )
+    missing = where < 0
+    if not missing.any():
+        return
+    cells = np.unique(members["cell"].to_numpy()[missing])
+    shown = [f"{o_lab[c]}->{d_lab[c]}" for c in cells[:10]]
+    raise DataContractError(
+        f"'{name}': {int(missing.sum())} member pair(s) of {len(cells)} aggregated cell(s) "
+        f"({shown}) are not in the sparse pair set; a cell sums the latent flow of every one "
+        "of its member pairs. Fix: build the pair set from the dense dataset with "
+        "flowmodel.pairs.sparse_pairs(ds, k=..., include_observed=True), which keeps every "
+        "member pair of the cells, or add those pairs to the set"
     )
 
 
@@ -1465,6 +1482,8 @@ class CDRObservation(CountObservation):
                     break
         if not kinds:
             return {}
+        if is_sparse(data):
+            return self._sparse_total_cells(data, cells, kinds)
         n = int(data.sizes["unit"])
         flow = self._dense_cells(data, f"flow_{source}")
         upper = self._dense_cells(data, f"flow_{source}_max")
@@ -1502,6 +1521,102 @@ class CDRObservation(CountObservation):
                 period_idx=t.astype(np.int64) if has_period else None,
                 source=f"{source}:{kind}",
                 lower=np.where(np.isnan(flow[o, d, t]), lower[o, d, t], 0.0),
+            )
+        return out
+
+    @staticmethod
+    def _pair_cells(data: xr.Dataset, name: str, n_t: int) -> np.ndarray:
+        """Return a sparse pair variable as ``(pair, period)`` values (all NaN when absent)."""
+        var = data.get(name)
+        if var is None:
+            return np.full((int(data.sizes["pair"]), n_t), np.nan)
+        values = np.asarray(var.transpose("pair", ...).values, dtype=float)
+        return values.reshape(values.shape[0], -1)
+
+    def _universe(self, data: xr.Dataset, kind: str) -> str:
+        attrs = data[f"{self.source}_{kind}"].attrs if f"{self.source}_{kind}" in data else {}
+        universe = attrs.get("universe", "covered")
+        if universe not in TOTAL_UNIVERSES:
+            raise DataContractError(
+                f"'{self.source}_{kind}' has universe={universe!r}; "
+                f"Fix: one of {list(TOTAL_UNIVERSES)}"
+            )
+        return str(universe)
+
+    def _sparse_total_cells(
+        self, data: xr.Dataset, cells: Cells, kinds: Sequence[str]
+    ) -> dict[str, Cells]:
+        """:meth:`total_cells` of a sparse pair set, from its ``pair`` dim only (no N x N).
+
+        The cells of a total are the set's pairs in its universe, in the order of the
+        dense form (origin, destination, then period). Every pair of the universe of a
+        reported total must be in the set: one outside it would be a cell of the total
+        with no data, which the dense form sums with its full distribution.
+
+        Raises
+        ------
+        DataContractError
+            When a total with a value or a bound sums pairs outside the set.
+        """
+        source = self.source
+        has_period = cells.period_idx is not None
+        n = int(data.sizes["unit"])
+        n_t = int(data.sizes["period"]) if has_period else 1
+        o_all = unit_positions(data, data["origin"].values).astype(np.int64)
+        d_all = unit_positions(data, data["destination"].values).astype(np.int64)
+        origin_units = np.zeros(n, dtype=bool)
+        origin_units[cells.origin_idx] = True
+        covered_units = origin_units.copy()
+        covered_units[cells.dest_idx] = True
+        country = np.asarray(data["country"].values).astype(str)
+        units = np.asarray(data["unit"].values).astype(str)
+        flow = self._pair_cells(data, f"flow_{source}", n_t)
+        upper = self._pair_cells(data, f"flow_{source}_max", n_t)
+        lower = self._pair_cells(data, f"flow_{source}_min", n_t)
+        exp_var = data.get(f"exposure_{source}")
+        out = {}
+        for kind in kinds:
+            universe = self._universe(data, kind)
+            reported = np.zeros(n, dtype=bool)
+            for name in (f"{source}_{kind}", f"{source}_{kind}_max"):
+                values = self._unit_period_values(data, name, has_period)
+                reported |= np.isfinite(values).any(axis=1)
+            outside = total_pairs_outside(
+                o_all, d_all, kind, origin_units, covered_units, country, universe
+            )
+            bad = reported & (outside > 0)
+            if bad.any():
+                ids = units[bad]
+                raise DataContractError(
+                    f"source '{source}': {int(bad.sum())} '{source}_{kind}' total(s) (units "
+                    f"{ids[:10].tolist()}) sum {int(outside[bad].sum())} pair(s) that are not "
+                    f"in the sparse pair set; a total sums every pair of its universe "
+                    f"({universe!r}), and a pair outside the set would be one of its cells "
+                    "without data. Fix: build the pair set from the dense dataset with "
+                    "flowmodel.pairs.sparse_pairs(ds, k=..., include_observed=True), which "
+                    f"keeps every pair a reported total sums, or drop the {source}_{kind} "
+                    "totals from the dataset"
+                )
+            p = np.flatnonzero(
+                in_total_universe(o_all, d_all, origin_units, covered_units, country, universe)
+            )
+            p = p[np.lexsort((d_all[p], o_all[p]))]
+            pp = np.repeat(p, n_t)
+            o, d = o_all[pp], d_all[pp]
+            t = np.tile(np.arange(n_t), len(p))
+            ex = np.ones(len(o))
+            if exp_var is not None and exp_var.dims == ("unit",):
+                ex = np.asarray(exp_var.values, dtype=float)[o]
+            y = flow[pp, t]
+            out[kind] = Cells(
+                origin_idx=o.astype(np.int64),
+                dest_idx=d.astype(np.int64),
+                y=y,
+                exposure=ex,
+                upper=upper[pp, t],
+                period_idx=t.astype(np.int64) if has_period else None,
+                source=f"{source}:{kind}",
+                lower=np.where(np.isnan(y), lower[pp, t], 0.0),
             )
         return out
 
