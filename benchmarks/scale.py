@@ -30,7 +30,8 @@ process, so every size's peak memory is its own):
 3. ``fit[<backend>]``: :class:`~flowmodel.models.fusion.FusionModel` on the sparse set,
    for each of ``--backends`` (default ``laplace nutpie``);
 4. ``predict[<backend>]``: every pair of the set with intervals (posterior predictive,
-   float32 draws, streamed).
+   float32 draws, streamed); with ``--predict-all`` also ``predict_all[<backend>]``:
+   every one of the N^2 pairs (the simulator's dense covariates, dask threads).
 
 Each stage prints its wall time and its own peak RSS (sampled every 20 ms); the
 parent prints the growth exponent ``b`` of ``time ~ N^b`` (least squares on the log
@@ -155,6 +156,12 @@ def fusion_one(args) -> dict:
             if "origin" in v.dims and not str(n).startswith("flow_")
         ]
         sparse = sparse_pairs(ds.drop_vars(dense), k=args.k, include_observed=True)
+        # --predict-all keeps the dense pair covariates (no flows) to predict all N^2 pairs
+        everything = (
+            ds.drop_vars([n for n in ds.data_vars if str(n).startswith("flow_")])
+            if args.predict_all
+            else None
+        )
         del ds
     report("prepare", stage, pairs=int(sparse.sizes["pair"]))
     out["pairs"] = int(sparse.sizes["pair"])
@@ -179,6 +186,18 @@ def fusion_one(args) -> dict:
             pred = model.predict(sparse, dtype=np.float32, progress=False)
             n_pred = int(np.isfinite(pred["q95"].values).sum())
         report(f"predict[{backend}]", stage, pairs_with_intervals=n_pred)
+        if everything is not None:
+            with StagePeak() as stage:
+                pred = model.predict(
+                    everything,
+                    draws=args.draws,
+                    dtype=np.float32,
+                    use_dask=True,
+                    progress=False,
+                )
+                n_pred = int(np.isfinite(pred["q95"].values).sum())
+                del pred
+            report(f"predict_all[{backend}]", stage, pairs_with_intervals=n_pred)
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
@@ -202,6 +221,8 @@ def fusion_main(args) -> list[dict]:
             cmd += ["--observed-k", str(args.observed_k)]
         if args.totals:
             cmd.append("--totals")
+        if args.predict_all:
+            cmd.append("--predict-all")
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         sys.stdout.write(done.stdout.split(_RESULT)[0])
         runs.append(json.loads(done.stdout.split(_RESULT)[1]))
@@ -229,6 +250,11 @@ def main(argv=None):
     parser.add_argument("--fusion", action="store_true", help="fusion model on sparse pairs")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=50, help="--fusion: nearest pairs per origin")
+    parser.add_argument(
+        "--predict-all",
+        action="store_true",
+        help="--fusion: also predict every one of the N^2 pairs with intervals (dense covariates)",
+    )
     parser.add_argument(
         "--observed-k",
         type=int,

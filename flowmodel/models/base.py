@@ -1333,19 +1333,27 @@ def pointwise_loo(tree: xr.DataTree, *, chunk: int = 20_000) -> xr.Dataset | Non
 
     Used when the full pointwise log-likelihood is too large to keep: PSIS is
     computed per cell, so chunks of cells give the same numbers as one call. A cell
-    whose log-likelihood is the same in every draw (a redacted cell far below its
-    bound: ``log P(y <= 15) = 0`` to float precision) has uniform importance weights:
-    ``elpd_i`` is that value and ``pareto_k`` 0 (PSIS cannot fit a tail to it).
+    whose largest importance ratios are tied (a redacted cell far below its bound:
+    ``log P(y <= 15)`` equal to float precision in many draws, or in every draw) has
+    no tail for PSIS to fit (ArviZ raises "All tail values are the same"): its
+    ``elpd_i`` is the plain importance-sampling estimate
+    ``log S - logsumexp(-log p_s)`` (the value itself for a constant cell) and its
+    ``pareto_k`` 0, since tied top weights cannot be heavy-tailed.
     """
     import arviz as az
+    from scipy.special import logsumexp
 
     ll = tree["log_likelihood"].to_dataset()["flow"]
     n = ll.sizes["cell"]
-    values = ll.transpose("cell", ...).values.reshape(n, -1)
-    constant = np.all(values == values[:, :1], axis=1)
-    elpd_all = values[:, 0].astype(float)
+    values = ll.transpose("cell", ...).values.reshape(n, -1).astype(float)
+    n_draws = values.shape[1]
+    # PSIS fits a tail of >= 5 of the largest log ratios -log p (the smallest log p); if
+    # those 5 are tied, a tail it chooses may be tied too
+    low = np.partition(values, min(4, n_draws - 1), axis=1)[:, : min(5, n_draws)]
+    tied = (low.max(axis=1) - low.min(axis=1)) < np.finfo(float).tiny
+    elpd_all = np.log(n_draws) - logsumexp(-values, axis=1)
     k_all = np.zeros(n)
-    varying = np.flatnonzero(~constant)
+    varying = np.flatnonzero(~tied)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for a in range(0, len(varying), chunk):

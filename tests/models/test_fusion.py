@@ -1074,9 +1074,20 @@ def test_chunked_loo_takes_cells_whose_loglik_never_varies():
     from flowmodel.models.base import pointwise_loo
 
     rng = np.random.default_rng(0)
-    ll = rng.normal(-2.0, 0.3, (2, 200, 5))
+    ll = rng.normal(-2.0, 0.3, (2, 200, 6))
     ll[:, :, 1] = 0.0
     ll[:, :, 3] = -1.5
+    # float32 ties: the smallest log p (the largest importance ratios) equal in 300 of
+    # 400 draws, larger in the rest; PSIS's tail is then all one value
+    ll[:, :, 5] = np.where(rng.random((2, 200)) < 0.75, -1.0, rng.uniform(-0.9, -0.1, (2, 200)))
+    tied = xr.DataTree.from_dict(
+        {
+            "posterior": xr.Dataset({"a": (("chain", "draw"), rng.normal(size=(2, 200)))}),
+            "log_likelihood": xr.Dataset({"flow": (("chain", "draw", "cell"), ll[:, :, 5:])}),
+        }
+    )
+    with pytest.raises(ValueError, match="All tail values are the same"):
+        az.loo(tied, pointwise=True, var_name="flow")
     tree = xr.DataTree.from_dict(
         {
             "posterior": xr.Dataset({"a": (("chain", "draw"), rng.normal(size=(2, 200)))}),
@@ -1085,7 +1096,11 @@ def test_chunked_loo_takes_cells_whose_loglik_never_varies():
     )
     out = pointwise_loo(tree, chunk=2)
     np.testing.assert_allclose(out["elpd_i"].values[[1, 3]], [0.0, -1.5])
-    np.testing.assert_array_equal(out["pareto_k"].values[[1, 3]], [0.0, 0.0])
+    np.testing.assert_array_equal(out["pareto_k"].values[[1, 3, 5]], [0.0, 0.0, 0.0])
+    # the tied cell: the importance-sampling estimate, log S - logsumexp(-log p)
+    flat = ll[:, :, 5].ravel()
+    expected = np.log(flat.size) - np.log(np.exp(-flat).sum())
+    np.testing.assert_allclose(out["elpd_i"].values[5], expected, rtol=1e-6)
     varying = tree.copy()
     varying["log_likelihood"] = xr.DataTree(
         xr.Dataset({"flow": (("chain", "draw", "cell"), ll[:, :, [0, 2, 4]])})
