@@ -522,8 +522,11 @@ class FlowModel(abc.ABC):
         """
         require_backend(backend)
         if backend == "auto":
-            n_cells = sum(o.cells(data).n for o in self._observation_models(data))
-            backend = auto_backend(n_cells)
+            all_cells = [o.cells(data) for o in self._observation_models(data)]
+            backend = auto_backend(
+                sum(c.n for c in all_cells),
+                censored=any(bool(np.any(c.censored)) for c in all_cells),
+            )
             require_backend(backend)
         model, state, priors = self._build(data, approximate=backend in APPROXIMATE_BACKENDS)
         kwargs = self.sampler_config | sample_kwargs

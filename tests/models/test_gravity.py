@@ -265,6 +265,31 @@ def test_auto_backend_by_size(monkeypatch):
     assert inference.auto_backend(100) == "nutpie"
     assert inference.auto_backend(inference.AUTO_NUMPYRO_PAIRS + 1) == "numpyro"
     assert inference.auto_backend(inference.AUTO_LAPLACE_PAIRS + 1) == "laplace"
+    # censored cells (the count CDF): numpyro's chains froze on a sparse-CDR world
+    assert inference.auto_backend(inference.AUTO_NUMPYRO_PAIRS + 1, censored=True) == "nutpie"
+
+
+def test_a_chain_that_never_moved_fails_the_fit():
+    """Every draw of chain 1 equals its first (step size 0): a named error, not a summary."""
+    import xarray as xr
+
+    from flowmodel.exceptions import FitFailedError
+    from flowmodel.models.inference import check_chains_moved
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 50))
+    b = rng.normal(size=(3, 50, 2))
+    a[1] = a[1, 0]
+    b[1] = b[1, 0]
+    post = xr.Dataset({"a": (("chain", "draw"), a), "b": (("chain", "draw", "k"), b)})
+    with pytest.raises(
+        FitFailedError, match=r"chain\(s\) \[1\] of 3 never moved.*backend='nutpie'"
+    ):
+        check_chains_moved(post, "numpyro")
+    # a parameter constant by construction in every chain does not fail a fit that moved
+    post["c"] = (("chain", "draw"), np.zeros((3, 50)))
+    post["a"] = (("chain", "draw"), rng.normal(size=(3, 50)))
+    check_chains_moved(post, "numpyro")
 
 
 def test_sufficient_statistic_loglik_equals_elementwise(sim_small):
