@@ -169,6 +169,7 @@ def fusion_one(args) -> dict:
     latent = GravityModel(
         origin_covariates=["log_population"],
         destination_covariates=["log_population", "night_lights_per_capita"],
+        noncentered={"auto": "auto", "true": True, "false": False}[args.noncentered],
     )
     for backend in args.backends:
         model = FusionModel(latent=latent, sources=["census", "cdr"])
@@ -223,7 +224,12 @@ def fusion_main(args) -> list[dict]:
             cmd.append("--totals")
         if args.predict_all:
             cmd.append("--predict-all")
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        cmd += ["--noncentered", args.noncentered]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stdout.write(done.stdout)
+            sys.stderr.write(done.stderr[-5000:])
+            raise SystemExit(f"N={units} failed (exit {done.returncode}): {' '.join(cmd)}")
         sys.stdout.write(done.stdout.split(_RESULT)[0])
         runs.append(json.loads(done.stdout.split(_RESULT)[1]))
     sizes = [r["units"] for r in runs]
@@ -250,6 +256,12 @@ def main(argv=None):
     parser.add_argument("--fusion", action="store_true", help="fusion model on sparse pairs")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=50, help="--fusion: nearest pairs per origin")
+    parser.add_argument(
+        "--noncentered",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="--fusion: country effects (auto: non-centred for Laplace; 'false' for large worlds)",
+    )
     parser.add_argument(
         "--predict-all",
         action="store_true",

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ import xarray as xr
 from flowmodel._version import __version__
 from flowmodel.dataset import dataset_fingerprint, flow_sources
 from flowmodel.exceptions import (
+    FitFailedError,
     ModelConfigError,
     ModelLoadError,
     UninformedParameterWarning,
@@ -72,6 +74,8 @@ from flowmodel.models.observations import (
     window_of,
 )
 from flowmodel.models.priors import DEFAULT_PRIORS, PriorSpec, resolve_priors
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -252,12 +256,18 @@ class FlowModel(abc.ABC):
 
     # ------------------------------------------------------------------ build
     def _build(
-        self, data: xr.Dataset, *, approximate: bool = False
+        self,
+        data: xr.Dataset,
+        *,
+        approximate: bool = False,
+        noncentered: bool | None = None,
     ) -> tuple[pm.Model, dict[str, Any], dict[str, Any]]:
         """Build the PyMC model of ``data``: (model, fit state, resolved priors); no side effects.
 
         ``approximate``: the fit is a Laplace / ADVI / MAP one (parametrisations
-        left to ``"auto"`` take their form for it).
+        left to ``"auto"`` take their form for it). ``noncentered``: the form of
+        country effects left to ``"auto"`` (None: centred for NUTS, non-centred for
+        the approximations).
         """
         observations = self._observation_models(data)
         temporal = self.field.temporal is not None
@@ -324,7 +334,7 @@ class FlowModel(abc.ABC):
         )
         latent_state = self.field.fit_state(data, union)
         if latent_state.get("noncentered") == "auto":
-            latent_state["noncentered"] = bool(approximate)
+            latent_state["noncentered"] = bool(approximate) if noncentered is None else noncentered
         by_source = self._dispersion_by_source()
         coords: dict[str, Any] = {"pair": np.arange(union.n)}
         if by_source and dispersed:
@@ -532,9 +542,33 @@ class FlowModel(abc.ABC):
         kwargs = self.sampler_config | sample_kwargs
         if progressbar is None:
             progressbar = _interactive()
-        idata = run_inference(
-            model, backend, kwargs, random_seed=random_seed, progressbar=bool(progressbar)
-        )
+        try:
+            idata = run_inference(
+                model, backend, kwargs, random_seed=random_seed, progressbar=bool(progressbar)
+            )
+        except FitFailedError as first:
+            # Laplace with country effects left to "auto": the non-centred form suits
+            # countries with few cells, the centred one data-rich countries (at 2,500
+            # units the non-centred mode is a curved ridge L-BFGS does not finish, the
+            # centred one is proper); try the other form before giving up
+            if not (
+                backend == "laplace"
+                and self.field.config.get("noncentered") == "auto"
+                and state["latent"].get("countries")
+            ):
+                raise
+            other = not state["latent"]["noncentered"]
+            form = "non-centred" if other else "centred"
+            logger.info("Laplace failed (%s); trying %s country effects", first, form)
+            model, state, priors = self._build(data, approximate=True, noncentered=other)
+            try:
+                idata = run_inference(
+                    model, backend, kwargs, random_seed=random_seed, progressbar=bool(progressbar)
+                )
+            except FitFailedError as second:
+                raise FitFailedError(
+                    f"{second} (with {form} country effects; with the other form: {first})"
+                ) from second
         idata["prior"] = xr.DataTree(prior_draws(model, random_seed=random_seed))
         self.model = model
         self.fit_meta = state | {

@@ -559,3 +559,37 @@ def test_interval_logcdf_of_censored_cells_matches_scipy():
     got = interval_logcdf(dist, upper, lower).eval()
     expected = np.log(stats.poisson.cdf(upper, mu) - stats.poisson.cdf(lower - 1, mu))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_laplace_that_fails_retries_the_other_form_of_country_effects(sim_small, monkeypatch):
+    """noncentered="auto": a failed Laplace fit is retried with the other form, then named."""
+    import flowmodel.models.base as base
+    from flowmodel.exceptions import FitFailedError
+
+    ds, _ = sim_small
+    real = base.run_inference
+    seen: list[list[str]] = []
+
+    def first_fails(model, backend, kwargs, **kw):
+        seen.append(sorted(v.name for v in model.free_RVs))
+        if len(seen) == 1:
+            raise FitFailedError("Laplace: the Hessian at the mode is not positive definite")
+        return real(model, backend, kwargs, **kw)
+
+    monkeypatch.setattr(base, "run_inference", first_fails)
+    model = GravityModel(destination_covariates=DEST_COVS)
+    model.fit(ds, backend="laplace", draws=50, chains=1, random_seed=1)
+    assert "country_effect_z" in seen[0] and "country_effect_z" not in seen[1], seen
+    assert model.fit_meta["latent"]["noncentered"] is False
+
+    def always_fails(model, backend, kwargs, **kw):
+        raise FitFailedError(f"failed with {len(model.free_RVs)} variables")
+
+    monkeypatch.setattr(base, "run_inference", always_fails)
+    with pytest.raises(FitFailedError, match="with centred country effects; with the other form"):
+        GravityModel(destination_covariates=DEST_COVS).fit(ds, backend="laplace", draws=50)
+    # a form the user chose is not second-guessed
+    with pytest.raises(FitFailedError, match=r"^failed with \d+ variables$"):
+        GravityModel(destination_covariates=DEST_COVS, noncentered=True).fit(
+            ds, backend="laplace", draws=50
+        )
