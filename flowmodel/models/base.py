@@ -80,6 +80,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "LOG_LIKELIHOOD_MAX_VALUES",
+    "LOO_MAX_CELLS",
+    "LOO_MAX_DRAWS",
     "UNINFORMED_RATIO",
     "Cells",
     "FlowModel",
@@ -97,6 +99,11 @@ __all__ = [
 #: log-likelihood (float32, about 20 MB); above it the file holds the LOO results
 #: (``elpd_i``, ``pareto_k`` per cell) instead.
 LOG_LIKELIHOOD_MAX_VALUES = 5_000_000
+#: Draws (all chains) the per-cell PSIS-LOO uses when the log-likelihood is too large to keep
+LOO_MAX_DRAWS = 1_000
+#: Above this many cells (and the size limit) ``fit`` stores no pointwise LOO: ArviZ's PSIS
+#: costs ~1-2 ms a cell in Python whatever the draws (36 s at 22,350 cells)
+LOO_MAX_CELLS = 50_000
 #: A parameter whose posterior sd exceeds this share of its prior sd is "not informed".
 UNINFORMED_RATIO = 0.9
 #: Parameters checked for being informed (other nodes are hierarchical offsets).
@@ -596,16 +603,33 @@ class FlowModel(abc.ABC):
         n_cells = sum(self.fit_meta.get("n_cells", {}).values())
         if n_samples < 2:
             return
+        keep = n_samples * n_cells <= LOG_LIKELIHOOD_MAX_VALUES
+        if not keep and n_cells > LOO_MAX_CELLS:
+            # ArviZ's PSIS runs per cell in Python (~1-2 ms a cell): 600,000 cells would
+            # add 10-20 minutes to every fit; the user computes it when wanted
+            self.fit_meta["loo"] = (
+                f"not computed: {n_cells:,} cells > LOO_MAX_CELLS ({LOO_MAX_CELLS:,}); "
+                "compute it with flowmodel.models.base.pointwise_loo(model.log_likelihood("
+                "data, draws=250))"
+            )
+            logger.info("pointwise LOO %s", self.fit_meta["loo"])
+            return
+        # too large to keep: PSIS-LOO per cell from at most LOO_MAX_DRAWS evenly thinned
+        # draws (at 150 units x 4,000 draws the full computation took 36 s of a 39 s fit)
+        n_chains = int(post.sizes.get("chain", 1))
+        per_chain = None if keep else max(2, LOO_MAX_DRAWS // n_chains)
         try:
-            tree = self.log_likelihood(data)
+            tree = self.log_likelihood(data, draws=per_chain)
         except (NotImplementedError, ModelConfigError):
             return
-        if n_samples * n_cells <= LOG_LIKELIHOOD_MAX_VALUES:
+        if keep:
             idata["log_likelihood"] = tree["log_likelihood"]
             idata["observed_data"] = tree["observed_data"]
             return
         loo = pointwise_loo(tree)
         if loo is not None:
+            used = int(tree["posterior"].sizes["chain"] * tree["posterior"].sizes["draw"])
+            loo.attrs["note"] += f" (from {used} of the {n_samples} draws, evenly thinned)"
             idata["loo"] = xr.DataTree(loo)
 
     def _check_informed(self) -> list[dict[str, Any]]:
@@ -1161,7 +1185,7 @@ class FlowModel(abc.ABC):
         return tree
 
     # ------------------------------------------------------------------ LOO
-    def log_likelihood(self, data: xr.Dataset) -> xr.DataTree:
+    def log_likelihood(self, data: xr.Dataset, *, draws: int | None = None) -> xr.DataTree:
         """Posterior plus a pointwise ``log_likelihood`` group over every cell of every source.
 
         One variable ``flow`` over dim ``cell`` (float32) with coordinates
@@ -1170,14 +1194,15 @@ class FlowModel(abc.ABC):
         censored cell ``log P(min <= y <= max)``, an estimate its log-normal
         density. CDR in/out totals are not pointwise observations and are left
         out. Computed in numpy from the posterior draws, the same way for every
-        backend.
+        backend. ``draws``: keep that many draws per chain, evenly spaced (all when
+        None).
 
         Raises
         ------
         ModelConfigError
             For constrained models (their likelihood is per margin, not per cell).
         """
-        posterior = self.posterior
+        posterior = thin_posterior(self.posterior, draws)
         state = self.fit_meta
         log_rate = self._cell_log_rate(posterior, data, state, np.random.default_rng(0))
         blocks, ys, labels = [], [], {"source": [], "origin": [], "destination": [], "period": []}

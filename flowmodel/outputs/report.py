@@ -1101,7 +1101,9 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
                 "level": "info",
                 "title": "Pareto k not computed",
                 "text": "the posterior file holds no pointwise log-likelihood, so PSIS-LOO "
-                "(and its Pareto k diagnostic) is not available; see the cross-validation.",
+                "(and its Pareto k diagnostic) is not available"
+                + (f" ({why})" if (why := getattr(model, "fit_meta", {}).get("loo")) else "")
+                + "; see the cross-validation.",
             }
         )
     else:

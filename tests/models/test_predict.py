@@ -367,5 +367,26 @@ def test_posterior_file_keeps_a_labelled_float32_loglik_or_its_loo(
     assert "log_likelihood" not in model.idata.children
     loo = model.idata["loo"].to_dataset()
     assert set(loo.data_vars) == {"elpd_i", "pareto_k"} and loo.sizes["cell"] == ll.sizes["cell"]
+    assert "from 200 of the 200 draws" in loo.attrs["note"]
+    # at most LOO_MAX_DRAWS draws enter the per-cell LOO (its cost grows with the draws);
+    # with every draw kept it equals the LOO of the full log-likelihood
+    monkeypatch.setattr(base, "LOO_MAX_DRAWS", 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend="laplace", random_seed=1, draws=100, chains=2)
+    thinned = model.idata["loo"].to_dataset()
+    assert "from 50 of the 200 draws" in thinned.attrs["note"]
+    full = base.pointwise_loo(model.log_likelihood(ds))
+    np.testing.assert_allclose(loo["elpd_i"].values, full["elpd_i"].values, rtol=1e-5)
     big = model.save(tmp_path / "big.nc")
     assert big.stat().st_size < small.stat().st_size / 3
+    # above LOO_MAX_CELLS fit stores neither, and says so (ArviZ's PSIS is ~1-2 ms a cell)
+    monkeypatch.setattr(base, "LOO_MAX_CELLS", 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, backend="laplace", random_seed=1, draws=100, chains=2)
+    assert "loo" not in model.idata.children and "log_likelihood" not in model.idata.children
+    assert (
+        model.fit_meta["loo"].startswith("not computed:")
+        and "pointwise_loo" in model.fit_meta["loo"]
+    )
