@@ -458,7 +458,12 @@ def check_chains_moved(posterior: xr.Dataset, backend: str) -> None:
     frozen: set[int] = set()
     n_chains = int(posterior.sizes.get("chain", 1))
     for var in posterior.data_vars.values():
-        if var.dtype.kind != "f" or "chain" not in var.dims or var.sizes.get("draw", 0) < 2:
+        if (
+            var.dtype.kind != "f"
+            or var.size == 0
+            or "chain" not in var.dims
+            or var.sizes.get("draw", 0) < 2
+        ):
             continue
         values = var.transpose("chain", "draw", ...).values.reshape(
             n_chains, var.sizes["draw"], -1
