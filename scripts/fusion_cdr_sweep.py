@@ -49,20 +49,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fusion_seed_sweep import parse_seeds  # one seed-list syntax for both sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 CENSUS_ONLY = ["census", "census_abroad"]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-4,7"`` -> ``[0, 1, 2, 3, 4, 7]``."""
-    out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out += range(int(lo), int(hi) + 1)
-        elif part.strip():
-            out.append(int(part))
-    return out
 
 
 def prepare_world(out: Path, *, seed: int, cdr_activity: float | None, n_units: int = 120):

@@ -578,6 +578,23 @@ class Build:
         return window_of(self.data, cells, self.periods)
 
 
+def _normal_prior(priors: Mapping[str, Any], name: str, what: str) -> tuple[float, float]:
+    """``(mu, sigma)`` of a Normal prior that the market share samples relative to the scale.
+
+    Raises
+    ------
+    ModelConfigError
+        When the prior of ``name`` is not a Normal.
+    """
+    spec = priors[name]
+    if not (isinstance(spec, Mapping) and spec.get("dist", "Normal") == "Normal"):
+        raise ModelConfigError(
+            f"prior '{name}' must be a Normal ({what} market share is sampled relative to the "
+            "period scale). Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
+        )
+    return float(spec.get("mu", 0.0)), float(spec.get("sigma", 0.5))
+
+
 def window_of(
     data: xr.Dataset, cells: Cells, periods: Sequence[Any] | None
 ) -> tuple[np.ndarray | None, Any]:
@@ -1179,14 +1196,7 @@ class CDRObservation(CountObservation):
         design = self.market_share_design(data, units)
         self._design = {k: v for k, v in design.items() if k not in ("centre", "z")}
         off_name = self.node("market_share_country")
-        spec = priors[off_name]
-        if not (isinstance(spec, Mapping) and spec.get("dist", "Normal") == "Normal"):
-            raise ModelConfigError(
-                f"prior '{off_name}' must be a Normal (the country offsets of the logit market "
-                "share are sampled relative to the period scale). "
-                "Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
-            )
-        off_mu, off_sd = float(spec.get("mu", 0.0)), float(spec.get("sigma", 0.5))
+        off_mu, off_sd = _normal_prior(priors, off_name, "the country offsets of the logit")
         scale_name = self.node("period_scale")
         log_level = pt.log(build.prior(scale_name))
         # The counts pin each country's product share x period_scale; how it splits is the
@@ -1198,14 +1208,7 @@ class CDRObservation(CountObservation):
         # common level takes the mean slope, each country's offset the rest.
         ref = _log_median(priors.get(scale_name))
         level_name = self.node("market_share_level")
-        level_spec = priors[level_name]
-        if not (isinstance(level_spec, Mapping) and level_spec.get("dist", "Normal") == "Normal"):
-            raise ModelConfigError(
-                f"prior '{level_name}' must be a Normal (the common level of the logit market "
-                "shares is sampled relative to the period scale). "
-                "Fix: {'dist': 'Normal', 'mu': 0.0, 'sigma': 0.5}"
-            )
-        lvl_mu, lvl_sd = float(level_spec.get("mu", 0.0)), float(level_spec.get("sigma", 0.5))
+        lvl_mu, lvl_sd = _normal_prior(priors, level_name, "the common level of the logit")
         first = np.unique(country_pos, return_index=True)[1]
         prior_share = special.expit(design["centre"][first] + lvl_mu + off_mu)
         g = 1.0 / (1.0 - prior_share)
