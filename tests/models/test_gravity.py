@@ -593,3 +593,29 @@ def test_laplace_that_fails_retries_the_other_form_of_country_effects(sim_small,
         GravityModel(destination_covariates=DEST_COVS, noncentered=True).fit(
             ds, backend="laplace", draws=50
         )
+
+
+def test_laplace_finishes_where_lbfgs_stops_short(sim_small):
+    """L-BFGS stopped after 3 iterations: the trust-region Newton stage reaches the same mode."""
+    ds, _ = sim_small
+    full = _fit(GravityModel(destination_covariates=DEST_COVS), ds)
+    short = _fit(GravityModel(destination_covariates=DEST_COVS), ds, maxiter=3)
+    attrs = short.idata["posterior"].attrs
+    assert attrs["laplace_lbfgs_iterations"] <= 3
+    assert attrs["laplace_newton_steps"] > 0
+    assert attrs["laplace_mode_sd"] < 0.1 and attrs["laplace_converged"] == 1
+    a, b = full.summary(), short.summary()
+    rows = [r for r in a.index if r.startswith("beta_raw")] + ["phi"]
+    for r in rows:
+        assert abs(b.loc[r, "mean"] - a.loc[r, "mean"]) < 0.05 * a.loc[r, "sd"], r
+
+
+def test_laplace_stopped_far_from_the_mode_warns(sim_small):
+    """No Newton stage and 2 L-BFGS iterations: the distance to the mode is measured and told."""
+    from flowmodel.exceptions import DiagnosticsWarning
+
+    ds, _ = sim_small
+    model = GravityModel(destination_covariates=DEST_COVS, country_effects=False)
+    with pytest.warns(DiagnosticsWarning, match=r"stopped about .* posterior sd from the mode"):
+        model.fit(ds, backend="laplace", random_seed=1, draws=50, maxiter=2, newton_maxiter=0)
+    assert model.idata["posterior"].attrs["laplace_mode_sd"] > 0.1
