@@ -97,31 +97,10 @@ class StagePeak:
         self.peak_gb = self.peak / 2**30
 
 
-def _keep_nearby_reports(ds, k: int):
-    """The dataset with every source's cells outside each origin's ``k`` nearest set to NaN."""
-    import xarray as xr
-
-    from flowmodel.pairs import sparse_pairs
-
-    near = sparse_pairs(ds, k=k, include_observed=False)
-    n = ds.sizes["unit"]
-    pos = {u: i for i, u in enumerate(ds["unit"].values.astype(str))}
-    rows = np.array([pos[u] for u in near["origin"].values.astype(str)])
-    cols = np.array([pos[u] for u in near["destination"].values.astype(str)])
-    mask = np.zeros((n, n), dtype=bool)
-    mask[rows, cols] = True
-    keep = xr.DataArray(mask, dims=("origin", "destination"))
-    out = ds.copy()
-    for name, var in ds.data_vars.items():
-        if str(name).startswith("flow_") and {"origin", "destination"} <= set(var.dims):
-            out[name] = var.where(keep)
-    return out
-
-
 def fusion_one(args) -> dict:
     """One size of the fusion benchmark (run in its own process)."""
     from flowmodel.models import FusionModel, GravityModel
-    from flowmodel.pairs import sparse_pairs
+    from flowmodel.pairs import reports_near, sparse_pairs
     from flowmodel.simulate import simulate_fusion_dataset
 
     units = args.units[0]
@@ -146,7 +125,7 @@ def fusion_one(args) -> dict:
         )
         observed_k = args.k if args.observed_k is None else args.observed_k
         if observed_k > 0:
-            ds = _keep_nearby_reports(ds, observed_k)
+            ds = reports_near(ds, observed_k)
     report("simulate", stage)
 
     with StagePeak() as stage:

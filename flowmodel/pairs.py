@@ -29,6 +29,7 @@ __all__ = [
     "geodesic_distance_km",
     "in_total_universe",
     "intervening_population",
+    "reports_near",
     "sparse_pairs",
     "total_pairs_outside",
 ]
@@ -630,3 +631,34 @@ def _geodesic_pairs_km(
     """WGS84 geodesic distance (km) of the pairs ``(rows, cols)`` only."""
     _, _, dm = _GEOD.inv(lon[rows], lat[rows], lon[cols], lat[cols])
     return np.asarray(dm, dtype=float) / 1000.0
+
+
+def reports_near(ds: xr.Dataset, k: int) -> xr.Dataset:
+    """Return the dense dataset with the cells beyond each origin's ``k`` nearest unreported.
+
+    Real OD tables at scale list the nearby, non-empty cells of each origin, not all
+    N² of them; this turns a dense (e.g. simulated) dataset into that form: every
+    ``flow_*`` variable with ``origin`` x ``destination`` dims becomes NaN outside
+    the pairs :func:`sparse_pairs` keeps with ``k`` and ``include_observed=False``,
+    so ``sparse_pairs(..., include_observed=True)`` then grows like N, not N².
+
+    Parameters
+    ----------
+    ds
+        Dense FlowDataset.
+    k
+        Nearest destinations per origin whose cells stay reported.
+    """
+    near = sparse_pairs(ds, k=k, include_observed=False)
+    n = ds.sizes["unit"]
+    pos = {u: i for i, u in enumerate(ds["unit"].values.astype(str))}
+    rows = np.array([pos[u] for u in near["origin"].values.astype(str)])
+    cols = np.array([pos[u] for u in near["destination"].values.astype(str)])
+    mask = np.zeros((n, n), dtype=bool)
+    mask[rows, cols] = True
+    keep = xr.DataArray(mask, dims=("origin", "destination"))
+    out = ds.copy()
+    for name, var in ds.data_vars.items():
+        if str(name).startswith("flow_") and {"origin", "destination"} <= set(var.dims):
+            out[name] = var.where(keep)
+    return out
