@@ -555,9 +555,9 @@ class FlowModel(abc.ABC):
             )
         except FitFailedError as first:
             # Laplace with country effects left to "auto": the non-centred form suits
-            # countries with few cells, the centred one data-rich countries (at 2,500
-            # units the non-centred mode is a curved ridge L-BFGS does not finish, the
-            # centred one is proper); try the other form before giving up
+            # countries with few cells, the centred one data-rich countries (where one
+            # form has no proper mode, e.g. country offsets with too few cells to
+            # leave sigma_country off zero, the other may); try it before giving up
             if not (
                 backend == "laplace"
                 and self.field.config.get("noncentered") == "auto"
