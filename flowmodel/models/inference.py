@@ -321,24 +321,30 @@ def _fit_laplace(
     if lbfgs["gradient_norm"] > gtol:
         # trust-region Newton from where L-BFGS stopped: follows a curved ridge and
         # escapes saddles (negative curvature is used, not refused)
-        tr = optimize.minimize(
-            neg,
-            mode,
-            jac=True,
-            hessp=hessp,
-            method="trust-krylov",
-            options={"gtol": gtol, "maxiter": newton_maxiter},
-        )
-        if np.isfinite(tr.fun) and tr.fun <= f_mode:
-            mode = tr.x
-            f_mode, g_mode = neg(mode)
-        n_newton = int(tr.nit)
-        logger.info(
-            "Laplace: trust-region Newton %d iterations, largest gradient %.3g (%s)",
-            tr.nit,
-            float(np.max(np.abs(g_mode))),
-            tr.message,
-        )
+        try:
+            tr = optimize.minimize(
+                neg,
+                mode,
+                jac=True,
+                hessp=hessp,
+                method="trust-krylov",
+                options={"gtol": gtol, "maxiter": newton_maxiter},
+            )
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
+            # a non-finite gradient inside the Krylov solver: keep L-BFGS's point, whose
+            # distance to the mode is measured below
+            logger.info("Laplace: trust-region Newton stopped (%s)", err)
+        else:
+            if np.isfinite(tr.fun) and tr.fun <= f_mode:
+                mode = tr.x
+                f_mode, g_mode = neg(mode)
+            n_newton = int(tr.nit)
+            logger.info(
+                "Laplace: trust-region Newton %d iterations, largest gradient %.3g (%s)",
+                tr.nit,
+                float(np.max(np.abs(g_mode))),
+                tr.message,
+            )
 
     def hessian(x):
         out = np.empty((d, d))
