@@ -815,6 +815,7 @@ FIT_KEYWORDS = frozenset(
         "nuts_sampler_kwargs",
         "engine",
         "maxiter",
+        "newton_maxiter",
         "step",
         "n",
         "start",

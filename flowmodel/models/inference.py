@@ -376,7 +376,7 @@ def _fit_laplace(
             f"Laplace: the optimiser stopped about {decrement:.2g} posterior sd from the mode "
             f"(largest gradient {np.max(np.abs(g_mode)):.3g}); the intervals are centred "
             "there. Fix: check the fit against a NUTS backend, or raise maxiter / "
-            "newton_maxiter in the sampler settings",
+            "newton_maxiter ([model.sample_kwargs] of the config, or keywords of fit)",
             DiagnosticsWarning,
             stacklevel=2,
         )
