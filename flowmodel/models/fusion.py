@@ -101,8 +101,8 @@ class FusionModel(FlowModel):
             \phi_{\mathrm{cdr}}\big), \qquad
         P\big(y^{\mathrm{cdr}}_{ijt} \le 15\big) \text{ for a redacted cell} \\
         \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
-            + \sigma_s e_i, \quad \gamma, \delta_c \sim N(0, 0.5^2),\
-            b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1) \\
+            + a^\top x_i + \sigma_s e_i, \quad \gamma, \delta_c \sim N(0, 0.5^2),\
+            b \sim N(0.5, 0.5^2),\ a_k \sim N(0, 0.5^2),\ e_i \sim N(0, 1) \\
         \log \pi_t &= \log \kappa + d_t, \quad \kappa \sim \mathrm{LogNormal}(0, 3^2),\
             d \sim \mathrm{ZeroSumNormal}(0.5) \\
         \log \hat y^{\mathrm{est}}_c &\sim \mathcal N\Big(\log \sum_{(i,j)\in c} e^{\eta_{ij}},\
@@ -117,7 +117,8 @@ class FusionModel(FlowModel):
     standardised within its country on the log or logit scale, :math:`m_c` the
     logit of the country's mean covariate when it reads as a share (else of
     ``market_share_default``), :math:`\gamma` the level common to the CDR
-    countries, :math:`\delta_c` each country's offset, :math:`\pi_t` the
+    countries, :math:`\delta_c` each country's offset, :math:`x_i` the origin terms
+    ``market_share_origin_terms`` (standardised like :math:`z_i`), :math:`\pi_t` the
     ``period_effect`` and :math:`\phi` per source (``phi``, dim ``source``); see
     :class:`~flowmodel.models.observations.CDRObservation`. A census anchors the absolute scale;
     countries with only CDR borrow it through the latent coefficients and the
@@ -143,6 +144,13 @@ class FusionModel(FlowModel):
         (values in (0, 1), country means in 2-98%). Ignored where absent or NaN.
     market_share_default
         Prior centre of the market share where the covariate gives no level.
+    market_share_origin_terms
+        Unit variables the market share may go with beyond the penetration
+        covariate, each with its own slope (``market_share_origin_slope``,
+        ``N(0, 0.5^2)`` on the term standardised within its country):
+        ``"latent"`` (default) takes the latent model's origin covariates, so
+        that a share that is higher in populous or urban units is not read as
+        more migration from them; None or ``[]``: none.
     reference_source
         Source whose dispersion ``phi`` is used for predictive draws of
         population flows (default: the first census-type source, else the
@@ -181,6 +189,7 @@ class FusionModel(FlowModel):
         "sources": ["census", "cdr"],
         "market_share_covariate": "cdr_subscribers_per_resident",
         "market_share_default": 0.3,
+        "market_share_origin_terms": "latent",
         "reference_source": None,
         "source_options": {},
     }
@@ -192,6 +201,7 @@ class FusionModel(FlowModel):
         sources: Sequence[str] = ("census", "cdr"),
         market_share_covariate: str | None = "cdr_subscribers_per_resident",
         market_share_default: float = 0.3,
+        market_share_origin_terms: Sequence[str] | str | None = "latent",
         reference_source: str | None = None,
         source_options: Mapping[str, Mapping[str, Any]] | None = None,
         priors: Mapping[str, Any] | None = None,
@@ -212,6 +222,11 @@ class FusionModel(FlowModel):
             sources=[str(s) for s in sources],
             market_share_covariate=market_share_covariate,
             market_share_default=float(market_share_default),
+            market_share_origin_terms=(
+                market_share_origin_terms
+                if market_share_origin_terms is None or isinstance(market_share_origin_terms, str)
+                else [str(t) for t in market_share_origin_terms]
+            ),
             reference_source=reference_source,
             source_options={str(k): dict(v) for k, v in (source_options or {}).items()},
         )
@@ -290,7 +305,21 @@ class FusionModel(FlowModel):
                 "market_share_covariate", self.model_config["market_share_covariate"]
             )
             options.setdefault("market_share_default", self.model_config["market_share_default"])
+            options.setdefault("market_share_origin_terms", self._market_share_origin_terms())
         return options
+
+    def _market_share_origin_terms(self) -> list[str]:
+        """Origin terms the market share may go with: ``"latent"`` = the latent's origin covariates."""
+        terms = self.model_config["market_share_origin_terms"]
+        if terms == "latent":
+            return [str(t) for t in self.latent.model_config.get("origin_covariates") or []]
+        if isinstance(terms, str):
+            raise ModelConfigError(
+                f"FusionModel: market_share_origin_terms={terms!r} is not valid. "
+                "Fix: 'latent' (the latent model's origin covariates), a list of unit "
+                "variables, or None"
+            )
+        return list(terms or [])
 
     def _observation_models(self, data: xr.Dataset) -> list[ObservationModel]:
         sources = self.sources + [s for s in estimate_sources(data) if s not in self.sources]
@@ -299,7 +328,7 @@ class FusionModel(FlowModel):
 
     def _summary_vars(self) -> list[str]:
         names = [*self.field.summary_vars(), "phi", "sigma_market_share", "period_scale"]
-        names += ["market_share_level", "market_share_slope"]
+        names += ["market_share_level", "market_share_slope", "market_share_origin_slope"]
         return list(dict.fromkeys([*names, "period_effect"]))
 
     def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:

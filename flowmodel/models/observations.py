@@ -52,7 +52,12 @@ from flowmodel.dataset import (
 )
 from flowmodel.exceptions import DataContractError, ModelConfigError
 from flowmodel.models.inference import stack_samples
-from flowmodel.models.latent import LatentTerm, sparse_pair_positions, unit_positions
+from flowmodel.models.latent import (
+    LatentTerm,
+    sparse_pair_positions,
+    unit_positions,
+    unit_variable,
+)
 from flowmodel.models.likelihoods import (
     LIKELIHOODS,
     censored_count_logp,
@@ -91,6 +96,12 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     # the logit share by about a half (the within-country logit sd of real shares is ~0.3-0.6)
     "market_share_slope": {"dist": "Normal", "mu": 0.5, "sigma": 0.5},
     "sigma_market_share": {"dist": "HalfNormal", "sigma": 0.5},
+    # the share may go with what makes a unit send migrants (population, urbanity, income:
+    # operators cover towns better): one slope per origin term of the latent field, on the
+    # term standardised within its country; centred on 0 (no direction assumed). Without it
+    # that covariation is read as migration: the CDR's per-origin counts move the latent
+    # origin coefficients, which every pair shares
+    "market_share_origin_slope": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
     # overall CDR counts per latent flow beyond the market share (time windows differ:
     # days to months of CDR against a 1- or 5-year census question); broad by default,
     # set mu = log(CDR window / census window) when the windows are known
@@ -507,6 +518,22 @@ def window_cells(data: xr.Dataset, cells: Cells, periods: Sequence[Any]) -> Cell
 
 
 # ============================================================================== build
+def _within_country_z(
+    values: np.ndarray, country: np.ndarray, ok: np.ndarray
+) -> tuple[np.ndarray, pd.Series]:
+    """Standardise unit values within their country: ``(z, country means)``.
+
+    ``values`` centred on their country's mean over ``ok``, divided by the pooled
+    within-country sd; 0 where not ``ok``, or when nothing varies.
+    """
+    values = np.where(ok, values, np.nan)
+    means = pd.Series(values[ok]).groupby(country[ok]).mean()
+    dev = np.where(ok, values - means.reindex(country).to_numpy(), 0.0)
+    dof = int(ok.sum()) - len(means)
+    sd = float(np.sqrt(np.sum(dev[ok] ** 2) / dof)) if dof > 0 else 0.0
+    return (dev / sd if sd > 0 else np.zeros(len(values))), means
+
+
 class PriorFactory:
     """Creates nodes from the resolved priors inside ``build_model`` (``prior(name, dims=...)``).
 
@@ -993,8 +1020,8 @@ class CDRObservation(CountObservation):
         y_{ijt} &\sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
         \log \pi_t = \log\kappa + d_t \\
         \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
-        + \sigma_s e_i, \qquad \gamma, \delta_c \sim N(0, 0.5^2),\
-        b \sim N(0.5, 0.5^2),\ e_i \sim N(0, 1)
+        + a^\top x_i + \sigma_s e_i, \qquad \gamma, \delta_c \sim N(0, 0.5^2),\
+        b \sim N(0.5, 0.5^2),\ a_k \sim N(0, 0.5^2),\ e_i \sim N(0, 1)
 
     :math:`s_i` is the share of origin unit :math:`i`'s movers that the CDR counts
     as relocations: the operator's market share times the rate at which home
@@ -1017,6 +1044,14 @@ class CDRObservation(CountObservation):
     own offset; the unit effects :math:`e_i` are non-centred, and
     :math:`\gamma, \delta_c` are sampled relative to :math:`\log\kappa` (the
     data pin only the product :math:`s_i \kappa`; the prior is unchanged).
+    :math:`x_i` are the ``market_share_origin_terms`` (e.g. the latent field's
+    origin covariates: ``log_population``), each standardised within its country
+    like :math:`z`, with slopes :math:`a` (``market_share_origin_slope``): a share
+    that is higher in populous or urban units (as operators' coverage is) must not
+    be read as more migration from them. The CDR's per-origin counts pin only the
+    product of the share and the latent origin terms; with these slopes they leave
+    the latent origin coefficients to the sources that measure them (a census),
+    and the CDR informs where a unit's movers go.
 
     Cells redacted at 15 or fewer enter as ``P(y <= 15)``. The operator's in/out
     totals (``<source>_outflow`` / ``_inflow``, summed before redaction) enter
@@ -1031,11 +1066,18 @@ class CDRObservation(CountObservation):
         **CountObservation.default_options,
         "market_share_covariate": "cdr_subscribers_per_resident",
         "market_share_default": 0.3,
+        "market_share_origin_terms": (),
     }
 
     @override
     def validate(self) -> None:
         super().validate()
+        terms = self.options["market_share_origin_terms"]
+        if isinstance(terms, str) or not all(isinstance(t, str) for t in terms):
+            raise ModelConfigError(
+                f"source '{self.source}': market_share_origin_terms={terms!r} must be a list of "
+                "unit variable names. Fix: e.g. ['log_population']"
+            )
         share = self.options["market_share_default"]
         if not 0.0 < share < 1.0:
             raise ModelConfigError(
@@ -1070,6 +1112,8 @@ class CDRObservation(CountObservation):
         ]
         if data is None or self._covariate(data) is not None:
             nodes.append(self.node("market_share_slope"))
+        if self.options["market_share_origin_terms"]:
+            nodes.append(self.node("market_share_origin_slope"))
         nodes.append(self.node("period_scale"))
         if data is None or self.n_periods(data, self.source) > 1:
             nodes.append(self.node("period_effect"))
@@ -1097,16 +1141,26 @@ class CDRObservation(CountObservation):
             missing or without a covariate), ``scale`` (``"logit"``, ``"log"`` or
             None: how the covariate was transformed), ``level`` (``"covariate"``
             when the country means give the level, else ``"default"``) and
-            ``n_covariate`` (units with a usable value).
+            ``n_covariate`` (units with a usable value); ``origin_terms`` (the
+            ``market_share_origin_terms``) and ``x`` (``(unit, term)``: each term
+            standardised within its country the same way, 0 where missing).
         """
         default = float(special.logit(self.options["market_share_default"]))
         n = len(units)
+        country = np.asarray(data["country"].values).astype(str)[units]
+        terms = [str(t) for t in self.options["market_share_origin_terms"]]
+        x = np.zeros((n, len(terms)))
+        for k, term in enumerate(terms):
+            col = unit_variable(data, term)[units]
+            x[:, k], _ = _within_country_z(col, country, np.isfinite(col))
         out: dict[str, Any] = {
             "centre": np.full(n, default),
             "z": np.zeros(n),
             "scale": None,
             "level": "default",
             "n_covariate": 0,
+            "origin_terms": terms,
+            "x": x,
         }
         values = self._covariate(data)
         if values is None:
@@ -1118,12 +1172,7 @@ class CDRObservation(CountObservation):
         scale = "logit" if np.all(v[ok] < 1.0) else "log"
         g = np.full(n, np.nan)
         g[ok] = special.logit(v[ok]) if scale == "logit" else np.log(v[ok])
-        country = np.asarray(data["country"].values).astype(str)[units]
-        means = pd.Series(g[ok]).groupby(country[ok]).mean()
-        dev = np.where(ok, g - means.reindex(country).to_numpy(), 0.0)
-        dof = int(ok.sum()) - len(means)
-        sd = float(np.sqrt(np.sum(dev[ok] ** 2) / dof)) if dof > 0 else 0.0
-        out["z"] = dev / sd if sd > 0 else np.zeros(n)
+        out["z"], means = _within_country_z(g, country, ok)
         out.update(scale=scale, n_covariate=int(ok.sum()))
         lo, hi = special.logit(SHARE_LEVEL_RANGE[0]), special.logit(SHARE_LEVEL_RANGE[1])
         if scale == "logit" and bool(((means >= lo) & (means <= hi)).all()):
@@ -1194,7 +1243,7 @@ class CDRObservation(CountObservation):
         model.add_coord(unit_dim, np.asarray(data["unit"].values).astype(str)[units])
         model.add_coord(country_dim, countries)
         design = self.market_share_design(data, units)
-        self._design = {k: v for k, v in design.items() if k not in ("centre", "z")}
+        self._design = {k: v for k, v in design.items() if k not in ("centre", "z", "x")}
         off_name = self.node("market_share_country")
         off_mu, off_sd = _normal_prior(priors, off_name, "the country offsets of the logit")
         scale_name = self.node("period_scale")
@@ -1236,6 +1285,11 @@ class CDRObservation(CountObservation):
         if design["scale"] is not None:
             slope = build.prior(self.node("market_share_slope"))
             logit_share = logit_share + slope * design["z"]
+        if design["origin_terms"]:
+            term_dim = self.node("market_origin_term")
+            model.add_coord(term_dim, design["origin_terms"])
+            origin_slope = build.prior(self.node("market_share_origin_slope"), dims=term_dim)
+            logit_share = logit_share + pt.dot(design["x"], origin_slope)
         pm.Deterministic(self.node("market_share"), pm.math.sigmoid(logit_share), dims=unit_dim)
         log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
         self._units, self._log_share, self._log_level = units, log_share, log_level

@@ -22,7 +22,7 @@ import pandas as pd
 import pymc as pm
 import pytest
 import xarray as xr
-from scipy import stats
+from scipy import special, stats
 
 from flowmodel.dataset import marginals_to_dataset, totals_to_dataset, validate_dataset
 from flowmodel.evaluate import cpc, interval_coverage, interval_width, log_rmse
@@ -287,6 +287,59 @@ def test_penetration_covariate_enters_by_its_shape_whatever_its_scale(world):
     np.testing.assert_allclose(none.market_share_centre(ds, cdr_units), np.log(0.3 / 0.7))
     assert "market_share_slope" not in none.nodes(ds)
     assert "market_share_slope" in CDRObservation("cdr").nodes(ds)
+
+
+def test_market_share_may_go_with_the_latent_origin_terms(world):
+    """logit s_i gains a' x_i: the latent's origin covariates, standardised within country.
+
+    An operator covers populous, urban units better, so its share goes with what makes
+    a unit send migrants; without the slopes, the CDR's per-origin counts read that
+    covariation as migration and move the latent origin coefficients (issue 15).
+    """
+    ds, truth = world
+    cdr_units = np.flatnonzero(np.isin(ds["country"].values, truth["cdr_countries"]))
+    country = ds["country"].values.astype(str)[cdr_units]
+    log_pop = np.log(ds["population"].values[cdr_units])
+    model = FusionModel(latent=gravity())
+    options = model._options("cdr")
+    assert options["market_share_origin_terms"] == ["log_population"]  # the latent's
+    design = CDRObservation("cdr", **options).market_share_design(ds, cdr_units)
+    assert design["origin_terms"] == ["log_population"]
+    x = design["x"][:, 0]
+    for code in truth["cdr_countries"]:
+        m = country == code
+        assert x[m].mean() == pytest.approx(0.0, abs=1e-12)
+        # a within-country shape: the same order as the log population
+        assert np.corrcoef(x[m], log_pop[m])[0, 1] == pytest.approx(1.0)
+    assert np.sum(x**2) / (len(cdr_units) - 3) == pytest.approx(1.0)
+
+    pm_model, state, _ = model._build(ds)
+    assert list(pm_model.coords["market_origin_term"]) == ["log_population"]
+    assert pm_model.named_vars_to_dims["market_share_origin_slope"] == ("market_origin_term",)
+    assert "x" not in state["observations"]["cdr"]["market_share"]  # no per-unit values
+    # the slope moves the logit share of each unit by slope * x_i, nothing else
+    point = pm_model.initial_point()
+    share = pm_model.compile_fn(
+        pm_model.replace_rvs_by_values([pm_model["market_share"]])[0],
+        inputs=pm_model.value_vars,
+        on_unused_input="ignore",
+    )
+    base = special.logit(share(point))
+    point["market_share_origin_slope"] = point["market_share_origin_slope"] + 0.7
+    np.testing.assert_allclose(special.logit(share(point)) - base, 0.7 * x, atol=1e-6)
+
+    # none: no node, the share as before
+    for off in (None, []):
+        plain = FusionModel(latent=gravity(), market_share_origin_terms=off)
+        assert plain._options("cdr")["market_share_origin_terms"] == []
+        assert "market_share_origin_slope" not in plain.build_model(ds).named_vars
+    # a term the dataset lacks, or a bad spec, names the fix
+    with pytest.raises(ModelConfigError, match="not a unit variable"):
+        FusionModel(latent=gravity(), market_share_origin_terms=["log_altitude"]).build_model(ds)
+    with pytest.raises(ModelConfigError, match=r"market_share_origin_terms='all'.*Fix"):
+        FusionModel(latent=gravity(), market_share_origin_terms="all")
+    with pytest.raises(ModelConfigError, match=r"market_share_origin_terms.*list of unit"):
+        CDRObservation("cdr", market_share_origin_terms="log_population")
 
 
 def test_market_share_offsets_keep_their_prior_relative_to_the_period_scale(world):

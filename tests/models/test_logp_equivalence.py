@@ -100,6 +100,12 @@ def _same_shares(data, pm_model, point) -> tuple[dict[str, np.ndarray], float]:
     new["market_share_slope"] = np.asarray(slope)
     change = stats.norm.logpdf(slope, slope_prior["mu"], slope_prior["sigma"])
     change += stats.norm.logpdf(0.0, level_prior["mu"], level_prior["sigma"])
+    if "market_origin_term" in pm_model.coords:
+        # the share's slopes on the latent's origin terms (later still) at 0: the same shares
+        n_terms = len(pm_model.coords["market_origin_term"])
+        origin_prior = CDR_PRIORS["market_share_origin_slope"]
+        new["market_share_origin_slope"] = np.zeros(n_terms)
+        change += n_terms * stats.norm.logpdf(0.0, origin_prior["mu"], origin_prior["sigma"])
     return new, float(change)
 
 
