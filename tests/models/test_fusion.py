@@ -300,7 +300,8 @@ def test_market_share_may_go_with_the_latent_origin_terms(world):
     cdr_units = np.flatnonzero(np.isin(ds["country"].values, truth["cdr_countries"]))
     country = ds["country"].values.astype(str)[cdr_units]
     log_pop = np.log(ds["population"].values[cdr_units])
-    model = FusionModel(latent=gravity())
+    assert FusionModel(latent=gravity())._options("cdr")["market_share_origin_terms"] == []
+    model = FusionModel(latent=gravity(), market_share_origin_terms="latent")
     options = model._options("cdr")
     assert options["market_share_origin_terms"] == ["log_population"]  # the latent's
     design = CDRObservation("cdr", **options).market_share_design(ds, cdr_units)
