@@ -30,6 +30,8 @@ peak memory of the process::
 
     .venv/bin/python benchmarks/inference.py --fusion --units 120 --backends nutpie laplace
     .venv/bin/python benchmarks/inference.py --fusion --units 120 --cdr-activity 4
+    .venv/bin/python benchmarks/inference.py --fusion --units 120 --cdr-activity 4 \
+        --backends nutpie --nutpie-adaptation low_rank
 """
 
 from __future__ import annotations
@@ -160,10 +162,15 @@ def run_fusion(args) -> list[dict]:
             kwargs = sweep.fit_kwargs(cfg, overrides)
             for backend in args.backends:
                 model = build_model(cfg)
+                extra = (
+                    {"nuts": {"adaptation": args.nutpie_adaptation}}
+                    if backend == "nutpie" and args.nutpie_adaptation != "diag"
+                    else {}
+                )
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    model.fit(ds, backend=backend, random_seed=args.seed, **kwargs)
+                    model.fit(ds, backend=backend, random_seed=args.seed, **kwargs, **extra)
                 wall = time.perf_counter() - t0
                 post = model.posterior
                 names = [v for v in model._summary_vars() if v in post]
@@ -183,12 +190,19 @@ def run_fusion(args) -> list[dict]:
                     "rhat_max": rhat,
                     "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                     "diagnostics": model.fit_meta.get("diagnostics", []),
+                    "adaptation": args.nutpie_adaptation if backend == "nutpie" else None,
                 }
+                if (
+                    "sample_stats" in model.idata.children
+                    and "n_steps" in model.idata["sample_stats"]
+                ):
+                    row["steps_per_draw"] = float(model.idata["sample_stats"]["n_steps"].mean())
                 row["ess_per_s"] = row["min_ess"] / wall
                 rows.append(row)
                 print(
                     f"fusion N={n:4d} {backend:8s} wall={wall:7.1f}s minESS={row['min_ess']:7.0f} "
                     f"ESS/s={row['ess_per_s']:6.2f} R-hat={rhat:.3f} peak={row['peak_mb']:.0f} MB "
+                    f"steps/draw={row.get('steps_per_draw', float('nan')):.1f} "
                     f"{'; '.join(row['diagnostics'])}",
                     flush=True,
                 )
@@ -220,6 +234,12 @@ def main(argv=None):
     )
     parser.add_argument(
         "--cdr-activity", type=float, default=None, help="--fusion: sparse CDR (e.g. 4)"
+    )
+    parser.add_argument(
+        "--nutpie-adaptation",
+        choices=["diag", "low_rank"],
+        default="diag",
+        help="--fusion: nutpie's mass-matrix adaptation (low_rank: nuts={'adaptation': ...})",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault(CHAINS_ENV, f"--xla_force_host_platform_device_count={args.chains}")
