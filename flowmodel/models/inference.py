@@ -288,7 +288,9 @@ def _fit_laplace(
         return -float(logp_fn(point(x))), -np.asarray(dlogp_fn(point(x)), dtype=float)
 
     def grad(x):
-        return neg(x)[1]
+        # Hessian-vector products and the Hessian need the gradient only
+        calls["gradient"] += 1
+        return -np.asarray(dlogp_fn(point(x)), dtype=float)
 
     # the log density is O(number of pairs) while hierarchical terms are O(1): a
     # relative-decrease stopping rule would stop before sigma_country moves
@@ -380,7 +382,6 @@ def _fit_laplace(
             DiagnosticsWarning,
             stacklevel=2,
         )
-    vals, vecs = np.linalg.eigh(hess)
     _check_mode(model, mode, point, vals, f_mode)
     cov_sqrt = vecs / np.sqrt(vals)
     z = rng.standard_normal((chains * draws, d))
