@@ -1389,6 +1389,12 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     ds = _add_marginals(ds, cfg)
     ds = _add_estimates(ds, estimates)
     ds = _add_totals(ds, totals, cfg)
+    for name, result in cdr_results.items():
+        # home detection's estimate of spurious moves per subscriber-period pair (a ratio of
+        # national counts): the CDR observation model's background of spurious relocations
+        rate = result.settings.get("spurious_rate_estimate")
+        if rate and f"flow_{name}" in ds:
+            ds[f"flow_{name}"].attrs["spurious_rate"] = float(rate)
     outputs = {"dataset": save_dataset(ds, ctx.path(DATASET))}
     attrs = provenance_attrs(config=cfg.section_dict(), seed=cfg.run.seed, data=ds)
     outputs["units"] = write_units(ds, ctx.path(UNITS), geometry=units, attrs=attrs)

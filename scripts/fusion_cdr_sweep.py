@@ -28,7 +28,9 @@ Run from the repository root (each world in its own process, for its peak memory
         --out fusion-cdr-sweep.md
 
 About 4-6 minutes per world on 2 cores (two fits). ``--draws``/``--tune``/``--chains``
-override the demo's sampler settings (e.g. for a quick look).
+override the demo's sampler settings (e.g. for a quick look); ``--option KEY=JSON``
+changes the fused model's ``[model.options]`` (e.g. ``--option
+spurious_relocations=true --option market_share_origin_terms=latent``).
 """
 
 from __future__ import annotations
@@ -205,9 +207,11 @@ def run_one(
     *,
     sources: list[str] | None = None,
     internal: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit one prepared world (the demo's model, or its ``sources``); return every number.
 
+    ``options`` update the demo config's ``[model.options]`` of the fused model.
     ``internal``: a :class:`~flowmodel.models.gravity.GravityModel` of the internal
     movers' census table alone (no immigrants, no CDR), as the weakest baseline.
     """
@@ -228,6 +232,8 @@ def run_one(
     else:
         if sources is not None:
             cfg.model.options["sources"] = sources
+        else:
+            cfg.model.options.update(options or {})
         model = build_model(cfg)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -258,7 +264,12 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 
 def run_world(
-    base: Path, seed: int, activity: str, overrides: dict[str, int], baselines: bool
+    base: Path,
+    seed: int,
+    activity: str,
+    overrides: dict[str, int],
+    baselines: bool,
+    options: list[str] = (),
 ) -> dict[str, Any]:
     """Prepare one world and fit it (each step in its own process); the sweep's row."""
     work = base / f"seed{seed}-activity{activity}"
@@ -268,7 +279,9 @@ def run_world(
     if "error" in prep:
         return {"seed": seed, "activity": activity, "error": prep["error"]}
     row: dict[str, Any] = {"seed": seed, "activity": activity if act is None else act}
-    fused = _child(["--fit", str(work), str(seed), "fused", *flags])
+    fused = _child(
+        ["--fit", str(work), str(seed), "fused", *flags, *(f"--option={o}" for o in options)]
+    )
     if "error" in fused:
         return row | {"error": fused["error"]}
     row.update({k if "[" not in k else f"fused.{k}": v for k, v in fused.items()})
@@ -338,6 +351,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + f"\n\nworlds meeting each target: {summary}\n"
 
 
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """``["key=<json>", ...]`` -> ``{key: value}`` (a value that is not JSON is a string)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {item!r}: give KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-4")
@@ -354,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", type=int)
     parser.add_argument("--chains", type=int)
     parser.add_argument("--no-baselines", action="store_true", help="skip the census-only fits")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a [model.options] setting of the fused model, e.g. spurious_relocations=true "
+        "or market_share_origin_terms='\"latent\"' (repeatable)",
+    )
     parser.add_argument("--prepare", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--fit", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -372,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides,
             sources=CENSUS_ONLY if kind == "census" else None,
             internal=kind == "internal",
+            options=_parse_options(args.option),
         )
         print("ROW " + json.dumps(row, default=str))
         return 0
@@ -382,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in parse_seeds(args.seeds):
             for activity in args.activity:
                 print(f"seed {seed}, CDR activity {activity} ...", file=sys.stderr, flush=True)
-                rows.append(run_world(base, seed, activity, overrides, not args.no_baselines))
+                rows.append(
+                    run_world(base, seed, activity, overrides, not args.no_baselines, args.option)
+                )
                 print(table(rows[-1:]).splitlines()[2], file=sys.stderr, flush=True)
     text = table(rows)
     print(text)

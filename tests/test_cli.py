@@ -357,6 +357,15 @@ def test_demo_small(tmp_path: Path, capsys, mock_sampling) -> None:
     # how homes were detected from the raw phone events: the settings the data chose
     assert "Home detection: cdr" in html
     assert "night hours" in html and "chosen by" in html
+    # home detection's rate of spurious moves travels with the CDR flows (the model's
+    # background of spurious relocations is centred on it)
+    import json
+
+    import xarray as xr
+
+    settings = json.loads((out / "cdr_cdr" / "cdr_settings.json").read_text())
+    with xr.open_dataset(out / "dataset.nc") as ds:
+        assert ds["flow_cdr"].attrs["spurious_rate"] == settings["spurious_rate_estimate"] > 0
     assert "true vs estimated parameters" in stdout
     assert "beta[log_distance]" in stdout
     assert f"report: {(out / 'report.html').resolve()}" in stdout

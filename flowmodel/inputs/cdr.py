@@ -1098,6 +1098,9 @@ def _spurious_table(c: _Candidates, max_m: int) -> pd.DataFrame:
     err = (table["bounces"] + 1) / table["triples"].where(table["triples"] > 0)
     share = 2 * err * table["pairs"] / table["moves"].where(table["moves"] > 0)
     table["spurious_share"] = share  # NaN without moves or without triples: not measurable
+    # spurious moves per subscriber with a home in two consecutive periods (about 2 e): the
+    # background the CDR observation model adds to every cell (CDRObservation)
+    table["spurious_rate"] = 2 * err.where(table["moves"] > 0)
     return table
 
 
@@ -1499,6 +1502,8 @@ def detect_homes(
     home = level >= m
     est_row = table.loc[table["min_active_days"] == m, "spurious_share"]
     est = float(est_row.iloc[0]) if len(est_row) else float("nan")
+    rate_row = table.loc[table["min_active_days"] == m, "spurious_rate"]
+    rate = float(rate_row.iloc[0]) if len(rate_row) else float("nan")
     n_p = len(cand.labels)
     period_stats = pd.DataFrame(
         {
@@ -1520,6 +1525,7 @@ def detect_homes(
         "min_active_days_chosen_by": days_why,
         "max_spurious_share": float(max_spurious_share),
         "spurious_share_estimate": None if np.isnan(est) else round(est, 3),
+        "spurious_rate_estimate": None if np.isnan(rate) else float(f"{rate:.3g}"),
         "first_night_dropped": first_night_dropped,
         "period": period,
     }

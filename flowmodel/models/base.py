@@ -333,9 +333,13 @@ class FlowModel(abc.ABC):
             known += [n for n in o.nodes(data) if n not in known]
             defaults.update(o.default_priors())
         reference = self._reference(observations)
+        data_derived: dict[str, Any] = {}
+        for o in observations:
+            data_derived.update(o.data_priors(data))
+        data_derived.update(self.field.data_priors(data, cells[reference]))
         priors = resolve_priors(
             known,
-            data_derived=self.field.data_priors(data, cells[reference]),
+            data_derived=data_derived,
             user=self._user_priors(),
             defaults=defaults,
         )

@@ -154,6 +154,16 @@ class FusionModel(FlowModel):
         worlds (docs/fusion.md): CPC in CDR-only countries +0.002 to +0.011 on
         four seeds, but the per-unit share levels less well placed (seed 0: 81%
         of units inside their 90% intervals against 95%), hence opt-in.
+    spurious_relocations
+        Give every CDR cell a background of spurious relocations — moves that
+        home detection invents when a stray night misplaces a home for one
+        period — of ``spurious_rate x S_i S_j / sum S`` (``S``: subscribers with
+        a home per unit, ``cdr_subscribers``), distance-free, so that the in/out
+        totals' redacted moves are not read as a flatter distance decay.
+        ``spurious_rate`` is centred on home detection's estimate
+        (``flow_cdr.attrs["spurious_rate"]``, from moves out and back).
+        ``True``, ``"auto"`` (only where home detection gave the estimate) or
+        ``False`` (default).
     reference_source
         Source whose dispersion ``phi`` is used for predictive draws of
         population flows (default: the first census-type source, else the
@@ -193,6 +203,7 @@ class FusionModel(FlowModel):
         "market_share_covariate": "cdr_subscribers_per_resident",
         "market_share_default": 0.3,
         "market_share_origin_terms": None,
+        "spurious_relocations": False,
         "reference_source": None,
         "source_options": {},
     }
@@ -205,6 +216,7 @@ class FusionModel(FlowModel):
         market_share_covariate: str | None = "cdr_subscribers_per_resident",
         market_share_default: float = 0.3,
         market_share_origin_terms: Sequence[str] | str | None = None,
+        spurious_relocations: bool | str = False,
         reference_source: str | None = None,
         source_options: Mapping[str, Mapping[str, Any]] | None = None,
         priors: Mapping[str, Any] | None = None,
@@ -230,6 +242,7 @@ class FusionModel(FlowModel):
                 if market_share_origin_terms is None or isinstance(market_share_origin_terms, str)
                 else [str(t) for t in market_share_origin_terms]
             ),
+            spurious_relocations=spurious_relocations,
             reference_source=reference_source,
             source_options={str(k): dict(v) for k, v in (source_options or {}).items()},
         )
@@ -309,6 +322,7 @@ class FusionModel(FlowModel):
             )
             options.setdefault("market_share_default", self.model_config["market_share_default"])
             options.setdefault("market_share_origin_terms", self._market_share_origin_terms())
+            options.setdefault("spurious_relocations", self.model_config["spurious_relocations"])
         return options
 
     def _market_share_origin_terms(self) -> list[str]:
@@ -332,7 +346,7 @@ class FusionModel(FlowModel):
     def _summary_vars(self) -> list[str]:
         names = [*self.field.summary_vars(), "phi", "sigma_market_share", "period_scale"]
         names += ["market_share_level", "market_share_slope", "market_share_origin_slope"]
-        return list(dict.fromkeys([*names, "period_effect"]))
+        return list(dict.fromkeys([*names, "period_effect", "spurious_rate"]))
 
     def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:
         """Posterior of the market share of each CDR origin unit.

@@ -108,7 +108,14 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     "period_scale": {"dist": "LogNormal", "mu": 0.0, "sigma": 3.0},
     # log period_effect = log period_scale + deviation, deviation ~ ZeroSumNormal(sigma)
     "period_effect": {"dist": "ZeroSumNormal", "sigma": 0.5},
+    # spurious relocations per subscriber-period pair (a home misplaced in one period makes a
+    # move out and one back): used when home detection gave no estimate (then the prior is
+    # centred on it, sd SPURIOUS_RATE_SDLOG); broad around 1%
+    "spurious_rate": {"dist": "LogNormal", "mu": float(np.log(0.01)), "sigma": 1.0},
 }
+#: sd of log ``spurious_rate`` around home detection's estimate (``flow_<cdr>.attrs``): the
+#: A->B->A estimate measured 0.8x the spurious moves of a simulated log with known homes.
+SPURIOUS_RATE_SDLOG = 0.5
 
 
 def _log_median(spec: Any) -> float:
@@ -759,13 +766,33 @@ class ObservationModel(abc.ABC):
             agg = np.log(sums) + m
         else:
             agg = eta
-        return agg + np.log(cells.exposure)[None, :] + self.log_scale_draws(posterior, data, cells)
+        out = agg + np.log(cells.exposure)[None, :] + self.log_scale_draws(posterior, data, cells)
+        background = self.log_background_draws(posterior, data, cells)
+        return out if background is None else np.logaddexp(out, background)
 
     def member_log_scale_draws(
         self, posterior: xr.Dataset, data: xr.Dataset, cells: Cells
     ) -> np.ndarray:
         """``(sample, member)`` log scale applied per latent pair (CDR market share); 0 here."""
         return np.zeros((1, len(cells.origin_idx)))
+
+    def data_priors(self, data: xr.Dataset) -> dict[str, Any]:
+        """Priors this source derives from the data (below the user's, above the defaults)."""
+        return {}
+
+    def _log_background(self, build: Build, cells: Cells) -> Any:
+        """``(cell,)`` log of what the cells count beyond the latent flows (PyTensor), or None.
+
+        Added to each cell's expected count (``mu = latent part + background``):
+        e.g. the CDR's spurious relocations of home detection. None here.
+        """
+        return None
+
+    def log_background_draws(
+        self, posterior: xr.Dataset, data: xr.Dataset, cells: Cells
+    ) -> np.ndarray | None:
+        """``(sample, cell)`` numpy form of :meth:`_log_background` (None: no background)."""
+        return None
 
     @abc.abstractmethod
     def pointwise(
@@ -933,12 +960,19 @@ class CountObservation(ObservationModel):
         obs = cells.observed
         cens = cells.censored
         name = f"y_{self.source}"
+        background = self._log_background(build, cells)
         if not cells.aggregated:
             log_mu = build.eta[where] + member_scale + log_e + cell_scale
+            if background is not None:
+                log_mu = pt.logaddexp(log_mu, background)
             if obs.any():
                 idx = np.flatnonzero(obs)
                 linear = None
-                if build.latent.linear is not None and np.ndim(cell_scale) == 0:
+                if (
+                    build.latent.linear is not None
+                    and np.ndim(cell_scale) == 0
+                    and background is None
+                ):
                     w = np.bincount(where[idx], weights=cells.y[idx], minlength=build.n_pairs)
                     linear = (
                         build.latent.linear(w)
@@ -969,6 +1003,8 @@ class CountObservation(ObservationModel):
         member = pt.exp(build.eta[where] + member_scale)
         mu = segment_sum(member, cells.member_cell, cells.n) * cells.exposure
         log_mu = pt.log(mu) + cell_scale
+        if background is not None:
+            log_mu = pt.logaddexp(log_mu, background)
         if obs.any():
             idx = np.flatnonzero(obs)
             pm.Potential(
@@ -1053,6 +1089,16 @@ class CDRObservation(CountObservation):
     the latent origin coefficients to the sources that measure them (a census),
     and the CDR informs where a unit's movers go.
 
+    With ``spurious_relocations`` every cell also holds the moves home detection
+    invents (a home misplaced for one period: a move out and one back, whose
+    destinations do not fall with distance): :math:`\mu_{ijt} = e^{\eta_{ij}} s_i
+    \pi_t + \rho\, S_i S_j / \sum_k S_k`, with :math:`S` the subscribers with a
+    home per unit (``spurious_weight``, ``cdr_subscribers``) and :math:`\rho`
+    (``spurious_rate``) spurious moves per subscriber-period pair, its prior
+    centred on home detection's estimate (``flow_<source>.attrs["spurious_rate"]``,
+    from moves out and back; sd :data:`SPURIOUS_RATE_SDLOG` on the log scale).
+    The background enters the released, redacted and totals' cells alike.
+
     Cells redacted at 15 or fewer enter as ``P(y <= 15)``. The operator's in/out
     totals (``<source>_outflow`` / ``_inflow``, summed before redaction) enter
     through the remainder ``total - released cells``, normal with the summed
@@ -1067,11 +1113,20 @@ class CDRObservation(CountObservation):
         "market_share_covariate": "cdr_subscribers_per_resident",
         "market_share_default": 0.3,
         "market_share_origin_terms": (),
+        "spurious_relocations": False,
+        "spurious_weight": "cdr_subscribers",
     }
 
     @override
     def validate(self) -> None:
         super().validate()
+        spurious = self.options["spurious_relocations"]
+        if spurious not in (True, False, None, "auto"):
+            raise ModelConfigError(
+                f"source '{self.source}': spurious_relocations={spurious!r} is not valid. "
+                "Fix: true (a background of spurious relocations in every cell), 'auto' (when "
+                "home detection estimated their rate) or false"
+            )
         terms = self.options["market_share_origin_terms"]
         if isinstance(terms, str) or not all(isinstance(t, str) for t in terms):
             raise ModelConfigError(
@@ -1117,7 +1172,121 @@ class CDRObservation(CountObservation):
         nodes.append(self.node("period_scale"))
         if data is None or self.n_periods(data, self.source) > 1:
             nodes.append(self.node("period_effect"))
+        if self._spurious_on(data):
+            nodes.append(self.node("spurious_rate"))
         return nodes + super().nodes(data)
+
+    def _spurious_estimate(self, data: xr.Dataset | None) -> float | None:
+        """Home detection's spurious moves per subscriber-period pair (``flow_<source>.attrs``)."""
+        flow = None if data is None else data.get(f"flow_{self.source}")
+        rate = None if flow is None else flow.attrs.get("spurious_rate")
+        return float(rate) if rate is not None and np.isfinite(rate) and rate > 0 else None
+
+    def _spurious_on(self, data: xr.Dataset | None) -> bool:
+        """Whether the cells get the background of spurious relocations."""
+        spurious = self.options["spurious_relocations"]
+        if spurious == "auto":
+            return data is None or self._spurious_estimate(data) is not None
+        return bool(spurious)
+
+    @override
+    def data_priors(self, data: xr.Dataset) -> dict[str, Any]:
+        """``spurious_rate`` centred on home detection's estimate, when there is one."""
+        rate = self._spurious_estimate(data)
+        if rate is None or not self._spurious_on(data):
+            return {}
+        return {
+            self.node("spurious_rate"): {
+                "dist": "LogNormal",
+                "mu": float(np.log(rate)),
+                "sigma": SPURIOUS_RATE_SDLOG,
+            }
+        }
+
+    def spurious_weights(self, data: xr.Dataset) -> np.ndarray:
+        """Return subscribers with a home per unit (``(unit,)``): where spurious moves start, end.
+
+        Read from the unit variable ``spurious_weight`` (``cdr_subscribers``); a
+        covered unit without a value (withheld as small) gets its country's median
+        subscribers per resident times its population (else the country's median
+        count). Units the source does not cover get 0.
+        """
+        name = self.options["spurious_weight"]
+        if name not in data or data[name].dims != ("unit",):
+            raise ModelConfigError(
+                f"source '{self.source}': spurious_relocations needs the unit variable "
+                f"'{name}' (subscribers with a home per unit) in the dataset. Fix: prepare the "
+                "CDR from the event log (it writes cdr_subscribers), add the variable, or set "
+                "spurious_weight to one the dataset has"
+            )
+        cells = read_cells(data, self.source)
+        covered = np.zeros(int(data.sizes["unit"]), dtype=bool)
+        covered[cells.origin_idx] = True
+        covered[cells.dest_idx] = True
+        weight = np.asarray(data[name].values, dtype=float)
+        weight = np.where(np.isfinite(weight) & (weight > 0), weight, np.nan)
+        countries = np.asarray(data["country"].values).astype(str)
+        pop = np.asarray(data["population"].values, dtype=float) if "population" in data else None
+        for c in np.unique(countries[covered]):
+            here = covered & (countries == c)
+            gap = here & np.isnan(weight)
+            if not gap.any():
+                continue
+            known = here & ~np.isnan(weight)
+            if pop is not None and (known & (pop > 0)).any() and (pop[gap] > 0).all():
+                weight[gap] = np.median(weight[known] / pop[known]) * pop[gap]
+            elif known.any():
+                weight[gap] = np.median(weight[known])
+        if np.isnan(weight[covered]).all():
+            raise ModelConfigError(
+                f"source '{self.source}': '{name}' has no value in any unit the source covers. "
+                "Fix: give subscribers with a home per unit, or spurious_relocations=false"
+            )
+        weight = np.where(covered, weight, 0.0)
+        return np.nan_to_num(weight, nan=float(np.nanmin(weight[covered])))
+
+    def _background_const(self, data: xr.Dataset, origin, dest, exposure) -> np.ndarray:
+        """``log(S_i S_j / sum S) + log exposure`` of cells (floored: a unit without subscribers)."""
+        weight = getattr(self, "_weights", None)
+        if weight is None:
+            weight = self._weights = self.spurious_weights(data)
+        with np.errstate(divide="ignore"):
+            const = (
+                np.log(weight[origin])
+                + np.log(weight[dest])
+                - np.log(weight.sum())
+                + np.log(exposure)
+            )
+        return np.maximum(const, -50.0)
+
+    @override
+    def _log_background(self, build: Build, cells: Cells) -> Any:
+        self._weights = None
+        self._log_spurious = None
+        if not self._spurious_on(build.data):
+            return None
+        if cells.aggregated:
+            raise ModelConfigError(
+                f"source '{self.source}': spurious_relocations needs cells of single pairs. "
+                "Fix: spurious_relocations=false for aggregated CDR cells"
+            )
+        self._log_spurious = pt.log(build.prior(self.node("spurious_rate")))
+        return self._background(build.data, cells.origin_idx, cells.dest_idx, cells.exposure)
+
+    def _background(self, data: xr.Dataset, origin, dest, exposure) -> Any:
+        """Log expected spurious relocations of cells: ``log rho + log(S_i S_j / S)``."""
+        if self._log_spurious is None:
+            return None
+        return self._log_spurious + self._background_const(data, origin, dest, exposure)
+
+    @override
+    def log_background_draws(self, posterior, data, cells):
+        name = self.node("spurious_rate")
+        if name not in posterior:
+            return None
+        self._weights = None
+        const = self._background_const(data, cells.origin_idx, cells.dest_idx, cells.exposure)
+        return np.log(stack_samples(posterior[name]))[:, None] + const[None, :]
 
     @override
     def default_priors(self) -> dict[str, Any]:
@@ -1370,6 +1539,9 @@ class CDRObservation(CountObservation):
             + np.log(cells.exposure)
             + self._cell_scale
         )
+        background = self._background(build.data, cells.origin_idx, cells.dest_idx, cells.exposure)
+        if background is not None:
+            log_mu = pt.logaddexp(log_mu, background)
         own_moments = None
         for kind, plan in plans.items():
             self._totals_used[f"{self.source}_{kind}"] = int(plan["used"].size)
@@ -1407,6 +1579,11 @@ class CDRObservation(CountObservation):
                     + np.log(total.exposure[idx])
                     + self._cell_scale
                 )
+                background = self._background(
+                    build.data, total.origin_idx[idx], total.dest_idx[idx], total.exposure[idx]
+                )
+                if background is not None:
+                    log_cell = pt.logaddexp(log_cell, background)
                 mu_rest = pt.exp(log_cell)
                 red = plan["censored"][rest]
                 if red.any():
@@ -1479,6 +1656,8 @@ class CDRObservation(CountObservation):
         out["totals_weight"] = float(getattr(self, "_totals_weight", 1.0))
         if getattr(self, "_design", None) is not None:
             out["market_share"] = dict(self._design)
+        if self._spurious_on(data):
+            out["spurious_relocations"] = {"estimate": self._spurious_estimate(data)}
         return out
 
     # ------------------------------------------------------------------ in/out totals
