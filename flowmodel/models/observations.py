@@ -1247,9 +1247,10 @@ class CDRObservation(CountObservation):
 
     def _background_const(self, data: xr.Dataset, origin, dest, exposure) -> np.ndarray:
         """``log(S_i S_j / sum S) + log exposure`` of cells (floored: a unit without subscribers)."""
-        weight = getattr(self, "_weights", None)
-        if weight is None:
-            weight = self._weights = self.spurious_weights(data)
+        cached = getattr(self, "_weights", None)
+        if cached is None or cached[0] is not data:  # once per dataset, not per block of cells
+            cached = self._weights = (data, self.spurious_weights(data))
+        weight = cached[1]
         with np.errstate(divide="ignore"):
             const = (
                 np.log(weight[origin])
@@ -1261,9 +1262,10 @@ class CDRObservation(CountObservation):
 
     @override
     def _log_background(self, build: Build, cells: Cells) -> Any:
-        self._weights = None
         self._log_spurious = None
         if not self._spurious_on(build.data):
+            return None
+        if cells.aggregated and self.options["spurious_relocations"] == "auto":
             return None
         if cells.aggregated:
             raise ModelConfigError(
@@ -1275,16 +1277,16 @@ class CDRObservation(CountObservation):
 
     def _background(self, data: xr.Dataset, origin, dest, exposure) -> Any:
         """Log expected spurious relocations of cells: ``log rho + log(S_i S_j / S)``."""
-        if self._log_spurious is None:
+        log_rate = getattr(self, "_log_spurious", None)
+        if log_rate is None:
             return None
-        return self._log_spurious + self._background_const(data, origin, dest, exposure)
+        return log_rate + self._background_const(data, origin, dest, exposure)
 
     @override
     def log_background_draws(self, posterior, data, cells):
         name = self.node("spurious_rate")
         if name not in posterior:
             return None
-        self._weights = None
         const = self._background_const(data, cells.origin_idx, cells.dest_idx, cells.exposure)
         return np.log(stack_samples(posterior[name]))[:, None] + const[None, :]
 
