@@ -40,6 +40,7 @@ import xarray as xr
 from flowmodel._version import __version__
 from flowmodel.dataset import dataset_fingerprint, flow_sources
 from flowmodel.exceptions import (
+    DiagnosticsWarning,
     FitFailedError,
     ModelConfigError,
     ModelLoadError,
@@ -595,6 +596,15 @@ class FlowModel(abc.ABC):
             msgs = diagnostics_messages(idata, self._summary_vars())
             warn_diagnostics(type(self).__name__, msgs)
         self.fit_meta["diagnostics"] = msgs
+        if backend in APPROXIMATE_BACKENDS:
+            caveats = self._approximation_caveats()
+            self.fit_meta["approximation_caveats"] = caveats
+            if caveats:
+                warnings.warn(
+                    f"{type(self).__name__} {backend} fit: " + "; ".join(caveats),
+                    DiagnosticsWarning,
+                    stacklevel=2,
+                )
         self.fit_meta["uninformed"] = self._check_informed()
         self._finalise_idata(idata, data)
         return idata
@@ -635,6 +645,10 @@ class FlowModel(abc.ABC):
             used = int(tree["posterior"].sizes["chain"] * tree["posterior"].sizes["draw"])
             loo.attrs["note"] += f" (from {used} of the {n_samples} draws, evenly thinned)"
             idata["loo"] = xr.DataTree(loo)
+
+    def _approximation_caveats(self) -> list[str]:
+        """Return what an approximate fit (Laplace, ADVI, MAP) of this model gets wrong."""
+        return []
 
     def _check_informed(self) -> list[dict[str, Any]]:
         """Warn for every parameter whose posterior sd is above :data:`UNINFORMED_RATIO` of its prior's."""

@@ -1032,6 +1032,10 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
                 "publishing numbers.",
             }
         )
+        for text in meta.get("approximation_caveats") or []:
+            items.append(
+                {"level": "warn", "title": f"Known {backend} weakness", "text": str(text)}
+            )
     else:
         items.append(
             {

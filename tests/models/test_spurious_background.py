@@ -195,3 +195,25 @@ def test_withheld_subscriber_counts_are_filled_from_the_country_per_resident_med
     expected = np.median(weight[same] / pop[same]) * pop[unit]
     assert got[unit] == pytest.approx(expected)
     np.testing.assert_allclose(np.delete(got, unit), np.delete(weight, unit))
+
+
+def test_an_approximate_fusion_fit_says_the_shares_are_its_weak_part(world, mock_sampling):
+    """Laplace / MAP place sigma_market_share far from NUTS (docs/fusion.md): the fit warns,
+    keeps the caveat with the posterior, and the report's banner shows it; a model
+    without CDR has nothing to say (sampling mocked: the caveat is the model's, not the
+    draws')."""
+    from flowmodel.exceptions import DiagnosticsWarning
+    from flowmodel.outputs.report import diagnostics
+
+    model = FusionModel(latent=gravity())
+    with pytest.warns(DiagnosticsWarning, match=r"market shares \(cdr\).*Fit with NUTS"):
+        model.fit(world, backend="map", random_seed=0)
+    assert len(model.fit_meta["approximation_caveats"]) == 1
+    titles = [item["title"] for item in diagnostics(model)]
+    assert "Known map weakness" in titles
+    census = GravityModel(origin_covariates=["log_population"], source="census")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagnosticsWarning)
+        census.fit(world, backend="map", random_seed=0)
+    assert census.fit_meta["approximation_caveats"] == []
+    assert "Known map weakness" not in [item["title"] for item in diagnostics(census)]
