@@ -357,6 +357,7 @@ def test_demo_small(tmp_path: Path, capsys, mock_sampling) -> None:
     # how homes were detected from the raw phone events: the settings the data chose
     assert "Home detection: cdr" in html
     assert "night hours" in html and "chosen by" in html
+    assert "estimated spurious moves per subscriber and pair of periods" in html
     # home detection's rate of spurious moves travels with the CDR flows (the model's
     # background of spurious relocations is centred on it)
     import json

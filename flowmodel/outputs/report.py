@@ -1302,6 +1302,15 @@ def cdr_home_detection(
                 "chosen_by": f"at most {float(settings.get('max_spurious_share', 0.05)):.0%} allowed",
             }
         )
+    if settings.get("spurious_rate_estimate") is not None:
+        rows.append(
+            {
+                "setting": "estimated spurious moves per subscriber and pair of periods",
+                "value": f"{float(settings['spurious_rate_estimate']):.2g}",
+                "chosen_by": "moves out and back; the prior centre of spurious_rate "
+                "(model option spurious_relocations)",
+            }
+        )
     if settings.get("period"):
         rows.append({"setting": "home period", "value": str(settings["period"]), "chosen_by": ""})
     periods = []
