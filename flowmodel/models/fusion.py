@@ -360,10 +360,12 @@ class FusionModel(FlowModel):
             return []
         return [
             f"the per-unit market shares ({', '.join(cdr)}) are the least reliable part: the "
-            "joint mode of their unit effects misplaces sigma_market_share (sparse simulated "
-            "world: 1.07 +- 0.32 against NUTS's 0.12 +- 0.05), and 54% of the true shares lay "
-            "inside their 90% intervals against NUTS's 95% (docs/fusion.md). Fit with NUTS "
-            "(backend='nutpie') before using the shares"
+            "data pin only the product of the shares' level and period_scale, and on that "
+            "curved ridge the mode is not the posterior's centre (sparse simulated world: "
+            "sigma_market_share 1.07 +- 0.32 against NUTS's 0.12 +- 0.05; 54% of the true "
+            "shares inside their 90% intervals against NUTS's 95%; docs/fusion.md). The flows, "
+            "which depend on the product, agree with NUTS. Fit with NUTS (backend='nutpie') "
+            "before using the shares"
         ]
 
     def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:
