@@ -32,6 +32,7 @@ model, which condition on one source's margins).
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, override
@@ -69,6 +70,8 @@ from flowmodel.models.likelihoods import (
     truncated_nb_moments,
 )
 from flowmodel.pairs import cell_members, in_total_universe, total_pairs_outside
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CDRObservation",
@@ -1264,6 +1267,14 @@ class CDRObservation(CountObservation):
     def _log_background(self, build: Build, cells: Cells) -> Any:
         self._log_spurious = None
         if not self._spurious_on(build.data):
+            if self.options["spurious_relocations"] == "auto":
+                logger.info(
+                    "source '%s': spurious_relocations='auto' but flow_%s has no estimate of "
+                    "the spurious-move rate (it comes from home detection on an event log): "
+                    "no background of spurious relocations",
+                    self.source,
+                    self.source,
+                )
             return None
         if cells.aggregated and self.options["spurious_relocations"] == "auto":
             return None
@@ -1272,6 +1283,14 @@ class CDRObservation(CountObservation):
                 f"source '{self.source}': spurious_relocations needs cells of single pairs. "
                 "Fix: spurious_relocations=false for aggregated CDR cells"
             )
+        estimate = self._spurious_estimate(build.data)
+        logger.info(
+            "source '%s': background of spurious relocations, spurious_rate prior %s",
+            self.source,
+            build.prior.priors.get(self.node("spurious_rate")),
+        )
+        if estimate is None:
+            logger.info("  (home detection gave no estimate: the default prior)")
         self._log_spurious = pt.log(build.prior(self.node("spurious_rate")))
         return self._background(build.data, cells.origin_idx, cells.dest_idx, cells.exposure)
 

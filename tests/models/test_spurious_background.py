@@ -217,3 +217,18 @@ def test_an_approximate_fusion_fit_says_the_shares_are_its_weak_part(world, mock
         census.fit(world, backend="map", random_seed=0)
     assert census.fit_meta["approximation_caveats"] == []
     assert "Known map weakness" not in [item["title"] for item in diagnostics(census)]
+
+
+def test_the_fit_log_says_whether_the_background_is_used(world, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="flowmodel.models.observations")
+    FusionModel(latent=gravity(), spurious_relocations=True)._build(world)
+    assert "background of spurious relocations, spurious_rate prior" in caplog.text
+    assert f"'mu': {float(np.log(RATE))!r}" in caplog.text
+    caplog.clear()
+    bare = world.copy()
+    bare["flow_cdr"] = bare["flow_cdr"].copy()
+    bare["flow_cdr"].attrs = {}
+    FusionModel(latent=gravity(), spurious_relocations="auto")._build(bare)
+    assert "no estimate of the spurious-move rate" in caplog.text
