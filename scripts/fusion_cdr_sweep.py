@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,7 @@ def run_world(
     activity: str,
     overrides: dict[str, int],
     baselines: bool,
-    options: list[str] = (),
+    options: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Prepare one world and fit it (each step in its own process); the sweep's row."""
     work = base / f"seed{seed}-activity{activity}"
