@@ -1292,7 +1292,11 @@ class CDRObservation(CountObservation):
         if estimate is None:
             logger.info("  (home detection gave no estimate: the default prior)")
         self._log_spurious = pt.log(build.prior(self.node("spurious_rate")))
-        return self._background(build.data, cells.origin_idx, cells.dest_idx, cells.exposure)
+        # kept for the totals' moments of the same cells (add): built once
+        self._own_background = self._background(
+            build.data, cells.origin_idx, cells.dest_idx, cells.exposure
+        )
+        return self._own_background
 
     def _background(self, data: xr.Dataset, origin, dest, exposure) -> Any:
         """Log expected spurious relocations of cells: ``log rho + log(S_i S_j / S)``."""
@@ -1560,9 +1564,8 @@ class CDRObservation(CountObservation):
             + np.log(cells.exposure)
             + self._cell_scale
         )
-        background = self._background(build.data, cells.origin_idx, cells.dest_idx, cells.exposure)
-        if background is not None:
-            log_mu = pt.logaddexp(log_mu, background)
+        if self._log_spurious is not None:
+            log_mu = pt.logaddexp(log_mu, self._own_background)
         own_moments = None
         for kind, plan in plans.items():
             self._totals_used[f"{self.source}_{kind}"] = int(plan["used"].size)
