@@ -10,8 +10,8 @@ test printed. It is how the robustness tables of ``docs/fusion.md`` are made::
     .venv/bin/python scripts/fusion_seed_sweep.py --world file --seeds 0-9
 
 About 2 minutes per seed on 2 cores (``--world file``: the worked example's
-checks in ``tests/models/test_fusion_world.py`` on ``simulate_world(seed=n)``,
-``FLOWMODEL_WORLD_SEED``; about 1 minute). A seed whose pytest run crashes is
+checks in ``tests/models/test_fusion_world.py`` and ``test_fusion_sparse_cdr.py`` on
+``simulate_world(seed=n)``, ``FLOWMODEL_WORLD_SEED``; about 1 minute). A seed whose pytest run crashes is
 reported as such, not skipped.
 """
 
@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLDS = {
     # slow tests that do not depend on the seed (small fixed worlds, save/load) are left out
     "fusion": (
-        "tests/models/test_fusion.py",
+        ("tests/models/test_fusion.py",),
         "FLOWMODEL_FUSION_SEED",
         "not compare and not pointwise and not approximate and not stream",
         ("market share:", "within no-data", "cross-border:", "held-out CPC", "log-RMSE"),
     ),
     "file": (
-        "tests/models/test_fusion_world.py",
+        ("tests/models/test_fusion_world.py", "tests/models/test_fusion_sparse_cdr.py"),
         "FLOWMODEL_WORLD_SEED",
         "",
         ("no data:", "cross-border:", "CDR only:", "0..4"),
@@ -75,7 +75,7 @@ def run_seed(
             "pytest",
             "-m",
             "slow",
-            test,
+            *test,
             *(["-k", select] if select else []),
             "-q",
             "-s",
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(WORLDS),
         default="fusion",
         help="fusion: the in-memory test world of test_fusion.py (default); "
-        "file: simulate_world, the worked example's checks (test_fusion_world.py)",
+        "file: simulate_world, the worked example's checks (test_fusion_world.py, "
+        "test_fusion_sparse_cdr.py)",
     )
     parser.add_argument(
         "-k",
