@@ -817,6 +817,7 @@ FIT_KEYWORDS = frozenset(
         "maxiter",
         "newton_maxiter",
         "step",
+        "integrate",
         "n",
         "start",
         "start_sigma",
@@ -1105,6 +1106,18 @@ def _model_errors(cfg: RunConfig, where: str) -> list[str]:
     return []
 
 
+def _integrate_ok(value: Any) -> bool:
+    from flowmodel.models.inference import LAPLACE_INTEGRATE_MAX
+
+    names = [value] if isinstance(value, str) else value
+    return (
+        isinstance(names, list)
+        and 1 <= len(names) <= LAPLACE_INTEGRATE_MAX
+        and all(isinstance(n, str) and n for n in names)
+        and len(set(names)) == len(names)
+    )
+
+
 def _sample_kwargs_errors(kwargs: Mapping[str, Any], where: str) -> list[str]:
     import pymc as pm
 
@@ -1121,6 +1134,14 @@ def _sample_kwargs_errors(kwargs: Mapping[str, Any], where: str) -> list[str]:
             errors.append(f"{shown}: {_unknown_key(key, accepted, 'keyword of the fit backends')}")
         elif key == "target_accept" and not (isinstance(value, int | float) and 0 < value < 1):
             errors.append(f"{shown}: must lie in (0, 1), got {value!r}. Fix: e.g. 0.9.")
+        elif key == "integrate" and not _integrate_ok(value):
+            from flowmodel.models.inference import LAPLACE_INTEGRATE_MAX
+
+            errors.append(
+                f"{shown}: names the scalar hyperparameters a Laplace fit integrates over, "
+                f"1 to {LAPLACE_INTEGRATE_MAX} distinct names; got {value!r}. Fix: e.g. "
+                'integrate = ["sigma_market_share", "period_scale"].'
+            )
         elif key in ("draws", "tune", "chains") and not (
             isinstance(value, int) and 0 <= value <= (MAX_CHAINS if key == "chains" else MAX_DRAWS)
         ):

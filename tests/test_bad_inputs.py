@@ -195,6 +195,13 @@ CONFIG_CASES = [
         r"\[model\.sample_kwargs\] target_accept: must lie in \(0, 1\)",
     ),
     Case(
+        "sample-kwargs-integrate-not-names",
+        lambda d, w: base(w) + "\n[model.sample_kwargs]\nintegrate = [1, 2, 3, 4]\n",
+        ConfigError,
+        r"\[model\.sample_kwargs\] integrate: names the scalar hyperparameters .*1 to 3 distinct "
+        r"names; got \[1, 2, 3, 4\]",
+    ),
+    Case(
         "universe-national",
         lambda d, w: _opts(w, '{ universe = "national" }'),
         ConfigError,

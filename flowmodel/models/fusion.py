@@ -39,6 +39,7 @@ import xarray as xr
 from flowmodel.dataset import estimate_sources
 from flowmodel.exceptions import ModelConfigError
 from flowmodel.models.base import _MODEL_REGISTRY, FlowModel
+from flowmodel.models.inference import LAPLACE_INTEGRATE_MAX
 from flowmodel.models.latent import LatentField
 from flowmodel.models.observations import (
     CDRObservation,
@@ -358,14 +359,38 @@ class FusionModel(FlowModel):
         ]
         if not cdr:
             return []
+        hyper = [
+            CDRObservation(s).node(name)
+            for s in cdr
+            for name in ("sigma_market_share", "period_scale")
+        ]
+        attrs = self._idata["posterior"].attrs if self._idata is not None else {}
+        integrated = {n.strip() for n in str(attrs.get("laplace_integrated", "")).split(",")}
+        if self.fit_meta.get("backend") == "laplace" and set(hyper) <= integrated:
+            return [
+                f"the per-unit market shares ({', '.join(cdr)}) come from a Laplace "
+                f"approximation integrated over {', '.join(hyper)}, which puts those where "
+                "NUTS does; given them each share is still Gaussian on the logit (simulated "
+                "worlds: 78-88% of the true shares inside their 90% intervals against "
+                "NUTS's 86-98%; docs/fusion.md). Check them against NUTS (backend='nutpie') "
+                "before publishing"
+            ]
+        fix = f"integrate = {hyper!r}" if len(hyper) <= LAPLACE_INTEGRATE_MAX else None
         return [
             f"the per-unit market shares ({', '.join(cdr)}) are the least reliable part: the "
-            "data pin only the product of the shares' level and period_scale, and on that "
-            "curved ridge the mode is not the posterior's centre (sparse simulated world: "
-            "sigma_market_share 1.07 +- 0.32 against NUTS's 0.12 +- 0.05; 54% of the true "
-            "shares inside their 90% intervals against NUTS's 95%; docs/fusion.md). The flows, "
-            "which depend on the product, agree with NUTS. Fit with NUTS (backend='nutpie') "
-            "before using the shares"
+            "data pin only the product of the shares' level and period_scale, and at the joint "
+            "mode sigma_market_share is inflated and the split along that ridge is off-centre "
+            "(simulated worlds: sigma_market_share about 1 against NUTS's 0.16-0.23; "
+            "34-87% of the true shares inside their 90% intervals against NUTS's 86-98%; "
+            "docs/fusion.md). The flows, which depend on the product, agree with NUTS. Fix: "
+            + (
+                f"Laplace with {fix} ([model.sample_kwargs] of the config, or a keyword of "
+                "fit: 78-88% inside, about 4x the time), or NUTS (backend='nutpie')"
+                if fix and self.fit_meta.get("backend") == "laplace"
+                else "fit with NUTS (backend='nutpie')"
+                + (f", or Laplace with {fix}" if fix else "")
+            )
+            + " before using the shares"
         ]
 
     def market_share_summary(self, *, ci_prob: float = 0.94, source: str = "cdr") -> pd.DataFrame:

@@ -28,7 +28,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,16 @@ PRIOR_DRAWS = 500
 BOUNDARY = 15.0
 #: Laplace warns when its mode may lie further than this many posterior sd from the true one.
 LAPLACE_MODE_SD = 0.1
+#: Laplace's integration grid stops where the log marginal is this far below its best
+#: (INLA's default; the grid's points are one standard deviation apart).
+LAPLACE_GRID_DROP = 2.5
+#: Spacing of Laplace's integration grid, in standard deviations of the integrated
+#: parameters' Laplace marginal.
+LAPLACE_GRID_STEP = 1.0
+#: Laplace's integration grid has at most this many points.
+LAPLACE_GRID_MAX = 60
+#: Laplace integrates numerically over at most this many hyperparameters.
+LAPLACE_INTEGRATE_MAX = 3
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +254,7 @@ def _fit_laplace(
     step: float = 1e-4,
     newton_maxiter: int = 200,
     gtol: float = 1e-5,
+    integrate: Sequence[str] | str | None = None,
     **_: Any,
 ) -> xr.DataTree:
     """Laplace approximation at the MAP, in the unconstrained space.
@@ -261,6 +272,12 @@ def _fit_laplace(
     ``x ~ N(mode, (-H)^{-1})`` are mapped back through the transforms, and
     deterministics are computed per draw.
 
+    ``integrate`` names up to :data:`LAPLACE_INTEGRATE_MAX` scalar hyperparameters
+    whose posterior is integrated numerically instead, the rest by a Laplace
+    approximation conditional on them (INLA's scheme: a variance of many group
+    effects, or a ridge the data leave to the priors, where the joint mode is not
+    the posterior's centre): see :func:`_integrated_draws`.
+
     Raises
     ------
     FitFailedError
@@ -269,7 +286,6 @@ def _fit_laplace(
         (a scale run off to 0 or infinity).
     """
     from pymc.blocking import DictToArrayBijection, RaveledVars
-    from scipy import optimize
 
     rng = np.random.default_rng(random_seed)
     start = model.initial_point(random_seed)
@@ -279,6 +295,7 @@ def _fit_laplace(
     logp_fn = model.compile_logp(jacobian=True)
     dlogp_fn = model.compile_dlogp(jacobian=True)
     calls = {"gradient": 0}
+    index = _integrate_index(model, info, integrate)
 
     def point(x):
         return DictToArrayBijection.rmap(RaveledVars(x, info))
@@ -292,72 +309,11 @@ def _fit_laplace(
         calls["gradient"] += 1
         return -np.asarray(dlogp_fn(point(x)), dtype=float)
 
-    # the log density is O(number of pairs) while hierarchical terms are O(1): a
-    # relative-decrease stopping rule would stop before sigma_country moves
-    res = optimize.minimize(
-        neg,
-        x0.data,
-        jac=True,
-        method="L-BFGS-B",
-        options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-8, "maxcor": 30},
+    mode, f_mode, g_mode, steps = _minimise(
+        neg, grad, x0.data, maxiter=maxiter, newton_maxiter=newton_maxiter, gtol=gtol, step=step
     )
-    mode = res.x
-    d = len(mode)
-    f_mode, g_mode = neg(mode)
-    lbfgs = {"iterations": int(res.nit), "gradient_norm": float(np.max(np.abs(g_mode)))}
-    logger.info(
-        "Laplace: L-BFGS %d iterations, largest gradient %.3g (%s)",
-        res.nit,
-        lbfgs["gradient_norm"],
-        res.message,
-    )
-
-    def hessp(x, p):
-        norm = float(np.linalg.norm(p))
-        if norm == 0:
-            return np.zeros_like(p)
-        h = step * max(1.0, float(np.linalg.norm(x)) / np.sqrt(d)) / norm
-        return (grad(x + h * p) - grad(x - h * p)) / (2 * h)
-
-    n_newton = 0
-    if lbfgs["gradient_norm"] > gtol:
-        # trust-region Newton from where L-BFGS stopped: follows a curved ridge and
-        # escapes saddles (negative curvature is used, not refused)
-        try:
-            tr = optimize.minimize(
-                neg,
-                mode,
-                jac=True,
-                hessp=hessp,
-                method="trust-krylov",
-                options={"gtol": gtol, "maxiter": newton_maxiter},
-            )
-        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
-            # a non-finite gradient inside the Krylov solver: keep L-BFGS's point, whose
-            # distance to the mode is measured below
-            logger.info("Laplace: trust-region Newton stopped (%s)", err)
-        else:
-            if np.isfinite(tr.fun) and tr.fun <= f_mode:
-                mode = tr.x
-                f_mode, g_mode = neg(mode)
-            n_newton = int(tr.nit)
-            logger.info(
-                "Laplace: trust-region Newton %d iterations, largest gradient %.3g (%s)",
-                tr.nit,
-                float(np.max(np.abs(g_mode))),
-                tr.message,
-            )
-
-    def hessian(x):
-        out = np.empty((d, d))
-        for k in range(d):
-            h = step * max(1.0, abs(x[k]))
-            e = np.zeros(d)
-            e[k] = h
-            out[:, k] = (grad(x + e) - grad(x - e)) / (2 * h)
-        return (out + out.T) / 2
-
-    hess = hessian(mode)
+    lbfgs = steps["lbfgs"]
+    hess = _fd_hessian(grad, mode, step)
     # one Newton step from the finite-difference Hessian polishes the mode (the
     # posterior is close to quadratic there); kept only when it lowers -log p
     vals, vecs = np.linalg.eigh(hess)
@@ -383,9 +339,27 @@ def _fit_laplace(
             stacklevel=2,
         )
     _check_mode(model, mode, point, vals, f_mode)
-    cov_sqrt = vecs / np.sqrt(vals)
-    z = rng.standard_normal((chains * draws, d))
-    samples = mode + z @ cov_sqrt.T
+    extra: dict[str, Any] = {}
+    if not index:
+        cov_sqrt = vecs / np.sqrt(vals)
+        z = rng.standard_normal((chains * draws, len(mode)))
+        samples = mode + z @ cov_sqrt.T
+    else:
+        samples, extra = _integrated_draws(
+            neg,
+            grad,
+            mode,
+            np.sqrt(np.sum(vecs[index] ** 2 / vals, axis=1)),
+            index,
+            chains * draws,
+            rng,
+            maxiter=maxiter,
+            newton_maxiter=newton_maxiter,
+            gtol=gtol,
+            step=step,
+        )
+        named = [integrate] if isinstance(integrate, str) else list(integrate or [])
+        extra["laplace_integrated"] = ", ".join(named)
     outs_rv = list(model.free_RVs) + list(model.deterministics)
     outs = model.replace_rvs_by_values(outs_rv)
     fn = model.compile_fn(outs, inputs=model.value_vars, on_unused_input="ignore", point_fn=False)
@@ -410,13 +384,421 @@ def _fit_laplace(
         laplace_converged=int(decrement < LAPLACE_MODE_SD),
         laplace_n_gradient_calls=int(calls["gradient"]),
         laplace_lbfgs_iterations=lbfgs["iterations"],
-        laplace_newton_steps=n_newton,
+        laplace_newton_steps=steps["newton"],
         laplace_max_gradient=float(np.max(np.abs(g_mode))),
         laplace_mode_sd=decrement,
+        **extra,
     )
     out = xr.DataTree()
     out["posterior"] = xr.DataTree(ds)
     return out
+
+
+def _minimise(
+    neg: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    grad: Callable[[np.ndarray], np.ndarray],
+    x0: np.ndarray,
+    *,
+    maxiter: int,
+    newton_maxiter: int,
+    gtol: float,
+    step: float,
+    quiet: bool = False,
+) -> tuple[np.ndarray, float, np.ndarray, dict[str, Any]]:
+    """L-BFGS, finished by trust-region Newton where it stops short: ``(x, f, g, steps)``."""
+    from scipy import optimize
+
+    log = logger.debug if quiet else logger.info
+    d = len(x0)
+    # the log density is O(number of pairs) while hierarchical terms are O(1): a
+    # relative-decrease stopping rule would stop before sigma_country moves
+    res = optimize.minimize(
+        neg,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-8, "maxcor": 30},
+    )
+    x = res.x
+    f, g = neg(x)
+    lbfgs = {"iterations": int(res.nit), "gradient_norm": float(np.max(np.abs(g)))}
+    log(
+        "Laplace: L-BFGS %d iterations, largest gradient %.3g (%s)",
+        res.nit,
+        lbfgs["gradient_norm"],
+        res.message,
+    )
+
+    def hessp(y, p):
+        norm = float(np.linalg.norm(p))
+        if norm == 0:
+            return np.zeros_like(p)
+        h = step * max(1.0, float(np.linalg.norm(y)) / np.sqrt(d)) / norm
+        return (grad(y + h * p) - grad(y - h * p)) / (2 * h)
+
+    n_newton = 0
+    if lbfgs["gradient_norm"] > gtol:
+        # trust-region Newton from where L-BFGS stopped: follows a curved ridge and
+        # escapes saddles (negative curvature is used, not refused)
+        try:
+            tr = optimize.minimize(
+                neg,
+                x,
+                jac=True,
+                hessp=hessp,
+                method="trust-krylov",
+                options={"gtol": gtol, "maxiter": newton_maxiter},
+            )
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
+            # a non-finite gradient inside the Krylov solver: keep L-BFGS's point, whose
+            # distance to the mode is measured by the caller
+            log("Laplace: trust-region Newton stopped (%s)", err)
+        else:
+            if np.isfinite(tr.fun) and tr.fun <= f:
+                x = tr.x
+                f, g = neg(x)
+            n_newton = int(tr.nit)
+            log(
+                "Laplace: trust-region Newton %d iterations, largest gradient %.3g (%s)",
+                tr.nit,
+                float(np.max(np.abs(g))),
+                tr.message,
+            )
+    return x, f, g, {"lbfgs": lbfgs, "newton": n_newton}
+
+
+def _newton(
+    neg_rest: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    grad_rest: Callable[[np.ndarray], np.ndarray],
+    grad: Callable[[np.ndarray], np.ndarray],
+    put: Callable[[np.ndarray], np.ndarray],
+    y: np.ndarray,
+    step: float,
+    rest: np.ndarray,
+    idx: np.ndarray,
+    *,
+    tol: float = 1e-3,
+    max_steps: int = 10,
+    max_hessians: int = 4,
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Conditional mode by Newton steps with one Hessian, from a start near it.
+
+    The Hessian (finite differences, needed anyway for the marginal) is taken at
+    the start and kept for up to ``max_steps`` steps (a chord method); steps are
+    halved until ``-log p`` decreases, and the iteration stops when the Newton
+    decrement is below ``tol`` (posterior sd). When the mode lies more than a tenth
+    of an sd from where the Hessian was taken, or the steps have not converged, the
+    Hessian is taken again there (at most ``max_hessians`` times). Returns ``(y, f, eigenvalues, eigenvectors,
+    H_rest,theta)`` of the conditional mode, or None (no positive-definite Hessian,
+    no convergence: the caller optimises from scratch).
+    """
+    y0 = y.copy()
+    for attempt in range(max_hessians):
+        hess = _fd_hessian(grad, put(y), step, g0=grad(put(y)))
+        w, v = np.linalg.eigh(hess[np.ix_(rest, rest)])
+        if not np.all(w > 0):
+            # forward differences can tip a nearly flat direction negative: central ones
+            hess = _fd_hessian(grad, put(y), step)
+            w, v = np.linalg.eigh(hess[np.ix_(rest, rest)])
+        if not np.all(w > 0):
+            return None
+        f, g = neg_rest(y)
+        if not np.isfinite(f):
+            return None
+        converged = False
+        for _ in range(max_steps):
+            direction = -(v / w) @ (v.T @ g)
+            decrement = float(np.sqrt(max(-(g @ direction), 0.0)))
+            if decrement < tol:
+                converged = True
+                break
+            t = 1.0
+            while t > 1e-4:
+                f_new, g_new = neg_rest(y + t * direction)
+                if np.isfinite(f_new) and f_new <= f:
+                    break
+                t /= 2
+            else:
+                return None
+            y, f, g = y + t * direction, f_new, g_new
+        # the distance moved since this Hessian was taken, in conditional posterior sd:
+        # the Hessian is taken again where the mode is (or, unconverged, where it got to)
+        moved = float(np.sqrt(np.sum((v.T @ (y - y0)) ** 2 * w)))
+        if converged and (moved < 0.1 or attempt == max_hessians - 1):
+            return y, f, w, v, hess[np.ix_(rest, idx)]
+        y0 = y.copy()
+    return None
+
+
+def _fd_hessian(
+    grad: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    step: float,
+    g0: np.ndarray | None = None,
+) -> np.ndarray:
+    """Hessian of ``-log p`` by differences of its gradient.
+
+    Central differences (2·d gradient calls), or forward ones from the gradient
+    ``g0`` at ``x`` when given (d calls; an error of order ``step`` relative, far
+    below what a log determinant or a conditional covariance needs).
+    """
+    d = len(x)
+    out = np.empty((d, d))
+    for k in range(d):
+        h = step * max(1.0, abs(x[k]))
+        e = np.zeros(d)
+        e[k] = h
+        if g0 is None:
+            out[:, k] = (grad(x + e) - grad(x - e)) / (2 * h)
+        else:
+            out[:, k] = (grad(x + e) - g0) / h
+    return (out + out.T) / 2
+
+
+def _integrate_index(
+    model: pm.Model, info: Sequence[Any], integrate: Sequence[str] | str | None
+) -> list[int]:
+    """Positions in the raveled unconstrained vector of the parameters named by ``integrate``."""
+    if integrate is None:
+        return []
+    names = [integrate] if isinstance(integrate, str) else list(integrate)
+    if len(names) > LAPLACE_INTEGRATE_MAX or len(set(names)) != len(names):
+        raise ModelConfigError(
+            f"backend='laplace': integrate={names!r}; the grid integrates over 1 to "
+            f"{LAPLACE_INTEGRATE_MAX} distinct scalar parameters. Fix: name fewer"
+        )
+    free = {rv.name: rv for rv in model.free_RVs}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for entry in info:
+        offsets[entry[0]] = (offset, int(entry[2]))
+        offset += int(entry[2])
+    out = []
+    for name in names:
+        if name not in free:
+            raise ModelConfigError(
+                f"backend='laplace': integrate names {name!r}, which is not a free parameter "
+                f"of this model. Fix: one of {sorted(free)}"
+            )
+        pos, size = offsets[model.rvs_to_values[free[name]].name]
+        if size != 1:
+            raise ModelConfigError(
+                f"backend='laplace': integrate names {name!r}, which has {size} elements; the "
+                "grid integrates over scalars. Fix: name scalar parameters (hyperparameters)"
+            )
+        out.append(pos)
+    return out
+
+
+def _integrated_draws(
+    neg: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    grad: Callable[[np.ndarray], np.ndarray],
+    mode: np.ndarray,
+    joint_sd: np.ndarray,
+    index: Sequence[int],
+    n: int,
+    rng: np.random.Generator,
+    *,
+    maxiter: int,
+    newton_maxiter: int,
+    gtol: float,
+    step: float,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Draws of a Laplace approximation integrated over a few hyperparameters on a grid.
+
+    The joint mode of a hierarchical posterior is not its centre: a variance of many
+    group effects (``sigma_market_share``) is inflated at it, and where the data pin
+    only a combination (the CDR's share level x ``period_scale``) the mode sits where
+    the ridge is narrowest, not where its mass is. As INLA does (Rue, Martino &
+    Chopin 2009), the named coordinates ``theta`` (unconstrained) are integrated
+    numerically, the rest by Laplace:
+
+    1. for a given ``theta`` the other coordinates get their conditional mode
+       ``x*(theta)`` and Hessian ``H(theta)``, and ``theta``'s marginal is the Laplace
+       one, ``log p(x*, theta) + ½ log det H(theta)^-1``;
+    2. its mode is found (Nelder-Mead) and its Hessian there (central differences)
+       standardises ``theta``;
+    3. a lattice of unit steps in the standardised coordinates is explored outwards
+       from the mode while the log marginal is within :data:`LAPLACE_GRID_DROP` of
+       its best (INLA's grid strategy), at most :data:`LAPLACE_GRID_MAX` points;
+    4. a draw picks a point by its marginal weight, ``theta`` uniformly within its
+       cell, and the rest from ``N(x*(theta), H^-1)`` moved along ``d x*/d theta``
+       (``-H_rr^-1 H_r,theta``).
+
+    Returns
+    -------
+    samples, attrs
+        ``(n, d)`` unconstrained draws; the grid's summary for the posterior's
+        attributes.
+    """
+    from scipy import optimize
+
+    d = len(mode)
+    idx = np.asarray(index, dtype=int)
+    k = len(idx)
+    rest = np.setdiff1d(np.arange(d), idx)
+    solved: list[dict[str, Any]] = []
+
+    def solve(theta: np.ndarray) -> dict[str, Any]:
+        theta = np.asarray(theta, dtype=float)
+        for p in solved:
+            if np.allclose(p["theta"], theta, rtol=0, atol=1e-12):
+                return p
+
+        def put(y: np.ndarray) -> np.ndarray:
+            x = np.empty(d)
+            x[rest] = y
+            x[idx] = theta
+            return x
+
+        def neg_rest(y):
+            f, g = neg(put(y))
+            return f, g[rest]
+
+        def grad_rest(y):
+            return grad(put(y))[rest]
+
+        # warm start from the nearest point already solved, moved along its path
+        if solved:
+            near = min(solved, key=lambda p: float(np.sum((p["theta"] - theta) ** 2)))
+            y = near["x"][rest] + (near["path"] @ (theta - near["theta"]) if "path" in near else 0)
+        else:
+            y = mode[rest]
+        found = _newton(neg_rest, grad_rest, grad, put, y, step, rest, idx)
+        if found is None:
+            # Newton from the warm start failed (a poor start, negative curvature): the
+            # full optimiser, then the Hessian at its point
+            y, _, _, _ = _minimise(
+                neg_rest,
+                grad_rest,
+                y,
+                maxiter=maxiter,
+                newton_maxiter=newton_maxiter,
+                gtol=gtol,
+                step=step,
+                quiet=True,
+            )
+            found = _newton(neg_rest, grad_rest, grad, put, y, step, rest, idx)
+        point: dict[str, Any] = {"theta": theta, "x": put(y), "log_marginal": -np.inf}
+        if found is not None:
+            y, f, w, v, h_rt = found
+            point["x"] = put(y)
+            point["log_marginal"] = -f - 0.5 * float(np.sum(np.log(w)))
+            point["sqrt_cov"] = v / np.sqrt(w)
+            # d x*_rest / d theta = -H_rr^-1 H_r,theta
+            point["path"] = -(v / w) @ (v.T @ h_rt)
+        solved.append(point)
+        return point
+
+    def objective(theta: np.ndarray) -> float:
+        lm = solve(theta)["log_marginal"]
+        return -lm if np.isfinite(lm) else 1e300
+
+    # 2. the mode of theta's Laplace marginal, and its curvature there
+    res = optimize.minimize(
+        objective,
+        mode[idx],
+        method="Nelder-Mead",
+        # the lattice's steps are one sd of theta (>= 0.1 on the log scale for any
+        # variance the data leave uncertain): the mode is needed to a fraction of that
+        options={
+            "xatol": 0.05,
+            "fatol": 0.02,
+            "maxfev": 60 * k,
+            # first steps of one joint-Laplace sd (a move of many sd would start the
+            # conditional solves far from their modes)
+            "initial_simplex": mode[idx]
+            + np.vstack([np.zeros(k), np.diag(np.clip(joint_sd, 0.05, 1.0))]),
+        },
+    )
+    centre = np.asarray(res.x, dtype=float)
+    f0 = objective(centre)
+    if f0 >= 1e300:
+        raise FitFailedError(
+            "Laplace: the integrated hyperparameters have no proper mode (no positive-definite "
+            "conditional Hessian). Fix: use a NUTS backend, or drop integrate="
+        )
+    e = 0.1
+    hess_t = np.empty((k, k))
+    for a in range(k):
+        for b in range(a, k):
+            da, db = e * np.eye(k)[a], e * np.eye(k)[b]
+            if a == b:
+                hess_t[a, a] = (objective(centre + da) - 2 * f0 + objective(centre - da)) / e**2
+            else:
+                hess_t[a, b] = hess_t[b, a] = (
+                    objective(centre + da + db)
+                    - objective(centre + da - db)
+                    - objective(centre - da + db)
+                    + objective(centre - da - db)
+                ) / (4 * e**2)
+    w_t, v_t = np.linalg.eigh(hess_t)
+    if not np.all(w_t > 0):
+        # flat or saddle-like: fall back to the diagonal, at least unit curvature
+        w_t, v_t = np.maximum(np.abs(np.diag(hess_t)), 1.0), np.eye(k)
+    scale = LAPLACE_GRID_STEP * v_t / np.sqrt(w_t)  # theta = centre + scale @ z
+
+    # 3. the lattice, explored outwards while the log marginal is within the drop
+    best = -f0
+    lattice: dict[tuple[int, ...], dict[str, Any]] = {}
+    frontier = [tuple([0] * k)]
+    capped = False
+    while frontier:
+        key = frontier.pop(0)
+        if key in lattice:
+            continue
+        if len(lattice) >= LAPLACE_GRID_MAX:
+            capped = True
+            break
+        point = solve(centre + scale @ np.asarray(key, dtype=float))
+        lattice[key] = point
+        best = max(best, point["log_marginal"])
+        if point["log_marginal"] < best - LAPLACE_GRID_DROP:
+            continue
+        for a in range(k):
+            for sign in (-1, 1):
+                nxt = list(key)
+                nxt[a] += sign
+                if tuple(nxt) not in lattice:
+                    frontier.append(tuple(nxt))
+    points = [p for p in lattice.values() if np.isfinite(p["log_marginal"])]
+    log_m = np.array([p["log_marginal"] for p in points])
+    weight = np.exp(log_m - log_m.max())
+    weight /= weight.sum()
+    if capped:
+        warnings.warn(
+            f"Laplace: the integration grid stopped at {LAPLACE_GRID_MAX} points before the "
+            "marginal of the integrated parameters fell off; its tails are cut. Fix: use a "
+            "NUTS backend",
+            DiagnosticsWarning,
+            stacklevel=3,
+        )
+
+    # 4. draws
+    pick = rng.choice(len(points), size=n, p=weight)
+    jitter = rng.uniform(-0.5, 0.5, size=(n, k)) @ scale.T
+    samples = np.empty((n, d))
+    for g, point in enumerate(points):
+        sel = np.flatnonzero(pick == g)
+        if len(sel) == 0:
+            continue
+        z = rng.standard_normal((len(sel), d - k))
+        samples[sel] = point["x"]
+        samples[np.ix_(sel, idx)] += jitter[sel]
+        samples[np.ix_(sel, rest)] += jitter[sel] @ point["path"].T + z @ point["sqrt_cov"].T
+    logger.info(
+        "Laplace: integrated over %d hyperparameter(s) on a grid of %d points "
+        "(%d conditional modes in all); largest weight %.2f",
+        k,
+        len(points),
+        len(solved),
+        float(weight.max()),
+    )
+    return samples, {
+        "laplace_grid_points": len(points),
+        "laplace_grid_conditional_modes": len(solved),
+        "laplace_grid_capped": int(capped),
+    }
 
 
 def _check_mode(

@@ -1021,11 +1021,18 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
     chains = int(post.sizes.get("chain", 1)) if post is not None else 1
     draws = int(post.sizes.get("draw", 1)) if post is not None else 1
     if backend in APPROXIMATE_BACKENDS:
+        attrs = post.attrs if post is not None else {}
+        grid = (
+            f" It was integrated numerically over {attrs['laplace_integrated']} (a grid of "
+            f"{int(attrs.get('laplace_grid_points', 0))} points), the rest Gaussian given them."
+            if attrs.get("laplace_integrated")
+            else ""
+        )
         items.append(
             {
                 "level": "warn",
                 "title": f"Approximate fit ({backend})",
-                "text": f"The posterior is {APPROXIMATE_BACKENDS[backend]}, not MCMC. Its "
+                "text": f"The posterior is {APPROXIMATE_BACKENDS[backend]}, not MCMC.{grid} Its "
                 "draws are independent by construction, so R-hat and ESS say nothing about "
                 "convergence, and intervals can be too narrow where the posterior is skewed. "
                 'Refit with a NUTS backend (backend = "auto", "nutpie" or "pymc") before '

@@ -206,7 +206,11 @@ def test_an_approximate_fusion_fit_says_the_shares_are_its_weak_part(world, mock
     from flowmodel.outputs.report import diagnostics
 
     model = FusionModel(latent=gravity())
-    with pytest.warns(DiagnosticsWarning, match=r"market shares \(cdr\).*Fit with NUTS"):
+    with pytest.warns(
+        DiagnosticsWarning,
+        match=r"market shares \(cdr\).*fit with NUTS.*or Laplace with integrate = "
+        r"\['sigma_market_share', 'period_scale'\]",
+    ):
         model.fit(world, backend="map", random_seed=0)
     assert len(model.fit_meta["approximation_caveats"]) == 1
     titles = [item["title"] for item in diagnostics(model)]
@@ -217,6 +221,41 @@ def test_an_approximate_fusion_fit_says_the_shares_are_its_weak_part(world, mock
         census.fit(world, backend="map", random_seed=0)
     assert census.fit_meta["approximation_caveats"] == []
     assert "Known map weakness" not in [item["title"] for item in diagnostics(census)]
+
+
+def test_a_laplace_fusion_fit_names_the_integration_that_helps_and_says_when_used(
+    world, monkeypatch
+):
+    """Joint-mode Laplace: the caveat gives the fix (integrate over the shares' spread and
+    the period scale); a fit integrated over both says so instead (sampling mocked)."""
+    from flowmodel.exceptions import DiagnosticsWarning
+    from flowmodel.outputs.report import diagnostics
+    from tests.conftest import _mock_run_inference
+
+    def mock(model, backend, kwargs, **kw):
+        out = _mock_run_inference(model, backend, kwargs, **kw)
+        if kwargs.get("integrate"):
+            out["posterior"].attrs["laplace_integrated"] = ", ".join(kwargs["integrate"])
+        return out
+
+    monkeypatch.setattr("flowmodel.models.base.run_inference", mock)
+    model = FusionModel(latent=gravity())
+    hyper = ["sigma_market_share", "period_scale"]
+    with pytest.warns(DiagnosticsWarning, match=r"Fix: Laplace with integrate = \[") as rec:
+        model.fit(world, backend="laplace", random_seed=0)
+    assert "integrated over" not in str(rec[0].message)
+    with pytest.warns(
+        DiagnosticsWarning, match="integrated over sigma_market_share, period_scale"
+    ):
+        model.fit(world, backend="laplace", random_seed=0, integrate=hyper)
+    banner = {item["title"]: item["text"] for item in diagnostics(model)}
+    assert (
+        "integrated numerically over sigma_market_share, period_scale"
+        in (banner["Approximate fit (laplace)"])
+    )
+    # one of the two is not enough
+    with pytest.warns(DiagnosticsWarning, match="Fix: Laplace with integrate"):
+        model.fit(world, backend="laplace", random_seed=0, integrate=hyper[:1])
 
 
 def test_the_fit_log_says_whether_the_background_is_used(world, caplog):
