@@ -241,21 +241,23 @@ def test_a_laplace_fusion_fit_names_the_integration_that_helps_and_says_when_use
     monkeypatch.setattr("flowmodel.models.base.run_inference", mock)
     model = FusionModel(latent=gravity())
     hyper = ["sigma_market_share", "period_scale"]
-    with pytest.warns(DiagnosticsWarning, match=r"Fix: Laplace with integrate = \[") as rec:
-        model.fit(world, backend="laplace", random_seed=0)
-    assert "integrated over" not in str(rec[0].message)
     with pytest.warns(
         DiagnosticsWarning, match="integrated over sigma_market_share, period_scale"
-    ):
+    ) as rec:
         model.fit(world, backend="laplace", random_seed=0, integrate=hyper)
+    assert "Fix:" not in str(rec[0].message)
     banner = {item["title"]: item["text"] for item in diagnostics(model)}
     assert (
         "integrated numerically over sigma_market_share, period_scale"
         in (banner["Approximate fit (laplace)"])
     )
-    # one of the two is not enough
-    with pytest.warns(DiagnosticsWarning, match="Fix: Laplace with integrate"):
-        model.fit(world, backend="laplace", random_seed=0, integrate=hyper[:1])
+    # the caveat reads what the fit integrated over (one fit: the others are the attribute)
+    attrs = model.idata["posterior"].attrs
+    for integrated in ("sigma_market_share", ""):  # one of the two is not enough; none
+        attrs["laplace_integrated"] = integrated
+        (text,) = model._approximation_caveats()
+        assert "Fix: Laplace with integrate = ['sigma_market_share', 'period_scale']" in text
+        assert "integrated over" not in text
 
 
 def test_the_fit_log_says_whether_the_background_is_used(world, caplog):
