@@ -488,9 +488,14 @@ def _newton(
     halved until ``-log p`` decreases, and the iteration stops when the Newton
     decrement is below ``tol`` (posterior sd). When the mode lies more than a tenth
     of an sd from where the Hessian was taken, or the steps have not converged, the
-    Hessian is taken again there (at most ``max_hessians`` times). Returns ``(y, f, eigenvalues, eigenvectors,
-    H_rest,theta)`` of the conditional mode, or None (no positive-definite Hessian,
-    no convergence: the caller optimises from scratch).
+    Hessian is taken again there (at most ``max_hessians`` times).
+
+    Returns
+    -------
+    tuple or None
+        ``(y, f, eigenvalues, eigenvectors, H_rest,theta)`` at the conditional
+        mode, or None (no positive-definite Hessian, no convergence: the caller
+        optimises from scratch).
     """
     y0 = y.copy()
     for attempt in range(max_hessians):
@@ -618,9 +623,10 @@ def _integrated_draws(
        one, ``log p(x*, theta) + ½ log det H(theta)^-1``;
     2. its mode is found (Nelder-Mead) and its Hessian there (central differences)
        standardises ``theta``;
-    3. a lattice of unit steps in the standardised coordinates is explored outwards
-       from the mode while the log marginal is within :data:`LAPLACE_GRID_DROP` of
-       its best (INLA's grid strategy), at most :data:`LAPLACE_GRID_MAX` points;
+    3. a lattice of :data:`LAPLACE_GRID_STEP` steps in the standardised coordinates
+       is explored outwards from the mode while the log marginal is within
+       :data:`LAPLACE_GRID_DROP` of its best (INLA's grid strategy), at most
+       :data:`LAPLACE_GRID_MAX` points;
     4. a draw picks a point by its marginal weight, ``theta`` uniformly within its
        cell, and the rest from ``N(x*(theta), H^-1)`` moved along ``d x*/d theta``
        (``-H_rr^-1 H_r,theta``).
