@@ -30,7 +30,15 @@ Run from the repository root (each world in its own process, for its peak memory
 About 4-6 minutes per world on 2 cores (two fits). ``--draws``/``--tune``/``--chains``
 override the demo's sampler settings (e.g. for a quick look); ``--option KEY=JSON``
 changes the fused model's ``[model.options]`` (e.g. ``--option
-spurious_relocations=true --option market_share_origin_terms=latent``).
+spurious_relocations=true --option market_share_origin_terms=latent``);
+``--backend`` and ``--sample KEY=JSON`` change its backend and add fit keywords,
+e.g. the Laplace integrated over the shares' hyperparameters (docs/fusion.md)::
+
+    .venv/bin/python scripts/fusion_cdr_sweep.py --seeds 0,1,4 --activity default 4 \
+        --no-baselines --draws 500 --chains 2 --backend laplace \
+        --sample 'integrate=["sigma_market_share", "period_scale"]'
+
+(R-hat and ESS are left empty for an approximate backend.)
 """
 
 from __future__ import annotations
@@ -163,6 +171,9 @@ def sampling(model: Any) -> dict[str, float]:
     post = model.posterior
     names = [v for v in model._summary_vars() if v in post]
     names += [v for v in ("market_share_slope", "market_share_country") if v in post]
+    if model.fit_meta.get("approximate"):
+        # independent draws of an approximation: R-hat and ESS say nothing
+        return {"rhat_max": float("nan"), "ess_min": float("nan"), "divergences": -1}
     rhat, ess = az.rhat(post[names]), az.ess(post[names])
     out = {
         "rhat_max": max(float(np.nanmax(rhat[v].values)) for v in names),
@@ -209,10 +220,14 @@ def run_one(
     sources: list[str] | None = None,
     internal: bool = False,
     options: dict[str, Any] | None = None,
+    backend: str | None = None,
+    sample: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit one prepared world (the demo's model, or its ``sources``); return every number.
 
-    ``options`` update the demo config's ``[model.options]`` of the fused model.
+    ``options`` update the demo config's ``[model.options]`` of the fused model;
+    ``backend`` and ``sample`` (keywords of ``fit``) replace the demo's backend and
+    add to its sampler settings.
     ``internal``: a :class:`~flowmodel.models.gravity.GravityModel` of the internal
     movers' census table alone (no immigrants, no CDR), as the weakest baseline.
     """
@@ -225,7 +240,7 @@ def run_one(
     ds = load_dataset(work / "dataset.nc").load()
     units = ds["unit"].values.astype(str)
     truth, mu, flow = truth_matrices(work, units)
-    kwargs = fit_kwargs(cfg, overrides)
+    kwargs = fit_kwargs(cfg, overrides) | dict(sample or {})
     if internal:
         latent = dict(cfg.model.options["latent"])
         latent.pop("type", None)
@@ -239,7 +254,7 @@ def run_one(
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.fit(ds, backend=cfg.model.backend, random_seed=seed, **kwargs)
+        model.fit(ds, backend=backend or cfg.model.backend, random_seed=seed, **kwargs)
     row: dict[str, Any] = {"fit_s": time.perf_counter() - t0}
     pred = model.predict(ds, seed=seed)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -271,8 +286,12 @@ def run_world(
     overrides: dict[str, int],
     baselines: bool,
     options: Sequence[str] = (),
+    fused_flags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Prepare one world and fit it (each step in its own process); the sweep's row."""
+    """Prepare one world and fit it (each step in its own process); the sweep's row.
+
+    ``fused_flags`` (``--backend=...``, ``--sample=...``) go to the fused fit only.
+    """
     work = base / f"seed{seed}-activity{activity}"
     act = None if activity == "default" else float(activity)
     flags = [f"--{k}={v}" for k, v in overrides.items()]
@@ -281,7 +300,15 @@ def run_world(
         return {"seed": seed, "activity": activity, "error": prep["error"]}
     row: dict[str, Any] = {"seed": seed, "activity": activity if act is None else act}
     fused = _child(
-        ["--fit", str(work), str(seed), "fused", *flags, *(f"--option={o}" for o in options)]
+        [
+            "--fit",
+            str(work),
+            str(seed),
+            "fused",
+            *flags,
+            *(f"--option={o}" for o in options),
+            *fused_flags,
+        ]
     )
     if "error" in fused:
         return row | {"error": fused["error"]}
@@ -358,7 +385,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--option {item!r}: give KEY=VALUE")
+            raise SystemExit(f"--option/--sample {item!r}: give KEY=VALUE")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -390,6 +417,17 @@ def main(argv: list[str] | None = None) -> int:
         help="a [model.options] setting of the fused model, e.g. spurious_relocations=true "
         "or market_share_origin_terms='\"latent\"' (repeatable)",
     )
+    parser.add_argument(
+        "--backend", help="the fused model's backend (default: the demo's), e.g. laplace"
+    )
+    parser.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a keyword of the fused model's fit, e.g. "
+        'integrate=\'["sigma_market_share", "period_scale"]\' (repeatable)',
+    )
     parser.add_argument("--prepare", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--fit", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -409,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             sources=CENSUS_ONLY if kind == "census" else None,
             internal=kind == "internal",
             options=_parse_options(args.option),
+            backend=args.backend if kind == "fused" else None,
+            sample=_parse_options(args.sample) if kind == "fused" else None,
         )
         print("ROW " + json.dumps(row, default=str))
         return 0
@@ -419,8 +459,19 @@ def main(argv: list[str] | None = None) -> int:
         for seed in parse_seeds(args.seeds):
             for activity in args.activity:
                 print(f"seed {seed}, CDR activity {activity} ...", file=sys.stderr, flush=True)
+                fused_flags = [f"--sample={o}" for o in args.sample]
+                if args.backend:
+                    fused_flags.append(f"--backend={args.backend}")
                 rows.append(
-                    run_world(base, seed, activity, overrides, not args.no_baselines, args.option)
+                    run_world(
+                        base,
+                        seed,
+                        activity,
+                        overrides,
+                        not args.no_baselines,
+                        args.option,
+                        fused_flags,
+                    )
                 )
                 print(table(rows[-1:]).splitlines()[2], file=sys.stderr, flush=True)
     text = table(rows)
