@@ -93,6 +93,8 @@ LAPLACE_GRID_STEP = 1.0
 LAPLACE_GRID_MAX = 60
 #: Laplace integrates numerically over at most this many hyperparameters.
 LAPLACE_INTEGRATE_MAX = 3
+#: Keywords of ``fit`` that only the Laplace backend reads.
+LAPLACE_KEYWORDS = ("integrate", "newton_maxiter", "gtol", "engine")
 
 logger = logging.getLogger(__name__)
 
@@ -863,10 +865,16 @@ def run_inference(
     """Run ``backend`` on ``model``; return the DataTree (``posterior`` [, ``sample_stats``]).
 
     ``kwargs`` are the merged sampler settings; each backend takes the ones it
-    understands (``tune``, ``target_accept`` and ``cores`` apply to NUTS only).
-    The posterior is checked with :func:`check_finite`.
+    understands (``tune``, ``target_accept`` and ``cores`` apply to NUTS only;
+    :data:`LAPLACE_KEYWORDS` to Laplace only: another backend logs that it ignores
+    them, so that a run config's settings for ``backend = "auto"`` hold whichever
+    backend it chooses). The posterior is checked with :func:`check_finite`.
     """
     kwargs = dict(kwargs)
+    if backend != "laplace":
+        ignored = [k for k in LAPLACE_KEYWORDS if kwargs.pop(k, None) is not None]
+        if ignored:
+            logger.info("%s ignores %s (Laplace settings)", backend, ", ".join(ignored))
     if backend in MCMC_BACKENDS:
         idata = _fit_nuts(
             model, backend, random_seed=random_seed, progressbar=progressbar, **kwargs

@@ -104,3 +104,20 @@ def test_integrate_names_scalar_free_parameters_or_fails_with_the_fix():
         laplace(schools(), integrate=["z"])
     with pytest.raises(ModelConfigError, match="1 to 3 distinct"):
         laplace(schools(), integrate=["tau", "tau"])
+
+
+def test_other_backends_ignore_the_laplace_settings_and_say_so(caplog):
+    """A run config's ``integrate`` holds for ``backend = "auto"``: when a NUTS or MAP
+    fit is chosen it is dropped with a log line, not handed to PyMC."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="flowmodel.models.inference")
+    idata = run_inference(
+        schools(),
+        "map",
+        {"integrate": ["tau"], "newton_maxiter": 50},
+        random_seed=1,
+        progressbar=False,
+    )
+    assert "tau" in idata["posterior"]
+    assert "map ignores integrate, newton_maxiter (Laplace settings)" in caplog.text
