@@ -1625,6 +1625,46 @@ def _simulated_totals(
         return _protect_totals(table, flows, threshold)
 
 
+#: Length scale (degrees) of the regional component of :func:`simulate_fusion_dataset`'s
+#: market shares (``market_share_spatial``): about a third of a country's 2-degree box.
+SPATIAL_SHARE_LENGTH_DEG = 0.7
+
+
+def _regional_field(
+    lon: np.ndarray,
+    lat: np.ndarray,
+    country: np.ndarray,
+    members: np.ndarray,
+    sd: float,
+    seed: int,
+) -> np.ndarray:
+    """Draw a smooth Gaussian field (sd ``sd``) over each country's ``members``, 0 elsewhere."""
+    rng = np.random.default_rng([seed, 7])  # its own stream: the other draws are unchanged
+    out = np.zeros(len(lon))
+    for code in np.unique(country[members]):
+        m = np.flatnonzero(members & (country == code))
+        d2 = (lon[m, None] - lon[None, m]) ** 2 + (lat[m, None] - lat[None, m]) ** 2
+        cov = sd**2 * np.exp(-0.5 * d2 / SPATIAL_SHARE_LENGTH_DEG**2) + 1e-9 * np.eye(len(m))
+        out[m] = np.linalg.cholesky(cov) @ rng.standard_normal(len(m))
+    return out
+
+
+def _delaunay_neighbours(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """``(n, n)`` 0/1: neighbours in the Delaunay triangulation of the unit points.
+
+    Two points are Delaunay neighbours when their Voronoi cells share an edge: the
+    contiguity of the world's units, which are the Voronoi cells of the points.
+    """
+    from scipy.spatial import Delaunay
+
+    n = len(lon)
+    out = np.zeros((n, n))
+    for tri in Delaunay(np.column_stack([lon, lat])).simplices:
+        out[np.ix_(tri, tri)] = 1.0
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
 def simulate_fusion_dataset(
     *,
     units_per_country: int = 12,
@@ -1634,6 +1674,7 @@ def simulate_fusion_dataset(
     sample_fraction: float = 0.1,
     market_share: Mapping[str, float] | None = None,
     sigma_market_share: float = 0.4,
+    market_share_spatial: float = 0.0,
     periods: Sequence[str] = ("2020Q1", "2020Q2"),
     log_period_effect: Sequence[float] = (0.15, -0.15),
     period_scale: float = 1.0,
@@ -1669,6 +1710,15 @@ def simulate_fusion_dataset(
         0.45, 0.30, 0.55 for the CDR countries in order.
     sigma_market_share
         Sd of the unit-level logit market share around the national value.
+    market_share_spatial
+        Sd of a regional component of the logit market share that the penetration
+        covariate does not show (an operator stronger in some regions of a country):
+        a Gaussian field over each CDR country with squared-exponential correlation,
+        length scale :data:`SPATIAL_SHARE_LENGTH_DEG`, drawn from its own random
+        stream. When positive the dataset also carries ``contiguous``: the
+        neighbours of the Delaunay triangulation of the unit points (the
+        adjacency of their Voronoi cells). 0 (default) leaves the world
+        unchanged.
     periods, log_period_effect
         CDR period labels and their log deviations (centred to sum to zero).
     period_scale
@@ -1753,6 +1803,8 @@ def simulate_fusion_dataset(
         noise = rng.normal(0.0, 0.15, m.sum())
         covariate[m] = expit(logit(shares[code]) + bias + spread)
         logit_share[m] = logit(shares[code]) + spread - noise
+    if market_share_spatial > 0:
+        logit_share += _regional_field(lon, lat, country, in_cdr, market_share_spatial, seed)
     share = expit(logit_share)
     unit["cdr_subscribers_per_resident"] = covariate
 
@@ -1803,6 +1855,8 @@ def simulate_fusion_dataset(
         flows={"census": census_table, "cdr": pd.concat(rows, ignore_index=True)},
     )
     ds["exposure_census"] = ("unit", np.full(n_units, float(sample_fraction)))
+    if market_share_spatial > 0:
+        ds["contiguous"] = (("origin", "destination"), _delaunay_neighbours(lon, lat))
     if totals:
         ds = totals_to_dataset(ds, pd.concat(total_rows, ignore_index=True), universe="within")
     ds.attrs.update(simulated=1, seed=seed, redaction=redaction)

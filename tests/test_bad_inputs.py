@@ -308,6 +308,14 @@ CONFIG_CASES = [
         r"'origin_covariates'",
     ),
     Case(
+        "fusion-market-share-spatial-not-bool",
+        lambda d, w: _fusion(
+            w, '\n[model.options]\nsources = ["census", "cdr"]\nmarket_share_spatial = "bym2"\n'
+        ),
+        ConfigError,
+        r"market_share_spatial='bym2' is not valid\. Fix: true",
+    ),
+    Case(
         "evaluate-source-typo",
         lambda d, w: base(w) + '\n[evaluate]\nsources = ["censsu"]\n',
         ConfigError,

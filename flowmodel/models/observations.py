@@ -105,6 +105,9 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     # that covariation is read as migration: the CDR's per-origin counts move the latent
     # origin coefficients, which every pair shares
     "market_share_origin_slope": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
+    # market_share_spatial: the share of the unit effects' variance that is spatial (BYM2, on
+    # the within-country neighbour graph); U-shaped, as in Morris et al. (2019)
+    "market_share_spatial_fraction": {"dist": "Beta", "alpha": 0.5, "beta": 0.5},
     # overall CDR counts per latent flow beyond the market share (time windows differ:
     # days to months of CDR against a 1- or 5-year census question); broad by default,
     # set mu = log(CDR window / census window) when the windows are known
@@ -1092,6 +1095,12 @@ class CDRObservation(CountObservation):
     the latent origin coefficients to the sources that measure them (a census),
     and the CDR informs where a unit's movers go.
 
+    With ``market_share_spatial`` the unit effects are BYM2: :math:`e_i =
+    \sqrt{1-\rho}\, v_i + \sqrt{\rho}\, u^*_i`, :math:`v_i \sim N(0, 1)`, :math:`u^*`
+    a scaled intrinsic CAR on the neighbour graph (``contiguous``) of the CDR origin
+    units within each country, :math:`\rho` (``market_share_spatial_fraction``) the
+    spatial share of their variance (:mod:`flowmodel.models.spatial`).
+
     With ``spurious_relocations`` every cell also holds the moves home detection
     invents (a home misplaced for one period: a move out and one back, whose
     destinations do not fall with distance): :math:`\mu_{ijt} = e^{\eta_{ij}} s_i
@@ -1116,6 +1125,7 @@ class CDRObservation(CountObservation):
         "market_share_covariate": "cdr_subscribers_per_resident",
         "market_share_default": 0.3,
         "market_share_origin_terms": (),
+        "market_share_spatial": False,
         "spurious_relocations": False,
         "spurious_weight": "cdr_subscribers",
     }
@@ -1135,6 +1145,12 @@ class CDRObservation(CountObservation):
             raise ModelConfigError(
                 f"source '{self.source}': market_share_origin_terms={terms!r} must be a list of "
                 "unit variable names. Fix: e.g. ['log_population']"
+            )
+        if not isinstance(self.options["market_share_spatial"], bool):
+            raise ModelConfigError(
+                f"source '{self.source}': market_share_spatial="
+                f"{self.options['market_share_spatial']!r} is not valid. Fix: true (unit "
+                "effects smoothed over neighbouring units of a country, BYM2) or false"
             )
         share = self.options["market_share_default"]
         if not 0.0 < share < 1.0:
@@ -1172,6 +1188,8 @@ class CDRObservation(CountObservation):
             nodes.append(self.node("market_share_slope"))
         if self.options["market_share_origin_terms"]:
             nodes.append(self.node("market_share_origin_slope"))
+        if self.options["market_share_spatial"]:
+            nodes.append(self.node("market_share_spatial_fraction"))
         nodes.append(self.node("period_scale"))
         if data is None or self.n_periods(data, self.source) > 1:
             nodes.append(self.node("period_effect"))
@@ -1420,6 +1438,46 @@ class CDRObservation(CountObservation):
         n_t = int(build.data.sizes["period"])
         return out + pt.dot(np.bincount(cells.period_idx, weights=y, minlength=n_t), self._log_pe)
 
+    def _spatial_effect(self, build: Build, units: np.ndarray, z: Any, sigma: Any) -> Any:
+        """BYM2 unit effects: ``sqrt(1 - rho) z + sqrt(rho) u*`` (:mod:`flowmodel.models.spatial`).
+
+        ``u*`` is the scaled ICAR field on the neighbour graph of the CDR origin units
+        within each country (``contiguous``), non-centred through its exact basis;
+        ``rho`` is ``market_share_spatial_fraction``. Registers
+        ``market_share_spatial`` (the spatial part of the logit share per unit).
+        """
+        from flowmodel.models.spatial import icar_basis, unit_adjacency
+
+        adjacency = unit_adjacency(build.data, units)
+        if not adjacency.any():
+            raise ModelConfigError(
+                f"source '{self.source}': market_share_spatial=true, but no two CDR origin "
+                "units of a country are neighbours ('contiguous'), so there is nothing to "
+                "smooth over. Fix: market_share_spatial=false"
+            )
+        basis, info = icar_basis(adjacency)
+        self._spatial_info = info
+        logger.info(
+            "%s: market shares smoothed over %d group(s) of neighbouring units (largest %d), "
+            "%d unit(s) without a neighbour",
+            self.source,
+            info["components"],
+            info["largest"],
+            info["isolated"],
+        )
+        model = pm.modelcontext(None)
+        basis_dim = self.node("market_spatial_basis")
+        model.add_coord(basis_dim, np.arange(basis.shape[1]))
+        w = pm.Normal(self.node("market_share_spatial_z"), 0.0, 1.0, dims=basis_dim)
+        rho = build.prior(self.node("market_share_spatial_fraction"))
+        field = pt.dot(basis, w)
+        pm.Deterministic(
+            self.node("market_share_spatial"),
+            sigma * pt.sqrt(rho) * field,
+            dims=self.node("market_unit"),
+        )
+        return pt.sqrt(1.0 - rho) * z + pt.sqrt(rho) * field
+
     def _add_scaling(self, build: Build, cells: Cells) -> Any:
         """Register ``market_share``, ``period_scale`` (and ``period_effect``).
 
@@ -1474,8 +1532,12 @@ class CDRObservation(CountObservation):
         # weakly identified and its effect stays near its prior
         sigma = build.prior(self.node("sigma_market_share"))
         z = pm.Normal(self.node("market_share_z"), 0.0, 1.0, dims=unit_dim)
+        if self.options["market_share_spatial"]:
+            effect = self._spatial_effect(build, units, z, sigma)
+        else:
+            effect = z
         country_level = raw - g * lam  # gamma + delta_c
-        logit_share = design["centre"] + country_level[country_pos] + sigma * z
+        logit_share = design["centre"] + country_level[country_pos] + sigma * effect
         if design["scale"] is not None:
             slope = build.prior(self.node("market_share_slope"))
             logit_share = logit_share + slope * design["z"]
