@@ -116,6 +116,7 @@ _CHECKED_NODES = (
     "radiation_exponent",
     "period_scale",
     "sigma_market_share",
+    "market_share_spatial_fraction",
 )
 
 _MODEL_REGISTRY: dict[str, type[FlowModel]] = {}

@@ -142,8 +142,12 @@ def test_smoothing_recovers_regional_shares_better_than_independent_effects() ->
         }
         if spatial:
             rho = model.posterior["market_share_spatial_fraction"].values
+            uninformed = [u["parameter"] for u in model.fit_meta["uninformed"]]
     assert result[True]["mae"] < 0.8 * result[False]["mae"], result
     assert result[True]["width"] < result[False]["width"], result
     assert result[True]["inside"] >= 0.85, result
     # the data say the unit effects are mostly regional (prior mean 0.5)
     assert rho.mean() > 0.7 and np.quantile(rho, 0.05) > 0.3
+    # ... and so the fit does not call it uninformed (on the default world's shares, whose
+    # unit effects have no regional part, it is: its posterior is its prior)
+    assert "market_share_spatial_fraction" not in uninformed
