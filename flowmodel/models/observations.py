@@ -1456,7 +1456,7 @@ class CDRObservation(CountObservation):
                 "smooth over. Fix: market_share_spatial=false"
             )
         basis, info = icar_basis(adjacency)
-        self._spatial_info = info
+        self._spatial_info = info  # recorded in fit_meta["observations"][source]
         logger.info(
             "%s: market shares smoothed over %d group(s) of neighbouring units (largest %d), "
             "%d unit(s) without a neighbour",
@@ -1742,6 +1742,8 @@ class CDRObservation(CountObservation):
         out["totals_weight"] = float(getattr(self, "_totals_weight", 1.0))
         if getattr(self, "_design", None) is not None:
             out["market_share"] = dict(self._design)
+            if getattr(self, "_spatial_info", None) is not None:
+                out["market_share"]["spatial"] = dict(self._spatial_info)
         if self._spurious_on(data):
             out["spurious_relocations"] = {"estimate": self._spurious_estimate(data)}
         return out

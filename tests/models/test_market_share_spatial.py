@@ -96,7 +96,7 @@ def _model(**options) -> FusionModel:
 def test_spatial_option_adds_the_bym2_nodes_and_keeps_the_default_model(regional) -> None:
     ds, _ = regional
     plain, _, _ = _model()._build(ds)
-    smooth, _, _ = _model(market_share_spatial=True)._build(ds)
+    smooth, meta, _ = _model(market_share_spatial=True)._build(ds)
     names = {v.name for v in smooth.free_RVs} - {v.name for v in plain.free_RVs}
     assert names == {"market_share_spatial_z", "market_share_spatial_fraction"}
     assert "market_share_spatial" in smooth.named_vars
@@ -104,6 +104,8 @@ def test_spatial_option_adds_the_bym2_nodes_and_keeps_the_default_model(regional
     # one free coordinate per unit but one per connected group (the field sums to zero there)
     basis = smooth["market_share_spatial_z"].eval().shape[0]
     assert n_cdr_units - 3 >= basis >= n_cdr_units - 6
+    graph = meta["observations"]["cdr"]["market_share"]["spatial"]  # recorded with the fit
+    assert graph["components"] + graph["isolated"] >= 3 and graph["largest"] <= 6
 
 
 def test_spatial_option_errors_name_the_fix(regional) -> None:
