@@ -101,8 +101,9 @@ class FusionModel(FlowModel):
         y^{\mathrm{cdr}}_{ijt} &\sim \mathrm{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\
             \phi_{\mathrm{cdr}}\big), \qquad
         P\big(y^{\mathrm{cdr}}_{ijt} \le 15\big) \text{ for a redacted cell} \\
-        \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
-            + a^\top x_i + \sigma_s e_i, \quad \gamma, \delta_c \sim N(0, 0.5^2),\
+        \log s_i &= C\big(\log\operatorname{expit}(m_{c(i)} + \gamma + \delta_{c(i)})
+            + b\, z_i + a^\top x_i + \sigma_s e_i\big), \quad
+            \gamma, \delta_c \sim N(0, 0.5^2),\
             b \sim N(0.5, 0.5^2),\ a_k \sim N(0, 0.5^2),\ e_i \sim N(0, 1) \\
         \log \pi_t &= \log \kappa + d_t, \quad \kappa \sim \mathrm{LogNormal}(0, 3^2),\
             d \sim \mathrm{ZeroSumNormal}(0.5) \\
@@ -113,7 +114,9 @@ class FusionModel(FlowModel):
     cell :math:`c` one pair or — for a census that records the previous admin-1
     unit or only the previous *country* of immigrants — every pair of its member
     units, :math:`s_i` the ``market_share`` of origin unit :math:`i` (the
-    operator's share of its movers times the detection rate of home detection),
+    operator's share of its movers times the detection rate of home detection;
+    :math:`C` a smooth ceiling at 1, :func:`~flowmodel.models.observations.share_ceiling`:
+    the units deviate from their country's level multiplicatively),
     :math:`z_i` the penetration covariate (``cdr_subscribers_per_resident``)
     standardised within its country on the log or logit scale, :math:`m_c` the
     logit of the country's mean covariate when it reads as a share (else of
@@ -382,7 +385,7 @@ class FusionModel(FlowModel):
             return [
                 f"the per-unit market shares ({', '.join(cdr)}) come from a Laplace "
                 f"approximation integrated over {', '.join(hyper)}, which puts those where "
-                "NUTS does; given them each share is still Gaussian on the logit (simulated "
+                "NUTS does; given them each share is still Gaussian on the log scale (simulated "
                 "worlds: 78-88% of the true shares inside their 90% intervals against "
                 "NUTS's 86-98%; docs/fusion.md). Check them against NUTS (backend='nutpie') "
                 "before publishing"

@@ -88,15 +88,16 @@ __all__ = [
 
 #: Defaults of the CDR scaling nodes (suffixed ``_<source>`` for sources other than ``cdr``).
 CDR_PRIORS: dict[str, dict[str, Any]] = {
-    # logit(market_share_i) = centre_c + market_share_level + market_share_country[c]
-    #     + market_share_slope * z_i + sigma_market_share * market_share_z_i   (z: the covariate's
-    # within-country standardised log or logit; see CDRObservation.market_share_design)
+    # log(market_share_i) = ceiling(log expit(centre_c + market_share_level
+    #     + market_share_country[c]) + market_share_slope * z_i + sigma_market_share
+    #     * market_share_z_i)   (z: the covariate's within-country standardised log or logit;
+    # see CDRObservation.market_share_design and share_ceiling)
     # the level common to every CDR country (the operator's typical share times the detection
     # rate of home detection), relative to the centre; then each country's own offset
     "market_share_level": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
     "market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5},
     # a penetration measure goes with the share: one within-country sd of the covariate moves
-    # the logit share by about a half (the within-country logit sd of real shares is ~0.3-0.6)
+    # the log share by about a half (the within-country sd of real shares is ~0.3-0.6)
     "market_share_slope": {"dist": "Normal", "mu": 0.5, "sigma": 0.5},
     "sigma_market_share": {"dist": "HalfNormal", "sigma": 0.5},
     # the share may go with what makes a unit send migrants (population, urbanity, income:
@@ -119,6 +120,25 @@ CDR_PRIORS: dict[str, dict[str, Any]] = {
     # centred on it, sd SPURIOUS_RATE_SDLOG); broad around 1%
     "spurious_rate": {"dist": "LogNormal", "mu": float(np.log(0.01)), "sigma": 1.0},
 }
+#: Sharpness of the ceiling at 1 of the market share (:func:`share_ceiling`): a share
+#: below 0.8 is within 3% of its log-linear value.
+SHARE_CEILING_SHARPNESS = 10.0
+
+
+def share_ceiling(x: Any) -> Any:
+    """Log share ``x`` under a smooth ceiling at 1: ``-softplus(-k x) / k``.
+
+    ``k`` is :data:`SHARE_CEILING_SHARPNESS`.
+    Equal to ``x`` (to within ``1e-4``) for ``x < log 0.4``, within 3% of
+    ``exp(x)`` for shares up to 0.8, and never above 0 (a share of 1). The
+    market share's unit deviations are multiplicative on the log scale
+    (:class:`CDRObservation`); a logit link would bend them as the level rises, and that
+    bend, not the data, would then choose the shares' level.
+    """
+    k = SHARE_CEILING_SHARPNESS
+    return -pt.softplus(-k * x) / k
+
+
 #: sd of log ``spurious_rate`` around home detection's estimate (``flow_<cdr>.attrs``): the
 #: A->B->A estimate measured 0.8x the spurious moves of a simulated log with known homes.
 SPURIOUS_RATE_SDLOG = 0.5
@@ -1061,9 +1081,24 @@ class CDRObservation(CountObservation):
 
         y_{ijt} &\sim \operatorname{NB}\big(e^{\eta_{ij}}\, s_i\, \pi_t,\ \phi\big), \qquad
         \log \pi_t = \log\kappa + d_t \\
-        \operatorname{logit} s_i &= m_{c(i)} + \gamma + \delta_{c(i)} + b\, z_i
-        + a^\top x_i + \sigma_s e_i, \qquad \gamma, \delta_c \sim N(0, 0.5^2),\
+        \log s_i &= C\big(\log \operatorname{expit}(m_{c(i)} + \gamma + \delta_{c(i)})
+        + b\, z_i + a^\top x_i + \sigma_s e_i\big), \qquad
+        \gamma, \delta_c \sim N(0, 0.5^2),\
         b \sim N(0.5, 0.5^2),\ a_k \sim N(0, 0.5^2),\ e_i \sim N(0, 1)
+
+    :math:`C(x) = -\operatorname{softplus}(-k x)/k` (:func:`share_ceiling`) keeps the
+    share below 1 and is :math:`x` itself below a share of about 0.5: each country's
+    share level is the logit-normal :math:`\operatorname{expit}(m_c + \gamma +
+    \delta_c)`, and its units deviate from it *multiplicatively* — the counts measure
+    each unit's share up to one common factor, and a penetration covariate such as
+    subscribers per resident is proportional to the share. (With the deviations on the
+    logit scale, their spread on the log scale would shrink as the level rises, and on
+    data that pin the per-unit products the shares' level would follow that bend rather
+    than the prior: on the simulated dense-CDR worlds the shares came out at half the
+    truth.) A covariate that reads as a share (below) is a measure of the share itself,
+    gives the level, and goes with the share's logit: then
+    :math:`\operatorname{logit} s_i = m_{c(i)} + \gamma + \delta_{c(i)} + b z_i +
+    a^\top x_i + \sigma_s e_i` (``link`` in the design recorded in ``fit_meta``).
 
     :math:`s_i` is the share of origin unit :math:`i`'s movers that the CDR counts
     as relocations: the operator's market share times the rate at which home
@@ -1352,7 +1387,9 @@ class CDRObservation(CountObservation):
             ``z`` (per unit: the covariate standardised within its country, 0 where
             missing or without a covariate), ``scale`` (``"logit"``, ``"log"`` or
             None: how the covariate was transformed), ``level`` (``"covariate"``
-            when the country means give the level, else ``"default"``) and
+            when the country means give the level, else ``"default"``), ``link``
+            (the scale of the units' deviations from their country's level:
+            ``"logit"`` with a covariate that reads as a share, else ``"log"``) and
             ``n_covariate`` (units with a usable value); ``origin_terms`` (the
             ``market_share_origin_terms``) and ``x`` (``(unit, term)``: each term
             standardised within its country the same way, 0 where missing).
@@ -1370,6 +1407,7 @@ class CDRObservation(CountObservation):
             "z": np.zeros(n),
             "scale": None,
             "level": "default",
+            "link": "log",
             "n_covariate": 0,
             "origin_terms": terms,
             "x": x,
@@ -1391,18 +1429,23 @@ class CDRObservation(CountObservation):
             level = means.reindex(country).to_numpy()
             out["centre"] = np.where(np.isnan(level), default, level)
             out["level"] = "covariate"
+            out["link"] = "logit"
         return out
 
     def market_share_centre(self, data: xr.Dataset, units: np.ndarray) -> np.ndarray:
-        """Prior centre (logit scale) of the market share of each unit position in ``units``.
+        r"""Prior centre (log scale) of the market share of each unit position in ``units``.
 
-        The country level :math:`m_{c(i)}` plus the covariate's shape at the prior
-        mean of the slope: the logit share of a unit at zero country offset and unit
-        effect.
+        The country level :math:`\log \operatorname{expit}(m_{c(i)})` plus the
+        covariate's shape at the prior mean of the slope, under the ceiling: the log
+        share of a unit at zero country offset and unit effect.
         """
         design = self.market_share_design(data, units)
         slope = CDR_PRIORS["market_share_slope"]["mu"] if design["scale"] else 0.0
-        return design["centre"] + slope * design["z"]
+        if design["link"] == "logit":
+            return -np.logaddexp(0.0, -(design["centre"] + slope * design["z"]))
+        x = np.log(special.expit(design["centre"])) + slope * design["z"]
+        k = SHARE_CEILING_SHARPNESS
+        return -np.logaddexp(0.0, -k * x) / k
 
     # ------------------------------------------------------------------ build
     @override
@@ -1444,7 +1487,7 @@ class CDRObservation(CountObservation):
         ``u*`` is the scaled ICAR field on the neighbour graph of the CDR origin units
         within each country (``contiguous``), non-centred through its exact basis;
         ``rho`` is ``market_share_spatial_fraction``. Registers
-        ``market_share_spatial`` (the spatial part of the logit share per unit).
+        ``market_share_spatial`` (the spatial part of the log share per unit).
         """
         from flowmodel.models.spatial import icar_basis, unit_adjacency
 
@@ -1537,17 +1580,25 @@ class CDRObservation(CountObservation):
         else:
             effect = z
         country_level = raw - g * lam  # gamma + delta_c
-        logit_share = design["centre"] + country_level[country_pos] + sigma * effect
+        level = design["centre"] + country_level[country_pos]
+        deviation = sigma * effect
         if design["scale"] is not None:
             slope = build.prior(self.node("market_share_slope"))
-            logit_share = logit_share + slope * design["z"]
+            deviation = deviation + slope * design["z"]
         if design["origin_terms"]:
             term_dim = self.node("market_origin_term")
             model.add_coord(term_dim, design["origin_terms"])
             origin_slope = build.prior(self.node("market_share_origin_slope"), dims=term_dim)
-            logit_share = logit_share + pt.dot(design["x"], origin_slope)
-        pm.Deterministic(self.node("market_share"), pm.math.sigmoid(logit_share), dims=unit_dim)
-        log_share = -pt.softplus(-logit_share)  # log(sigmoid(x)), stable
+            deviation = deviation + pt.dot(design["x"], origin_slope)
+        if design["link"] == "logit":
+            # a covariate that reads as a share gives the level and goes with the share's logit
+            log_share = -pt.softplus(-(level + deviation))  # log(sigmoid(x)), stable
+        else:
+            # log s_i = ceiling(log expit(level_c) + deviation_i): the deviations are on the log
+            # scale of the share, as the counts (and a subscribers-per-resident covariate,
+            # which is proportional to the share) measure them; see share_ceiling
+            log_share = share_ceiling(-pt.softplus(-level) + deviation)
+        pm.Deterministic(self.node("market_share"), pt.exp(log_share), dims=unit_dim)
         self._units, self._log_share, self._log_level = units, log_share, log_level
         if cells.period_idx is None:
             self._log_pe = None

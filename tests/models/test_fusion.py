@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pymc as pm
+import pytensor.tensor as pt
 import pytest
 import xarray as xr
 from scipy import special, stats
@@ -36,7 +37,12 @@ from flowmodel.models import compare
 from flowmodel.models.fusion import FusionModel, source_kind
 from flowmodel.models.gravity import GravityModel
 from flowmodel.models.likelihoods import censored_nb_logp, truncated_nb_moments
-from flowmodel.models.observations import CDRObservation, read_cells
+from flowmodel.models.observations import (
+    SHARE_CEILING_SHARPNESS,
+    CDRObservation,
+    read_cells,
+    share_ceiling,
+)
 from flowmodel.models.radiation import RadiationModel
 from flowmodel.simulate import simulate_fusion_dataset
 
@@ -284,9 +290,50 @@ def test_penetration_covariate_enters_by_its_shape_whatever_its_scale(world):
     none = CDRObservation("cdr", market_share_covariate=None)
     design = none.market_share_design(ds, cdr_units)
     assert design["scale"] is None and not design["z"].any()
-    np.testing.assert_allclose(none.market_share_centre(ds, cdr_units), np.log(0.3 / 0.7))
+    np.testing.assert_allclose(none.market_share_centre(ds, cdr_units), np.log(0.3), rtol=1e-5)
     assert "market_share_slope" not in none.nodes(ds)
     assert "market_share_slope" in CDRObservation("cdr").nodes(ds)
+
+
+def test_shares_deviate_on_the_log_scale_unless_the_covariate_reads_as_a_share(world):
+    """A panel-scale covariate (proportional to the share): log s_i = C(log expit(level) + b z_i).
+
+    Its units deviate multiplicatively, so a slope moves each unit's *log* share by
+    slope * z_i, whatever the level (under the ceiling at 1, which no share passes); a
+    share-scale covariate keeps the logit. The link is recorded with the fit's design.
+    """
+    ds, truth = world
+    cdr_units = np.flatnonzero(np.isin(ds["country"].values, truth["cdr_countries"]))
+    panel = ds.assign(cdr_subscribers_per_resident=ds["cdr_subscribers_per_resident"] * 1e-3)
+    assert CDRObservation("cdr").market_share_design(ds, cdr_units)["link"] == "logit"
+    design = CDRObservation("cdr").market_share_design(panel, cdr_units)
+    assert design["link"] == "log" and design["level"] == "default"
+    pm_model, state, _ = FusionModel(latent=gravity())._build(panel)
+    assert state["observations"]["cdr"]["market_share"]["link"] == "log"
+    share = pm_model.compile_fn(
+        pm_model.replace_rvs_by_values([pm_model["market_share"]])[0],
+        inputs=pm_model.value_vars,
+        on_unused_input="ignore",
+    )
+    k = SHARE_CEILING_SHARPNESS
+
+    def below_ceiling(s):  # the inverse of share_ceiling
+        return -np.log(np.expm1(-k * np.log(s))) / k
+
+    point = pm_model.initial_point()
+    for level in (-2.0, 0.0, 1.5):  # low, middle and high share levels
+        point["market_share_level_raw"] = np.asarray(level)
+        base = below_ceiling(share(point))
+        moved = dict(point, market_share_slope=point["market_share_slope"] + 0.4)
+        np.testing.assert_allclose(
+            below_ceiling(share(moved)) - base, 0.4 * design["z"], atol=1e-6
+        )
+        assert np.all(share(moved) < 1.0)
+    # the ceiling: the log share itself below a share of 0.4, within 3% up to 0.8, never 1
+    x = np.log([0.05, 0.4, 0.8, 1.0, 3.0])
+    got = np.exp(share_ceiling(pt.as_tensor(x)).eval())
+    np.testing.assert_allclose(got[:2], [0.05, 0.4], rtol=1e-4)
+    assert got[2] == pytest.approx(0.8, rel=0.03) and got[3] < 0.95 and got[4] < 1.0
 
 
 def test_market_share_may_go_with_the_latent_origin_terms(world):
