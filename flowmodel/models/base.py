@@ -116,8 +116,15 @@ _CHECKED_NODES = (
     "radiation_exponent",
     "period_scale",
     "sigma_market_share",
+    "market_share_level",
     "market_share_spatial_fraction",
 )
+#: What to state when a parameter is not informed, beyond the general fix.
+_UNINFORMED_HINTS = {
+    "market_share_level": "the CDR shares' level (the data pin only its product with "
+    "period_scale): state the operator's market share times the detection rate "
+    "(market_share_default) or the CDR window against the census's (the period_scale prior)",
+}
 
 _MODEL_REGISTRY: dict[str, type[FlowModel]] = {}
 
@@ -674,6 +681,11 @@ class FlowModel(abc.ABC):
                     out.append({"parameter": label, "posterior_sd": ps, "prior_sd": qs})
         if out:
             names = ", ".join(o["parameter"] for o in out)
+            hints = [
+                hint
+                for node, hint in _UNINFORMED_HINTS.items()
+                if any(o["parameter"].split("[")[0] == node for o in out)
+            ]
             warnings.warn(
                 f"{type(self).__name__}: {names} "
                 f"{'is' if len(out) == 1 else 'are'} not informed by the data (posterior sd "
@@ -681,7 +693,7 @@ class FlowModel(abc.ABC):
                 f"{'its' if len(out) == 1 else 'their'} intervals are the prior's, and so are "
                 "those of every prediction that depends on them. Fix: add a source that "
                 "observes them (e.g. cross-border cells, country-pair estimates) or state an "
-                "informative prior",
+                "informative prior" + "".join(f"; for {h}" for h in hints),
                 UninformedParameterWarning,
                 stacklevel=3,
             )

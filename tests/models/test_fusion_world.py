@@ -227,6 +227,21 @@ def test_laplace_agrees_with_nuts_in_every_group(world, fused, fused_laplace):
     assert fused_laplace[0].fit_meta["approximate"] and not fused[0].fit_meta["approximate"]
 
 
+def test_world_shares_level_is_the_priors_and_the_fit_says_so(fused):
+    """The data pin only the product of the shares' level and period_scale.
+
+    So the level's posterior is its prior (the worked example: sd 0.489 against 0.490),
+    and the fit lists it as not informed, where a user and the report see it.
+    """
+    model = fused[0]
+    uninformed = {u["parameter"]: u for u in model.fit_meta["uninformed"]}
+    assert "market_share_level" in uninformed, model.fit_meta["uninformed"]
+    level = uninformed["market_share_level"]
+    assert level["posterior_sd"] > 0.9 * level["prior_sd"]
+    # the products are pinned: the units' shares relative to each other are informed
+    assert "sigma_market_share" not in uninformed
+
+
 def test_census_only_gravity_without_border_data_keeps_the_prior_and_says_so(world):
     """The internal-migration census alone sees no border: cross_border is the prior's."""
     ds = world["ds"]
