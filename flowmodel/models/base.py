@@ -121,9 +121,10 @@ _CHECKED_NODES = (
 )
 #: What to state when a parameter is not informed, beyond the general fix.
 _UNINFORMED_HINTS = {
-    "market_share_level": "the CDR shares' level (the data pin only its product with "
-    "period_scale): state the operator's market share times the detection rate "
-    "(market_share_default) or the CDR window against the census's (the period_scale prior)",
+    "market_share_level": "the CDR shares' level, which the data pin only as a product with "
+    "period_scale: state the operator's market share times the detection rate "
+    "(market_share_default) or the CDR window against the census's (the period_scale prior); "
+    "the shares relative to each other and the flows do not depend on it",
 }
 
 _MODEL_REGISTRY: dict[str, type[FlowModel]] = {}
@@ -678,22 +679,25 @@ class FlowModel(abc.ABC):
                 if qs is None or not np.isfinite(qs) or qs <= 0:
                     continue
                 if ps > UNINFORMED_RATIO * qs:
-                    out.append({"parameter": label, "posterior_sd": ps, "prior_sd": qs})
+                    entry = {"parameter": label, "posterior_sd": ps, "prior_sd": qs}
+                    if name in _UNINFORMED_HINTS:
+                        entry["fix"] = f"Fix for {name}, {_UNINFORMED_HINTS[name]}"
+                    out.append(entry)
         if out:
             names = ", ".join(o["parameter"] for o in out)
-            hints = [
-                hint
-                for node, hint in _UNINFORMED_HINTS.items()
-                if any(o["parameter"].split("[")[0] == node for o in out)
-            ]
+            fixes = list(dict.fromkeys(o["fix"] for o in out if "fix" in o))
+            if any("fix" not in o for o in out):
+                fixes.insert(
+                    0,
+                    "Fix: add a source that observes them (e.g. cross-border cells, country-pair "
+                    "estimates) or state an informative prior",
+                )
             warnings.warn(
                 f"{type(self).__name__}: {names} "
                 f"{'is' if len(out) == 1 else 'are'} not informed by the data (posterior sd "
                 f"above {UNINFORMED_RATIO:.0%} of the prior's): "
                 f"{'its' if len(out) == 1 else 'their'} intervals are the prior's, and so are "
-                "those of every prediction that depends on them. Fix: add a source that "
-                "observes them (e.g. cross-border cells, country-pair estimates) or state an "
-                "informative prior" + "".join(f"; for {h}" for h in hints),
+                "those of every prediction that depends on them. " + ". ".join(fixes),
                 UninformedParameterWarning,
                 stacklevel=3,
             )

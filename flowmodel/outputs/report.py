@@ -1095,14 +1095,16 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
     uninformed = meta.get("uninformed") or []
     if uninformed:
         names = ", ".join(str(u.get("parameter")) for u in uninformed)
+        fixes = list(dict.fromkeys(f"{u['fix']}." for u in uninformed if "fix" in u))
+        if any("fix" not in u for u in uninformed):
+            fixes.insert(0, "Add a source that observes them or state an informative prior.")
         items.append(
             {
                 "level": "warn",
                 "title": f"{len(uninformed)} parameter(s) not informed by the data",
                 "text": f"{names}: posterior as wide as the prior (sd above 90% of the "
                 "prior's), so their intervals — and those of every flow that depends on "
-                "them — are the prior's. Add a source that observes them or state an "
-                "informative prior.",
+                "them — are the prior's. " + " ".join(fixes),
             }
         )
     k = _pareto_k(idata)

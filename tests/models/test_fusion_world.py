@@ -240,6 +240,13 @@ def test_world_shares_level_is_the_priors_and_the_fit_says_so(fused):
     assert level["posterior_sd"] > 0.9 * level["prior_sd"]
     # the products are pinned: the units' shares relative to each other are informed
     assert "sigma_market_share" not in uninformed
+    # with what to state instead of the general fix, in fit_meta and the report's banner
+    assert "market_share_default" in level["fix"] and "period_scale" in level["fix"]
+    from flowmodel.outputs.report import diagnostics
+
+    banner = [d for d in diagnostics(model) if "not informed" in d["title"]]
+    assert len(banner) == 1 and "market_share_default" in banner[0]["text"]
+    assert "Add a source" not in banner[0]["text"]  # only the share level is uninformed
 
 
 def test_census_only_gravity_without_border_data_keeps_the_prior_and_says_so(world):
