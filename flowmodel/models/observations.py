@@ -128,15 +128,17 @@ SHARE_CEILING_SHARPNESS = 10.0
 def share_ceiling(x: Any) -> Any:
     """Log share ``x`` under a smooth ceiling at 1: ``-softplus(-k x) / k``.
 
-    ``k`` is :data:`SHARE_CEILING_SHARPNESS`.
-    Equal to ``x`` (to within ``1e-4``) for ``x < log 0.4``, within 3% of
-    ``exp(x)`` for shares up to 0.8, and never above 0 (a share of 1). The
+    ``k`` is :data:`SHARE_CEILING_SHARPNESS`; ``x`` a pytensor variable (the model)
+    or numpy values. Equal to ``x`` (to within ``1e-4``) for ``x < log 0.4``, within
+    3% of ``exp(x)`` for shares up to 0.8, and never above 0 (a share of 1). The
     market share's unit deviations are multiplicative on the log scale
     (:class:`CDRObservation`); a logit link would bend them as the level rises, and that
     bend, not the data, would then choose the shares' level.
     """
     k = SHARE_CEILING_SHARPNESS
-    return -pt.softplus(-k * x) / k
+    if isinstance(x, pt.Variable):
+        return -pt.softplus(-k * x) / k
+    return -np.logaddexp(0.0, -k * np.asarray(x, dtype=float)) / k
 
 
 #: sd of log ``spurious_rate`` around home detection's estimate (``flow_<cdr>.attrs``): the
@@ -1442,10 +1444,8 @@ class CDRObservation(CountObservation):
         design = self.market_share_design(data, units)
         slope = CDR_PRIORS["market_share_slope"]["mu"] if design["scale"] else 0.0
         if design["link"] == "logit":
-            return -np.logaddexp(0.0, -(design["centre"] + slope * design["z"]))
-        x = np.log(special.expit(design["centre"])) + slope * design["z"]
-        k = SHARE_CEILING_SHARPNESS
-        return -np.logaddexp(0.0, -k * x) / k
+            return special.log_expit(design["centre"] + slope * design["z"])
+        return share_ceiling(special.log_expit(design["centre"]) + slope * design["z"])
 
     # ------------------------------------------------------------------ build
     @override
@@ -1487,7 +1487,7 @@ class CDRObservation(CountObservation):
         ``u*`` is the scaled ICAR field on the neighbour graph of the CDR origin units
         within each country (``contiguous``), non-centred through its exact basis;
         ``rho`` is ``market_share_spatial_fraction``. Registers
-        ``market_share_spatial`` (the spatial part of the log share per unit).
+        ``market_share_spatial`` (the spatial part of the log, or logit, share per unit).
         """
         from flowmodel.models.spatial import icar_basis, unit_adjacency
 
