@@ -10,7 +10,8 @@ export NO_MKDOCS_2_WARNING := 1
 PYTEST_WORKERS ?= 2
 # --dist loadfile: one worker per test file, so a file's expensive fixtures (the fusion
 # fits) are built once. (--dist loadgroup with xdist_group marks no longer groups under
-# pytest 9.2: pytest-dev/pytest-xdist#1386.)
+# pytest 9.2: pytest-dev/pytest-xdist#1386.) --no-loadscope-reorder keeps the collection
+# order, which tests/conftest.py sets to the heaviest files first (HEAVY_FILES).
 
 .PHONY: help venv demo test test-fast lint format docs bench clean
 
@@ -37,11 +38,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 	$(MAKE) docs
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flowmodel tests benchmarks scripts

@@ -60,3 +60,35 @@ def _mock_run_inference(model, backend, kwargs, *, random_seed, progressbar):
 def mock_sampling(monkeypatch):
     """Replace every inference backend by a fast stand-in (see :func:`_mock_run_inference`)."""
     monkeypatch.setattr("flowmodel.models.base.run_inference", _mock_run_inference)
+
+
+#: Seconds each of the heaviest test files took (``pytest --durations=0``, 2 workers,
+#: 2026-12-06; docs/performance.md). Only their order matters: ``make test`` runs files
+#: on 2 workers (``--dist loadfile --no-loadscope-reorder``) in collection order, and
+#: starting the longest first keeps one worker from running a 2-minute file alone at
+#: the end (longest-processing-time-first scheduling).
+HEAVY_FILES: dict[str, float] = {
+    "tests/models/test_fusion_world.py": 231,
+    "tests/models/test_fusion_sparse_cdr.py": 223,
+    "tests/models/test_fusion.py": 177,
+    "tests/models/test_periods.py": 123,
+    "tests/models/test_sparse_fusion.py": 113,
+    "tests/test_plain_install.py": 111,
+    "tests/test_hpc_real.py": 90,
+    "tests/test_eu_reports.py": 88,
+    "tests/models/test_inference.py": 70,
+    "tests/models/test_market_share_spatial.py": 55,
+    "tests/models/test_spurious_background.py": 47,
+    "tests/test_cli.py": 45,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the heaviest files first (a stable sort: tests keep their order within a file)."""
+
+    def weight(item: pytest.Item) -> float:
+        path = Path(str(item.path)).resolve()
+        rel = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+        return -HEAVY_FILES.get(rel, 0.0)
+
+    items.sort(key=weight)
