@@ -396,8 +396,8 @@ class FusionModel(FlowModel):
             "data pin only the product of the shares' level and period_scale, and at the joint "
             "mode of that ridge sigma_market_share is inflated (simulated worlds: about 0.9 "
             "against NUTS's 0.11-0.16; the units' shares relative to each other correlate "
-            "0.79-0.90 with the truth against NUTS's 0.91-0.93; docs/fusion.md). The flows, which depend on the product, agree "
-            "with NUTS. Fix: "
+            "0.79-0.90 with the truth against NUTS's 0.91-0.93; docs/fusion.md). The flows, "
+            "which depend on the product, agree with NUTS. Fix: "
             + (
                 f"Laplace with {fix} ([model.sample_kwargs] of the config, or a keyword of "
                 "fit: correlation 0.91-0.93, 2-4x the time), or NUTS (backend='nutpie')"
