@@ -827,14 +827,18 @@ def test_d_fused_beats_single_source_fits_on_held_out_pairs(
 
 @pytest.mark.slow
 def test_e_redacted_as_zero_is_worse_than_censored(world, split, fused):
-    """Reading redacted cells as zeros biases the market shares, and the flows less.
+    """Reading redacted cells as zeros distorts the flows' pattern and biases the shares.
 
-    log-RMSE is scored on the pairs of the CDR-only countries, where the CDR is the only
-    flow information; in the overlap country the census pins the flows whichever way the
-    redacted cells are read (its pairs are printed, not asserted). With the common
-    market-share level the zeros go mostly into the shares (MAE x3 on seed 0), so the
-    flows' penalty is small and varies between Monte-Carlo draws of the same posterior
-    (+1.6% to +22% log-RMSE, docs/fusion.md): its sign is asserted, the shares' size.
+    Scored within each CDR-only country, where the CDR is the only flow information.
+    The error of log(1 + flow) splits into the country's level (its mean) and the
+    pattern around it (the rest). This world measures no level of a CDR-only country
+    (its census sees only flows out of the census countries): the CDR pins the product
+    of market share and level, so the level error swings between Monte-Carlo draws of
+    the same posterior (a cold compile cache alone moved C02's from +0.20 to +0.24,
+    and the pooled log-RMSE's sign with it) and is printed, not asserted. The pattern
+    is what the redacted cells inform: read as zeros, the small flows are pulled down
+    against the large ones (x1.6 to x3.6 the censored fit's pattern error on seeds 0-2,
+    docs/fusion.md), and the zeros go into the market shares (MAE x3 on seed 0).
     """
     ds, truth = world
     train, _ = split
@@ -845,27 +849,25 @@ def test_e_redacted_as_zero_is_worse_than_censored(world, split, fused):
     country = ds["country"].values
     cdr_only = sorted(set(truth["cdr_countries"]) - set(truth["census_countries"]))
     observed = (ds["flow_cdr"].notnull() | ds["flow_cdr_max"].notnull()).any("period").values
-    groups = {
-        "CDR-only countries": observed & np.isin(country, cdr_only)[:, None],
-        "all CDR pairs": observed,
-    }
-    scores = {}
-    for label, sel in groups.items():
+    lines, pattern = [], {}
+    for code in cdr_only:
+        sel = observed & (country == code)[:, None]
         true = truth["mu"].values[sel]
-        scores[label] = (
-            log_rmse(true, pred["mean"].values[sel]),
-            log_rmse(true, zero_pred["mean"].values[sel]),
-        )
+        for label, p in (("censored", pred), ("zeros", zero_pred)):
+            resid = np.log1p(p["mean"].values[sel]) - np.log1p(true)
+            pattern[code, label] = float(resid.std())
+            lines.append(
+                f"{code} {label}: log-RMSE {log_rmse(true, p['mean'].values[sel]):.4f} = level "
+                f"{resid.mean():+.4f} and pattern {resid.std():.4f}"
+            )
     share_true = truth["market_share"]
     err_censored = np.abs(model.market_share_summary()["mean"] - share_true).mean()
     err_zero = np.abs(zero_model.market_share_summary()["mean"] - share_true).mean()
-    msg = "; ".join(
-        f"log-RMSE {label}: censored {c:.4f} zeros {z:.4f}" for label, (c, z) in scores.items()
-    )
+    msg = "; ".join(lines)
     msg += f"; market-share MAE censored {err_censored:.4f} zeros {err_zero:.4f}"
     print(msg)
-    lr_censored, lr_zero = scores["CDR-only countries"]
-    assert lr_zero > lr_censored, msg
+    for code in cdr_only:
+        assert pattern[code, "zeros"] >= 1.3 * pattern[code, "censored"], msg
     assert err_zero >= 2 * err_censored, msg
 
 
