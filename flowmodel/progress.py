@@ -26,7 +26,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-__all__ = ["HEARTBEAT_SECONDS", "Heartbeat", "progress_bar", "progress_enabled", "set_progress"]
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "Heartbeat",
+    "announce",
+    "progress_bar",
+    "progress_enabled",
+    "set_progress",
+]
 
 #: Seconds between two heartbeat lines in non-interactive logs.
 HEARTBEAT_SECONDS = 60.0
@@ -242,3 +249,23 @@ def progress_bar(
             iterable, total=total, desc=desc, unit=unit, file=file, disable=False, leave=False
         )
     return Heartbeat(iterable, total=total, desc=desc, unit=unit, interval=interval, file=file)
+
+
+def announce(message: str, *, progress: bool | None = None, file: TextIO | None = None) -> None:
+    """Print one line ``[flowmodel] message`` where progress goes, unless progress is off.
+
+    For a long step that reports no progress of its own (compiling a model before
+    sampling): said once, before it starts, in a terminal and in a log alike.
+
+    Parameters
+    ----------
+    message
+        What is about to happen, and about how long it takes.
+    progress
+        True/False to force; None follows :func:`progress_enabled`.
+    file
+        Stream (default ``sys.stderr``).
+    """
+    if progress_enabled(progress):
+        stream = file if file is not None else sys.stderr
+        print(f"[flowmodel] {message}", file=stream, flush=True)

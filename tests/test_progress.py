@@ -118,3 +118,28 @@ def test_totals_and_cross_validation_report_progress(monkeypatch, capsys):
     set_progress(False)
     predict_totals(model, ds, block_size=4)
     assert capsys.readouterr().err == ""
+
+
+def test_a_nuts_fit_says_it_is_compiling_before_the_silent_minute(monkeypatch, capsys):
+    """One line before the sampler starts (it compiles first, and draws no bar in a log)."""
+    import pymc as pm
+
+    from flowmodel.models import inference
+
+    seen = {}
+
+    def fake_sample(**kwargs):
+        seen["err"] = capsys.readouterr().err  # what was printed before sampling began
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pm, "sample", fake_sample)
+    with pm.Model() as model:
+        pm.Normal("x")
+    with pytest.raises(RuntimeError, match="stop here"):
+        inference._fit_nuts(model, "nutpie", draws=10, tune=5, chains=2)
+    assert seen["err"].startswith("[flowmodel] fit: compiling the model for nutpie")
+    assert "then 2 chains x (5 tuning + 10) draws (no progress bar)" in seen["err"]
+    set_progress(False)
+    with pytest.raises(RuntimeError, match="stop here"):
+        inference._fit_nuts(model, "pymc", draws=10, tune=5, chains=2)
+    assert seen["err"] == ""

@@ -41,6 +41,7 @@ from flowmodel.exceptions import (
     FitFailedError,
     ModelConfigError,
 )
+from flowmodel.progress import announce
 
 __all__ = [
     "APPROXIMATE_BACKENDS",
@@ -133,6 +134,21 @@ def auto_backend(n_cells: int, *, censored: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------- backends
+def _announce_nuts(backend: str, *, chains: int, tune: int, draws: int, bar: bool) -> None:
+    """Say what the silent minute before the first draw is (compiling), once, before it."""
+    import pytensor
+
+    sampler = {"pymc": "PyMC's NUTS", "nutpie": "nutpie", "numpyro": "numpyro"}.get(
+        backend, backend
+    )
+    announce(
+        f"fit: compiling the model for {sampler} (about 20 s for the demo's model; the first fit "
+        "on a machine also compiles PyTensor's kernels, 1-2 minutes more, cached in "
+        f"{pytensor.config.base_compiledir}), then {chains} chains x ({tune} tuning + {draws}) "
+        "draws" + ("" if bar else " (no progress bar)")
+    )
+
+
 def _fit_nuts(
     model: pm.Model,
     backend: str,
@@ -158,6 +174,7 @@ def _fit_nuts(
         if target_accept is not None:
             nuts_kwargs.setdefault("target_accept", target_accept)
         nuts_kwargs.setdefault("chain_method", "sequential" if cores < 2 else "parallel")
+    _announce_nuts(backend, chains=int(chains), tune=int(tune), draws=int(draws), bar=progressbar)
     with model:
         return pm.sample(
             draws=int(draws),
