@@ -136,16 +136,20 @@ def auto_backend(n_cells: int, *, censored: bool = False) -> str:
 # ----------------------------------------------------------------------------- backends
 def _announce_nuts(backend: str, *, chains: int, tune: int, draws: int, bar: bool) -> None:
     """Say what the silent minute before the first draw is (compiling), once, before it."""
-    import pytensor
+    if backend == "numpyro":
+        what = "numpyro (JAX compiles it afresh in every process)"
+    else:
+        import pytensor
 
-    sampler = {"pymc": "PyMC's NUTS", "nutpie": "nutpie", "numpyro": "numpyro"}.get(
-        backend, backend
-    )
+        sampler = "PyMC's NUTS" if backend == "pymc" else backend
+        what = (
+            f"{sampler} (about 20 s for the demo's model; the first fit on a machine also "
+            "compiles PyTensor's kernels, 1-2 minutes more, cached in "
+            f"{pytensor.config.base_compiledir})"
+        )
     announce(
-        f"fit: compiling the model for {sampler} (about 20 s for the demo's model; the first fit "
-        "on a machine also compiles PyTensor's kernels, 1-2 minutes more, cached in "
-        f"{pytensor.config.base_compiledir}), then {chains} chains x ({tune} tuning + {draws}) "
-        "draws" + ("" if bar else " (no progress bar)")
+        f"fit: compiling the model for {what}, then {chains} chains x ({tune} tuning + "
+        f"{draws}) draws" + ("" if bar else " (no progress bar)")
     )
 
 
