@@ -76,6 +76,7 @@ from pydantic import (
 )
 
 from flowmodel.exceptions import ConfigError
+from flowmodel.naming import is_cdr_source
 
 __all__ = [
     "CovariatesSection",
@@ -264,7 +265,7 @@ class FlowSource(_Section):
             return self.kind
         if source.startswith("census"):
             return "census_od"
-        if source.startswith("cdr"):
+        if is_cdr_source(source):
             return "cdr_events" if self.towers is not None else "cdr_od"
         return "table"
 

@@ -35,7 +35,7 @@ from scipy import stats
 
 from flowmodel.dataset import flow_sources, is_sparse
 from flowmodel.exceptions import DataContractError, FlowModelError, ModelConfigError
-from flowmodel.naming import quantile_name
+from flowmodel.naming import is_cdr_source, quantile_name
 from flowmodel.progress import progress_bar
 
 __all__ = [
@@ -1010,10 +1010,6 @@ def cross_validate(
     return frame
 
 
-def _is_cdr(source: str) -> bool:
-    return source == "cdr" or source.startswith("cdr_")
-
-
 def _model_sources(model: Any, data: xr.Dataset, source: str) -> list[str]:
     config = getattr(model, "model_config", {}) or {}
     return list(config.get("sources") or [config.get("source") or source])
@@ -1051,7 +1047,7 @@ def last_period_split(data: xr.Dataset, sources: Sequence[str], source: str) -> 
     """
     from flowmodel.periods import observed_periods, parse_period
 
-    rounds = {s: observed_periods(data, s) for s in sources if not _is_cdr(s)}
+    rounds = {s: observed_periods(data, s) for s in sources if not is_cdr_source(s)}
     own = rounds.get(source) or observed_periods(data, source)
     if not own:
         raise DataContractError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["quantile_name"]
+__all__ = ["is_cdr_source", "quantile_name"]
 
 
 def quantile_name(q: float) -> str:
@@ -16,3 +16,12 @@ def quantile_name(q: float) -> str:
         return f"q{round(pct):02d}"
     whole, frac = f"{pct:.6g}".split(".")
     return f"q{int(whole):02d}_{frac}"
+
+
+def is_cdr_source(source: str) -> bool:
+    """Whether a source name is a phone-data (CDR) source: ``cdr`` or ``cdr_<name>``.
+
+    The one naming rule every layer uses (the fusion model's default observation
+    model, the report's coverage, the pipeline's reference source).
+    """
+    return source == "cdr" or source.startswith("cdr_")

@@ -68,6 +68,7 @@ from typing import Any
 from flowmodel.config import MODEL_CLASSES as _CONFIG_MODEL_CLASSES
 from flowmodel.config import RunConfig, config_hash
 from flowmodel.exceptions import ConfigError, InputFileError, RunDirectoryError
+from flowmodel.naming import is_cdr_source
 
 __all__ = [
     "DATASET",
@@ -1451,7 +1452,7 @@ def _primary_source(ds: Any) -> str | None:
     from flowmodel.dataset import flow_sources
 
     sources = flow_sources(ds)
-    plain = [s for s in sources if not s.startswith("cdr")]
+    plain = [s for s in sources if not is_cdr_source(s)]
     return (plain or sources or [None])[0]
 
 
@@ -1640,7 +1641,7 @@ def evaluation_sources(cfg: RunConfig, ds: Any) -> list[str]:
                 f"(flow sources: {available}). Fix: name sources defined under [flows]."
             )
         return list(cfg.evaluate.sources)
-    plain = [s for s in available if not s.startswith("cdr")]
+    plain = [s for s in available if not is_cdr_source(s)]
     return plain or available
 
 

@@ -47,6 +47,7 @@ from flowmodel.models.observations import (
     check_sources_exist,
     observation_for,
 )
+from flowmodel.naming import is_cdr_source
 
 __all__ = ["CDR_KIND", "CENSUS_KIND", "FusionModel", "source_kind"]
 
@@ -56,7 +57,7 @@ CENSUS_KIND = "census"
 
 def source_kind(source: str) -> str:
     """Default observation model of a source name: ``"cdr"`` for ``cdr`` / ``cdr_*``, else ``"census"``."""
-    return CDR_KIND if source == "cdr" or source.startswith("cdr_") else CENSUS_KIND
+    return CDR_KIND if is_cdr_source(source) else CENSUS_KIND
 
 
 def _latent_spec(latent: FlowModel) -> dict[str, Any]:

@@ -69,6 +69,7 @@ from flowmodel.models.likelihoods import (
     segment_sum,
     truncated_nb_moments,
 )
+from flowmodel.naming import is_cdr_source
 from flowmodel.pairs import cell_members, in_total_universe, total_pairs_outside
 
 logger = logging.getLogger(__name__)
@@ -2462,7 +2463,7 @@ def observation_for(
     if kind is None:
         if data is not None and f"estimate_{source}" in data and f"flow_{source}" not in data:
             kind = "estimates"
-        elif source == "cdr" or source.startswith("cdr_"):
+        elif is_cdr_source(source):
             kind = "cdr"
         else:
             kind = "counts"

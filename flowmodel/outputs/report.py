@@ -47,7 +47,7 @@ from flowmodel._version import __version__
 from flowmodel.atomic import atomic_path
 from flowmodel.evaluate import flow_metrics, summarize_cv
 from flowmodel.exceptions import DataContractError
-from flowmodel.naming import quantile_name
+from flowmodel.naming import is_cdr_source, quantile_name
 from flowmodel.outputs.io import flows_table
 
 __all__ = [
@@ -1138,7 +1138,7 @@ def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict
 
 # -------------------------------------------------------------------------- coverage
 def _source_label(source: str) -> str:
-    if source.startswith("cdr"):
+    if is_cdr_source(source):
         return "mobile phone records (CDR)"
     if source.startswith("census"):
         return "census"
@@ -1167,15 +1167,24 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         ``sources``: one row per source (kind, countries where it observes
         moves within the country, cells observed, share censored, sample
         fraction, period); ``countries``: one row per country with what each
-        source sees there, and a flag for countries no source observes.
+        source sees there, and a flag for countries no source observes;
+        ``uncovered``: those countries; ``cdr_only``: countries where phone data
+        observe moves within and no other source (census, flow table, published
+        estimate) measures flows out of them, so their level of migration and the
+        operator's share there are pinned only as a product.
     """
-    from flowmodel.dataset import flow_sources
+    from flowmodel.dataset import estimate_sources, flow_sources
 
     countries = (
         sorted(set(np.asarray(data["country"].values).astype(str))) if "country" in data else []
     )
     unit_country = _unit_country_series(data)
     rows, matrix = [], {c: {} for c in countries}
+    # countries whose level of out-migration a source other than phone data measures
+    level_informed: set[str] = set()
+    for name in estimate_sources(data):
+        est = data[f"estimate_{name}"]
+        level_informed |= _origin_countries(data, est.notnull(), unit_country, est.attrs)
     for source in flow_sources(data):
         var = data[f"flow_{source}"]
         bound = data.get(f"flow_{source}_max")
@@ -1225,6 +1234,8 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
             elif values.size:
                 fraction = f"{values.min():.3g} to {values.max():.3g}"
         observed_in = sorted(within) or sorted(touched)
+        if not is_cdr_source(source):
+            level_informed |= _origin_countries(data, present, unit_country, var.attrs)
         rows.append(
             {
                 "source": source,
@@ -1251,12 +1262,57 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         cells = matrix[code]
         covered = any(cells.values())
         country_rows.append({"country": code, "cells": cells, "covered": covered})
+    cdr_within = {
+        code
+        for row in rows
+        if is_cdr_source(row["source"])
+        for code in matrix
+        if matrix[code].get(row["source"], "").startswith("within")
+    }
     return {
         "sources": rows,
         "source_names": [r["source"] for r in rows],
         "countries": country_rows,
         "uncovered": [r["country"] for r in country_rows if not r["covered"]],
+        "cdr_only": sorted(cdr_within - level_informed),
     }
+
+
+def _origin_countries(
+    data: xr.Dataset,
+    present: xr.DataArray,
+    unit_country: pd.Series | None,
+    attrs: Mapping[str, Any],
+) -> set[str]:
+    """Countries of the origins of the cells where ``present`` holds, whatever the layout.
+
+    Origins are the ``origin`` dim (units), a ``*country*`` dim (e.g. the previous
+    country of immigrants) or the ``<cell dim>_origin`` coordinate of a source reported
+    at another level (a unit, a country or a label of a unit variable such as admin-1).
+    """
+    countries = set(np.asarray(data["country"].values).astype(str)) if "country" in data else set()
+    out: set[str] = set()
+
+    def labels_to_countries(labels: np.ndarray, level: str | None) -> set[str]:
+        labels = labels.astype(str)
+        found = {c for c in labels if c in countries}
+        if unit_country is not None:
+            found |= set(unit_country.reindex(labels).dropna())
+            if level and level in data and data[level].dims == ("unit",):
+                by_label = pd.Series(np.asarray(data[level].values).astype(str))
+                hit = by_label.isin(labels).to_numpy()
+                found |= set(unit_country.to_numpy()[hit])
+        return {str(c) for c in found}
+
+    for dim in present.dims:
+        others = [d for d in present.dims if d != dim]
+        hit = np.asarray(present.any(others).values if others else present.values, bool)
+        if dim == "origin" or ("country" in dim and "destination" not in dim):
+            out |= labels_to_countries(np.asarray(present[dim].values)[hit], None)
+        elif f"{dim}_origin" in present.coords:
+            level = attrs.get("origin_level")
+            out |= labels_to_countries(np.asarray(present[f"{dim}_origin"].values)[hit], level)
+    return out
 
 
 def cdr_home_detection(

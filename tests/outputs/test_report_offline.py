@@ -243,3 +243,38 @@ def test_json_provenance_names_files_not_paths(tmp_path, run):
     ).read_text(encoding="utf-8")
     assert "census_od.csv" in html and "ab" * 32 in html
     assert str(tmp_path) not in html.split("Provenance")[1]
+
+
+def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_matters(tmp_path):
+    """A CDR-only country pins share x level only; a census or country totals there pin the level."""
+    import pandas as pd
+    import xarray as xr
+
+    from flowmodel.dataset import marginals_to_dataset
+    from flowmodel.simulate import simulate_fusion_dataset
+
+    ds, truth = simulate_fusion_dataset(units_per_country=4, seed=1)
+    # census in C00 and C01 (every destination), CDR within C01, C02, C03
+    assert data_coverage(ds)["cdr_only"] == ["C02", "C03"]
+    # a census elsewhere that records movers *from* C02 (cross-border cells) measures its level
+    census = ds["flow_census"].copy()
+    country = ds["country"].values.astype(str)
+    from_c02 = (country == "C02")[:, None] & (country == "C04")[None, :]
+    census.values[from_c02] = 3.0
+    assert data_coverage(ds.assign(flow_census=census))["cdr_only"] == ["C03"]
+    # so do country-pair totals out of C03
+    table = pd.DataFrame(
+        {"origin_country": ["C03"], "destination_country": ["C03"], "value": [500.0]}
+    )
+    assert data_coverage(marginals_to_dataset(ds, table))["cdr_only"] == ["C02"]
+    # no CDR: nothing to say
+    assert data_coverage(ds.drop_vars(["flow_cdr", "flow_cdr_max"]))["cdr_only"] == []
+
+    # two flow sources and no `source=`: nothing to plot observed against (this once crashed
+    # the template on the missing figure)
+    mu = truth["mu"]
+    pred = xr.Dataset({"mean": mu, "q05": 0.5 * mu, "q50": mu, "q95": 2.0 * mu})
+    html = report(tmp_path, data=ds, predictions=pred).read_text(encoding="utf-8")
+    note = html.split("In C02, C03 only phone data count moves")
+    assert len(note) == 2, "the CDR-only note is missing"
+    assert "market_share_country" in note[1].split("</p>")[0]
