@@ -794,6 +794,29 @@ def single_source_fits(split):
     return {"census only": _fit(train, ["census"]), "CDR only": _fit(train, ["cdr"])}
 
 
+def _print_cdr_country_levels(world, fits) -> None:
+    """Per CDR country: CPC, level (mean error of log(1 + flow)) and 90% coverage of each fit."""
+    ds, truth = world
+    country = ds["country"].values.astype(str)
+    off = ~np.eye(ds.sizes["unit"], dtype=bool)
+    mu, flows = truth["mu"].values, truth["flows"].values
+    for label, (model, pred) in fits.items():
+        parts = []
+        for code in truth["cdr_countries"]:
+            sel = np.outer(country == code, country == code) & off
+            mean = pred["mean"].values[sel]
+            level = float((np.log1p(mean) - np.log1p(mu[sel])).mean())
+            cover = interval_coverage(flows[sel], pred["q05"].values[sel], pred["q95"].values[sel])
+            share = model.market_share_summary()["mean"].reindex(
+                ds["unit"].values[country == code]
+            )
+            parts.append(
+                f"{code} CPC {cpc(mu[sel], mean):.3f} level {level:+.2f} coverage {cover:.2f} "
+                f"share {share.mean():.3f} (truth {truth['market_share'].reindex(share.index).mean():.3f})"
+            )
+        print(f"{label}: " + "; ".join(parts))
+
+
 @pytest.mark.slow
 def test_d_fused_beats_census_only_and_is_no_worse_than_cdr_only_on_held_out_pairs(
     world, split, fused, single_source_fits
@@ -805,6 +828,7 @@ def test_d_fused_beats_census_only_and_is_no_worse_than_cdr_only_on_held_out_pai
     for label, (_, pred) in single_source_fits.items():
         scores[label] = cpc(true, pred["mean"].values[held])
     print("held-out CPC:", {k: round(v, 3) for k, v in scores.items()}, f"({held.sum()} pairs)")
+    _print_cdr_country_levels(world, {"fused": fused, "CDR only": single_source_fits["CDR only"]})
     assert scores["fused"] >= scores["census only"] + 0.02, scores
     # The CDR-only fit has no census and no cross-border cell: it predicts the census-only
     # country and the border from the hierarchy and the cross_border prior (which keeps its
