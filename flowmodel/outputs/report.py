@@ -1176,7 +1176,7 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
     from flowmodel.dataset import estimate_sources, flow_sources
 
     countries = (
-        sorted(set(np.asarray(data["country"].values).astype(str))) if "country" in data else []
+        sorted({str(c) for c in np.asarray(data["country"].values)}) if "country" in data else []
     )
     unit_country = _unit_country_series(data)
     rows, matrix = [], {c: {} for c in countries}
@@ -1184,7 +1184,7 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
     level_informed: set[str] = set()
     for name in estimate_sources(data):
         est = data[f"estimate_{name}"]
-        level_informed |= _origin_countries(data, est.notnull(), unit_country, est.attrs)
+        level_informed |= _origin_countries(data, est.notnull(), est, unit_country)
     for source in flow_sources(data):
         var = data[f"flow_{source}"]
         bound = data.get(f"flow_{source}_max")
@@ -1194,6 +1194,7 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         n_seen, n_cens = int(seen.sum()), int(censored.sum())
         within: dict[str, int] = {}
         inflow: dict[str, int] = {}
+        outflow: dict[str, int] = {}
         touched: set[str] = set()
         dims = set(present.dims)
         extra = [d for d in present.dims if d not in ("origin", "destination")]
@@ -1208,10 +1209,27 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
             for code in countries:
                 n_within = int((cells & same & (o_c[:, None] == code)).sum())
                 n_in = int((cells & ~same & (d_c[None, :] == code)).sum())
-                if n_within:
-                    within[code] = n_within
-                if n_in:
-                    inflow[code] = n_in
+                n_out = int((cells & ~same & (o_c[:, None] == code)).sum())
+                for counts, n in ((within, n_within), (inflow, n_in), (outflow, n_out)):
+                    if n:
+                        counts[code] = n
+        elif _cell_layout(var) is not None:
+            # a source reported at another level (country of previous residence, admin-1)
+            dim = _cell_layout(var)
+            hit = (
+                present.any([d for d in present.dims if d != dim]) if present.ndim > 1 else present
+            )
+            hit = np.asarray(hit.values, bool)
+            o_c = _label_countries(data, var, dim, "origin", unit_country)[hit]
+            d_c = _label_countries(data, var, dim, "destination", unit_country)[hit]
+            known = (o_c != "") & (d_c != "")
+            for code in countries:
+                n_within = int(((o_c == code) & (d_c == code)).sum())
+                n_in = int((known & (o_c != code) & (d_c == code)).sum())
+                n_out = int((known & (o_c == code) & (d_c != code)).sum())
+                for counts, n in ((within, n_within), (inflow, n_in), (outflow, n_out)):
+                    if n:
+                        counts[code] = n
         else:
             # any other layout (e.g. country x unit tables): countries named along its dims
             for dim in present.dims:
@@ -1235,7 +1253,7 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
                 fraction = f"{values.min():.3g} to {values.max():.3g}"
         observed_in = sorted(within) or sorted(touched)
         if not is_cdr_source(source):
-            level_informed |= _origin_countries(data, present, unit_country, var.attrs)
+            level_informed |= _origin_countries(data, present, var, unit_country)
         rows.append(
             {
                 "source": source,
@@ -1254,13 +1272,19 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
                 parts.append(f"within: {within[code]:,} unit pairs")
             if code in inflow:
                 parts.append(f"in-migration from abroad: {inflow[code]:,} pairs")
+            if code in outflow:
+                parts.append(f"moves abroad: {outflow[code]:,} pairs")
             if not parts and code in touched:
                 parts.append("in its cells")
             matrix[code][source] = "; ".join(parts)
     country_rows = []
     for code in countries:
         cells = matrix[code]
-        covered = any(cells.values())
+        # observed within (or, in a layout without pairs, named at all); moves abroad alone
+        # measure the country's level but not where its movers go inside it
+        covered = any(
+            v and not v.startswith(("in-migration", "moves abroad")) for v in cells.values()
+        )
         country_rows.append({"country": code, "cells": cells, "covered": covered})
     cdr_within = {
         code
@@ -1278,40 +1302,63 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
     }
 
 
-def _origin_countries(
+def _cell_layout(var: xr.DataArray) -> str | None:
+    """Return the ``cell_<source>`` dim of a source reported at another level, else None."""
+    for dim in var.dims:
+        if f"{dim}_origin" in var.coords and f"{dim}_destination" in var.coords:
+            return str(dim)
+    return None
+
+
+def _label_countries(
     data: xr.Dataset,
-    present: xr.DataArray,
+    var: xr.DataArray,
+    dim: str,
+    side: str,
     unit_country: pd.Series | None,
-    attrs: Mapping[str, Any],
+) -> np.ndarray:
+    """Country of each cell's origin or destination label ("" where it names none).
+
+    A label is a unit, a country, or a value of the unit variable named by the
+    variable's ``<side>_level`` attribute (e.g. admin-1) whose units lie in one country.
+    """
+    labels = np.asarray(var[f"{dim}_{side}"].values).astype(str)
+    countries = set(np.asarray(data["country"].values).astype(str)) if "country" in data else set()
+    lookup: dict[str, str] = {c: c for c in countries}
+    if unit_country is not None:
+        lookup.update(unit_country.to_dict())
+        level = var.attrs.get(f"{side}_level")
+        if level and level in data and data[level].dims == ("unit",):
+            by_label = pd.Series(
+                unit_country.to_numpy(), index=np.asarray(data[level].values).astype(str)
+            )
+            one = by_label.groupby(level=0).nunique() == 1
+            lookup.update(by_label[~by_label.index.duplicated()][one[one].index].to_dict())
+    return np.array([str(lookup.get(label, "")) for label in labels], dtype=object)
+
+
+def _origin_countries(
+    data: xr.Dataset, present: xr.DataArray, var: xr.DataArray, unit_country: pd.Series | None
 ) -> set[str]:
     """Countries of the origins of the cells where ``present`` holds, whatever the layout.
 
-    Origins are the ``origin`` dim (units), a ``*country*`` dim (e.g. the previous
-    country of immigrants) or the ``<cell dim>_origin`` coordinate of a source reported
-    at another level (a unit, a country or a label of a unit variable such as admin-1).
+    Origins are the ``origin`` dim (units), a ``*country*`` dim that is not a
+    destination (e.g. the previous country of immigrants) or the origin labels of a
+    source reported at another level (:func:`_label_countries`).
     """
-    countries = set(np.asarray(data["country"].values).astype(str)) if "country" in data else set()
     out: set[str] = set()
-
-    def labels_to_countries(labels: np.ndarray, level: str | None) -> set[str]:
-        labels = labels.astype(str)
-        found = {c for c in labels if c in countries}
-        if unit_country is not None:
-            found |= set(unit_country.reindex(labels).dropna())
-            if level and level in data and data[level].dims == ("unit",):
-                by_label = pd.Series(np.asarray(data[level].values).astype(str))
-                hit = by_label.isin(labels).to_numpy()
-                found |= set(unit_country.to_numpy()[hit])
-        return {str(c) for c in found}
-
+    cell = _cell_layout(var)
     for dim in present.dims:
         others = [d for d in present.dims if d != dim]
         hit = np.asarray(present.any(others).values if others else present.values, bool)
-        if dim == "origin" or ("country" in dim and "destination" not in dim):
-            out |= labels_to_countries(np.asarray(present[dim].values)[hit], None)
-        elif f"{dim}_origin" in present.coords:
-            level = attrs.get("origin_level")
-            out |= labels_to_countries(np.asarray(present[f"{dim}_origin"].values)[hit], level)
+        if dim == cell:
+            out |= set(_label_countries(data, var, dim, "origin", unit_country)[hit])
+        elif dim == "origin" or ("country" in dim and "destination" not in dim):
+            labels = np.asarray(present[dim].values).astype(str)[hit]
+            if unit_country is not None:
+                out |= set(unit_country.reindex(labels).dropna().astype(str))
+            out |= set(labels) & set(np.asarray(data["country"].values).astype(str))
+    out.discard("")
     return out
 
 

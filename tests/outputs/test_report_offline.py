@@ -262,6 +262,22 @@ def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_
     from_c02 = (country == "C02")[:, None] & (country == "C04")[None, :]
     census.values[from_c02] = 3.0
     assert data_coverage(ds.assign(flow_census=census))["cdr_only"] == ["C03"]
+    # ... and so does a census table of immigrants by previous *country* (cells at another
+    # level): its cells count as moves abroad of C03 and in-migration of C00
+    from flowmodel.dataset import add_cells
+
+    dest = ds["unit"].values.astype(str)[country == "C00"][:3]
+    abroad = pd.DataFrame({"origin": "C03", "destination": dest, "count": [4.0, 9.0, 2.0]})
+    with_abroad = add_cells(ds, "abroad", abroad, origin_level="country")
+    coverage = data_coverage(with_abroad)
+    assert coverage["cdr_only"] == ["C02"]
+    row = next(r for r in coverage["sources"] if r["source"] == "abroad")
+    assert row["cross_border"] == 3 and row["countries"] == "–"
+    cells = {c["country"]: c["cells"]["abroad"] for c in coverage["countries"]}
+    assert cells["C03"] == "moves abroad: 3 pairs"
+    assert cells["C00"] == "in-migration from abroad: 3 pairs"
+    # the no-data countries: the census counts moves into them, none within them
+    assert coverage["uncovered"] == ["C04", "C05"]
     # so do country-pair totals out of C03
     table = pd.DataFrame(
         {"origin_country": ["C03"], "destination_country": ["C03"], "value": [500.0]}
