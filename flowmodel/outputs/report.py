@@ -1168,7 +1168,9 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         moves within the country, cells observed, share censored, sample
         fraction, period); ``countries``: one row per country with what each
         source sees there, and a flag for countries no source observes;
-        ``uncovered``: those countries; ``cdr_only``: countries where phone data
+        ``uncovered``: those countries; ``uncovered_with_level``: those of them whose
+        moves abroad a source other than phone data records (which measures their
+        level); ``cdr_only``: countries where phone data
         observe moves within and no other source (census, flow table, published
         estimate) measures flows out of them, so their level of migration and the
         operator's share there are pinned only as a product.
@@ -1299,6 +1301,11 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         "countries": country_rows,
         "uncovered": [r["country"] for r in country_rows if not r["covered"]],
         "cdr_only": sorted(cdr_within - level_informed),
+        "uncovered_with_level": [
+            r["country"]
+            for r in country_rows
+            if not r["covered"] and r["country"] in level_informed
+        ],
     }
 
 

@@ -277,7 +277,7 @@ def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_
     assert cells["C03"] == "moves abroad: 3 pairs"
     assert cells["C00"] == "in-migration from abroad: 3 pairs"
     # the no-data countries: the census counts moves into them, none within them
-    assert coverage["uncovered"] == ["C04", "C05"]
+    assert coverage["uncovered"] == ["C04", "C05"] and coverage["uncovered_with_level"] == []
     # so do country-pair totals out of C03
     table = pd.DataFrame(
         {"origin_country": ["C03"], "destination_country": ["C03"], "value": [500.0]}
@@ -294,3 +294,12 @@ def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_
     note = html.split("In C02, C03 only phone data count moves")
     assert len(note) == 2, "the CDR-only note is missing"
     assert "market_share_country" in note[1].split("</p>")[0]
+    # a no-data country whose emigrants a census abroad records has its level measured
+    to_c00 = ds["unit"].values.astype(str)[country == "C00"][:2]
+    emigrants = pd.DataFrame({"origin": "C04", "destination": to_c00, "count": [5.0, 8.0]})
+    with_emigrants = add_cells(ds, "abroad", emigrants, origin_level="country")
+    assert data_coverage(with_emigrants)["uncovered_with_level"] == ["C04"]
+    html = report(tmp_path / "b", data=with_emigrants, predictions=pred).read_text(
+        encoding="utf-8"
+    )
+    assert "Here C04 has its\nmoves abroad recorded" in html
