@@ -1326,22 +1326,22 @@ def _label_countries(
 ) -> np.ndarray:
     """Country of each cell's origin or destination label ("" where it names none).
 
-    A label is a unit, a country, or a value of the unit variable named by the
-    variable's ``<side>_level`` attribute (e.g. admin-1) whose units lie in one country.
+    The labels are at the variable's ``<side>_level`` (:func:`flowmodel.dataset.level_groups`:
+    a unit, a country or a unit field such as admin-1); a label names the country
+    its units lie in, when they lie in one.
     """
+    from flowmodel.dataset import level_groups
+
     labels = np.asarray(var[f"{dim}_{side}"].values).astype(str)
-    countries = set(np.asarray(data["country"].values).astype(str)) if "country" in data else set()
-    lookup: dict[str, str] = {c: c for c in countries}
-    if unit_country is not None:
-        lookup.update(unit_country.to_dict())
-        level = var.attrs.get(f"{side}_level")
-        if level and level in data and data[level].dims == ("unit",):
-            by_label = pd.Series(
-                unit_country.to_numpy(), index=np.asarray(data[level].values).astype(str)
-            )
-            one = by_label.groupby(level=0).nunique() == 1
-            lookup.update(by_label[~by_label.index.duplicated()][one[one].index].to_dict())
-    return np.array([str(lookup.get(label, "")) for label in labels], dtype=object)
+    if unit_country is None:
+        return np.full(labels.shape, "", dtype=object)
+    try:
+        groups = level_groups(data, str(var.attrs.get(f"{side}_level", "unit")))
+    except DataContractError:
+        return np.full(labels.shape, "", dtype=object)
+    by_label = pd.Series(unit_country.to_numpy(), index=groups).groupby(level=0)
+    single = by_label.first()[by_label.nunique() == 1]
+    return single.reindex(labels).fillna("").to_numpy(dtype=object)
 
 
 def _origin_countries(
