@@ -1182,6 +1182,10 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
     )
     unit_country = _unit_country_series(data)
     rows, matrix = [], {c: {} for c in countries}
+    # countries where a source observes moves within (or, in a layout without pairs, names
+    # them), and where phone data do
+    covered: set[str] = set()
+    cdr_within: set[str] = set()
     # countries whose level of out-migration a source other than phone data measures
     level_informed: set[str] = set()
     for name in estimate_sources(data):
@@ -1256,6 +1260,11 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         observed_in = sorted(within) or sorted(touched)
         if not is_cdr_source(source):
             level_informed |= _origin_countries(data, present, var, unit_country)
+        else:
+            cdr_within |= set(within)
+        covered.update(within)
+        if not (within or inflow or outflow):
+            covered.update(touched)
         rows.append(
             {
                 "source": source,
@@ -1279,22 +1288,10 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
             if not parts and code in touched:
                 parts.append("in its cells")
             matrix[code][source] = "; ".join(parts)
-    country_rows = []
-    for code in countries:
-        cells = matrix[code]
-        # observed within (or, in a layout without pairs, named at all); moves abroad alone
-        # measure the country's level but not where its movers go inside it
-        covered = any(
-            v and not v.startswith(("in-migration", "moves abroad")) for v in cells.values()
-        )
-        country_rows.append({"country": code, "cells": cells, "covered": covered})
-    cdr_within = {
-        code
-        for row in rows
-        if is_cdr_source(row["source"])
-        for code in matrix
-        if matrix[code].get(row["source"], "").startswith("within")
-    }
+    # moves into or out of a country alone measure its level, not where its movers go in it
+    country_rows = [
+        {"country": code, "cells": matrix[code], "covered": code in covered} for code in countries
+    ]
     return {
         "sources": rows,
         "source_names": [r["source"] for r in rows],
@@ -1354,6 +1351,7 @@ def _origin_countries(
     source reported at another level (:func:`_label_countries`).
     """
     out: set[str] = set()
+    codes = set(np.asarray(data["country"].values).astype(str)) if "country" in data else set()
     cell = _cell_layout(var)
     for dim in present.dims:
         others = [d for d in present.dims if d != dim]
@@ -1364,7 +1362,7 @@ def _origin_countries(
             labels = np.asarray(present[dim].values).astype(str)[hit]
             if unit_country is not None:
                 out |= set(unit_country.reindex(labels).dropna().astype(str))
-            out |= set(labels) & set(np.asarray(data["country"].values).astype(str))
+            out |= set(labels) & codes
     out.discard("")
     return out
 
