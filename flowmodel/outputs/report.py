@@ -52,6 +52,7 @@ from flowmodel.outputs.io import flows_table
 
 __all__ = [
     "cdr_home_detection",
+    "cdr_only_shares",
     "data_coverage",
     "diagnostics",
     "map_layers",
@@ -992,7 +993,7 @@ def _pareto_k(idata: Any) -> tuple[int, int] | None:
     return int((k > 0.7).sum()), int(k.size)
 
 
-def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict[str, str]]:
+def diagnostics(model: Any, *, summary: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Return the banner at the top of the report: can these estimates be trusted.
 
     Parameters
@@ -1304,6 +1305,77 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
             if not r["covered"] and r["country"] in level_informed
         ],
     }
+
+
+def cdr_only_shares(
+    model: Any, data: xr.Dataset, countries: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Return what a fusion fit made of the market share in each country only phone data see.
+
+    In such a country the counts pin the product of the operator's share of the
+    movers and the country's level of migration; the fit splits it by the priors.
+    For each country (and CDR source) this returns the fitted share (mean of its
+    units' shares: posterior mean and 90% interval), the penetration covariate's
+    country mean when it reads as a share, and how far the fit moved the country's
+    share offset (``market_share_country``) from its prior centre, in prior sds.
+    Far (beyond about one sd) means the counts are far from what the covariate and
+    the other countries' levels predict, and the fit read part of it as the share.
+
+    Returns
+    -------
+    list of dict
+        ``country``, ``source``, ``share``, ``covariate``, ``offset`` (text), ``far`` (bool).
+    """
+    from flowmodel.dataset import flow_sources
+
+    post = getattr(model, "posterior", None) if model is not None else None
+    if post is None or not countries or "country" not in data:
+        return []
+    unit_country = _unit_country_series(data)
+    config = getattr(model, "model_config", {}) or {}
+    priors = (getattr(model, "fit_meta", {}) or {}).get("priors", {})
+    rows = []
+    for source in [s for s in flow_sources(data) if is_cdr_source(s)]:
+        suffix = "" if source == "cdr" else f"_{source}"
+        share, offset = (
+            post.get(f"market_share{suffix}"),
+            post.get(f"market_share_country{suffix}"),
+        )
+        if share is None or offset is None or unit_country is None:
+            continue
+        unit_dim = next(d for d in share.dims if d not in ("chain", "draw"))
+        country_dim = next(d for d in offset.dims if d not in ("chain", "draw"))
+        units = np.asarray(share[unit_dim].values).astype(str)
+        of_unit = unit_country.reindex(units).to_numpy()
+        options = (config.get("source_options") or {}).get(source, {})
+        covariate = options.get("market_share_covariate", config.get("market_share_covariate"))
+        values = data[covariate] if covariate and covariate in data else None
+        spec = priors.get(f"market_share_country{suffix}") or {}
+        mu, sd = float(spec.get("mu", 0.0)), float(spec.get("sigma", 0.5))
+        for code in countries:
+            mine = of_unit == code
+            if not mine.any() or code not in set(offset[country_dim].values.astype(str)):
+                continue
+            draws = share.isel({unit_dim: np.flatnonzero(mine)}).mean(unit_dim)
+            lo, hi = np.quantile(draws.values, [0.05, 0.95])
+            cov = "–"
+            if values is not None:
+                v = np.asarray(values.values, dtype=float)[unit_country.to_numpy() == code]
+                v = v[np.isfinite(v)]
+                if v.size and ((v > 0) & (v < 1)).all():
+                    cov = f"{v.mean():.2f}"
+            z = (float(offset.sel({country_dim: code}).mean()) - mu) / sd
+            rows.append(
+                {
+                    "country": code,
+                    "source": source,
+                    "share": f"{float(draws.mean()):.2f} [{lo:.2f}, {hi:.2f}]",
+                    "covariate": cov,
+                    "offset": f"{z:+.1f}",
+                    "far": abs(z) > 1.0,
+                }
+            )
+    return rows
 
 
 def _cell_layout(var: xr.DataArray) -> str | None:
@@ -2141,6 +2213,7 @@ def report(
             files = json.loads(attrs["input_files"])
     skip = {"input_files", "period", "time_coverage_start", "time_coverage_end"}
     provenance += [(str(k), str(v)) for k, v in attrs.items() if k not in skip]
+    coverage = data_coverage(data)
     context = {
         "title": title,
         "period": period,
@@ -2159,7 +2232,8 @@ def report(
             top_k=top_k,
             observed=observed_pop,
         ),
-        "coverage": data_coverage(data),
+        "coverage": coverage,
+        "cdr_only_shares": cdr_only_shares(model, data, coverage["cdr_only"]),
         "home_detection": [
             h
             for name, folder in (cdr_folders or {}).items()

@@ -303,3 +303,51 @@ def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_
         encoding="utf-8"
     )
     assert "Here C04 has its\nmoves abroad recorded" in html
+
+
+def test_the_report_shows_what_the_fit_made_of_the_share_in_cdr_only_countries(tmp_path):
+    """The share, the covariate and the offset in prior sds (a posterior built by hand)."""
+    import types
+
+    import pandas as pd
+    import xarray as xr
+
+    from flowmodel.outputs.report import cdr_only_shares
+    from flowmodel.simulate import simulate_fusion_dataset
+
+    ds, truth = simulate_fusion_dataset(units_per_country=4, seed=1)
+    country = ds["country"].values.astype(str)
+    units = ds["unit"].values.astype(str)[np.isin(country, ["C01", "C02", "C03"])]
+    rng = np.random.default_rng(0)
+    # C03's shares at a third of C02's; its offset 1.9 prior sds below the centre
+    level = {"C01": 0.45, "C02": 0.40, "C03": 0.13}
+    centre = np.array([level[c] for c in pd.Series(country, index=ds["unit"].values).loc[units]])
+    share = centre[None, None, :] * np.exp(rng.normal(0, 0.1, (2, 50, len(units))))
+    offset = np.array([0.1, 0.4, -0.95])[None, None, :] + rng.normal(0, 0.05, (2, 50, 3))
+    posterior = xr.Dataset(
+        {
+            "market_share": (("chain", "draw", "market_unit"), share),
+            "market_share_country": (("chain", "draw", "market_country"), offset),
+        },
+        coords={"market_unit": units, "market_country": ["C01", "C02", "C03"]},
+    )
+    prior = {"market_share_country": {"dist": "Normal", "mu": 0.0, "sigma": 0.5}}
+    model = types.SimpleNamespace(
+        posterior=posterior,
+        model_config={"market_share_covariate": "cdr_subscribers_per_resident"},
+        fit_meta={"priors": prior},
+    )
+    rows = {r["country"]: r for r in cdr_only_shares(model, ds, ["C02", "C03"])}
+    assert set(rows) == {"C02", "C03"}  # C01 has a census: not asked for
+    cov = ds["cdr_subscribers_per_resident"].values
+    assert rows["C03"]["covariate"] == f"{np.nanmean(cov[country == 'C03']):.2f}"
+    assert rows["C03"]["share"].startswith("0.13 [")
+    assert rows["C03"]["offset"] == "-1.9" and rows["C03"]["far"]
+    assert rows["C02"]["offset"] == "+0.8" and not rows["C02"]["far"]
+
+    mu = truth["mu"]
+    pred = xr.Dataset({"mean": mu, "q05": 0.5 * mu, "q50": mu, "q95": 2.0 * mu})
+    html = report(tmp_path, data=ds, predictions=pred, model=model).read_text(encoding="utf-8")
+    assert "share of movers counted" in html and "<b>-1.9</b>" in html
+    # without a fit there is nothing to show, and nothing breaks
+    assert cdr_only_shares(None, ds, ["C02", "C03"]) == []
