@@ -2214,6 +2214,13 @@ def report(
     skip = {"input_files", "period", "time_coverage_start", "time_coverage_end"}
     provenance += [(str(k), str(v)) for k, v in attrs.items() if k not in skip]
     coverage = data_coverage(data)
+    try:
+        shares_rows = cdr_only_shares(model, data, coverage["cdr_only"])
+    except Exception as err:  # pragma: no cover - depends on the model
+        shares_rows = []
+        notes.append(
+            f"The market shares of {', '.join(coverage['cdr_only'])} are unavailable ({err})."
+        )
     context = {
         "title": title,
         "period": period,
@@ -2233,7 +2240,7 @@ def report(
             observed=observed_pop,
         ),
         "coverage": coverage,
-        "cdr_only_shares": cdr_only_shares(model, data, coverage["cdr_only"]),
+        "cdr_only_shares": shares_rows,
         "home_detection": [
             h
             for name, folder in (cdr_folders or {}).items()
