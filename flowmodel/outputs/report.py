@@ -1205,6 +1205,10 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         touched: set[str] = set()
         dims = set(present.dims)
         extra = [d for d in present.dims if d not in ("origin", "destination")]
+        # a source reported at another level (country of previous residence, admin-1) counts
+        # cells, each the sum of several unit pairs
+        cell = None if {"origin", "destination"} <= dims else _cell_layout(var)
+        noun = "cells" if cell else "pairs"
         if {"origin", "destination"} <= dims and unit_country is not None:
             cells = present.any(extra) if extra else present
             cells = np.asarray(cells.transpose("origin", "destination").values, bool)
@@ -1220,9 +1224,8 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
                 for counts, n in ((within, n_within), (inflow, n_in), (outflow, n_out)):
                     if n:
                         counts[code] = n
-        elif _cell_layout(var) is not None:
-            # a source reported at another level (country of previous residence, admin-1)
-            dim = _cell_layout(var)
+        elif cell:
+            dim = cell
             hit = (
                 present.any([d for d in present.dims if d != dim]) if present.ndim > 1 else present
             )
@@ -1281,11 +1284,11 @@ def data_coverage(data: xr.Dataset) -> dict[str, Any]:
         for code in countries:
             parts = []
             if code in within:
-                parts.append(f"within: {within[code]:,} unit pairs")
+                parts.append(f"within: {within[code]:,} {'cells' if cell else 'unit pairs'}")
             if code in inflow:
-                parts.append(f"in-migration from abroad: {inflow[code]:,} pairs")
+                parts.append(f"in-migration from abroad: {inflow[code]:,} {noun}")
             if code in outflow:
-                parts.append(f"moves abroad: {outflow[code]:,} pairs")
+                parts.append(f"moves abroad: {outflow[code]:,} {noun}")
             if not parts and code in touched:
                 parts.append("in its cells")
             matrix[code][source] = "; ".join(parts)

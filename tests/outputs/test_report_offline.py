@@ -274,8 +274,8 @@ def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_
     row = next(r for r in coverage["sources"] if r["source"] == "abroad")
     assert row["cross_border"] == 3 and row["countries"] == "–"
     cells = {c["country"]: c["cells"]["abroad"] for c in coverage["countries"]}
-    assert cells["C03"] == "moves abroad: 3 pairs"
-    assert cells["C00"] == "in-migration from abroad: 3 pairs"
+    assert cells["C03"] == "moves abroad: 3 cells"
+    assert cells["C00"] == "in-migration from abroad: 3 cells"
     # the no-data countries: the census counts moves into them, none within them
     assert coverage["uncovered"] == ["C04", "C05"] and coverage["uncovered_with_level"] == []
     # so do country-pair totals out of C03
@@ -302,7 +302,7 @@ def test_countries_seen_only_by_phone_data_are_named_and_the_report_says_why_it_
     html = report(tmp_path / "b", data=with_emigrants, predictions=pred).read_text(
         encoding="utf-8"
     )
-    assert "Here C04 has its\nmoves abroad recorded" in html
+    assert "that spread. Here C04 has its\nmoves abroad recorded" in html
 
 
 def test_the_report_shows_what_the_fit_made_of_the_share_in_cdr_only_countries(tmp_path):
