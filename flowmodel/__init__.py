@@ -25,6 +25,7 @@ _LAZY = {
     "save_dataset": "flowmodel.dataset",
     "load_dataset": "flowmodel.dataset",
     "load_units": "flowmodel.inputs.units",
+    "concat_units": "flowmodel.inputs.units",
     "zonal_covariates": "flowmodel.inputs.rasters",
     "simulate_world": "flowmodel.simulate",
     "simulate_flow_dataset": "flowmodel.simulate",

@@ -15,6 +15,7 @@ reason is printed as one line on stderr (``-v`` adds the traceback).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -141,6 +142,23 @@ def _main_options(
     set_progress(False if quiet else None)
 
 
+class _CliFormatter(logging.Formatter):
+    """``LEVEL name: message``; a captured Python warning reads ``WARNING Category: message``.
+
+    ``warnings.formatwarning`` puts the library's file, line and source line in front
+    of and after the message: noise on a terminal (the run's log keeps them).
+    """
+
+    _WARNING = re.compile(r"^.*?:\d+: (\w+): (.*?)(?:\n  .*)?\s*$", re.S)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "py.warnings":
+            match = self._WARNING.match(record.getMessage())
+            if match:
+                return f"{record.levelname} {match.group(1)}: {match.group(2).strip()}"
+        return super().format(record)
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     log = logging.getLogger("flowmodel")
@@ -148,7 +166,7 @@ def _setup_logging(verbosity: int) -> None:
         if getattr(handler, "_flowmodel_cli", False):
             log.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_CliFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.setLevel(level)
     handler._flowmodel_cli = True  # type: ignore[attr-defined]
     log.addHandler(handler)

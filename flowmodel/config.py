@@ -68,7 +68,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -172,6 +174,43 @@ class RunSection(_Section):
         return _check_name(value, "a run name")
 
 
+class UnitsFile(_Section):
+    """One entry of ``[units] path`` given as a table: a file with its own settings.
+
+    Files from different offices name their fields differently (Kenya's DHS
+    provinces ``REG_ID``, Rwanda's districts ``Dist_ID`` in layer ``districts``,
+    Tanzania's regions ``Region_Cod`` with no country column), so each entry may
+    set what the ``[units]`` section sets for all; unset keys take the section's.
+    """
+
+    path: RelPath
+    id_field: str | None = None
+    country_field: str | None = None
+    country: str | None = None
+    layer: str | None = None
+    name_field: str | None = None
+    id_prefix: str = ""
+    query: str | None = None
+
+    @model_validator(mode="after")
+    def _one_country_source(self) -> UnitsFile:
+        if self.country is not None and self.country_field is not None:
+            raise ValueError(
+                "give country (one code for every unit of the file) or country_field (a "
+                "column with the codes), not both"
+            )
+        if self.country is not None and not self.country.strip():
+            raise ValueError("country is empty: give the country's code, e.g. 'TZA'")
+        return self
+
+
+#: A ``[units] path`` list entry: a path, or a table with the file's own settings.
+UnitsEntry = Annotated[
+    Annotated[RelPath, Tag("units-path")] | Annotated[UnitsFile, Tag("units-table")],
+    Discriminator(lambda v: "units-table" if isinstance(v, dict | UnitsFile) else "units-path"),
+]
+
+
 class UnitsSection(_Section):
     """``[units]``: the admin polygons (one file, or one file per country).
 
@@ -180,8 +219,17 @@ class UnitsSection(_Section):
     path
         GeoPackage / GeoJSON / Shapefile / GeoParquet, or a list of them (their
         units are concatenated, e.g. one file per country of a cross-border run).
+        A list entry may be a table ``{path = ..., id_field = ..., country = ...,
+        layer = ..., name_field = ..., country_field = ..., id_prefix = ...,
+        query = ...}`` (:class:`UnitsFile`) for files whose fields differ; its
+        unset keys take this section's. ``id_prefix`` (e.g. ``"TZA-"``) is put before the file's
+        ids, for offices that number their units from 1 (ids must be unique
+        across files; flow tables name the prefixed ids).
     id_field, country_field
         Columns holding the unit id and the country code.
+    country
+        The country code of every unit, for files of one country without a
+        country column (instead of ``country_field``).
     layer
         Layer name for multi-layer files (GeoPackage).
     name_field
@@ -192,15 +240,24 @@ class UnitsSection(_Section):
     fields
         Further fields to keep, e.g. ``["admin1"]``: levels that sources may be
         reported at (``origin_level = "admin1"``).
+    query
+        Keep only the features for which this pandas query on the file's own
+        fields is true, e.g. ``"Region_Cod < '51'"``.
     """
 
-    path: RelPath | Annotated[list[RelPath], Field(min_length=1)]
+    path: Annotated[
+        Annotated[RelPath, Tag("units-one")]
+        | Annotated[list[UnitsEntry], Tag("units-list"), Field(min_length=1)],
+        Discriminator(lambda v: "units-list" if isinstance(v, list) else "units-one"),
+    ]
     id_field: str = "unit_id"
     country_field: str = "country"
+    country: str | None = None
     layer: str | None = None
     name_field: str | None = None
     countries: list[str] | None = None
     fields: list[str] = Field(default_factory=list)
+    query: str | None = None
 
     @field_validator("path", mode="before")
     @classmethod
@@ -209,9 +266,46 @@ class UnitsSection(_Section):
             raise ValueError(f"expected a units file or a non-empty list of them, got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _one_country_source(self) -> UnitsSection:
+        if self.country is not None and "country_field" in self.model_fields_set:
+            raise ValueError(
+                "give country (one code for every unit) or country_field (a column with the "
+                "codes), not both"
+            )
+        if self.country is not None and not self.country.strip():
+            raise ValueError("country is empty: give the country's code, e.g. 'TZA'")
+        return self
+
     def paths(self) -> list[Path]:
         """All unit files, as a list."""
-        return list(self.path) if isinstance(self.path, list) else [self.path]
+        return [f["path"] for f in self.files()]
+
+    def files(self) -> list[dict[str, Any]]:
+        """Return the keyword arguments of :func:`~flowmodel.inputs.units.load_units` per file."""
+        items = self.path if isinstance(self.path, list) else [self.path]
+        out = []
+        for item in items:
+            entry = item if isinstance(item, UnitsFile) else UnitsFile(path=item)
+            country = entry.country
+            if country is None and entry.country_field is None:
+                country = self.country
+            out.append(
+                {
+                    "path": entry.path,
+                    "id_field": entry.id_field or self.id_field,
+                    "country_field": (
+                        None if country is not None else entry.country_field or self.country_field
+                    ),
+                    "country": country,
+                    "layer": entry.layer if entry.layer is not None else self.layer,
+                    "name_field": entry.name_field or self.name_field,
+                    "fields": list(self.fields),
+                    "id_prefix": entry.id_prefix,
+                    "query": entry.query if entry.query is not None else self.query,
+                }
+            )
+        return out
 
 
 FlowKind = Literal["census_od", "census_persons", "cdr_events", "cdr_od", "table", "estimates"]
@@ -297,6 +391,52 @@ def _period_label(value: str) -> str:
 
 #: A period label, checked (see :mod:`flowmodel.periods`).
 PeriodLabel = Annotated[str, AfterValidator(_period_label)]
+
+
+class RasterFile(_Section):
+    """A ``[rasters]`` entry as a table: a raster (or one per date) and its ``scale``.
+
+    ``population = { path = "afripop2020.tif", scale = 400 }`` or
+    ``population = { dates = { 2000 = "afripop2000.tif", 2020 = "afripop2020.tif" },
+    scale = 400 }``. ``scale`` is what one value stands for: WorldPop's 10' Africa
+    rasters hold the *mean* persons per 30" cell of each block, so persons = value x
+    400; read as they are, every population would be 1/400 of the truth.
+    """
+
+    path: RelPath | None = None
+    dates: dict[PeriodLabel, RelPath] | None = None
+    scale: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _path_or_dates(self) -> RasterFile:
+        if (self.path is None) == (self.dates is None):
+            raise ValueError(
+                "give path (one raster) or dates (a table date -> raster), exactly one of them"
+            )
+        if self.dates is not None and not self.dates:
+            raise ValueError("dates is empty: give at least one date -> raster")
+        return self
+
+
+#: Keys that make a ``[rasters]`` table a :class:`RasterFile` (else it maps dates to rasters).
+_RASTER_FILE_KEYS = frozenset(RasterFile.model_fields)
+
+#: A ``[rasters]`` entry: a path, a table date -> path, or a :class:`RasterFile` table.
+RasterEntry = Annotated[
+    Annotated[RelPath, Tag("raster-path")]
+    | Annotated[RasterFile, Tag("raster-file")]
+    | Annotated[dict[PeriodLabel, RelPath], Tag("raster-dates")],
+    Discriminator(
+        lambda v: (
+            "raster-file"
+            if isinstance(v, RasterFile)
+            or (isinstance(v, dict) and _RASTER_FILE_KEYS & {str(k) for k in v})
+            else "raster-dates"
+            if isinstance(v, dict)
+            else "raster-path"
+        )
+    ),
+]
 
 
 class CovariatesSection(_Section):
@@ -524,7 +664,8 @@ class RunConfig(_Section):
         The sections (see their classes). ``rasters`` maps a covariate role
         (``population``, ``built_up``, ``night_lights``, or any name) to a
         GeoTIFF, or to a table ``date -> GeoTIFF`` (``[rasters.population]
-        2000 = "pop2000.tif"``) for a covariate that changes; ``flows`` maps a
+        2000 = "pop2000.tif"``) for a covariate that changes, or to a
+        :class:`RasterFile` table (``path`` or ``dates``, and ``scale``); ``flows`` maps a
         source name to a :class:`FlowSource`; ``marginals`` maps a name to a
         :class:`MarginalSource`.
     covariates
@@ -535,7 +676,7 @@ class RunConfig(_Section):
 
     run: RunSection = Field(default_factory=RunSection)
     units: UnitsSection
-    rasters: dict[str, RelPath | dict[PeriodLabel, RelPath]] = Field(default_factory=dict)
+    rasters: dict[str, RasterEntry] = Field(default_factory=dict)
     covariates: CovariatesSection | None = None
     flows: dict[str, FlowSource] = Field(default_factory=dict)
     marginals: dict[str, MarginalSource] = Field(default_factory=dict)
@@ -566,6 +707,24 @@ class RunConfig(_Section):
         assert self.run.out_dir is not None
         return self.run.out_dir
 
+    def raster_paths(self) -> dict[str, Path | dict[str, Path]]:
+        """``role -> raster`` or ``role -> {date -> raster}``, whichever form the entry has."""
+        out: dict[str, Path | dict[str, Path]] = {}
+        for role, entry in self.rasters.items():
+            if isinstance(entry, RasterFile):
+                out[role] = entry.path if entry.path is not None else dict(entry.dates or {})
+            else:
+                out[role] = entry
+        return out
+
+    def raster_scales(self) -> dict[str, float]:
+        """``role -> scale`` of the rasters whose values stand for more than one unit."""
+        return {
+            role: entry.scale
+            for role, entry in self.rasters.items()
+            if isinstance(entry, RasterFile) and entry.scale != 1.0
+        }
+
     def input_files(self) -> dict[str, Path]:
         """Every input file named by the config, keyed by its dotted config key."""
         files: dict[str, Path] = {}
@@ -573,7 +732,7 @@ class RunConfig(_Section):
             files[
                 "units.path" if not isinstance(self.units.path, list) else f"units.path[{i}]"
             ] = path
-        for role, path in self.rasters.items():
+        for role, path in self.raster_paths().items():
             if isinstance(path, dict):
                 files.update({f"rasters.{role}.{date}": p for date, p in path.items()})
             else:
@@ -729,6 +888,11 @@ def _fields_of(loc: Sequence[str]) -> list[str]:
             continue
         if model is dict:
             model = FlowSource
+            continue
+        if model is UnitsSection and part == "path":
+            model = UnitsFile  # the next part is the entry's index
+            continue
+        if part.isdigit():
             continue
         fields = getattr(model, "model_fields", {})
         if part not in fields:
@@ -1046,6 +1210,14 @@ def _named_sources(cfg: RunConfig, where: str) -> list[str]:
         named.append(("model.options] reference_source", opts["reference_source"]))
     named += [("evaluate] sources", s) for s in cfg.evaluate.sources or []]
     errors = []
+    if cfg.marginals and cfg.model.type != "fusion":
+        names = ", ".join(sorted(cfg.marginals))
+        errors.append(
+            f"{where}: [marginals] {names}: country-pair totals are observations of the "
+            f"fusion model only; a {cfg.model.type} model fits one flow source and would "
+            'ignore them. Fix: [model] type = "fusion" (it adds every [marginals] entry '
+            "to its sources as estimate_<name>), or drop [marginals]"
+        )
     for key, value in named:
         if str(value) not in known:
             close = difflib.get_close_matches(str(value), known, n=1)

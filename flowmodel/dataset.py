@@ -29,11 +29,12 @@ from flowmodel._version import __version__
 from flowmodel.exceptions import (
     CorruptFileError,
     DataContractError,
+    DataScaleWarning,
     FlowModelError,
     InputFileError,
     ModelConfigError,
 )
-from flowmodel.pairs import cross_border, geodesic_distance_km
+from flowmodel.pairs import contiguity, cross_border, geodesic_distance_km
 
 __all__ = [
     "ESTIMATE_PREFIX",
@@ -381,16 +382,11 @@ def build_dataset(
     ds["distance_km"].attrs.update(units="km", long_name="geodesic distance between centroids")
     ds["cross_border"] = cross_border(ds["country"])
     if "geometry" in table.columns and "contiguous" not in ds:
-        try:
-            from flowmodel.pairs import contiguity
-        except ImportError:  # pragma: no cover - older pairs module
-            contiguity = None
-        if contiguity is not None:
-            import geopandas as gpd
+        import geopandas as gpd
 
-            gdf = gpd.GeoDataFrame(table[["geometry"]], geometry="geometry")
-            if gdf.crs is not None:
-                ds["contiguous"] = (("origin", "destination"), np.asarray(contiguity(gdf)))
+        gdf = gpd.GeoDataFrame(table[["geometry"]], geometry="geometry")
+        if gdf.crs is not None:
+            ds["contiguous"] = (("origin", "destination"), np.asarray(contiguity(gdf)))
 
     # flows
     aggregated = {}
@@ -424,7 +420,55 @@ def build_dataset(
     if chunks:
         ds = ds.chunk({"origin": chunks})
     validate_dataset(ds)
+    _check_flows_against_population(ds)
     return ds
+
+
+def _check_flows_against_population(ds: xr.Dataset) -> None:
+    """Warn when a source counts more moves out of a unit than the unit has people.
+
+    Raw counts are compared (a sample's counts are below the population's moves, so
+    this never fires because of a sample fraction); phone data are skipped (they
+    count subscribers, and their cells are not to be echoed). Out-moves above the
+    population over one window mean the population covariate or the flow table is
+    on another scale: WorldPop's 10' Africa rasters read as persons give 1/400 of
+    the population (their values are mean persons per 30" cell).
+    """
+    from flowmodel.naming import is_cdr_source
+
+    if "population" not in ds or set(ds["population"].dims) != {"unit"}:
+        return
+    pop = np.asarray(ds["population"].values, dtype=float)
+    units = np.asarray(ds["unit"].values).astype(str)
+    for source in flow_sources(ds):
+        var = ds[f"flow_{source}"]
+        if is_cdr_source(source) or not {"origin", "destination"} <= set(var.dims):
+            continue
+        out = var.sum("destination", skipna=True)
+        if "period" in out.dims:
+            out = out.max("period")
+        moved = np.asarray(out.transpose("origin").values, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = moved / pop
+        bad = np.flatnonzero(np.isfinite(ratio) & (ratio > 1.0))
+        if not len(bad):
+            continue
+        worst = bad[np.argsort(-ratio[bad])][:5]
+        listed = "; ".join(
+            f"{units[i]}: {moved[i]:,.0f} moves out, population {pop[i]:,.0f} ({ratio[i]:,.1f}x)"
+            for i in worst
+        )
+        warnings.warn(
+            f"flow source '{source}' counts more moves out of {len(bad)} of {len(units)} "
+            f"units than they have people ({listed}). The population covariate or the "
+            "flow table is on another scale. Fix: check what the population raster's "
+            "values are (persons per cell; a density or a mean per sub-cell needs a "
+            "scale: zonal_covariates(..., scale={'population': ...}), in a run config "
+            "[rasters] population = { path = ..., scale = ... }) and the flow table's "
+            "units (persons, not thousands or percentages).",
+            DataScaleWarning,
+            stacklevel=3,
+        )
 
 
 # -------------------------------------------------------------------------- validate

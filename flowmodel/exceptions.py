@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "DataContractError",
+    "DataScaleWarning",
     "DiagnosticsWarning",
     "FitFailedError",
     "FlowModelError",
@@ -105,6 +106,14 @@ class FitFailedError(FlowModelError, RuntimeError):
 
 class DiagnosticsWarning(UserWarning):
     """MCMC diagnostics look bad (divergences, R-hat > 1.01, low effective sample size)."""
+
+
+class DataScaleWarning(UserWarning):
+    """Two inputs disagree about scale: e.g. more moves out of a unit than people in it.
+
+    Usually a raster whose values are not persons per cell (a density, or a mean
+    per sub-cell: give its ``scale``) or a flow table in other units.
+    """
 
 
 class PriorWarning(UserWarning):

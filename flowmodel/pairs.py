@@ -173,7 +173,18 @@ def intervening_population(
     return out
 
 
-def contiguity(units: gpd.GeoDataFrame, *, rule: str = "queen") -> np.ndarray:
+#: Gap (metres) below which two polygons still count as neighbours: boundaries of two
+#: countries from two offices rarely meet exactly (Kenya's DHS Rift Valley and Tanzania's
+#: NBS Kilimanjaro are 0.5 m apart along their border; docs/validation.md).
+CONTIGUITY_TOLERANCE_M = 100.0
+
+
+def contiguity(
+    units: gpd.GeoDataFrame,
+    *,
+    rule: str = "queen",
+    tolerance_m: float = CONTIGUITY_TOLERANCE_M,
+) -> np.ndarray:
     """Which units share a boundary (spatial-index query, no all-pairs loop).
 
     Parameters
@@ -181,9 +192,16 @@ def contiguity(units: gpd.GeoDataFrame, *, rule: str = "queen") -> np.ndarray:
     units
         GeoDataFrame of ``n`` polygons with a CRS, in unit order.
     rule
-        ``"queen"``: the two polygons touch or overlap anywhere (a shared corner
-        point is enough; robust to slivers in real boundary files). ``"rook"``:
-        they share a boundary segment of positive length.
+        ``"queen"``: the two polygons touch, overlap, or come within
+        ``tolerance_m`` of each other anywhere (a shared corner point is
+        enough; robust to slivers and to gaps between boundary files of
+        different offices). ``"rook"``: they share a boundary segment of
+        positive length (exact: no tolerance).
+    tolerance_m
+        Largest gap, in metres, between two polygons that ``"queen"`` still
+        counts as neighbours (0: they must touch). In a geographic CRS the
+        metres are converted at 111,320 m per degree, so an east-west gap at
+        latitude phi may be up to 1/cos(phi) times wider (1.15x at 30 degrees).
 
     Returns
     -------
@@ -194,7 +212,7 @@ def contiguity(units: gpd.GeoDataFrame, *, rule: str = "queen") -> np.ndarray:
     Raises
     ------
     DataContractError
-        ``rule`` is not ``"queen"`` or ``"rook"``.
+        ``rule`` is not ``"queen"`` or ``"rook"``, or ``tolerance_m`` is negative.
     """
     import shapely
 
@@ -202,12 +220,26 @@ def contiguity(units: gpd.GeoDataFrame, *, rule: str = "queen") -> np.ndarray:
         raise DataContractError(
             f"contiguity: rule={rule!r} is unknown. Fix: use 'queen' or 'rook'."
         )
+    if not tolerance_m >= 0:
+        raise DataContractError(
+            f"contiguity: tolerance_m={tolerance_m!r} must be >= 0 (metres). Fix: e.g. 0 or 100."
+        )
     geoms = np.asarray(units.geometry.values, dtype=object)
     n = len(geoms)
     out = np.zeros((n, n), dtype=bool)
     if n == 0:
         return out
-    left, right = units.geometry.sindex.query(units.geometry, predicate="intersects")
+    if rule == "queen" and tolerance_m > 0:
+        crs = units.crs
+        if crs is None or crs.is_geographic:
+            distance = tolerance_m / 111_320.0
+        else:
+            distance = tolerance_m / crs.axis_info[0].unit_conversion_factor
+        left, right = units.geometry.sindex.query(
+            units.geometry, predicate="dwithin", distance=distance
+        )
+    else:
+        left, right = units.geometry.sindex.query(units.geometry, predicate="intersects")
     keep = left < right
     left, right = left[keep], right[keep]
     if rule == "rook" and len(left):

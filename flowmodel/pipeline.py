@@ -1022,42 +1022,11 @@ def build_model(cfg: RunConfig) -> Any:
 
 
 def _load_units(cfg: RunConfig) -> Any:
-    import pandas as pd
+    from flowmodel.inputs.units import concat_units, load_units
 
-    from flowmodel.inputs.units import load_units
-
-    frames = [
-        load_units(
-            path,
-            id_field=cfg.units.id_field,
-            country_field=cfg.units.country_field,
-            layer=cfg.units.layer,
-            name_field=cfg.units.name_field,
-            fields=cfg.units.fields,
-        )
-        for path in cfg.units.paths()
-    ]
-    if len(frames) == 1:
-        units = frames[0]
-    else:
-        import geopandas as gpd
-
-        from flowmodel.exceptions import DataContractError
-
-        seen: dict[str, Path] = {}
-        for path, frame in zip(cfg.units.paths(), frames, strict=True):
-            twice = sorted({u for u in frame["unit_id"] if u in seen})
-            if twice:
-                first = sorted({str(seen[u]) for u in twice})
-                raise DataContractError(
-                    f"{path}: unit id(s) {twice[:10]} are also in {', '.join(first)} "
-                    f"({len(twice)} shared). Fix: list each unit in one file only, or prefix "
-                    "the ids per country so that they are unique across [units] path."
-                )
-            seen.update(dict.fromkeys(frame["unit_id"], path))
-        crs = frames[0].crs
-        frames = [f.to_crs(crs) if f.crs != crs else f for f in frames]
-        units = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
+    files = cfg.units.files()
+    frames = [load_units(**f) for f in files]
+    units = concat_units(frames, [f["path"] for f in files])
     if cfg.units.countries:
         present = set(units["country"].astype(str))
         missing = sorted(set(cfg.units.countries) - present)
@@ -1268,12 +1237,15 @@ def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[
 
     cfg = ctx.config
     dated_parts = []
-    by_date = {k: v for k, v in cfg.rasters.items() if isinstance(v, dict)}
+    by_date = {k: v for k, v in cfg.raster_paths().items() if isinstance(v, dict)}
     if by_date:
         from flowmodel.inputs.rasters import zonal_covariates_by_date
 
         rasters = {k: {d: str(p) for d, p in v.items()} for k, v in by_date.items()}
-        dated_parts.append(zonal_covariates_by_date(units, rasters, progress=ctx.progress))
+        scale = {k: v for k, v in cfg.raster_scales().items() if k in rasters} or None
+        dated_parts.append(
+            zonal_covariates_by_date(units, rasters, progress=ctx.progress, scale=scale)
+        )
         logger.info("dated rasters: %s", ", ".join(f"{k} {sorted(v)}" for k, v in by_date.items()))
     static = []
     section = cfg.covariates
@@ -1337,18 +1309,21 @@ def stage_prepare(ctx: StageContext) -> dict[str, Path]:
     units = _load_units(cfg)
     logger.info("units: %d from %d file(s)", len(units), len(cfg.units.paths()))
     covariates = None
-    static_rasters = {k: v for k, v in cfg.rasters.items() if not isinstance(v, dict)}
+    static_rasters = {k: v for k, v in cfg.raster_paths().items() if not isinstance(v, dict)}
     if static_rasters:
         from flowmodel.inputs.rasters import zonal_covariates
         from flowmodel.parallel import is_remote
 
         rasters = {k: str(v) for k, v in static_rasters.items()}
+        scale = {k: v for k, v in cfg.raster_scales().items() if k in rasters} or None
         if is_remote(cfg.dask, ctx.scheduler):
             # on a cluster the zonal statistics run as a task on a worker (its memory, its disk)
             logger.info("zonal statistics on a dask worker")
-            covariates = ctx.client.submit(zonal_covariates, units, rasters, pure=False).result()
+            covariates = ctx.client.submit(
+                zonal_covariates, units, rasters, scale=scale, pure=False
+            ).result()
         else:
-            covariates = zonal_covariates(units, rasters, progress=ctx.progress)
+            covariates = zonal_covariates(units, rasters, progress=ctx.progress, scale=scale)
         logger.info("covariates: %s", ", ".join(map(str, covariates.columns)))
     covariates, dated = _period_covariates(ctx, units, covariates)
     flows = {}

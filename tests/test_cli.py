@@ -410,6 +410,18 @@ def test_prepare_adds_marginals_and_names_a_bad_file(tiny_world: Path, capsys) -
     text += '\n[marginals.bilateral]\npath = "bilateral.csv"\nrel_sd = 0.2\n'
     config = tiny_world / "marginals.toml"
     config.write_text(text)
+    # a gravity model would ignore them: said before any stage runs
+    code, _, err = run_cli(capsys, "prepare", str(config))
+    assert code == EXIT_BAD_INPUT
+    assert "[marginals] bilateral: country-pair totals are observations of the fusion" in err
+    fusion = text.replace(
+        '[model]\ntype = "gravity"\nbackend = "map"\n\n[model.options]\nsource = "census"\n'
+        'origin_covariates = ["log_population"]\ndestination_covariates = ["log_population"]\n',
+        '[model]\ntype = "fusion"\nbackend = "map"\n\n[model.options]\nsources = ["census"]\n'
+        'latent = { type = "gravity", origin_covariates = ["log_population"] }\n',
+    )
+    assert 'type = "fusion"' in fusion
+    config.write_text(fusion)
     code, _, err = run_cli(capsys, "prepare", str(config))
     assert code == EXIT_OK, err
     with xr.open_dataset(tiny_world / "run-marginals" / "dataset.nc", engine="h5netcdf") as ds:

@@ -309,3 +309,72 @@ def test_secret_option_values_are_never_shown(tmp_path: Path) -> None:
     ) as info:
         load_config(write(tmp_path, text))
     assert "19870412" not in str(info.value)
+
+
+def test_units_files_with_their_own_fields(tmp_path: Path) -> None:
+    """Three offices, three schemas: each [units] path entry may set its own keys."""
+    for name in ("ken.gpkg", "rwa.gpkg", "tza.gpkg"):
+        (tmp_path / name).write_bytes(b"x")
+    path = write(
+        tmp_path,
+        """\
+[units]
+id_field = "REG_ID"
+country_field = "ISO"
+path = [
+  "ken.gpkg",
+  { path = "rwa.gpkg", layer = "districts", id_field = "Dist_ID", country = "RWA", id_prefix = "RWA-" },
+  { path = "tza.gpkg", id_field = "Region_Cod", country = "TZA", name_field = "Region_Nam", query = "Region_Cod < '51'" },
+]
+""",
+    )
+    cfg = load_config(path)
+    ken, rwa, tza = cfg.units.files()
+    assert ken == {
+        "path": tmp_path / "ken.gpkg",
+        "id_field": "REG_ID",
+        "country_field": "ISO",
+        "country": None,
+        "layer": None,
+        "name_field": None,
+        "fields": [],
+        "id_prefix": "",
+        "query": None,
+    }
+    assert rwa["layer"] == "districts" and rwa["id_prefix"] == "RWA-"
+    assert (rwa["id_field"], rwa["country_field"], rwa["country"]) == ("Dist_ID", None, "RWA")
+    assert (tza["country"], tza["name_field"], tza["path"], tza["query"]) == (
+        "TZA",
+        "Region_Nam",
+        tmp_path / "tza.gpkg",
+        "Region_Cod < '51'",
+    )
+    assert list(cfg.input_files())[:3] == ["units.path[0]", "units.path[1]", "units.path[2]"]
+    assert cfg.units.paths() == [tmp_path / n for n in ("ken.gpkg", "rwa.gpkg", "tza.gpkg")]
+
+
+@pytest.mark.parametrize(
+    ("units", "message"),
+    [
+        (
+            'path = [{ path = "units.gpkg", idfield = "x" }]',
+            r"\[units\.path\.0\] idfield: unknown key\. Fix: did you mean 'id_field'\?",
+        ),
+        (
+            'path = [{ path = "units.gpkg", country = "TZA", country_field = "iso" }]',
+            r"\[units\.path\] 0: give country .* or country_field .*, not both",
+        ),
+        (
+            'path = "units.gpkg"\ncountry = "TZA"\ncountry_field = "iso"',
+            r"units: give country .* or country_field .*, not both",
+        ),
+        ('path = [{ country = "TZA" }]', r"\[units\.path\.0\] path: required key is missing"),
+        ("path = [3]", r"\[units\.path\] 0: expected a path \(string\), got 3"),
+        ('path = [{ path = "nope.gpkg" }]', r"not found: units\.path\[0\] = .*nope\.gpkg"),
+    ],
+)
+def test_units_entry_errors_name_the_entry(tmp_path: Path, units: str, message: str) -> None:
+    path = write(tmp_path, f"[units]\n{units}\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert "units-" not in str(info.value)  # pydantic's union tags stay hidden

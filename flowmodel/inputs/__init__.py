@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from flowmodel.inputs.rasters import zonal_covariates, zonal_statistics
-from flowmodel.inputs.units import load_units
+from flowmodel.inputs.units import concat_units, load_units
 
-__all__ = ["load_units", "zonal_covariates", "zonal_statistics"]
+__all__ = ["concat_units", "load_units", "zonal_covariates", "zonal_statistics"]

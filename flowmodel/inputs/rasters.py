@@ -94,7 +94,7 @@ class RasterCoverageWarning(UserWarning):
 
 
 def _fmt_ids(ids: Sequence[Any]) -> str:
-    ids = [str(i) for i in ids]
+    ids = sorted(str(i) for i in ids)
     more = f" (and {len(ids) - MAX_IDS} more)" if len(ids) > MAX_IDS else ""
     return ", ".join(ids[:MAX_IDS]) + more
 
@@ -114,8 +114,15 @@ class _Grid:
 class _Source:
     """One band of a raster, read in strips of rows (a file via rasterio, or a DataArray)."""
 
-    def __init__(self, name: str, raster: Any):
+    def __init__(self, name: str, raster: Any, scale: float = 1.0):
         self.name = name
+        if not (np.isfinite(scale) and scale > 0):
+            raise InputFileError(
+                f"raster '{name}': scale={scale!r} must be a positive number (the persons, or "
+                "units, that one value stands for). Fix: e.g. scale=400 for WorldPop's Africa "
+                "rasters, whose values are mean persons per 30-arc-second cell of a 10' block."
+            )
+        self.scale = float(scale)
         if isinstance(raster, str | os.PathLike):
             import rasterio
 
@@ -167,7 +174,7 @@ class _Source:
             self.array = da.transpose(da.rio.y_dim, da.rio.x_dim)
             chunks = getattr(da.data, "chunks", None)
             self.block_height = int(chunks[0][0]) if chunks else 256
-            where = f"DataArray {da.name!r}"
+            where = f"DataArray {da.name!r}" if da.name is not None else "an unnamed DataArray"
         if crs is None:
             raise MissingCRSError(
                 f"raster '{name}' ({where}) has no CRS. Fix: set it, e.g. "
@@ -213,6 +220,8 @@ class _Source:
                 data = np.where(invalid, np.zeros((), data.dtype), data)
             else:
                 invalid = None
+        if self.scale != 1.0:
+            data = data * self.scale  # float64 for integer rasters too
         return data, invalid
 
     def close(self) -> None:
@@ -1037,11 +1046,20 @@ def _run(
     threads: int | None,
     progress: bool | None,
     engine: Engine = "flowmodel",
+    scale: Mapping[str, float] | None = None,
 ) -> tuple[pd.Index, dict[str, dict[str, np.ndarray]], dict[str, _Source], dict[str, tuple]]:
     if engine not in _ENGINES:
         raise InputFileError(f"unknown engine {engine!r}. Fix: use one of {list(_ENGINES)}.")
+    unknown = sorted(set(scale or {}) - set(rasters))
+    if unknown:
+        raise InputFileError(
+            f"scale names raster(s) {unknown}, which are not in rasters ({list(rasters)}). "
+            "Fix: use the same names."
+        )
     ids, geometry = _unit_geoms(units, id_field)
-    sources = {name: _Source(name, path) for name, path in rasters.items()}
+    sources = {
+        name: _Source(name, path, (scale or {}).get(name, 1.0)) for name, path in rasters.items()
+    }
     threads = threads if threads is not None else min(4, os.cpu_count() or 1)
     by_grid: dict[tuple, list[_Source]] = {}
     for src in sources.values():
@@ -1083,6 +1101,7 @@ def zonal_statistics(
     threads: int | None = None,
     progress: bool | None = None,
     engine: Engine = "flowmodel",
+    scale: float = 1.0,
 ) -> pd.DataFrame:
     """Exact coverage-weighted zonal statistics of one raster band.
 
@@ -1115,6 +1134,11 @@ def zonal_statistics(
         reprojection, nodata handling and checks; ``block_cells`` becomes its
         ``max_cells_in_memory`` and ``threads`` is unused. Both agree within
         1e-6 relative (tested).
+    scale
+        Factor applied to every value read (``sum`` and ``mean`` scale with it):
+        what one value stands for, e.g. 400 for a raster of *mean* persons per
+        30-arc-second cell aggregated to 10-arc-minute blocks (WorldPop's Africa
+        rasters), whose sums would otherwise be 1/400 of the population.
 
     Returns
     -------
@@ -1145,6 +1169,7 @@ def zonal_statistics(
         threads=threads,
         progress=progress,
         engine=engine,
+        scale={"raster": scale},
     )
     acc = res["raster"]
     area = extras["raster"][0]
@@ -1172,6 +1197,7 @@ def zonal_covariates(
     block_cells: int = 4_000_000,
     threads: int | None = None,
     engine: Engine = "flowmodel",
+    scale: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Compute the unit covariates of a FlowDataset from rasters.
 
@@ -1196,6 +1222,10 @@ def zonal_covariates(
         Progress bars over raster strips; ``None`` shows them for large rasters.
     block_cells, threads, engine
         See :func:`zonal_statistics`.
+    scale
+        ``name -> factor`` applied to that raster's values (see
+        :func:`zonal_statistics`), e.g. ``{"population": 400}`` for a raster of
+        mean persons per sub-cell.
 
     Returns
     -------
@@ -1249,6 +1279,7 @@ def zonal_covariates(
         threads=threads,
         progress=progress,
         engine=engine,
+        scale=scale,
     )
     _check_valid_data(ids, res, sources, extras)
     out = pd.DataFrame(index=ids)
@@ -1336,7 +1367,7 @@ def _check_valid_data(
             f"because they lie {'; '.join(parts)}. Their population is unknown, not 0 (a "
             "model would fail on log(0)). Fix: give a population raster whose extent covers "
             "every unit (check with gdalinfo; mosaic the neighbouring tiles, e.g. gdalbuildvrt), "
-            "or drop those units."
+            "or drop those units (load_units(..., query=...); in a run config [units] query)."
         )
 
 
@@ -1367,6 +1398,7 @@ def zonal_covariates_by_date(
     stats: Mapping[str, str] | None = None,
     progress: bool | None = None,
     engine: Engine = "flowmodel",
+    scale: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Compute unit covariates from one raster per date (covariates that change over time).
 
@@ -1378,8 +1410,8 @@ def zonal_covariates_by_date(
         ``name -> {date label -> GeoTIFF}``, e.g. ``{"population": {"2000":
         "pop2000.tif", "2020": "pop2020.tif"}}``; a date label is a year or any
         period label of :mod:`flowmodel.periods` (its midpoint is the date).
-    id_field, stats, progress, engine
-        As for :func:`zonal_covariates`.
+    id_field, stats, progress, engine, scale
+        As for :func:`zonal_covariates` (``scale`` applies to every date of a raster).
 
     Returns
     -------
@@ -1389,12 +1421,24 @@ def zonal_covariates_by_date(
         per unit and date; ready for :func:`flowmodel.periods.add_dated_covariates`,
         which interpolates log-linearly between dates.
     """
+    unknown = sorted(set(scale or {}) - set(rasters))
+    if unknown:
+        raise InputFileError(
+            f"scale names raster(s) {unknown}, which are not in rasters ({list(rasters)}). "
+            "Fix: use the same names."
+        )
     frames = []
     dates = sorted({str(d) for per in rasters.values() for d in per})
     for date in dates:
         at = {name: p for name, per in rasters.items() for d, p in per.items() if str(d) == date}
         table = zonal_covariates(
-            units, at, id_field=id_field, stats=stats, progress=progress, engine=engine
+            units,
+            at,
+            id_field=id_field,
+            stats=stats,
+            progress=progress,
+            engine=engine,
+            scale={k: v for k, v in (scale or {}).items() if k in at} or None,
         )
         keep = [c for c in table.columns if c in at or c == "night_lights_per_capita"]
         frame = table[keep].copy()

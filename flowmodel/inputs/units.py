@@ -21,7 +21,7 @@ import shapely
 
 from flowmodel.exceptions import DataContractError, InputFileError, MissingCRSError
 
-__all__ = ["UnitGeometryWarning", "load_units", "validate_units"]
+__all__ = ["UnitGeometryWarning", "concat_units", "load_units", "validate_units"]
 
 MAX_IDS = 10
 _PARQUET_SUFFIXES = (".parquet", ".geoparquet", ".pq")
@@ -63,10 +63,13 @@ def load_units(
     path: str | os.PathLike[str],
     *,
     id_field: str,
-    country_field: str,
+    country_field: str | None = None,
+    country: str | None = None,
     layer: str | int | None = None,
     name_field: str | None = None,
     fields: Sequence[str] = (),
+    id_prefix: str = "",
+    query: str | None = None,
 ) -> gpd.GeoDataFrame:
     """Read admin polygons and normalise them to the unit table of a FlowDataset.
 
@@ -79,6 +82,10 @@ def load_units(
     country_field
         Column holding the country code of each unit (multi-country inputs are
         normal: cross-border flows).
+    country
+        The country code of every unit, for a file of one country that has no
+        such column (national statistics offices rarely add one, e.g. Tanzania's
+        NBS regions). Give ``country_field`` or ``country``, not both.
     layer
         Layer name or index, required when the file holds several layers.
     name_field
@@ -86,6 +93,16 @@ def load_units(
     fields
         Further fields to keep as text columns, e.g. ``["admin1"]``: levels
         that census tables may name (``origin_level="admin1"``).
+    id_prefix
+        Text put before every id, e.g. ``"TZA-"``: offices number their units
+        from 1 in every country (Rwanda's district 11 and Tanzania's region 11),
+        and ids must be unique across the files of a run. Flow tables then name
+        the prefixed ids.
+    query
+        Keep only the features for which this :meth:`pandas.DataFrame.query`
+        expression on the file's own fields is true, e.g. ``"Region_Cod <
+        '51'"`` (Tanzania's mainland: the Zanzibar regions lie on the nodata
+        cells of a continent-masked raster).
 
     Returns
     -------
@@ -107,6 +124,16 @@ def load_units(
         empty / null.
     """
     path = Path(path)
+    if (country_field is None) == (country is None):
+        raise DataContractError(
+            f"{path}: load_units needs the units' country: give country_field=<column with "
+            "the country codes> or, for a file of one country, country=<its code> (e.g. "
+            "'TZA')" + (", not both." if country is not None else ".")
+        )
+    if country is not None and not str(country).strip():
+        raise DataContractError(
+            f"{path}: country={country!r} is empty. Fix: give the country's code, e.g. 'TZA'."
+        )
     if not path.exists():
         raise InputFileError(f"{path}: file not found. Fix: check the path (cwd is {Path.cwd()}).")
     try:
@@ -119,6 +146,8 @@ def load_units(
             "Fix: give a GeoPackage, GeoJSON, Shapefile or GeoParquet file."
         ) from exc
     where = f"{path}" + (f" (layer {layer!r})" if layer is not None else "")
+    if query is not None:
+        raw = _query(raw, query, where)
     if len(raw) == 0:
         raise InputFileError(
             f"{where}: the layer is empty (0 features). Fix: check the layer name."
@@ -140,8 +169,16 @@ def load_units(
             f"{where}: no coordinate reference system. Fix: add one, e.g. "
             "gdf.set_crs('EPSG:4326') and re-save, or `ogr2ogr -a_srs EPSG:4326`."
         )
+    codes = (
+        _as_str(raw[country_field])
+        if country_field is not None
+        else pd.Series(str(country).strip(), index=raw.index, dtype=object)
+    )
     out = gpd.GeoDataFrame(
-        {"unit_id": _as_str(raw[id_field]), "country": _as_str(raw[country_field])},
+        {
+            "unit_id": _as_str(raw[id_field]).map(lambda v: v if v is None else id_prefix + v),
+            "country": codes,
+        },
         geometry=raw.geometry.values,
         crs=raw.crs,
     )
@@ -149,7 +186,131 @@ def load_units(
         out.insert(2, "name", _as_str(raw[name_field]))
     for f in fields:
         out.insert(len(out.columns) - 1, str(f), _as_str(raw[f]))
-    return validate_units(out, source=where, id_field=id_field, country_field=country_field)
+    return validate_units(
+        out, source=where, id_field=id_field, country_field=country_field or "country"
+    )
+
+
+def concat_units(
+    frames: Sequence[gpd.GeoDataFrame], sources: Sequence[str | os.PathLike[str]] | None = None
+) -> gpd.GeoDataFrame:
+    """Concatenate unit tables from several files (e.g. one per country) into one.
+
+    Parameters
+    ----------
+    frames
+        Unit tables from :func:`load_units`, in the order the units should have.
+    sources
+        What each frame was read from (file names), for messages; default
+        ``units[0]``, ``units[1]``, ...
+
+    Returns
+    -------
+    geopandas.GeoDataFrame
+        The units of every frame, in the CRS of the first (the others are
+        reprojected: e.g. Tanzania's Arc 1960 regions beside WGS 84 polygons;
+        a datum shift, not a relabelling). Columns missing from a frame
+        (``name``, further fields) are null there.
+
+    Raises
+    ------
+    DataContractError
+        A unit id appears in two frames (ids must be unique across files).
+    """
+    if not frames:
+        raise DataContractError("concat_units: no unit tables given. Fix: pass at least one.")
+    names = [str(s) for s in sources] if sources is not None else None
+    if names is None or len(names) != len(frames):
+        names = [f"units[{i}]" for i in range(len(frames))]
+    if len(frames) == 1:
+        return frames[0]
+    seen: dict[str, str] = {}
+    for name, frame in zip(names, frames, strict=True):
+        twice = sorted({u for u in frame["unit_id"] if u in seen})
+        if twice:
+            first = sorted({seen[u] for u in twice})
+            raise DataContractError(
+                f"{name}: unit id(s) {twice[:10]} are also in {', '.join(first)} "
+                f"({len(twice)} shared). Fix: list each unit in one file only, or prefix "
+                "the ids per file so that they are unique across the files (load_units("
+                "..., id_prefix='TZA-'); in a run config a [units] path entry "
+                "{ path = ..., id_prefix = 'TZA-' }); flow tables then name the prefixed ids."
+            )
+        seen.update(dict.fromkeys(frame["unit_id"], name))
+    crs = frames[0].crs
+    frames = [f.to_crs(crs) if f.crs != crs else f for f in frames]
+    _warn_overlaps_across(frames, names)
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
+
+
+#: Overlap (km²) between units of two files above which :func:`concat_units` warns.
+OVERLAP_WARN_KM2 = 1.0
+
+
+def _warn_overlaps_across(frames: Sequence[gpd.GeoDataFrame], names: Sequence[str]) -> None:
+    """Warn when units of different files overlap (their zonal sums count people twice).
+
+    Boundaries of neighbouring countries from different offices rarely agree: Kenya's
+    DHS Rift Valley and Tanzania's NBS Arusha share 161 km². Areas are measured in an
+    equal-area CRS (EPSG:6933).
+    """
+    found: list[tuple[float, str, str]] = []
+    for i in range(len(frames)):
+        for j in range(i + 1, len(frames)):
+            a, b = frames[i], frames[j]
+            left, right = b.sindex.query(a.geometry, predicate="intersects")
+            if not len(left):
+                continue
+            ga = a.geometry.iloc[left].to_crs("EPSG:6933").values
+            gb = b.geometry.iloc[right].to_crs("EPSG:6933").values
+            km2 = shapely.area(shapely.intersection(ga, gb)) / 1e6
+            for k in np.flatnonzero(km2 > OVERLAP_WARN_KM2):
+                ua, ub = a["unit_id"].iloc[left[k]], b["unit_id"].iloc[right[k]]
+                found.append(
+                    (
+                        float(km2[k]),
+                        f"{ua} ({Path(names[i]).name})",
+                        f"{ub} ({Path(names[j]).name})",
+                    )
+                )
+    if not found:
+        return
+    found.sort(reverse=True)
+    listed = "; ".join(f"{x} and {y}: {km2:,.1f} km²" for km2, x, y in found[:MAX_IDS])
+    more = f" (and {len(found) - MAX_IDS} more)" if len(found) > MAX_IDS else ""
+    warnings.warn(
+        f"{len(found)} pair(s) of units from different files overlap by more than "
+        f"{OVERLAP_WARN_KM2:g} km² ({sum(f[0] for f in found):,.0f} km² in all): {listed}{more}. "
+        "Zonal statistics count the people living there in both units. Fix, if it matters: "
+        "clip one country's units by the other's (geopandas overlay how='difference') "
+        "before loading them.",
+        UnitGeometryWarning,
+        stacklevel=3,
+    )
+
+
+def _query(raw: gpd.GeoDataFrame, query: str, where: str) -> gpd.GeoDataFrame:
+    """Apply a unit-selection query, naming the file, the query and the fields on failure."""
+    cols = ", ".join(str(c) for c in raw.columns if c != raw.geometry.name)
+    try:
+        kept = raw.query(query)
+    except Exception as exc:  # pandas raises UndefinedVariableError, SyntaxError, ...
+        raise InputFileError(
+            f"{where}: query {query!r} cannot be evaluated ({type(exc).__name__}: {exc}; "
+            f"fields: {cols}). Fix: write a pandas query on those fields, e.g. "
+            "\"Region_Cod < '51'\"."
+        ) from exc
+    if not isinstance(kept, pd.DataFrame):
+        raise InputFileError(
+            f"{where}: query {query!r} does not select rows. Fix: write a condition, e.g. "
+            "\"Region_Cod < '51'\"."
+        )
+    if len(kept) == 0:
+        raise InputFileError(
+            f"{where}: query {query!r} keeps none of the {len(raw)} features. Fix: check the "
+            f"condition against the fields' values (fields: {cols})."
+        )
+    return kept
 
 
 def _as_str(col: pd.Series) -> pd.Series:
@@ -250,7 +411,7 @@ def validate_units(
     if invalid.any():
         warnings.warn(
             f"{source}: {invalid.sum()} invalid geometries repaired with make_valid: units "
-            f"{_fmt_ids(ids[invalid])}. Check them if the areas matter.",
+            f"{_fmt_ids(sorted(map(str, ids[invalid])))}. Check them if the areas matter.",
             UnitGeometryWarning,
             stacklevel=3,
         )

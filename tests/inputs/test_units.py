@@ -158,3 +158,72 @@ def test_truncated_units_file(tmp_path):
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(InputFileError, match=r"cut\.gpkg: cannot be read as polygons"):
         load_units(path, id_field="code", country_field="iso")
+
+
+def test_country_for_a_file_of_one_country(tmp_path):
+    """Offices rarely put a country column in their own boundary files (Tanzania's NBS)."""
+    path = tmp_path / "tza.gpkg"
+    sample_units().drop(columns="iso").to_file(path, engine="pyogrio")
+    got = load_units(path, id_field="code", country="TZA")
+    assert list(got["country"]) == ["TZA"] * 4
+    assert list(got["unit_id"]) == ["100", "101", "102", "103"]
+    with pytest.raises(
+        DataContractError, match=r"tza\.gpkg: .*country_field=.*country=.*not both"
+    ):
+        load_units(path, id_field="code", country="TZA", country_field="code")
+    with pytest.raises(DataContractError, match=r"give country_field=<column .* or, .*country="):
+        load_units(path, id_field="code")
+    with pytest.raises(DataContractError, match=r"country=' ' is empty"):
+        load_units(path, id_field="code", country=" ")
+
+
+def test_id_prefix_and_concat_units_across_offices(tmp_path):
+    """Two offices numbering from 1, in two CRSs: prefixes make the ids unique, one CRS out."""
+    from flowmodel.inputs.units import concat_units
+
+    a, b = tmp_path / "a.gpkg", tmp_path / "b.gpkg"
+    sample_units(2).to_file(a, engine="pyogrio")
+    far = sample_units(2).drop(columns="iso")
+    far = far.set_geometry(far.translate(xoff=10)).to_crs("EPSG:3857")
+    far.to_file(b, engine="pyogrio")
+    first = load_units(a, id_field="code", country_field="iso", name_field="label")
+    second = load_units(b, id_field="code", country="TZA")
+    with pytest.raises(
+        DataContractError,
+        match=r"b\.gpkg: unit id\(s\) \['100', '101'\] are also in .*a\.gpkg.*id_prefix",
+    ):
+        concat_units([first, second], [a, b])
+    second = load_units(b, id_field="code", country="TZA", id_prefix="TZA-")
+    both = concat_units([first, second], [a, b])
+    assert list(both["unit_id"]) == ["100", "101", "TZA-100", "TZA-101"]
+    assert list(both["country"]) == ["KEN", "KEN", "TZA", "TZA"]
+    assert both.crs == first.crs  # the second file reprojected, not relabelled
+    np.testing.assert_allclose(both.geometry.iloc[2].bounds, (10, 0, 11, 1), atol=1e-9)
+    assert both["name"].iloc[:2].tolist() == ["District 0", "District 1"]
+    assert both["name"].iloc[2:].isna().all()  # the second file has no names
+    assert concat_units([first]) is first
+
+
+def test_invalid_geometries_are_named_in_order(tmp_path):
+    bowtie = shapely.Polygon([(0, 0), (1, 1), (1, 0), (0, 1)])
+    gdf = sample_units(4)
+    gdf.loc[[0, 3], "geometry"] = [bowtie, shapely.affinity.translate(bowtie, 5)]
+    gdf["code"] = [130, 101, 102, 120]
+    path = tmp_path / "u.gpkg"
+    gdf.to_file(path, engine="pyogrio")
+    with pytest.warns(UnitGeometryWarning, match=r"2 invalid geometries .*units 120, 130\."):
+        load_units(path, id_field="code", country_field="iso")
+
+
+def test_query_keeps_the_units_asked_for(tmp_path):
+    path = tmp_path / "u.gpkg"
+    sample_units().to_file(path, engine="pyogrio")
+    got = load_units(path, id_field="code", country_field="iso", query="code < 102")
+    assert list(got["unit_id"]) == ["100", "101"]
+    with pytest.raises(
+        InputFileError,
+        match=r"u\.gpkg: query 'kode < 102' cannot be evaluated .*fields: code, iso, label",
+    ):
+        load_units(path, id_field="code", country_field="iso", query="kode < 102")
+    with pytest.raises(InputFileError, match=r"query 'code > 900' keeps none of the 4 features"):
+        load_units(path, id_field="code", country_field="iso", query="code > 900")
