@@ -354,6 +354,10 @@ class FlowModel(abc.ABC):
             defaults=defaults,
         )
         latent_state = self.field.fit_state(data, union)
+        if latent_state.get("prior_countries"):
+            # the unfitted countries' levels are drawn from this prior when predicting
+            spec = priors.get("sigma_country")
+            latent_state["sigma_country_prior"] = dict(spec) if isinstance(spec, Mapping) else None
         if latent_state.get("noncentered") == "auto":
             latent_state["noncentered"] = bool(approximate) if noncentered is None else noncentered
         by_source = self._dispersion_by_source()
@@ -614,7 +618,7 @@ class FlowModel(abc.ABC):
                     DiagnosticsWarning,
                     stacklevel=2,
                 )
-        self.fit_meta["uninformed"] = self._check_informed()
+        self.fit_meta["uninformed"] = self._check_informed() + self._prior_countries()
         self._finalise_idata(idata, data)
         return idata
 
@@ -702,6 +706,45 @@ class FlowModel(abc.ABC):
                 stacklevel=3,
             )
         return out
+
+    def _prior_countries(self) -> list[dict[str, Any]]:
+        """Warn when countries without observed flows get their level from the prior alone.
+
+        With flows observed in one country only, no spread of country levels can be
+        learnt: each other country's effect is drawn from the prior of
+        ``sigma_country`` when predicting, so its flows' intervals are the prior's.
+        """
+        latent = self.fit_meta.get("latent") or {}
+        unseen = list(latent.get("prior_countries") or [])
+        if not unseen:
+            return []
+        from flowmodel.models.priors import DEFAULT_PRIORS, draw_prior
+
+        spec = latent.get("sigma_country_prior") or DEFAULT_PRIORS["sigma_country"]
+        sigma = np.asarray(draw_prior(spec, 4000, np.random.default_rng(0)), dtype=float)
+        prior_sd = float(np.sqrt(np.mean(sigma**2)))  # sd of N(0, sigma) over the prior
+        shown = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "dist")
+        fitted = ", ".join(latent.get("fitted_countries") or []) or "one country"
+        entry = {
+            "parameter": f"country_effect[{', '.join(unseen)}]",
+            "posterior_sd": prior_sd,
+            "prior_sd": prior_sd,
+            "fix": (
+                f"Fix for the level of {', '.join(unseen)}, add a source that counts moves "
+                "within or out of them (a census, country-pair estimates) or state the spread "
+                "of levels you expect (priors={'sigma_country': ...})"
+            ),
+        }
+        warnings.warn(
+            f"{type(self).__name__}: flows are observed in {fitted} only, so the levels of "
+            f"{', '.join(unseen)} cannot be learnt: predictions there draw a country effect "
+            f"from the prior (sigma_country ~ {spec['dist']}({shown}); sd of the effect "
+            f"{prior_sd:.2f} on the log scale) and their intervals are the prior's. "
+            + entry["fix"],
+            UninformedParameterWarning,
+            stacklevel=3,
+        )
+        return [entry]
 
     def _finalise_idata(self, idata: xr.DataTree, data: xr.Dataset) -> None:
         attrs = {

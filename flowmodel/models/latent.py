@@ -523,12 +523,19 @@ class GravityField(LatentField):
             raise ModelConfigError(
                 f"country_slopes names term(s) {unknown} not in the model; terms are {terms}"
             )
+        # country effects wanted, but the flows observed come from one country: no spread
+        # of levels can be learnt, so the other countries' levels are drawn from the
+        # prior of sigma_country at prediction time (their intervals are the prior's)
+        wanted = self.config["country_effects"] and self.constraint in ("none", "attraction")
+        unseen = sorted(set(country_all) - set(countries)) if wanted and not use_ce else []
         state: dict[str, Any] = {
             "terms": terms,
             "term_mean": means,
             "term_sd": sds,
             "informed_terms": [t for t, s in zip(terms, np.std(X, axis=0), strict=True) if s > 0],
             "countries": countries if (use_ce or slopes) else [],
+            "prior_countries": unseen,
+            "fitted_countries": countries,
             # "auto" is resolved by the model: centred for NUTS, non-centred for the
             # approximations (a centred hierarchy has its joint mode at sigma_country -> 0)
             "noncentered": self.config["noncentered"],
@@ -688,6 +695,16 @@ class GravityField(LatentField):
             drawn = rng.normal(size=(n_samples, len(new))) * sigma[:, None]
             table = dict(zip(countries, ce.T, strict=True)) | dict(zip(new, drawn.T, strict=True))
             ce_unit = np.stack([table[c] for c in unit_country], axis=1)
+        elif state.get("prior_countries"):
+            from flowmodel.models.priors import DEFAULT_PRIORS, draw_prior
+
+            spec = state.get("sigma_country_prior") or DEFAULT_PRIORS["sigma_country"]
+            sigma = np.asarray(draw_prior(spec, n_samples, rng), dtype=float).reshape(n_samples)
+            new = list(state["prior_countries"])
+            drawn = rng.normal(size=(n_samples, len(new))) * sigma[:, None]
+            table = dict(zip(new, drawn.T, strict=True))
+            zero = np.zeros(n_samples)
+            ce_unit = np.stack([table.get(c, zero) for c in unit_country], axis=1)
         params["country_effect_unit"] = ce_unit
         if "country_slope" in posterior:
             cs = stack_samples(posterior["country_slope"])  # (S, slope_term, country)

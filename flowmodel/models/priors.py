@@ -158,3 +158,19 @@ def create_prior(name: str, spec: PriorSpec, *, dims: str | tuple[str, ...] | No
             f"prior '{name}': bad parameters {params} for pm.{spec['dist']} ({err}). "
             "Fix: use that distribution's parameter names."
         ) from err
+
+
+def draw_prior(spec: PriorSpec, size: int, rng: Any) -> Any:
+    """``size`` draws of one scalar prior spec (``{"dist": ..., params}``), with ``rng``.
+
+    Used where a quantity the fit could not contain is needed at prediction time
+    (e.g. the level of a country without data when only one country was fitted).
+    """
+    if not isinstance(spec, Mapping) or "dist" not in spec:
+        raise ModelConfigError(
+            f"draw_prior: expected a mapping with a 'dist' key, got {spec!r}. Fix: give the "
+            "prior as {'dist': 'HalfNormal', 'sigma': 0.5}"
+        )
+    dist = getattr(pm, str(spec["dist"]))
+    params = {k: v for k, v in spec.items() if k != "dist"}
+    return pm.draw(dist.dist(**params), draws=int(size), random_seed=rng)

@@ -619,3 +619,59 @@ def test_laplace_stopped_far_from_the_mode_warns(sim_small):
     with pytest.warns(DiagnosticsWarning, match=r"stopped about .* posterior sd from the mode"):
         model.fit(ds, backend="laplace", random_seed=1, draws=50, maxiter=2, newton_maxiter=0)
     assert model.idata["posterior"].attrs["laplace_mode_sd"] > 0.1
+
+
+def test_flows_of_one_country_leave_the_others_levels_to_the_prior(sim_small):
+    """No spread of country levels can be learnt from one country: the others get the prior's.
+
+    Before, a fit on one country's flows had no country effects at all, so the other
+    countries' flows took that country's level with its (narrow) interval.
+    """
+    from flowmodel.exceptions import UninformedParameterWarning
+
+    ds, _ = sim_small
+    country = ds["country"].values.astype(str)
+    fitted, *others = sorted(set(country))
+    within = (country[:, None] == fitted) & (country[None, :] == fitted)
+    one = ds.assign(flow_census=ds["flow_census"].where(within))
+    model = GravityModel(destination_covariates=DEST_COVS)
+    with pytest.warns(UninformedParameterWarning) as caught:
+        model.fit(one, backend="laplace", random_seed=1, draws=250, chains=2)
+    (said,) = [str(w.message) for w in caught if "cannot be learnt" in str(w.message)]
+    assert f"observed in {fitted} only" in said and ", ".join(others) in said
+    assert "sigma_country ~ HalfNormal(sigma=0.5)" in said
+    (entry,) = [u for u in model.fit_meta["uninformed"] if u["parameter"].startswith("country_")]
+    assert entry["parameter"] == f"country_effect[{', '.join(others)}]"
+    assert entry["prior_sd"] == pytest.approx(0.5, rel=0.05)  # sd of N(0, HalfNormal(0.5))
+    pred = model.predict(one, seed=2)
+    width = np.log(pred["q95"] + 1) - np.log(pred["q05"] + 1)
+    same = country[:, None] == country[None, :]
+    off = ~np.eye(len(country), dtype=bool)
+    home = float(width.values[within & off].mean())
+    wide = {}
+    for code in others:
+        theirs = (country[:, None] == code) & same & off
+        wide[code] = float(width.values[theirs].mean())
+        # the level's prior (sd 0.5 on the log scale) widens every interval there
+        assert wide[code] > home + 0.3, (code, wide[code], home)
+    # a stated spread of levels is used instead of the default
+    tight = GravityModel(
+        destination_covariates=DEST_COVS,
+        priors={"sigma_country": {"dist": "HalfNormal", "sigma": 0.05}},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tight.fit(one, backend="laplace", random_seed=1, draws=250, chains=2)
+    assert tight.fit_meta["latent"]["sigma_country_prior"] == {"dist": "HalfNormal", "sigma": 0.05}
+    narrow = np.log(tight.predict(one, seed=2)["q95"] + 1) - np.log(
+        tight.predict(one, seed=2)["q05"] + 1
+    )
+    for code in others:
+        theirs = (country[:, None] == code) & same & off
+        got = float(narrow.values[theirs].mean())
+        print(
+            f"{code}: mean 90% log-width {wide[code]:.2f} (sigma_country prior 0.5), "
+            f"{got:.2f} (0.05); {fitted}, fitted: {home:.2f}"
+        )
+        # the level's prior alone makes the difference (same data, same noise)
+        assert got < wide[code] - 0.15
