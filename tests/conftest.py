@@ -77,6 +77,7 @@ HEAVY_FILES: dict[str, float] = {
     "tests/test_hpc_real.py": 90,
     "tests/test_eu_reports.py": 88,
     "tests/models/test_inference.py": 70,
+    "tests/test_east_africa_run.py": 65,
     "tests/models/test_market_share_spatial.py": 55,
     "tests/models/test_spurious_background.py": 47,
     "tests/test_cli.py": 45,
