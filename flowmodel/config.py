@@ -449,7 +449,9 @@ class CovariatesSection(_Section):
         year), then one column per covariate (``population`` may come from here
         instead of a raster). Rows with a period give covariates that change
         (``<var>_by_date``, interpolated log-linearly between dates by a model with
-        periods); the static ``<var>`` of a dated covariate is its latest value.
+        periods); the static ``<var>`` of a dated covariate is its value at
+        ``[predict] period``, else at the primary flow source's ``period``
+        (log-linear), else its latest value.
     id_field, period_field
         Column names of the unit id and of the period.
     """

@@ -63,6 +63,7 @@ __all__ = [
     "observed_periods",
     "parse_period",
     "sort_periods",
+    "values_at",
     "window_weights",
 ]
 
@@ -404,6 +405,34 @@ def _interpolate(values: np.ndarray, dates: np.ndarray, time: float) -> np.ndarr
     with np.errstate(divide="ignore", invalid="ignore"):
         log = np.exp(np.log(a) + w * (np.log(b) - np.log(a)))
     return np.where(positive, log, out)
+
+
+def values_at(
+    table: pd.DataFrame, time: float, *, id_field: str = "unit_id", time_field: str = "period"
+) -> pd.DataFrame:
+    """Each unit's covariates at ``time`` (decimal year) from a long table of dated values.
+
+    Log-linear between the two dates around ``time`` and the trend beyond the ends,
+    as everywhere in this module; a covariate a unit lacks at some date is taken at
+    its latest date instead. Returns a frame indexed by ``id_field``.
+    """
+    frame = table.copy()
+    frame["_date"] = frame[time_field].map(lambda x: parse_period(x).midpoint)
+    frame = frame.sort_values("_date")
+    latest = frame.groupby(id_field).last().drop(columns=[time_field, "_date"])
+    dates = np.sort(frame["_date"].unique())
+    out = latest.copy()
+    for name in latest.columns:
+        if not pd.api.types.is_numeric_dtype(frame[name]):
+            continue
+        wide = frame.pivot_table(index=id_field, columns="_date", values=name, aggfunc="last")
+        wide = wide.reindex(index=latest.index, columns=dates)
+        values = wide.to_numpy(dtype=float)
+        complete = ~np.isnan(values).any(axis=1)
+        if complete.any():
+            at = _interpolate(values[complete], dates, float(time))
+            out.loc[latest.index[complete], name] = at
+    return out
 
 
 def covariate_at(ds: xr.Dataset, name: str, time: float | None) -> np.ndarray | None:

@@ -1270,14 +1270,22 @@ def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[
         logger.info("covariates table %s: %d rows", path.name, len(table) + n_dated)
     dated = pd.concat(dated_parts, ignore_index=True) if dated_parts else None
     if dated is not None:
-        from flowmodel.periods import parse_period
+        from flowmodel.periods import parse_period, values_at
 
-        dated["_date"] = dated["period"].map(lambda x: parse_period(x).midpoint)
-        latest = (
-            dated.sort_values("_date").groupby("unit_id").last().drop(columns=["period", "_date"])
-        )
-        dated = dated.drop(columns="_date")
-        static.append(latest)
+        # the static value is the one at the time of the flows the outputs describe
+        # ([predict] period, else the primary source's window), so a model without
+        # periods relates 2005-2010 moves to 2007 populations, not 2020's, and the
+        # report's rates per resident use them; without a window, the latest date's
+        window = _config_flows_period(cfg)
+        if window:
+            time = parse_period(window).midpoint
+            at = values_at(dated, time)
+            logger.info("dated covariates: static values at %s (%.1f)", window, time)
+        else:
+            dates = dated["period"].map(lambda x: parse_period(x).midpoint)
+            at = dated.assign(_date=dates).sort_values("_date").groupby("unit_id").last()
+            at = at.drop(columns=["period", "_date"])
+        static.append(at)
     for frame in static:
         frame = frame.drop(columns=[c for c in ("geometry",) if c in frame.columns])
         if covariates is None:
@@ -1286,6 +1294,19 @@ def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[
             new = [c for c in frame.columns if c not in covariates.columns]
             covariates = covariates.join(frame[new])
     return covariates, dated
+
+
+def _config_flows_period(cfg: RunConfig) -> str | None:
+    """Return the window the outputs describe: ``[predict] period``, else the primary source's.
+
+    The primary source is the first non-CDR one by name (as for the outputs).
+    """
+    if cfg.predict.period:
+        return cfg.predict.period
+    names = sorted(cfg.flows)
+    plain = [n for n in names if not is_cdr_source(n)]
+    first = (plain or names or [None])[0]
+    return cfg.flows[first].period if first is not None else None
 
 
 def _add_periods(ds: Any, cfg: RunConfig, dated: Any) -> Any:

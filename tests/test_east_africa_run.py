@@ -120,16 +120,27 @@ def _populations(out: Path) -> pd.Series:
     return ds["population"].to_series().groupby(ds["country"].to_series()).sum()
 
 
-def _worldpop_2020() -> pd.Series:
-    table = pd.read_csv(
-        require_data("brazil_interstate_migration_1991_2010", "worldpop_pwd_admin1_2020.csv")
-    )
-    table = table.loc[~table["Adm_N"].str.contains("Pemba|Zanzibar")]  # the run's mainland
-    return table.groupby("ISO")["Pop"].sum()
+def _worldpop_at_the_window() -> pd.Series:
+    """WorldPop's national totals, log-linear between 2000 and 2020, at 2005-2010's midpoint."""
+    totals = []
+    for year in (2000, 2020):
+        table = pd.read_csv(
+            require_data(
+                "brazil_interstate_migration_1991_2010", f"worldpop_pwd_admin1_{year}.csv"
+            )
+        )
+        table = table.loc[~table["Adm_N"].str.contains("Pemba|Zanzibar")]  # the run's mainland
+        totals.append(table.groupby("ISO")["Pop"].sum())
+    w = (2007.5 - 2000.5) / 20  # midpoints of the window and of the two years
+    return np.exp(np.log(totals[0]) + w * (np.log(totals[1]) - np.log(totals[0])))
 
 
 def test_prepare_reads_the_rasters_at_their_scale(tmp_path):
-    """With scale = 400 the populations are WorldPop's; without it, the flows say so."""
+    """With scale = 400 the populations are WorldPop's; without it, the flows say so.
+
+    The static population is the one at the flows' window (2005-2010), interpolated
+    between the 2000 and 2020 rasters, not the 2020 one.
+    """
     from flowmodel.pipeline import run_pipeline
 
     cfg, _ = _config(tmp_path)
@@ -137,7 +148,7 @@ def test_prepare_reads_the_rasters_at_their_scale(tmp_path):
         warnings.simplefilter("always")
         run_pipeline(cfg, stages=["prepare"])
     assert not [w for w in caught if issubclass(w.category, DataScaleWarning)]
-    got, want = _populations(cfg.out_dir), _worldpop_2020()
+    got, want = _populations(cfg.out_dir), _worldpop_at_the_window()
     for code in ("KEN", "RWA", "TZA"):
         assert got[code] == pytest.approx(want[code], rel=0.15), code
 

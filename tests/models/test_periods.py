@@ -117,6 +117,27 @@ def _tiny():
     return build_dataset(units)
 
 
+def test_values_at_a_time_from_the_long_table():
+    """The pipeline's static value of a dated covariate: at the flows' window, not the latest."""
+    from flowmodel.periods import values_at
+
+    table = pd.DataFrame(
+        {
+            "unit_id": ["A", "B", "C"] * 2 + ["D"],
+            "period": ["2000"] * 3 + ["2020"] * 3 + ["2000"],
+            "population": [100.0, 200.0, 50.0, 400.0, 200.0, 25.0, 7.0],
+            "label": ["a", "b", "c", "a2", "b2", "c2", "d"],
+        }
+    )
+    got = values_at(table, 2010.5)
+    np.testing.assert_allclose(
+        got.loc[["A", "B", "C"], "population"], [200.0, 200.0, 50 * 0.5**0.5]
+    )
+    assert got.loc["D", "population"] == 7.0  # one date only: that value
+    assert got.loc["A", "label"] == "a2"  # not a number: the latest
+    np.testing.assert_allclose(values_at(table, 2030.5).loc["A", "population"], 800.0)
+
+
 def test_dated_covariates_interpolate_log_linearly_and_extrapolate_the_trend():
     table = pd.DataFrame(
         {
