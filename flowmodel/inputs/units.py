@@ -261,8 +261,9 @@ def _warn_overlaps_across(frames: Sequence[gpd.GeoDataFrame], names: Sequence[st
             left, right = b.sindex.query(a.geometry, predicate="intersects")
             if not len(left):
                 continue
-            ga = a.geometry.iloc[left].to_crs("EPSG:6933").values
-            gb = b.geometry.iloc[right].to_crs("EPSG:6933").values
+            # frames not from load_units may hold invalid polygons: intersect repaired copies
+            ga = shapely.make_valid(a.geometry.iloc[left].to_crs("EPSG:6933").values)
+            gb = shapely.make_valid(b.geometry.iloc[right].to_crs("EPSG:6933").values)
             km2 = shapely.area(shapely.intersection(ga, gb)) / 1e6
             for k in np.flatnonzero(km2 > OVERLAP_WARN_KM2):
                 ua, ub = a["unit_id"].iloc[left[k]], b["unit_id"].iloc[right[k]]

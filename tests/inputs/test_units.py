@@ -227,3 +227,19 @@ def test_query_keeps_the_units_asked_for(tmp_path):
         load_units(path, id_field="code", country_field="iso", query="kode < 102")
     with pytest.raises(InputFileError, match=r"query 'code > 900' keeps none of the 4 features"):
         load_units(path, id_field="code", country_field="iso", query="code > 900")
+
+
+def test_concat_units_reports_overlaps_even_of_unrepaired_frames():
+    """Frames built by hand (not load_units) may hold invalid polygons; overlaps still count."""
+    from flowmodel.inputs.units import concat_units
+
+    bowtie = shapely.Polygon([(0, 0), (2, 2), (2, 0), (0, 2)])  # self-intersecting
+    a = gpd.GeoDataFrame({"unit_id": ["a1"], "country": ["A"]}, geometry=[bowtie], crs="EPSG:4326")
+    b = gpd.GeoDataFrame(
+        {"unit_id": ["b1"], "country": ["B"]}, geometry=[shapely.box(1, 0, 3, 2)], crs="EPSG:4326"
+    )
+    with pytest.warns(
+        UnitGeometryWarning, match=r"1 pair\(s\) .*a1 \(units\[0\]\) and b1 \(units\[1\]\)"
+    ):
+        both = concat_units([a, b])
+    assert list(both["unit_id"]) == ["a1", "b1"]
