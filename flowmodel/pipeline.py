@@ -1297,15 +1297,10 @@ def _period_covariates(ctx: StageContext, units: Any, covariates: Any) -> tuple[
 
 
 def _config_flows_period(cfg: RunConfig) -> str | None:
-    """Return the window the outputs describe: ``[predict] period``, else the primary source's.
-
-    The primary source is the first non-CDR one by name (as for the outputs).
-    """
+    """Return the window the outputs describe: ``[predict] period``, else the primary source's."""
     if cfg.predict.period:
         return cfg.predict.period
-    names = sorted(cfg.flows)
-    plain = [n for n in names if not is_cdr_source(n)]
-    first = (plain or names or [None])[0]
+    first = _primary_name(cfg.flows)
     return cfg.flows[first].period if first is not None else None
 
 
@@ -1443,13 +1438,18 @@ def _rerun_fix(stage: str, cfg: RunConfig) -> str:
     return f"run 'flowmodel {stage} {where}' again to rewrite it"
 
 
+def _primary_name(names: Any) -> str | None:
+    """Return the primary of these source names: the first non-CDR one by name, else the first."""
+    ordered = sorted(names)
+    plain = [s for s in ordered if not is_cdr_source(s)]
+    return (plain or ordered or [None])[0]
+
+
 def _primary_source(ds: Any) -> str | None:
-    """Return the source observed flows are reported against: the first non-CDR one, else the first."""
+    """Return the source observed flows are reported against (:func:`_primary_name`)."""
     from flowmodel.dataset import flow_sources
 
-    sources = flow_sources(ds)
-    plain = [s for s in sources if not is_cdr_source(s)]
-    return (plain or sources or [None])[0]
+    return _primary_name(flow_sources(ds))
 
 
 def _observed(ds: Any, source: str | None, period: str | None = None) -> Any:
