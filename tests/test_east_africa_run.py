@@ -6,7 +6,8 @@ population for 2000 and 2020 (``scale = 400``: the values are mean persons per 3
 cell), and WorldPop's modelled 2005-2010 Kenya migration (46 units) summed to the
 8 provinces by the first digit of their ids (the data README's join) as the one
 flow source. Rwanda and Tanzania have no flow data: the run must say so, and their
-intervals must be the prior's. docs/validation.md ("East Africa") quotes the numbers.
+intervals must be the prior's. The run folder is the one `scripts/east_africa_example.py` writes;
+docs/validation.md ("East Africa") quotes the numbers.
 """
 
 from __future__ import annotations
@@ -19,98 +20,29 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowmodel.config import config_from_dict
 from flowmodel.exceptions import DataScaleWarning
 from tests.conftest import require_data
 
-#: first digit of a WorldPop KEN unit id -> DHS province (NAME_final), the README's table
-PROVINCE = {
-    "1": "central",
-    "2": "coast",
-    "3": "eastern",
-    "4": "nairobi",
-    "5": "northeastern",
-    "6": "nyanza",
-    "7": "rift valley",
-    "8": "western",
-}
 
+def _example() -> Any:
+    """``scripts/east_africa_example.py``: the run folder the docs describe."""
+    import importlib.util
 
-def _kenya_flows(path: Path) -> int:
-    """WorldPop's 2005-2010 Kenya flows summed to province pairs; returns the total."""
-    wp = pd.read_csv(
-        require_data("worldpop_internal_migration_2010", "KEN_5yrs_InternalMigFlows_2010.csv")
-    )
-    wp["origin"] = wp["NODEI"].astype(str).str[0].map(PROVINCE)
-    wp["destination"] = wp["NODEJ"].astype(str).str[0].map(PROVINCE)
-    between = wp.loc[wp["origin"] != wp["destination"]]
-    table = between.groupby(["origin", "destination"], as_index=False)["PrdMIG"].sum()
-    table["count"] = table.pop("PrdMIG").round().astype(int)
-    table.to_csv(path, index=False)
-    return int(table["count"].sum())
+    path = Path(__file__).resolve().parents[1] / "scripts" / "east_africa_example.py"
+    spec = importlib.util.spec_from_file_location("east_africa_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _config(tmp: Path, *, scale: float | None = 400.0) -> Any:
-    boundaries = require_data("east_africa_admin_boundaries")
-    rasters = require_data("africa_population_2000_2020_20km")
-    total = _kenya_flows(tmp / "kenya_provinces_2005_2010.csv")
-    dates = {y: str(rasters / f"afripop{y}.tif") for y in ("2000", "2020")}
-    population: Any = {"dates": dates, "scale": scale} if scale else dates
-    cfg = config_from_dict(
-        {
-            "run": {"name": "east-africa", "out_dir": str(tmp / "run"), "seed": 1},
-            "units": {
-                "path": [
-                    {
-                        "path": str(boundaries / "kenya_dhs_provinces.gpkg"),
-                        "id_field": "NAME_final",
-                        "name_field": "DHSREGEN",
-                        "country": "KEN",
-                    },
-                    {
-                        "path": str(boundaries / "rwanda_nisr_2006.gpkg"),
-                        "layer": "provinces",
-                        "id_field": "Prov_ID",
-                        "name_field": "Prov_Name",
-                        "country": "RWA",
-                        "id_prefix": "RWA-",
-                    },
-                    {
-                        "path": str(boundaries / "tanzania_nbs_regions.gpkg"),
-                        "id_field": "Region_Cod",
-                        "name_field": "Region_Nam",
-                        "country": "TZA",
-                        "id_prefix": "TZA-",
-                        "query": "Region_Cod < '51'",  # Zanzibar: nodata in these rasters
-                    },
-                ]
-            },
-            "rasters": {"population": population},
-            "flows": {
-                "census": {
-                    "kind": "table",
-                    "path": str(tmp / "kenya_provinces_2005_2010.csv"),
-                    "period": "2005-2010",
-                }
-            },
-            "model": {
-                "type": "gravity",
-                "backend": "nutpie",
-                "draws": 500,
-                "tune": 500,
-                "chains": 2,
-                "options": {
-                    "origin_covariates": ["log_population"],
-                    "destination_covariates": ["log_population"],
-                    "cross_border": True,
-                    "contiguity": True,
-                },
-            },
-        },
-        base_dir=tmp,
-        check_files=True,
-    )
-    return cfg, total
+    from flowmodel.config import load_config
+
+    for name in ("east_africa_admin_boundaries", "africa_population_2000_2020_20km"):
+        require_data(name)
+    require_data("worldpop_internal_migration_2010", "KEN_5yrs_InternalMigFlows_2010.csv")
+    path, total = _example().write_example(tmp, scale=scale)
+    return load_config(path), total
 
 
 def _populations(out: Path) -> pd.Series:
