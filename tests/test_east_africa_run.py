@@ -107,6 +107,9 @@ def test_run_with_one_country_of_flows_gives_the_others_prior_intervals(tmp_path
     report = (out / "report.html").read_text()
     assert "country_effect[RWA, TZA]" in report
     assert "No source observes moves within RWA, TZA" in report
+    # the by-country table marks them where a reader looks at their totals
+    assert "† No source observes moves within RWA, TZA: their totals are predicted" in report
+    assert report.count('<sup title="no source observes moves within this country">†</sup>') == 2
 
     def internal(code: str) -> pd.Series:
         row = totals.loc[
