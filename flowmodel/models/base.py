@@ -731,8 +731,9 @@ class FlowModel(abc.ABC):
             "prior_sd": prior_sd,
             "fix": (
                 f"Fix for the level of {', '.join(unseen)}, add a source that counts moves "
-                "within or out of them (a census, country-pair estimates) or state the spread "
-                "of levels you expect (priors={'sigma_country': ...})"
+                "within or out of them (a census; a national total or country-pair estimates "
+                "as [marginals] of a fusion model) or state the spread of levels you expect "
+                "(priors={'sigma_country': ...})"
             ),
         }
         warnings.warn(
