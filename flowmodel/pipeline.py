@@ -181,6 +181,8 @@ STAGES: dict[str, StageSpec] = {
             "flows",
             *(["marginals"] if c.marginals else []),
             *(["covariates"] if c.covariates else []),
+            # the static value of a dated covariate is taken at [predict] period
+            **({"predict_period": c.predict.period} if c.predict.period else {}),
         ),
         "read units, rasters and flow tables; build and save the FlowDataset",
     ),

@@ -669,3 +669,20 @@ def test_file_system_without_locks_is_a_named_error(project: Path, monkeypatch) 
     with pytest.raises(RunDirectoryError, match=r"does not support file locks.*-o flock"):
         pipeline.run_pipeline(load_config(project))
     assert pipeline.lock_holder(project.parent / "run") is None
+
+
+def test_prepare_depends_on_the_predicted_period_only_when_one_is_given(tmp_path: Path) -> None:
+    """The static value of a dated covariate is taken at [predict] period: prepare reruns."""
+    from flowmodel.config import config_from_dict
+    from flowmodel.pipeline import STAGES
+
+    def parts(extra: dict) -> dict:
+        cfg = config_from_dict({"units": {"path": "u.gpkg"}, **extra}, base_dir=tmp_path)
+        return STAGES["prepare"].config(cfg)
+
+    plain = parts({})
+    assert "predict_period" not in plain  # older run directories stay valid
+    assert parts({"predict": {"period": "2015-2020"}})["predict_period"] == "2015-2020"
+    assert parts({"predict": {"period": "2015-2020"}}) != parts(
+        {"predict": {"period": "2020-2025"}}
+    )
