@@ -174,6 +174,19 @@ class RunSection(_Section):
         return _check_name(value, "a run name")
 
 
+def _check_country(country: str | None, *, both: bool) -> None:
+    """Check a units file's country: a code or a column (``country_field``), not both; not empty."""
+    if country is None:
+        return
+    if both:
+        raise ValueError(
+            "give country (one code for every unit) or country_field (a column with the "
+            "codes), not both"
+        )
+    if not country.strip():
+        raise ValueError("country is empty: give the country's code, e.g. 'TZA'")
+
+
 class UnitsFile(_Section):
     """One entry of ``[units] path`` given as a table: a file with its own settings.
 
@@ -194,13 +207,7 @@ class UnitsFile(_Section):
 
     @model_validator(mode="after")
     def _one_country_source(self) -> UnitsFile:
-        if self.country is not None and self.country_field is not None:
-            raise ValueError(
-                "give country (one code for every unit of the file) or country_field (a "
-                "column with the codes), not both"
-            )
-        if self.country is not None and not self.country.strip():
-            raise ValueError("country is empty: give the country's code, e.g. 'TZA'")
+        _check_country(self.country, both=self.country_field is not None)
         return self
 
 
@@ -268,13 +275,7 @@ class UnitsSection(_Section):
 
     @model_validator(mode="after")
     def _one_country_source(self) -> UnitsSection:
-        if self.country is not None and "country_field" in self.model_fields_set:
-            raise ValueError(
-                "give country (one code for every unit) or country_field (a column with the "
-                "codes), not both"
-            )
-        if self.country is not None and not self.country.strip():
-            raise ValueError("country is empty: give the country's code, e.g. 'TZA'")
+        _check_country(self.country, both="country_field" in self.model_fields_set)
         return self
 
     def paths(self) -> list[Path]:

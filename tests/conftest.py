@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 def data_root() -> Path:
     """Where the shared real data live: $FLOWMODEL_DATA or ../shared/data."""
     return Path(os.environ.get("FLOWMODEL_DATA", REPO.parent / "shared" / "data"))
+
+
+def load_script(name: str) -> Any:
+    """Import ``scripts/<name>.py`` as a module (the example drivers the docs quote)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def require_data(*parts: str) -> Path:

@@ -21,18 +21,12 @@ import pandas as pd
 import pytest
 
 from flowmodel.exceptions import DataScaleWarning
-from tests.conftest import require_data
+from tests.conftest import load_script, require_data
 
 
 def _example() -> Any:
     """``scripts/east_africa_example.py``: the run folder the docs describe."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "east_africa_example.py"
-    spec = importlib.util.spec_from_file_location("east_africa_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("east_africa_example")
 
 
 def _config(tmp: Path, *, scale: float | None = 400.0) -> Any:

@@ -8,21 +8,14 @@ country's own scale.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, require_data
+from tests.conftest import load_script, require_data
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "eu_reports_example", REPO / "scripts" / "eu_reports_example.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eu_reports_example")
 
 
 @pytest.fixture(scope="module")

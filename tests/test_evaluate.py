@@ -478,14 +478,10 @@ def test_glm_population_scale_and_evaluate_exposure():
 
 @pytest.mark.slow
 def test_validation_driver_austria_matches_spint(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import load_script
 
     require_data("austria_migration_spint")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "validate_real_data.py"
-    spec = importlib.util.spec_from_file_location("validate_real_data", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("validate_real_data")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         argv = [

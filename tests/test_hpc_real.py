@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from flowmodel import pipeline
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.slow
 
@@ -414,8 +415,6 @@ def _manifest(run_dir: Path) -> dict:
 
 
 def test_slurm_job_array_runs_every_task_and_resumes_a_killed_one(world, slurm) -> None:
-    import importlib.util
-
     import xarray as xr
 
     root, _ = world
@@ -426,9 +425,7 @@ def test_slurm_job_array_runs_every_task_and_resumes_a_killed_one(world, slurm) 
         f'flowmodel = "{FLOWMODEL}"\ntime = "00:15:00"\ncpus = 1\nmem = "500M"\n'
         'setup = "export PYTHONHASHSEED=0"\n'
     )
-    spec = importlib.util.spec_from_file_location("make_slurm", REPO / "scripts" / "make_slurm.py")
-    make_slurm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_slurm)
+    make_slurm = load_script("make_slurm")
     script = root / "jobs" / "countries.sh"
     assert (
         make_slurm.main([*map(str, configs), "--out", str(script), "--settings", str(settings)])

@@ -9,24 +9,18 @@ so it fails loudly the day the model clears the bar.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, require_data
+from tests.conftest import load_script, require_data
 
 PERSISTENCE_CPC = 0.88766  # the data README's reference number
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "nowcast_brazil", REPO / "scripts" / "nowcast_brazil.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("nowcast_brazil")
 
 
 @pytest.fixture(scope="module")

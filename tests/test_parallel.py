@@ -107,12 +107,9 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def _make_slurm():

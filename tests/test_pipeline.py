@@ -18,6 +18,7 @@ from flowmodel import pipeline
 from flowmodel.atomic import atomic_path
 from flowmodel.config import load_config
 from flowmodel.exceptions import RunDirectoryError
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -460,19 +461,10 @@ def test_build_model_from_config(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------- batch driver
-def _load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_batch_runs_is_interrupted_and_resumes(tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 
-    batch = _load_script("run_batch")
+    batch = load_script("run_batch")
     configs = [
         make_project(tmp_path / c, CONFIG.replace('name = "tiny"', f'name = "{c}"'))
         for c in ("ken", "uga", "tza")
@@ -515,7 +507,7 @@ def test_batch_runs_is_interrupted_and_resumes(tmp_path: Path, monkeypatch) -> N
 
 
 def test_batch_command_line_exit_codes(tmp_path: Path, monkeypatch, capsys) -> None:
-    batch = _load_script("run_batch")
+    batch = load_script("run_batch")
     good = make_project(tmp_path / "good")
     bad = make_project(tmp_path / "bad", CONFIG + "[model]\n")  # duplicate table: bad TOML
     install_fake_stages(monkeypatch)

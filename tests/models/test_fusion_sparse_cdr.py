@@ -31,14 +31,9 @@ pytestmark = [pytest.mark.slow]
 
 def _sweep_module() -> Any:
     """``scripts/fusion_cdr_sweep.py``: the world preparation and scores the docs quote."""
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import load_script
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "fusion_cdr_sweep.py"
-    spec = importlib.util.spec_from_file_location("fusion_cdr_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fusion_cdr_sweep")
 
 
 #: A sparse operator log: the median subscriber is seen on 4 nights a month (about 10 by default)
