@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import pymc as pm
+import pytensor.tensor as pt
 import xarray as xr
 
 from flowmodel._version import __version__
@@ -243,6 +244,30 @@ class FlowModel(abc.ABC):
         """Whether ``phi`` has a ``source`` dim (else one scalar ``phi``)."""
         return False
 
+    @staticmethod
+    def _dispersion(
+        factory: PriorFactory,
+        observations: Sequence[ObservationModel],
+        dispersed: Sequence[str],
+        by_source: bool,
+    ) -> Any:
+        """Return ``phi``: one node (dims ``source`` when ``by_source``) or a stack.
+
+        When a source has its own dispersion prior (``phi_<source>``), every source
+        gets its own node (the others from the shared ``phi`` prior), stacked as ``phi``.
+        """
+        own = {
+            o.source: node
+            for o in observations
+            if (node := getattr(o, "dispersion_node", None)) is not None
+        }
+        if not by_source or not own:
+            return factory("phi", dims="source" if by_source else None)
+        nodes = [
+            factory(own[s]) if s in own else factory(f"phi_{s}", key="phi") for s in dispersed
+        ]
+        return pm.Deterministic("phi", pt.stack(nodes), dims="source")
+
     def _user_priors(self) -> dict[str, PriorSpec]:
         """Return the user's prior overrides (a fusion merges its latent preset's)."""
         return dict(self.priors)
@@ -369,7 +394,7 @@ class FlowModel(abc.ABC):
             term = self.field.add(data, union, latent_state, factory)
             phi = None
             if dispersed:
-                phi = factory("phi", dims="source" if by_source else None)
+                phi = self._dispersion(factory, observations, dispersed, by_source)
             build = Build(
                 data,
                 term,

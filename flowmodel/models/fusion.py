@@ -184,7 +184,8 @@ class FusionModel(FlowModel):
         ``source -> options`` of its observation model: ``kind`` (``"counts"``,
         ``"cdr"``, ``"estimates"``), ``likelihood``, ``undercount`` (a prior, or
         ``{class: prior}`` per report class in ``class_<source>``), ``duration``
-        (a prior).
+        (a prior), ``dispersion`` (the source's own prior of its ``phi``, node
+        ``phi_<source>``: what is known of a report's precision).
     priors
         Overrides keyed by node name: the latent's (``intercept``, ``beta``,
         ``cross_border``, ``sigma_country``, ...) and the observation models'

@@ -939,6 +939,12 @@ class CountObservation(ObservationModel):
     duration
         None or a prior: counts of the source's window per latent flow (e.g. a
         5-year migrant count against a 1-year latent window).
+    dispersion
+        None (the shared ``phi`` prior) or this source's own prior of its
+        negative-binomial dispersion (node ``phi_<source>``; ``phi`` keeps its
+        ``source`` dim): what is known of a report's precision. For large counts
+        ``1/sqrt(phi)`` is the report's relative error, so a register known to be
+        within ~3% of the truth gets a prior centred near ``1/0.03^2 ≈ 1,100``.
     """
 
     kind = "counts"
@@ -947,6 +953,7 @@ class CountObservation(ObservationModel):
         "likelihood": "negbin",
         "undercount": None,
         "duration": None,
+        "dispersion": None,
     }
 
     @override
@@ -961,6 +968,23 @@ class CountObservation(ObservationModel):
     @override
     def uses_dispersion(self) -> bool:
         return self.options["likelihood"] == "negbin"
+
+    @property
+    def dispersion_node(self) -> str | None:
+        """``phi_<source>`` when the source has its own dispersion prior, else None."""
+        if self.options.get("dispersion") is None or not self.uses_dispersion:
+            return None
+        return f"phi_{self.source}"
+
+    @override
+    def nodes(self, data: xr.Dataset | None = None) -> list[str]:
+        own = [self.dispersion_node] if self.dispersion_node else []
+        return [*super().nodes(data), *own]
+
+    @override
+    def default_priors(self) -> dict[str, Any]:
+        own = {self.dispersion_node: self.options["dispersion"]} if self.dispersion_node else {}
+        return super().default_priors() | own
 
     @override
     def cells(self, data: xr.Dataset) -> Cells:

@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pymc as pm
 import pytest
 import xarray as xr
 from scipy import stats
@@ -145,10 +146,8 @@ def test_estimates_errors_name_the_fix(tiny):
         estimates_to_dataset(data, table.assign(se=1.0), name="x", origin_level="admin9")
 
 
-def test_two_reports_of_one_flow_each_with_its_undercount(tiny):
-    """A sending and a receiving country report the same flows, each with its undercount class:
-    E[y] = u_class x mu; one factor per class, with its own prior."""
-    data, _ = tiny
+def _two_reports(data: xr.Dataset) -> xr.Dataset:
+    """Sending (``emig``: 0.6 x, classes low/high) and receiving (``immi``: 0.9 x) reports."""
     y = data["flow_census"].values
     ids = data["unit"].values.astype(str)
     rows = [
@@ -161,7 +160,7 @@ def test_two_reports_of_one_flow_each_with_its_undercount(tiny):
     emig = base.assign(count=np.round(base["count"] * 0.6), **{"class": "high"})
     emig.loc[emig.index % 2 == 0, "class"] = "low"
     immi = base.assign(count=np.round(base["count"] * 0.9), **{"class": "low"})
-    ds = build_dataset(
+    return build_dataset(
         pd.DataFrame(
             {
                 "unit_id": ids,
@@ -173,6 +172,12 @@ def test_two_reports_of_one_flow_each_with_its_undercount(tiny):
         ),
         flows={"emig": emig, "immi": immi},
     )
+
+
+def test_two_reports_of_one_flow_each_with_its_undercount(tiny):
+    """A sending and a receiving country report the same flows, each with its undercount class:
+    E[y] = u_class x mu; one factor per class, with its own prior."""
+    ds = _two_reports(tiny[0])
     assert ds["class_emig"].dims == ("origin", "destination")
     priors = {
         "low": {"dist": "Beta", "alpha": 8.0, "beta": 2.0},
@@ -205,6 +210,49 @@ def test_two_reports_of_one_flow_each_with_its_undercount(tiny):
         ModelConfigError, match=r"class\(es\) \['high'\] of class_emig have no factor"
     ):
         bad.build_model(ds)
+
+
+def test_a_report_with_its_own_dispersion_prior(tiny):
+    """``dispersion`` gives one source its own phi prior (a register known to be precise);
+    the others keep the shared prior, and ``phi`` keeps its ``source`` dim."""
+    ds = _two_reports(tiny[0])
+    precise = {"dist": "LogNormal", "mu": float(np.log(1000.0)), "sigma": 0.1}
+    model = FusionModel(
+        latent=GravityModel(noncentered=True),
+        sources=["emig", "immi"],
+        source_options={"immi": {"dispersion": precise}},
+    )
+    pm_model, state, point = _at_point(model, ds)
+    free = {v.name for v in pm_model.free_RVs}
+    assert {"phi_emig", "phi_immi"} <= free and "phi" not in free
+    assert pm_model.named_vars_to_dims["phi"] == ("source",)
+    # each node has its own prior: the precise report's is centred on 1,000, the other's is
+    # the shared Gamma(2, 0.2)
+    rng = np.random.default_rng(0)
+    draws = pm.draw([pm_model["phi_emig"], pm_model["phi_immi"]], draws=2000, random_seed=rng)
+    assert np.median(draws[1]) == pytest.approx(1000.0, rel=0.02)
+    assert np.mean(draws[0]) == pytest.approx(10.0, rel=0.1)
+    # the likelihood of each report uses its own phi
+    model.fit_meta = state
+    post = _posterior_at(pm_model, point)
+    assert post["phi"].sel(source="immi").item() == pytest.approx(post["phi_immi"].item())
+    cells = read_cells(ds, "immi")
+    eta = model._log_rate_draws(post, ds, cells.origin_idx, cells.dest_idx)[0]
+    mu = np.exp(eta).ravel()
+    phi = post["phi_immi"].item()
+    expected = stats.nbinom.logpmf(cells.y, phi, phi / (phi + mu)).sum()
+    assert _term(pm_model, "y_immi", point) == pytest.approx(expected, rel=1e-9)
+    # the source's prior can still be overridden by node name
+    override = FusionModel(
+        latent=GravityModel(noncentered=True),
+        sources=["emig", "immi"],
+        source_options={"immi": {"dispersion": precise}},
+        priors={"phi_immi": {"dist": "Gamma", "alpha": 2.0, "beta": 0.002}},
+    )
+    m2, _, _ = _at_point(override, ds)
+    assert np.mean(pm.draw(m2["phi_immi"], draws=2000, random_seed=1)) == pytest.approx(
+        1000.0, rel=0.1
+    )
 
 
 @pytest.mark.slow
