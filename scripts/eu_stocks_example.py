@@ -181,8 +181,9 @@ PRECISION_PRIORS = {
     "fbmau": {"dist": "TruncatedNormal", "mu": 50.0, "sigma": 10.0, "lower": 0.001},
     "fbdau": {"dist": "TruncatedNormal", "mu": 100.0, "sigma": 31.6, "lower": 0.001},
 }
-#: The field: a corridor effect that also walks, origin and destination walks, no country
-#: trend (every unit is a country, so it would duplicate the origin walks).
+#: The field: a corridor effect shared by the years (``--pair-walk``: it also walks),
+#: origin and destination walks, no country trend (every unit is a country, so it would
+#: duplicate the origin walks).
 TEMPORAL = {
     "trend": "none",
     "unit_trends": True,

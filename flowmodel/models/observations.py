@@ -963,6 +963,12 @@ class CountObservation(ObservationModel):
                 f"source '{self.source}': likelihood={self.options['likelihood']!r} is not "
                 f"valid; use one of {list(LIKELIHOODS)}"
             )
+        if self.options.get("dispersion") is not None and not self.uses_dispersion:
+            raise ModelConfigError(
+                f"source '{self.source}': a dispersion prior needs the negative binomial, but "
+                f"likelihood={self.options['likelihood']!r}. Fix: drop 'dispersion' or use "
+                "likelihood='negbin'"
+            )
 
     @property
     @override

@@ -253,6 +253,13 @@ def test_a_report_with_its_own_dispersion_prior(tiny):
     assert np.mean(pm.draw(m2["phi_immi"], draws=2000, random_seed=1)) == pytest.approx(
         1000.0, rel=0.1
     )
+    # a Poisson source has no dispersion to give a prior to
+    with pytest.raises(ModelConfigError, match="dispersion prior needs the negative binomial"):
+        FusionModel(
+            latent=GravityModel(),
+            sources=["emig", "immi"],
+            source_options={"immi": {"dispersion": precise, "likelihood": "poisson"}},
+        ).build_model(ds)
 
 
 @pytest.mark.slow
