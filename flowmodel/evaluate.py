@@ -40,6 +40,7 @@ from flowmodel.progress import progress_bar
 
 __all__ = [
     "DEFAULT_QUANTILES",
+    "compare_methods",
     "cpc",
     "cross_validate",
     "deviance",
@@ -210,6 +211,47 @@ def interval_width(lower: ArrayLike, upper: ArrayLike) -> float:
     if lo.size == 0:
         return float("nan")
     return float(np.mean(hi - lo))
+
+
+def compare_methods(observed: ArrayLike, predictions: Mapping[str, Any]) -> pd.DataFrame:
+    """CPC, log-RMSE and 90% interval coverage of several predictions of the same cells.
+
+    Parameters
+    ----------
+    observed
+        One observed value per cell (e.g. held-out reports).
+    predictions
+        ``label -> prediction``: a point prediction per cell (array or Series, NaN
+        where the method has none, e.g. no report the year before), or a DataFrame
+        with ``q05``, ``q50`` and ``q95`` (median and 90% interval).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per method: ``method``, ``n`` (the cells it predicts), ``CPC``,
+        ``log-RMSE`` and ``90% coverage`` (NaN without an interval). Each method
+        is scored on the cells it predicts.
+    """
+    obs = np.asarray(observed, dtype=float)
+    rows = []
+    for label, pred in predictions.items():
+        if isinstance(pred, pd.DataFrame):
+            point, lo, hi = (pred[c].to_numpy(dtype=float) for c in ("q50", "q05", "q95"))
+        else:
+            point, lo, hi = np.asarray(pred, dtype=float), None, None
+        ok = np.isfinite(point) & np.isfinite(obs)
+        rows.append(
+            {
+                "method": label,
+                "n": int(ok.sum()),
+                "CPC": cpc(obs[ok], point[ok]),
+                "log-RMSE": log_rmse(obs[ok], point[ok]),
+                "90% coverage": np.nan
+                if lo is None or hi is None
+                else interval_coverage(obs[ok], lo[ok], hi[ok]),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def flow_metrics(observed: ArrayLike, predictions: xr.Dataset) -> dict[str, float]:

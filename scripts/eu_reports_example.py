@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from flowmodel.dataset import build_dataset
-from flowmodel.evaluate import cpc, interval_coverage, log_rmse
+from flowmodel.evaluate import compare_methods
 from flowmodel.models import FusionModel, GravityModel
 
 #: MigMod's undercount priors (R/data_2_standata.R): lambda ~ Beta(a, b), a report counts
@@ -190,34 +190,6 @@ def predict_held_out(fitted: FusionModel, ds: Any, test: pd.DataFrame) -> pd.Dat
     return frame.reindex(pd.MultiIndex.from_arrays(wanted)).reset_index(drop=True)
 
 
-def scores(test: pd.DataFrame, predictions: dict[str, pd.DataFrame | pd.Series]) -> pd.DataFrame:
-    """CPC, log-RMSE and 90% coverage of each method on the held-out receiving reports.
-
-    A method without a value for a corridor (no report the year before) is scored on
-    the corridors it has, and says how many.
-    """
-    obs = test["Immi"].to_numpy(dtype=float)
-    rows = []
-    for label, pred in predictions.items():
-        if isinstance(pred, pd.DataFrame):
-            point, lo, hi = (pred[c].to_numpy(dtype=float) for c in ("q50", "q05", "q95"))
-        else:
-            point, lo, hi = pred.to_numpy(dtype=float), None, None
-        ok = np.isfinite(point)
-        rows.append(
-            {
-                "method": label,
-                "n": int(ok.sum()),
-                "CPC": cpc(obs[ok], point[ok]),
-                "log-RMSE": log_rmse(obs[ok], point[ok]),
-                "90% coverage": np.nan
-                if lo is None
-                else interval_coverage(obs[ok], lo[ok], hi[ok]),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 def undercount_table(fitted: FusionModel) -> pd.DataFrame:
     """Prior and posterior mean and 90% interval of each undercount factor."""
     post = fitted.posterior
@@ -279,7 +251,7 @@ def run(
         "year": year,
         "years": [str(p) for p in ds["period"].values],
         "held_out": len(test),
-        "scores": scores(test, predictions),
+        "scores": compare_methods(test["Immi"].to_numpy(dtype=float), predictions),
         "undercount": undercount_table(panel),
         "r_hat_max": float(summary["r_hat"].max()),
         "ess_bulk_min": float(summary["ess_bulk"].min()),

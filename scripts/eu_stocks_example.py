@@ -66,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from flowmodel.dataset import build_dataset
-from flowmodel.evaluate import cpc, interval_coverage, log_rmse
+from flowmodel.evaluate import compare_methods, cpc
 from flowmodel.models import FusionModel, GravityModel
 
 #: The 28 countries (English short names of the data) and their ISO 3166 alpha-2 codes.
@@ -457,29 +457,6 @@ def predict_held_out(fitted: FusionModel, ds: Any, test: pd.DataFrame) -> pd.Dat
     return frame.reindex(wanted).reset_index(drop=True)
 
 
-def scores(obs: np.ndarray, predictions: dict[str, Any]) -> pd.DataFrame:
-    """CPC, log-RMSE and 90% coverage of each method, on the corridors it has."""
-    rows = []
-    for label, pred in predictions.items():
-        if isinstance(pred, pd.DataFrame):
-            point, lo, hi = (pred[c].to_numpy(dtype=float) for c in ("q50", "q05", "q95"))
-        else:
-            point, lo, hi = np.asarray(pred, dtype=float), None, None
-        ok = np.isfinite(point) & (point > 0)
-        rows.append(
-            {
-                "method": label,
-                "n": int(ok.sum()),
-                "CPC": cpc(obs[ok], point[ok]),
-                "log-RMSE": log_rmse(obs[ok], point[ok]),
-                "90% coverage": np.nan
-                if lo is None
-                else interval_coverage(obs[ok], lo[ok], hi[ok]),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 def published() -> pd.DataFrame:
     """The paper's posterior by corridor and year (``cd_bilat.csv``), with ISO codes."""
     pub = pd.read_csv(stocks_dir() / "cd_bilat.csv")
@@ -591,7 +568,7 @@ def run(
     summary = fitted.summary()
     return {
         "held_out": len(test),
-        "scores": scores(test["eurostat"].to_numpy(dtype=float), predictions),
+        "scores": compare_methods(test["eurostat"].to_numpy(dtype=float), predictions),
         "comparison": compare(fitted, ds),
         "factors": factor_table(fitted, facebook),
         "r_hat_max": float(summary["r_hat"].max()),

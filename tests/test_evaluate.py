@@ -14,6 +14,7 @@ from scipy import stats
 from flowmodel.dataset import build_dataset
 from flowmodel.evaluate import (
     _intervening_population_bruteforce,
+    compare_methods,
     cpc,
     cross_validate,
     deviance,
@@ -530,3 +531,22 @@ def test_radiation_baseline_unobserved_origins_use_emigration_rate():
     ).all()
     with pytest.raises(ModelConfigError, match="unobserved_outflow='zero'"):
         radiation_baseline(ds, unobserved_outflow="zero")
+
+
+def test_compare_methods_scores_each_method_on_the_cells_it_predicts():
+    obs = np.array([10.0, 20.0, 40.0, 80.0])
+    interval = pd.DataFrame(
+        {"q05": [5.0, 25.0, 30.0, 60.0], "q50": [9.0, 30.0, 40.0, 70.0], "q95": [15, 35, 50, 90]}
+    )
+    last_year = np.array([np.nan, 18.0, 44.0, 80.0])  # no value for the first cell
+    table = compare_methods(obs, {"model": interval, "persistence": last_year}).set_index("method")
+    assert table.loc["model", "n"] == 4 and table.loc["persistence", "n"] == 3
+    # CPC = 2 sum(min) / (sum(obs) + sum(pred)), by hand
+    assert table.loc["model", "CPC"] == pytest.approx(2 * (9 + 20 + 40 + 70) / (150 + 149))
+    assert table.loc["persistence", "CPC"] == pytest.approx(2 * (18 + 40 + 80) / (140 + 142))
+    # log(1 + y): 18 against 20, 44 against 40, 80 against 80
+    expected = np.sqrt((np.log(19 / 21) ** 2 + np.log(45 / 41) ** 2) / 3)
+    assert table.loc["persistence", "log-RMSE"] == pytest.approx(expected)
+    # the second cell (20) lies outside [25, 35]: 3 of 4 covered; no interval, no coverage
+    assert table.loc["model", "90% coverage"] == 0.75
+    assert np.isnan(table.loc["persistence", "90% coverage"])
