@@ -5,9 +5,11 @@ Two inputs are supported, and both return a long table that plugs straight into
 
 * :func:`read_census_od` — an aggregated origin-destination table (CSV, Parquet
   or a DataFrame) with ``origin``, ``destination``, ``count`` and optionally
-  ``period``; suppressed cells (``"<5"``, ``".."``, ``"x"``, ...) become
-  *censored*: ``count`` NaN and ``max`` the largest count the cell can hold,
-  never zero.
+  ``period``, or the same counts as a matrix (``layout="wide"``: a row per
+  previous residence, a column per current residence, the way statistical
+  offices print them; total rows and columns are checked and dropped).
+  Suppressed cells (``"<5"``, ``".."``, ``"x"``, ...) become *censored*:
+  ``count`` NaN and ``max`` the largest count the cell can hold, never zero.
 * :func:`read_census_persons` — IPUMS-style person records (current unit,
   previous unit, person weight): ``count`` is the unweighted number of sampled
   movers (previous residence = origin, current residence = destination),
@@ -40,6 +42,7 @@ column                dtype    meaning
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import warnings
@@ -52,8 +55,11 @@ import pandas as pd
 
 from flowmodel.exceptions import CensusInputError, InputFileError, UnitCodeError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_SUPPRESSED",
+    "TOTAL_LABELS",
     "census_universe",
     "harmonise_codes",
     "parse_counts",
@@ -86,6 +92,8 @@ _THOUSANDS = r"\d{1,3}(?:,\d{3})+(?:\.0*)?"
 _LT = re.compile(r"^\s*<\s*(\d+(?:\.\d+)?)\s*$")
 _LE = re.compile(r"^\s*(?:<=|≤)\s*(\d+(?:\.\d+)?)\s*$")
 MAX_SHOWN = 10
+#: Row and column labels of a matrix's margins (compared without case and surrounding spaces)
+TOTAL_LABELS = frozenset({"total", "totals", "grand total", "all", "sum"})
 
 
 def _fmt(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
@@ -575,6 +583,8 @@ def read_census_od(
     sep: str | None = None,
     origin_level: str = "unit",
     destination_level: str = "unit",
+    layout: Literal["long", "wide"] = "long",
+    check_totals: bool = True,
 ) -> pd.DataFrame:
     """Read an aggregated census OD table into a long flow table.
 
@@ -645,6 +655,23 @@ def read_census_od(
         and moving within the region cannot be told apart); ``universe`` then
         takes ``"within"``, ``"destination"``, ``"abroad"`` (origin in another
         country: immigrants) or ``"all"``.
+    layout
+        ``"long"`` (default): a row per cell. ``"wide"``: a matrix, a row per
+        origin and a column per destination (the column headers are the
+        destination codes); ``origin`` names the column of origin codes (by
+        default the first column when no column is called ``origin``),
+        ``period`` an optional column of periods (one matrix per period, stacked),
+        and ``destination`` and ``count`` are not used. An empty cell is one the
+        office did not print (stayers on the diagonal; zeros, where ``universe``
+        says so; a warning counts those off the diagonal) and is dropped. Rows
+        and columns labelled as margins (:data:`TOTAL_LABELS`: ``Total``,
+        ``All``, ...) are checked and dropped.
+    check_totals
+        ``layout="wide"``: each margin must lie within what its row's or column's
+        cells allow (their sum, with suppressed cells anywhere in their range; a
+        margin that is not the sum of the printed cells means a shifted row or
+        column, or a margin that counts people the matrix does not show). False
+        drops margins unchecked.
 
     Returns
     -------
@@ -666,9 +693,28 @@ def read_census_od(
     UnitCodeError
         Codes matching no unit (unless ``unmatched="drop"``).
     """
+    table, label = _read_table(source, "census OD", encoding=encoding, sep=sep)
+    if layout == "wide":
+        table = _melt_matrix(
+            table,
+            label,
+            origin=origin,
+            period=period,
+            suppressed=suppressed,
+            suppressed_max=suppressed_max,
+            suppressed_min=suppressed_min,
+            check_totals=check_totals,
+            # a matrix by region or country leaves the cells that contain the destination empty
+            warn_empty=universe is None and origin_level == destination_level == "unit",
+        )
+        origin, destination, count = "origin", "destination", "count"
+        period = "period" if period else None
+    elif layout != "long":
+        raise CensusInputError(f"{label}: layout={layout!r}; use 'long' or 'wide'.")
     if origin_level != "unit" or destination_level != "unit":
         return _read_census_od_cells(
-            source,
+            table,
+            label,
             units=units,
             origin=origin,
             destination=destination,
@@ -686,10 +732,7 @@ def read_census_od(
             origin_level=origin_level,
             destination_level=destination_level,
             duplicates=duplicates,
-            encoding=encoding,
-            sep=sep,
         )
-    table, label = _read_table(source, "census OD", encoding=encoding, sep=sep)
     _require(
         table,
         {"origin": origin, "destination": destination, "count": count, "period": period},
@@ -797,6 +840,167 @@ def _codes(values: pd.Series, label: str, column: str, what: str) -> pd.Series:
             f"drop those rows (e.g. query=\"{column} != ''\" for person records)."
         )
     return text
+
+
+def _is_margin(label: Any) -> bool:
+    return str(label).strip().lower() in TOTAL_LABELS
+
+
+def _melt_matrix(
+    table: pd.DataFrame,
+    label: str,
+    *,
+    origin: str,
+    period: str | None,
+    suppressed: Mapping[str, float | None] | None,
+    suppressed_max: float | None,
+    suppressed_min: float | None,
+    check_totals: bool,
+    warn_empty: bool,
+) -> pd.DataFrame:
+    """Return a census matrix (a row per origin, a column per destination) as a long table.
+
+    Each destination column is parsed as the file's column, so that a bad value is
+    named by its data row and column header; margins (:data:`TOTAL_LABELS`) are
+    checked against the cells they sum (``check_totals``) and dropped, and so are
+    empty cells (not printed: stayers, or zeros; a warning counts those off the
+    diagonal when ``warn_empty``). The cells stay text: :func:`read_census_od`
+    parses the long table as it parses any other.
+    """
+    columns = [str(c) for c in table.columns]
+    table = table.set_axis(columns, axis=1)
+    if origin not in columns:
+        if origin != "origin":
+            _require(table, {"origin": origin}, label)
+        origin = next(c for c in columns if c != period)  # the row labels: the first column
+    if period is not None:
+        _require(table, {"period": period}, label)
+    ids = [origin] + ([period] if period else [])
+    destinations = [c for c in columns if c not in ids]
+    nameless = [c for c in destinations if c.startswith("Unnamed:") or not c.strip()]
+    if nameless or not destinations:
+        raise CensusInputError(
+            f"{label}: layout='wide' needs a destination code as the header of every column "
+            f"but the origin one ({origin!r}); "
+            + (f"{len(nameless)} column(s) have none" if nameless else "there are no others")
+            + ". Fix: put the destination codes in the first line of the file, and name the "
+            "origin column with origin= when it is not the first."
+        )
+    codes = _codes(table[origin], label, origin, "origin code (the row label)")
+    margin_rows = codes.map(_is_margin).to_numpy()
+    cells = [c for c in destinations if not _is_margin(c)]
+    if not cells or margin_rows.all():
+        raise CensusInputError(
+            f"{label}: layout='wide': every row or every column is a margin ({sorted(TOTAL_LABELS)}"
+            "). Fix: check the origin= column and the header line."
+        )
+    text = table[destinations].astype("string").apply(lambda col: col.str.strip()).fillna("")
+    # an empty cell is one the office did not print (stayers on the diagonal, a region's
+    # own cell, sometimes zeros): unobserved, unless `universe` makes absent pairs zeros
+    empty = text.to_numpy() == ""
+    diagonal = codes.to_numpy()[:, None] == np.asarray(destinations)[None, :]
+    lo = np.zeros(text.shape)
+    hi = np.zeros(text.shape)
+    value = np.zeros(text.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read_census_od says it once, for the whole table
+        for j, col in enumerate(destinations):
+            count, bound = parse_counts(
+                text[col].mask(empty[:, j], "0"),
+                suppressed=suppressed,
+                suppressed_max=suppressed_max,
+                label=f"{label}: column {col!r}",
+            )
+            censored = np.isnan(count) & ~np.isnan(bound)
+            value[:, j] = count
+            lo[:, j] = np.where(censored, suppressed_min or 0.0, np.nan_to_num(count))
+            hi[:, j] = np.where(censored, bound, count)  # NaN: unobserved, unbounded
+    hi[empty] = np.inf  # a margin may count what was not printed
+    hi = np.where(np.isnan(hi), np.inf, hi)
+    if check_totals:
+        _check_margins(label, codes, destinations, margin_rows, value, lo, hi, table, period)
+    keep = table.loc[~margin_rows, ids].rename(columns={origin: "origin"})
+    keep["origin"] = codes[~margin_rows]
+    if period:
+        keep = keep.rename(columns={period: "period"})
+    wide = pd.concat([keep, text.loc[~margin_rows, cells]], axis=1)
+    long = wide.melt(id_vars=list(keep.columns), var_name="destination", value_name="count")
+    blank = pd.DataFrame(empty, index=table.index, columns=destinations)
+    dropped = blank.loc[~margin_rows, cells].melt(value_name="blank")["blank"].to_numpy()
+    margin_cols = np.array([_is_margin(c) for c in destinations])
+    off_diagonal = int((empty & ~diagonal)[~margin_rows][:, ~margin_cols].sum())
+    margins = [*codes[margin_rows].tolist(), *np.asarray(destinations)[margin_cols].tolist()]
+    logger.info(
+        "%s: a matrix of %d origin row(s) x %d destination column(s)%s%s",
+        label,
+        int((~margin_rows).sum()),
+        len(cells),
+        f"; margins {'checked and ' if check_totals else ''}dropped: {margins}" if margins else "",
+        f"; {int(dropped.sum())} empty cell(s) read as not printed" if dropped.any() else "",
+    )
+    if off_diagonal and warn_empty:
+        warnings.warn(
+            f"{label}: {off_diagonal} empty cell(s) off the diagonal are read as not printed "
+            "(unobserved). Fix: if the matrix prints zeros as empty cells, fill them with 0 or "
+            "pass universe= so that absent pairs of the census countries are zeros.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return long.loc[~dropped].reset_index(drop=True)
+
+
+def _check_margins(
+    label: str,
+    codes: pd.Series,
+    destinations: list[str],
+    margin_rows: np.ndarray,
+    value: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    table: pd.DataFrame,
+    period: str | None,
+) -> None:
+    """Raise when a matrix's margin lies outside what the cells it sums allow."""
+    margin_cols = np.array([_is_margin(c) for c in destinations])
+    groups = table[period].astype(str).to_numpy() if period else np.zeros(len(table), dtype=object)
+    bad: list[str] = []
+    for g in pd.unique(groups):
+        rows = groups == g
+        inner = rows & ~margin_rows
+        where = f" (period {g})" if period else ""
+        # a margin column: the sum of its row's cells
+        for i in np.flatnonzero(inner):
+            for j in np.flatnonzero(margin_cols):
+                got, a, b = value[i, j], lo[i, ~margin_cols].sum(), hi[i, ~margin_cols].sum()
+                if np.isfinite(got) and not a - 0.5 <= got <= b + 0.5:
+                    bad.append(
+                        f"row {codes.iat[i]!r} x column {destinations[j]!r}{where} (data row "
+                        f"{i + 1}): {got:,.0f}, its row's cells {_range(a, b)}"
+                    )
+        # a margin row: the sum of its column's cells (the grand total included)
+        for i in np.flatnonzero(rows & margin_rows):
+            for j in range(len(destinations)):
+                got, a, b = value[i, j], lo[inner, j].sum(), hi[inner, j].sum()
+                if np.isfinite(got) and not a - 0.5 <= got <= b + 0.5:
+                    bad.append(
+                        f"row {codes.iat[i]!r} x column {destinations[j]!r}{where} (data row "
+                        f"{i + 1}): {got:,.0f}, its column's cells {_range(a, b)}"
+                    )
+    if bad:
+        raise CensusInputError(
+            f"{label}: layout='wide': {len(bad)} margin(s) are not the sum of the cells they "
+            f"total: {_fmt(bad)}. Fix: check that every row and column sits under its own "
+            "label (a shifted row or column, a missing one); a margin that also counts people "
+            "the matrix leaves out (previous residence not stated, abroad) cannot be checked: "
+            "pass check_totals=False (in a run config: options = { check_totals = false })."
+        )
+
+
+def _range(lo: float, hi: float) -> str:
+    """``sum to 1,234``, ``sum to at least 1,200 and at most 1,260`` or ``sum to at least 1,200``."""
+    if lo == hi:
+        return f"sum to {lo:,.0f}"
+    return f"sum to at least {lo:,.0f}" + ("" if np.isinf(hi) else f" and at most {hi:,.0f}")
 
 
 def _check_duplicates(table: pd.DataFrame, keys: list[str], label: str, count: str) -> None:
@@ -1226,7 +1430,8 @@ def _cells_output(table: pd.DataFrame, levels: tuple[str, str]) -> pd.DataFrame:
 
 
 def _read_census_od_cells(
-    source: TableLike,
+    table: pd.DataFrame,
+    label: str,
     *,
     units: Any,
     origin: str,
@@ -1245,11 +1450,8 @@ def _read_census_od_cells(
     origin_level: str,
     destination_level: str,
     duplicates: str = "error",
-    encoding: str = "utf-8",
-    sep: str | None = None,
 ) -> pd.DataFrame:
-    """:func:`read_census_od` for a table whose origins or destinations are not units."""
-    table, label = _read_table(source, "census OD", encoding=encoding, sep=sep)
+    """:func:`read_census_od` for a table (read) whose origins or destinations are not units."""
     if units is None:
         raise CensusInputError(
             f"{label}: origin_level/destination_level need the units table. Fix: pass units="

@@ -464,3 +464,212 @@ def test_person_records_implausible_counts(units, persons):
     population = pd.Series(10.0, index=units["unit_id"])  # far too few people for the records
     with pytest.raises(CensusInputError, match=r"larger than the population of their units"):
         read_census_persons(persons, units, population=population, universe=None)
+
+
+# ------------------------------------------------------------------- matrix layout
+def _matrix_csv(tmp_path, rows: list[list[str]], name: str = "matrix.csv"):
+    import csv
+
+    path = tmp_path / name
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)  # "1,205" is quoted
+    return path
+
+
+def test_census_matrix_reads_as_the_long_table_it_prints(units, tmp_path):
+    """A matrix as offices print it: row labels, a code per column, margins, blank stayers."""
+    path = _matrix_csv(
+        tmp_path,
+        [
+            ["previous residence", "A1", "A2", "A3", "Total"],
+            ["A1", "", "10", "<5", "12"],  # "<5" is 2 here: the margin fits 1..4
+            ["A2", "0", "", "7", "7"],
+            ["A3", "1,205", "3", "", "1208"],
+            ["Total", "1205", "13", "9", "1227"],
+        ],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # blank diagonal cells and margins are no warning
+        wide = read_census_od(
+            path, units=units, layout="wide", suppressed_min=1, sample_fraction=0.1
+        )
+    long = pd.DataFrame(
+        {
+            "origin": ["A1", "A1", "A2", "A2", "A3", "A3"],
+            "destination": ["A2", "A3", "A1", "A3", "A1", "A2"],
+            "count": ["10", "<5", "0", "7", "1,205", "3"],
+        }
+    )
+    expected = read_census_od(long, units=units, suppressed_min=1, sample_fraction=0.1)
+    pd.testing.assert_frame_equal(wide, expected)
+    t = wide.set_index(["origin", "destination"])
+    assert t.loc[("A1", "A3"), "min"] == 1 and t.loc[("A1", "A3"), "max"] == 4
+    assert t.loc[("A3", "A1"), "count"] == 1205
+    # a printed diagonal (stayers) is dropped with the same warning as in a long table
+    path = _matrix_csv(tmp_path, [["o", "A1", "A2"], ["A1", "50", "4"], ["A2", "6", "80"]])
+    with pytest.warns(UserWarning, match=r"dropped 2 diagonal"):
+        out = read_census_od(path, layout="wide", origin="o")
+    assert pairs(out) == {("A1", "A2"), ("A2", "A1")} and out["count"].tolist() == [4, 6]
+
+
+def test_census_matrix_margins_that_do_not_add_up_are_an_error(units, tmp_path):
+    # row A2's 7 movers from A1 were printed under A3: two column margins no longer add up
+    rows = [
+        ["origin", "A1", "A2", "A3", "Total"],
+        ["A1", "", "10", "4", "14"],
+        ["A2", "0", "", "7", "7"],
+        ["A3", "5", "3", "", "8"],
+        ["Total", "12", "13", "4", "29"],
+    ]
+    path = _matrix_csv(tmp_path, rows)
+    with pytest.raises(CensusInputError) as err:
+        read_census_od(path, units=units, layout="wide")
+    msg = str(err.value)
+    assert str(path) in msg and "1 margin(s)" in msg
+    # the A1 column's margin (12) cannot be checked from above: its stayers' cell is empty
+    assert (
+        "row 'Total' x column 'A3' (data row 4): 4, its column's cells sum to at least 11" in msg
+    )
+    assert "check_totals=False" in msg
+    # a margin that counts more than the matrix prints (e.g. "not stated") passes unchecked
+    out = read_census_od(path, units=units, layout="wide", check_totals=False)
+    assert len(out) == 6 and out["count"].sum() == 29
+    # suppressed cells: a margin must lie within what their bounds allow (B1 is in another
+    # country: its row has no stayers' cell, and "<5" and ".." hold at most 4 each)
+    rows = [["origin", "A1", "A2", "A3", "Total"], ["B1", "<5", "..", "3", "20"]]
+    with pytest.raises(
+        CensusInputError, match=r"its row's cells sum to at least 3 and at most 11"
+    ):
+        read_census_od(
+            _matrix_csv(tmp_path, rows, "b.csv"), units=units, layout="wide", suppressed_max=4
+        )
+    rows[1][4] = "9"
+    out = read_census_od(
+        _matrix_csv(tmp_path, rows, "c.csv"), units=units, layout="wide", suppressed_max=4
+    )
+    assert out["max"].tolist()[:2] == [4, 4]
+
+
+def test_census_matrix_bad_cells_are_named_by_row_and_column(units, tmp_path):
+    path = _matrix_csv(tmp_path, [["origin", "A1", "A2"], ["A1", "", "n/a"], ["A2", "5", ""]])
+    with pytest.raises(CensusInputError, match=r"column 'A2'.*n/a.*suppressed=") as err:
+        read_census_od(path, layout="wide")
+    assert str(path) in str(err.value)
+    nameless = _matrix_csv(tmp_path, [["", "A1", ""], ["A1", "", "3"]], "n.csv")
+    with pytest.raises(CensusInputError, match=r"header of every column.*1 column\(s\) have none"):
+        read_census_od(nameless, layout="wide")
+    # empty cells off the diagonal: not printed (unobserved), and said; zeros with universe=
+    rows = [["origin", "A1", "A2", "A3"], ["A1", "", "4", ""], ["A2", "5", "", ""]]
+    path = _matrix_csv(tmp_path, rows, "e.csv")
+    with pytest.warns(UserWarning, match=r"2 empty cell\(s\) off the diagonal.*universe="):
+        out = read_census_od(path, layout="wide")
+    assert pairs(out) == {("A1", "A2"), ("A2", "A1")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = read_census_od(path, units=units, layout="wide", universe="within")
+    t = out.set_index(["origin", "destination"])["count"]
+    assert len(t) == 6 and t[("A1", "A3")] == 0 and t[("A2", "A1")] == 5
+    with pytest.raises(CensusInputError, match=r"layout='tall'"):
+        read_census_od(path, layout="tall")
+    with pytest.raises(InputFileError, match=r"missing column.*origin='from'"):
+        read_census_od(path, layout="wide", origin="from")
+
+
+def test_census_matrix_per_period_and_by_previous_country(units, tmp_path):
+    # two census rounds stacked, each with its own margin row
+    path = _matrix_csv(
+        tmp_path,
+        [
+            ["year", "from", "A1", "A2"],
+            ["2010", "A1", "", "4"],
+            ["2010", "A2", "6", ""],
+            ["2010", "Total", "6", "4"],
+            ["2020", "A1", "", "9"],
+            ["2020", "A2", "1", ""],
+            ["2020", "TOTAL", "1", "9"],
+        ],
+    )
+    out = read_census_od(path, layout="wide", origin="from", period="year")
+    got = out.set_index(["period", "origin", "destination"])["count"].to_dict()
+    assert got == {
+        ("2010", "A1", "A2"): 4,
+        ("2010", "A2", "A1"): 6,
+        ("2020", "A1", "A2"): 9,
+        ("2020", "A2", "A1"): 1,
+    }
+    # without origin=: the first column that is not the period one
+    pd.testing.assert_frame_equal(read_census_od(path, layout="wide", period="year"), out)
+    # immigrants by previous country x current unit, printed as a matrix
+    path = _matrix_csv(
+        tmp_path,
+        [["lived in", "A1", "A2", "B1"], ["BBB", "5", "2", ""], ["CCC", "1", "<3", "4"]],
+        "abroad.csv",
+    )
+    cells = read_census_od(
+        path, units=units, layout="wide", origin_level="country", suppressed_min=1
+    )
+    t = cells.set_index(["origin", "destination"])
+    assert t.loc[("BBB", "A1"), "count"] == 5 and t.loc[("CCC", "A2"), "max"] == 2
+    assert ("BBB", "B1") not in t.index  # the stayer cell: BBB contains B1
+
+
+def test_brazil_census_as_a_matrix_reads_as_the_tidy_table(tmp_path):
+    """The real Brazil 2010 inter-state table, printed as a matrix with margins."""
+    from tests.conftest import require_data
+
+    folder = require_data("brazil_interstate_migration_1991_2010")
+    tidy = pd.read_csv(folder / "brazil_census_tidy.csv", encoding="utf-8-sig")
+    tidy = tidy[tidy["year"] == 2010]
+    matrix = tidy.pivot(index="orig", columns="dest", values="flow")
+    matrix["Total"] = matrix.sum(axis=1)
+    matrix.loc["Total"] = matrix.sum(axis=0)
+    path = tmp_path / "brazil_2010.csv"
+    # semicolons and Latin-1, as a spreadsheet in Brazil exports them; stayers left blank
+    text = matrix.astype("Int64").astype("string").fillna("")
+    text.rename_axis("UF de residência anterior").to_csv(path, sep=";", encoding="latin-1")
+    wide = read_census_od(path, layout="wide", encoding="latin-1")
+    long = read_census_od(tidy, origin="orig", destination="dest", count="flow")
+    assert len(wide) == 27 * 26 == len(long)
+    pd.testing.assert_frame_equal(wide, long)
+    assert wide["count"].sum() == tidy["flow"].sum()
+
+
+def test_prepare_reads_the_demo_census_printed_as_a_matrix(tmp_path):
+    """A run config with ``options = { layout = "wide" }`` builds the same dataset.
+
+    The demo world's census (two countries, "<5" cells) printed as offices print it:
+    a block matrix with a Total row and column (a "<5" cell counted as 2), empty
+    stayers' cells and empty cells between the two countries.
+    """
+    from flowmodel import pipeline
+    from flowmodel.config import load_config
+    from flowmodel.dataset import load_dataset
+
+    cfg = pipeline.demo_config(tmp_path / "demo", size="small")
+    pipeline.run_pipeline(cfg, stages=["prepare"])
+    world = tmp_path / "demo" / "world"
+    od = pd.read_csv(world / "census_od.csv", dtype=str, keep_default_na=False)
+    matrix = od.pivot(index="origin", columns="destination", values="count")
+    numbers = matrix.replace("<5", "2").astype(float)
+    matrix = matrix.fillna("")
+    matrix["Total"] = numbers.sum(axis=1).astype(int).astype(str)
+    matrix.loc["Total"] = [
+        *numbers.sum(axis=0).astype(int).astype(str),
+        str(int(numbers.sum().sum())),
+    ]
+    matrix.rename_axis("lived in 2019").to_csv(world / "census_matrix.csv")
+    assert matrix.shape[0] - 1 >= 10 and "<5" in set(od["count"])
+    wide_cfg = load_config(
+        tmp_path / "demo" / "demo.toml",
+        [
+            "flows.census.path=world/census_matrix.csv",
+            "flows.census.options.layout=wide",
+            f"run.out_dir={tmp_path / 'wide'}",
+        ],
+    )
+    pipeline.run_pipeline(wide_cfg, stages=["prepare"])
+    long = load_dataset(tmp_path / "demo" / pipeline.DATASET)
+    wide = load_dataset(tmp_path / "wide" / pipeline.DATASET)
+    for name in ("flow_census", "flow_census_max", "flow_census_min", "exposure_census"):
+        np.testing.assert_array_equal(wide[name].values, long[name].values, err_msg=name)
+    assert int(long["flow_census_max"].notnull().sum()) > 0
