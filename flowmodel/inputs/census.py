@@ -109,10 +109,15 @@ def _fmt(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
     return f"[{shown}{more}]"
 
 
-def _sniff_delimiter(path: Path, encoding: str, what: str) -> str:
-    """Return the delimiter of a CSV file (``,``, ``;``, tab or ``|``) from its first lines."""
+def _sniff_delimiter(path: Path, encoding: str, what: str, skip: int = 0) -> str:
+    """Return the delimiter of a CSV file (``,``, ``;``, tab or ``|``) from its first lines.
+
+    ``skip``: lines above the header (a title) that are left out of the sample.
+    """
     with open(path, encoding=encoding, newline="") as fh:
         sample = fh.read(1 << 16)
+    if skip:
+        sample = "".join(sample.splitlines(keepends=True)[skip:])
     if not sample.strip():
         raise InputFileError(
             f"{path}: the {what} file is empty. Fix: check the export (a header line and one "
@@ -124,18 +129,53 @@ def _sniff_delimiter(path: Path, encoding: str, what: str) -> str:
         return ","  # one column, or too irregular to tell: pandas reports what it finds
 
 
+#: Spreadsheet workbooks read with openpyxl (``pandas.read_excel``)
+_WORKBOOKS = (".xlsx", ".xlsm")
+
+
+def _read_workbook(path: Path, what: str, sheet: str | int | None, skip: int) -> pd.DataFrame:
+    """Read one sheet of a workbook as text (``sheet``: a name or a 0-based position)."""
+    import openpyxl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # openpyxl on styles and data validation it ignores
+        names = openpyxl.load_workbook(path, read_only=True).sheetnames
+        if (
+            sheet is not None
+            and sheet not in names
+            and not (isinstance(sheet, int) and 0 <= sheet < len(names))
+        ):
+            raise InputFileError(
+                f"{path}: the {what} workbook has no sheet {sheet!r} (sheets: {names}). Fix: pass "
+                "sheet=<name or 0-based position>."
+            )
+        return pd.read_excel(
+            path,
+            sheet_name=0 if sheet is None else sheet,
+            header=skip,
+            dtype=str,
+            keep_default_na=False,
+        )
+
+
 def _read_table(
     source: TableLike,
     what: str,
     *,
     encoding: str = "utf-8",
     sep: str | None = None,
+    sheet: str | int | None = None,
+    header_row: int = 1,
 ) -> tuple[pd.DataFrame, str]:
-    """Read a CSV/Parquet/Feather file or copy a DataFrame; return it and a label.
+    """Read a CSV/Excel/Parquet/Feather file or copy a DataFrame; return it and a label.
 
     CSV files are read as text (``encoding``; a UTF-8 byte-order mark is
     dropped) with the delimiter ``sep``, or the one :class:`csv.Sniffer` finds
-    (``,``, ``;``, tab, ``|``) when None. Rows get a 0-based index (data row - 1).
+    (``,``, ``;``, tab, ``|``) when None; ``.xlsx`` workbooks as text from
+    ``sheet`` (default the first). ``header_row`` is the 1-based line (CSV) or
+    spreadsheet row holding the column names (title lines above it are skipped).
+    Columns without a name and without a value (a trailing delimiter, formatted
+    empty spreadsheet columns) are dropped. Rows get a 0-based index (data row - 1).
     """
     if isinstance(source, pd.DataFrame):
         return source.reset_index(drop=True), f"{what} table"
@@ -146,15 +186,32 @@ def _read_table(
         raise InputFileError(
             f"{path}: the {what} file is empty (0 bytes). Fix: check the export or the path."
         )
+    if not isinstance(header_row, int) or header_row < 1:
+        raise InputFileError(
+            f"{path}: header_row={header_row!r}: the 1-based row of the column names. Fix: "
+            "pass a whole number >= 1 (1: the first row)."
+        )
     suffix = "".join(path.suffixes[-2:]).lower()
+    if sheet is not None and not suffix.endswith(_WORKBOOKS):
+        raise InputFileError(
+            f"{path}: sheet={sheet!r} applies to .xlsx workbooks only. Fix: drop sheet=."
+        )
+    if suffix.endswith((".xls", ".ods")):
+        raise InputFileError(
+            f"{path}: old Excel (.xls) and OpenDocument (.ods) files are not read. Fix: save the "
+            "sheet as .xlsx or CSV."
+        )
     text_encoding = (
         "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     )
+    skip = header_row - 1
     try:
         if suffix.endswith((".parquet", ".pq")):
             table = pd.read_parquet(path)
         elif suffix.endswith((".feather", ".arrow", ".ipc")):
             table = pd.read_feather(path)
+        elif suffix.endswith(_WORKBOOKS):
+            table = _read_workbook(path, what, sheet, skip)
         else:
             compressed = path.suffix.lower() in (".gz", ".bz2", ".zip", ".xz", ".zst")
             delimiter = (
@@ -162,10 +219,15 @@ def _read_table(
                 if sep is not None
                 else ","
                 if compressed
-                else _sniff_delimiter(path, text_encoding, what)
+                else _sniff_delimiter(path, text_encoding, what, skip)
             )
             table = pd.read_csv(
-                path, dtype=str, keep_default_na=False, sep=delimiter, encoding=text_encoding
+                path,
+                dtype=str,
+                keep_default_na=False,
+                sep=delimiter,
+                encoding=text_encoding,
+                skiprows=skip,
             )
     except InputFileError:
         raise
@@ -175,12 +237,20 @@ def _read_table(
             f"at offset {err.start}). Fix: pass its encoding, e.g. encoding='latin-1' (in a run "
             'config: options = { encoding = "latin-1" }), or save it as UTF-8.'
         ) from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         reason = " ".join(str(err).split())[:200]
         raise InputFileError(
             f"{path}: cannot read {what} file ({type(err).__name__}: {reason}). Fix: give a CSV "
-            "(any of , ; tab | as delimiter, or pass sep=), Parquet or Feather table."
+            "(any of , ; tab | as delimiter, or pass sep=), .xlsx, Parquet or Feather table"
+            + (", and header_row= the row of the column names" if skip else "")
+            + "."
         ) from err
+    empty_cols = [
+        c
+        for c in table.columns
+        if str(c).startswith("Unnamed:") and table[c].astype("string").fillna("").eq("").all()
+    ]
+    table = table.drop(columns=empty_cols)
     if table.empty:
         raise InputFileError(f"{path}: the {what} file has no rows. Fix: check the export.")
     return table.reset_index(drop=True), str(path)
@@ -240,7 +310,11 @@ def parse_counts(
         (``integer``) counts with a fractional part; naming the data rows.
     """
     markers = dict(DEFAULT_SUPPRESSED if suppressed is None else suppressed)
-    raw = pd.Series(values).reset_index(drop=True)
+    given = pd.Series(values)
+    # data row numbers: a table's index (data row - 1) where it is one, else positions
+    index = given.index if pd.api.types.is_integer_dtype(given.index) else None
+    row_of = (lambda pos: index[pos] + 1) if index is not None else (lambda pos: pos + 1)
+    raw = given.reset_index(drop=True)
     if pd.api.types.is_numeric_dtype(raw):
         text = pd.Series("", index=raw.index, dtype=object)  # only NaN cells are looked at
         numeric = raw.astype(float)
@@ -278,15 +352,16 @@ def parse_counts(
         )
     neg = ~np.isnan(count) & (count < 0)
     if neg.any():
-        rows = (np.flatnonzero(neg) + 1).tolist()
+        rows = [int(row_of(p)) for p in np.flatnonzero(neg)]
         raise CensusInputError(
             f"{label}: {int(neg.sum())} negative count(s) at data row(s) {_fmt(rows)}. "
             "Fix: counts must be >= 0; correct or drop those rows."
         )
     frac = ~np.isnan(count) & (np.abs(count - np.round(count)) > 1e-9)
     if integer and frac.any():
-        rows = (np.flatnonzero(frac) + 1).tolist()
-        shown = {int(r): float(count[r - 1]) for r in rows[:MAX_SHOWN]}
+        where = np.flatnonzero(frac)
+        rows = [int(row_of(p)) for p in where]
+        shown = {r: float(count[p]) for r, p in zip(rows[:MAX_SHOWN], where, strict=False)}
         raise CensusInputError(
             f"{label}: {int(frac.sum())} count(s) are not whole numbers, at data row(s) "
             f"{_fmt(rows)} (values {shown}). Fix: give unweighted sample counts (weighted "
@@ -585,14 +660,16 @@ def read_census_od(
     destination_level: str = "unit",
     layout: Literal["long", "wide"] = "long",
     check_totals: bool = True,
+    sheet: str | int | None = None,
+    header_row: int = 1,
 ) -> pd.DataFrame:
     """Read an aggregated census OD table into a long flow table.
 
     Parameters
     ----------
     source
-        CSV, Parquet or Feather file, or a DataFrame. CSV cells are read as
-        text so that suppression markers survive.
+        CSV, Excel (``.xlsx``), Parquet or Feather file, or a DataFrame. CSV and
+        spreadsheet cells are read as text so that suppression markers survive.
     units
         Units table (``id_field``, ``country_field``) used to check codes and,
         with ``universe``, to add explicit zero rows. Required when ``mapping``
@@ -672,6 +749,12 @@ def read_census_od(
         margin that is not the sum of the printed cells means a shifted row or
         column, or a margin that counts people the matrix does not show). False
         drops margins unchecked.
+    sheet
+        The sheet of an ``.xlsx`` workbook: its name or 0-based position
+        (default: the first).
+    header_row
+        The 1-based row (CSV line or spreadsheet row) that holds the column
+        names; the title lines above it are skipped (default 1).
 
     Returns
     -------
@@ -693,7 +776,9 @@ def read_census_od(
     UnitCodeError
         Codes matching no unit (unless ``unmatched="drop"``).
     """
-    table, label = _read_table(source, "census OD", encoding=encoding, sep=sep)
+    table, label = _read_table(
+        source, "census OD", encoding=encoding, sep=sep, sheet=sheet, header_row=header_row
+    )
     if layout == "wide":
         table = _melt_matrix(
             table,
@@ -886,6 +971,23 @@ def _melt_matrix(
             + ". Fix: put the destination codes in the first line of the file, and name the "
             "origin column with origin= when it is not the first."
         )
+    # rows without a single printed cell: blank separator rows, headings, footnotes
+    printed = table[destinations].astype("string").apply(lambda col: col.str.strip()).fillna("")
+    layout_rows = printed.eq("").all(axis=1).to_numpy()
+    if layout_rows.all():
+        raise CensusInputError(
+            f"{label}: layout='wide': no row has a printed cell. Fix: check header_row= (the row "
+            "of the destination codes) and the sheet."
+        )
+    if layout_rows.any():
+        logger.info(
+            "%s: skipped %d row(s) without a printed cell (blank lines, headings, notes): data "
+            "row(s) %s",
+            label,
+            int(layout_rows.sum()),
+            _fmt((np.flatnonzero(layout_rows) + 1).tolist()),
+        )
+        table = table.loc[~layout_rows]
     codes = _codes(table[origin], label, origin, "origin code (the row label)")
     margin_rows = codes.map(_is_margin).to_numpy()
     cells = [c for c in destinations if not _is_margin(c)]
@@ -962,6 +1064,7 @@ def _check_margins(
 ) -> None:
     """Raise when a matrix's margin lies outside what the cells it sums allow."""
     margin_cols = np.array([_is_margin(c) for c in destinations])
+    data_row = table.index.to_numpy() + 1
     groups = table[period].astype(str).to_numpy() if period else np.zeros(len(table), dtype=object)
     bad: list[str] = []
     for g in pd.unique(groups):
@@ -975,7 +1078,7 @@ def _check_margins(
                 if np.isfinite(got) and not a - 0.5 <= got <= b + 0.5:
                     bad.append(
                         f"row {codes.iat[i]!r} x column {destinations[j]!r}{where} (data row "
-                        f"{i + 1}): {got:,.0f}, its row's cells {_range(a, b)}"
+                        f"{data_row[i]}): {got:,.0f}, its row's cells {_range(a, b)}"
                     )
         # a margin row: the sum of its column's cells (the grand total included)
         for i in np.flatnonzero(rows & margin_rows):
@@ -984,7 +1087,7 @@ def _check_margins(
                 if np.isfinite(got) and not a - 0.5 <= got <= b + 0.5:
                     bad.append(
                         f"row {codes.iat[i]!r} x column {destinations[j]!r}{where} (data row "
-                        f"{i + 1}): {got:,.0f}, its column's cells {_range(a, b)}"
+                        f"{data_row[i]}): {got:,.0f}, its column's cells {_range(a, b)}"
                     )
     if bad:
         raise CensusInputError(

@@ -673,3 +673,47 @@ def test_prepare_reads_the_demo_census_printed_as_a_matrix(tmp_path):
     for name in ("flow_census", "flow_census_max", "flow_census_min", "exposure_census"):
         np.testing.assert_array_equal(wide[name].values, long[name].values, err_msg=name)
     assert int(long["flow_census_max"].notnull().sum()) > 0
+
+
+def test_census_workbook_with_a_title_notes_and_a_matrix(units, tmp_path):
+    """An .xlsx as offices publish it: a title above the header, a blank row, a footnote."""
+    path = tmp_path / "census.xlsx"
+    matrix = pd.DataFrame(
+        {
+            "UF": ["A1", "A2", None, "Source: census 2010"],
+            "A1": [None, 5, None, None],
+            "A2": ["<5", None, None, None],
+        }
+    )
+    with pd.ExcelWriter(path) as xl:
+        pd.DataFrame([["Table 3. Movers by previous residence"]]).to_excel(
+            xl, sheet_name="movers", index=False, header=False
+        )
+        matrix.to_excel(xl, sheet_name="movers", index=False, startrow=2)
+        pd.DataFrame({"x": [1]}).to_excel(xl, sheet_name="notes", index=False)
+    out = read_census_od(
+        path, layout="wide", sheet="movers", header_row=3, suppressed_min=1, units=units
+    )
+    t = out.set_index(["origin", "destination"])
+    assert len(t) == 2 and t.loc[("A2", "A1"), "count"] == 5
+    assert t.loc[("A1", "A2"), "min"] == 1 and t.loc[("A1", "A2"), "max"] == 4
+    # the same sheet by position; a sheet that is not there names those that are
+    assert read_census_od(path, layout="wide", sheet=0, header_row=3).shape[0] == 2
+    with pytest.raises(InputFileError, match=r"no sheet 'Tab1' \(sheets: \['movers', 'notes'\]\)"):
+        read_census_od(path, layout="wide", sheet="Tab1")
+    # a bad value below the skipped blank row is named by its own data row
+    matrix.loc[3, "A1"] = -3
+    matrix.to_excel(tmp_path / "bad.xlsx", index=False)
+    with pytest.raises(
+        CensusInputError, match=r"column 'A1': 1 negative count\(s\) at data row\(s\) \[4\]"
+    ):
+        read_census_od(tmp_path / "bad.xlsx", layout="wide")
+    # a long table with a title line, in CSV; old workbooks are refused with the fix
+    csv_path = tmp_path / "od.csv"
+    csv_path.write_text("Census 2010; movers\norigin;destination;count\nA1;A2;7\n")
+    assert read_census_od(csv_path, header_row=2)["count"].tolist() == [7]
+    (tmp_path / "old.xls").write_bytes(b"\xd0\xcf\x11\xe0")
+    with pytest.raises(InputFileError, match=r"save the sheet as \.xlsx or CSV"):
+        read_census_od(tmp_path / "old.xls")
+    with pytest.raises(InputFileError, match=r"sheet='movers' applies to \.xlsx"):
+        read_census_od(csv_path, sheet="movers")
