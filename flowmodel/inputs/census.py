@@ -45,8 +45,9 @@ import csv
 import logging
 import os
 import re
+import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -412,6 +413,7 @@ def harmonise_codes(
     unmatched: Literal["error", "drop"] = "error",
     weight: str | None = None,
     label: str = "table",
+    other_levels: Mapping[str, Iterable[str]] | None = None,
 ) -> pd.DataFrame:
     """Translate the unit codes of ``columns`` to unit ids through a mapping table.
 
@@ -440,6 +442,12 @@ def harmonise_codes(
         Column summed per unmatched code in the report (default: rows).
     label
         Name of the table in messages (e.g. the file name).
+    other_levels
+        Labels of the other levels (``{"country": [...]}``): unmatched codes that
+        are such labels get a hint to read the column at that level. Every
+        error also says which unmatched codes are unit ids that lost their
+        leading zeros (``"1"`` for ``"01"``) or gained a decimal (``"1.0"``), or
+        differ from one only in case, accents or punctuation.
 
     Returns
     -------
@@ -457,6 +465,7 @@ def harmonise_codes(
     out = table.copy()
     keep = np.ones(len(out), dtype=bool)
     report: dict[str, float] = {}
+    unmatched_codes: dict[str, set[str]] = {}
     for col in columns:
         codes = out[col].astype(str).str.strip()
         mapped = codes.map(lambda c: lookup.get(c, c))
@@ -467,6 +476,7 @@ def harmonise_codes(
                 if weight is not None
                 else pd.Series(1.0, index=out.index[miss])
             )
+            unmatched_codes[col] = set(codes[miss])
             for code, total in w.groupby(codes[miss].to_numpy()).sum().items():
                 key = f"{col}={code}"
                 report[key] = report.get(key, 0.0) + float(total)
@@ -481,6 +491,9 @@ def harmonise_codes(
         msg = (
             f"{label}: {len(report)} unit code(s) match no unit id "
             f"({int((~keep).sum())} of {len(out)} rows): {_fmt(listing, what)}"
+        ) + "".join(
+            _code_hints(col, found, valid, other_levels or {})
+            for col, found in unmatched_codes.items()
         )
         if unmatched == "error":
             raise UnitCodeError(
@@ -492,6 +505,65 @@ def harmonise_codes(
         warnings.warn(f"{msg}; dropped.", UserWarning, stacklevel=2)
         out = out.loc[keep]
     return out
+
+
+def _number_key(code: str) -> str | None:
+    """``"007"``, ``"7"`` and ``"7.0"`` -> ``"7"``; None for what is not a whole number."""
+    text = code[:-2] if code.endswith(".0") else code
+    return (text.lstrip("0") or "0") if text.isdigit() else None
+
+
+def _name_key(code: str) -> str:
+    """``"SAO  PAULO"``, ``"São Paulo"``, ``"sao-paulo"`` -> ``"sao paulo"``."""
+    plain = unicodedata.normalize("NFKD", code)
+    plain = "".join(ch for ch in plain if not unicodedata.combining(ch))
+    return re.sub(r"[\W_]+", " ", plain.casefold()).strip()
+
+
+def _code_hints(
+    column: str, codes: set[str], valid: set[str], other_levels: Mapping[str, Iterable[str]]
+) -> str:
+    """Say what unmatched codes of ``column`` look like (of the unit ids, or of another level)."""
+
+    def examples(pairs: list[tuple[str, str]]) -> str:
+        return ", ".join(f"{c!r} for {v!r}" for c, v in pairs[:3]) + (
+            ", ..." if len(pairs) > 3 else ""
+        )
+
+    hints = []
+    numbers: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for v in sorted(valid):
+        if (key := _number_key(v)) is not None:
+            numbers.setdefault(key, v)
+        names.setdefault(_name_key(v), v)
+    as_number = [
+        (c, numbers[k])
+        for c in sorted(codes)
+        if (k := _number_key(c)) is not None and k in numbers
+    ]
+    if as_number:
+        hints.append(
+            f"{len(as_number)} of {column!r} look like unit ids written as numbers "
+            f"({examples(as_number)}): a spreadsheet or a numeric column dropped the leading "
+            "zeros or added a decimal; export the codes as text, or map them (mapping=)"
+        )
+    seen = {c for c, _ in as_number}
+    as_name = [(c, names[_name_key(c)]) for c in sorted(codes - seen) if _name_key(c) in names]
+    if as_name:
+        hints.append(
+            f"{len(as_name)} of {column!r} differ from unit ids only in case, accents or "
+            f"punctuation ({examples(as_name)}); pass them as mapping={{code: unit id}}"
+        )
+    for level, labels in other_levels.items():
+        hit = sorted(codes & {str(x) for x in labels})
+        if hit:
+            option = f"{column}_level={level!r}" if column in ("origin", "destination") else level
+            hints.append(
+                f"{len(hit)} of {column!r} are {level} labels ({', '.join(map(repr, hit[:3]))}"
+                f"{', ...' if len(hit) > 3 else ''}): read the column at that level ({option})"
+            )
+    return "".join(f". Hint: {h}" for h in hints)
 
 
 # ----------------------------------------------------------------------- universe
@@ -869,7 +941,13 @@ def read_census_od(
     if units is not None:
         country = _unit_country(units, id_field, country_field)
         table = harmonise_codes(
-            table, country.index, mapping=mapping, unmatched=unmatched, label=label, weight=None
+            table,
+            country.index,
+            mapping=mapping,
+            unmatched=unmatched,
+            label=label,
+            weight=None,
+            other_levels={"country": set(country)},
         )
     elif mapping is not None or universe is not None or isinstance(sample_fraction, Mapping):
         raise CensusInputError(
@@ -1368,7 +1446,13 @@ def read_census_persons(
         )
     country = _unit_country(units, id_field, country_field)
     frame = harmonise_codes(
-        frame, country.index, mapping=mapping, unmatched=unmatched, label=label, weight=None
+        frame,
+        country.index,
+        mapping=mapping,
+        unmatched=unmatched,
+        label=label,
+        weight=None,
+        other_levels={"country": set(country)},
     )
     frame["dest_country"] = frame["destination"].map(country).to_numpy()
     if weight is None:
@@ -1590,9 +1674,18 @@ def _read_census_od_cells(
     levels = (origin_level, destination_level)
     o_labels = _unit_labels(units, origin_level, id_field, country_field, label)
     d_labels = _unit_labels(units, destination_level, id_field, country_field, label)
-    for col, labels in (("origin", o_labels), ("destination", d_labels)):
+    every = {"unit": set(country.index), "country": set(country)}
+    for col, labels, level in (
+        ("origin", o_labels, origin_level),
+        ("destination", d_labels, destination_level),
+    ):
         table = harmonise_codes(
-            table, sorted(set(labels)), columns=[col], unmatched=unmatched, label=label
+            table,
+            sorted(set(labels)),
+            columns=[col],
+            unmatched=unmatched,
+            label=label,
+            other_levels={k: v for k, v in every.items() if k != level},
         )
     table = _drop_stayer_cells(table, o_labels, d_labels, levels, label, warn=True)
     table = _aggregate(table, ["origin", "destination"] + (["period"] if period else []))

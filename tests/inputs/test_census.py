@@ -191,6 +191,48 @@ def test_unmatched_codes_error_with_counts_or_drop(units):
     assert pairs(out) == {("A1", "A2")}
 
 
+def test_unmatched_codes_say_what_they_look_like(units):
+    """Codes that a spreadsheet turned into numbers, spelt otherwise, or of another level."""
+    ids = pd.DataFrame(
+        {"unit_id": ["01", "02", "São Paulo", "Rio-de-Janeiro"], "country": ["BRA"] * 4}
+    )
+    table = pd.DataFrame(
+        {
+            "origin": ["1", "2.0", "SAO PAULO", "rio de janeiro", "Z9"],
+            "destination": ["02", "01", "01", "02", "01"],
+            "count": [5, 6, 7, 8, 9],
+        }
+    )
+    with pytest.raises(UnitCodeError) as err:
+        read_census_od(table, units=ids)
+    msg = str(err.value)
+    assert "5 unit code(s) match no unit id" in msg
+    assert (
+        "2 of 'origin' look like unit ids written as numbers ('1' for '01', '2.0' for '02')" in msg
+    )
+    assert (
+        "2 of 'origin' differ from unit ids only in case, accents or punctuation "
+        "('SAO PAULO' for 'São Paulo', 'rio de janeiro' for 'Rio-de-Janeiro')"
+    ) in msg
+    assert "'Z9' for" not in msg  # a code like nothing gets no hint
+    # immigrants' previous country read as if it were a unit
+    abroad = pd.DataFrame({"origin": ["BBB", "CCC"], "destination": ["A1", "A2"], "count": [3, 4]})
+    with pytest.raises(
+        UnitCodeError,
+        match=r"2 of 'origin' are country labels \('BBB', 'CCC'\).*origin_level='country'",
+    ):
+        read_census_od(abroad, units=units)
+    # and a unit id given at the country level
+    with pytest.raises(
+        UnitCodeError, match=r"1 of 'origin' are unit labels \('A3'\).*origin_level='unit'"
+    ):
+        read_census_od(
+            pd.DataFrame({"origin": ["BBB", "A3"], "destination": ["A1", "A1"], "count": [3, 4]}),
+            units=units,
+            origin_level="country",
+        )
+
+
 def test_mapping_table_merges_codes(units, tmp_path):
     mapping = pd.DataFrame({"code": ["old1", "old2", "old3"], "unit_id": ["A1", "A1", "A2"]})
     mapping.to_csv(tmp_path / "map.csv", index=False)
