@@ -544,9 +544,10 @@ def _code_hints(
     ]
     if as_number:
         hints.append(
-            f"{len(as_number)} of {column!r} look like unit ids written as numbers "
-            f"({examples(as_number)}): a spreadsheet or a numeric column dropped the leading "
-            "zeros or added a decimal; export the codes as text, or map them (mapping=)"
+            f"{len(as_number)} of {column!r} are unit ids' numbers written another way "
+            f"({examples(as_number)}): leading zeros or a decimal differ, as when a "
+            "spreadsheet or a numeric column held the codes; export them as text, or map "
+            "them (mapping=)"
         )
     seen = {c for c, _ in as_number}
     as_name = [(c, names[_name_key(c)]) for c in sorted(codes - seen) if _name_key(c) in names]

@@ -208,7 +208,8 @@ def test_unmatched_codes_say_what_they_look_like(units):
     msg = str(err.value)
     assert "5 unit code(s) match no unit id" in msg
     assert (
-        "2 of 'origin' look like unit ids written as numbers ('1' for '01', '2.0' for '02')" in msg
+        "2 of 'origin' are unit ids' numbers written another way ('1' for '01', '2.0' for '02')"
+        in msg
     )
     assert (
         "2 of 'origin' differ from unit ids only in case, accents or punctuation "
