@@ -414,6 +414,7 @@ def harmonise_codes(
     weight: str | None = None,
     label: str = "table",
     other_levels: Mapping[str, Iterable[str]] | None = None,
+    unit_names: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Translate the unit codes of ``columns`` to unit ids through a mapping table.
 
@@ -448,6 +449,9 @@ def harmonise_codes(
         error also says which unmatched codes are unit ids that lost their
         leading zeros (``"1"`` for ``"01"``) or gained a decimal (``"1.0"``), or
         differ from one only in case, accents or punctuation.
+    unit_names
+        ``unit id -> name`` (the units' ``name`` column): unmatched codes that are
+        unit names (in any case, with or without accents) get a hint to map them.
 
     Returns
     -------
@@ -492,7 +496,7 @@ def harmonise_codes(
             f"{label}: {len(report)} unit code(s) match no unit id "
             f"({int((~keep).sum())} of {len(out)} rows): {_fmt(listing, what)}"
         ) + "".join(
-            _code_hints(col, found, valid, other_levels or {})
+            _code_hints(col, found, valid, other_levels or {}, unit_names or {})
             for col, found in unmatched_codes.items()
         )
         if unmatched == "error":
@@ -521,7 +525,11 @@ def _name_key(code: str) -> str:
 
 
 def _code_hints(
-    column: str, codes: set[str], valid: set[str], other_levels: Mapping[str, Iterable[str]]
+    column: str,
+    codes: set[str],
+    valid: set[str],
+    other_levels: Mapping[str, Iterable[str]],
+    unit_names: Mapping[str, str],
 ) -> str:
     """Say what unmatched codes of ``column`` look like (of the unit ids, or of another level)."""
 
@@ -556,6 +564,23 @@ def _code_hints(
             f"{len(as_name)} of {column!r} differ from unit ids only in case, accents or "
             f"punctuation ({examples(as_name)}); pass them as mapping={{code: unit id}}"
         )
+    seen |= {c for c, _ in as_name}
+    exact = {str(n): str(i) for i, n in unit_names.items() if str(i) in valid}
+    loose = {_name_key(n): i for n, i in exact.items()}
+    named = [(c, exact[c]) for c in sorted(codes - seen) if c in exact]
+    if named:
+        hints.append(
+            f"{len(named)} of {column!r} are unit names ({examples(named)}); map names to "
+            "ids: mapping=units[['name', 'unit_id']].rename(columns={'name': 'code'}) (in a "
+            "run config, a CSV with columns code and unit_id)"
+        )
+    seen |= {c for c, _ in named}
+    spelt = [(c, loose[_name_key(c)]) for c in sorted(codes - seen) if _name_key(c) in loose]
+    if spelt:
+        hints.append(
+            f"{len(spelt)} of {column!r} are unit names in another case or without accents "
+            f"({examples(spelt)}); pass the pairs as mapping={{code: unit id}}"
+        )
     for level, labels in other_levels.items():
         hit = sorted(codes & {str(x) for x in labels})
         if hit:
@@ -578,6 +603,16 @@ def _unit_country(units: Any, id_field: str, country_field: str) -> pd.Series:
     return pd.Series(
         frame[country_field].astype(str).to_numpy(), index=frame[id_field].astype(str).to_numpy()
     )
+
+
+def _unit_names(units: Any, id_field: str) -> dict[str, str]:
+    """Return ``unit id -> name`` from the units' ``name`` column (empty without one)."""
+    if units is None or isinstance(units, pd.Series):
+        return {}
+    frame = pd.DataFrame(units)
+    if "name" not in frame.columns or id_field not in frame.columns:
+        return {}
+    return dict(zip(frame[id_field].astype(str), frame["name"].astype(str), strict=True))
 
 
 def census_universe(
@@ -949,6 +984,7 @@ def read_census_od(
             label=label,
             weight=None,
             other_levels={"country": set(country)},
+            unit_names=_unit_names(units, id_field),
         )
     elif mapping is not None or universe is not None or isinstance(sample_fraction, Mapping):
         raise CensusInputError(
@@ -1454,6 +1490,7 @@ def read_census_persons(
         label=label,
         weight=None,
         other_levels={"country": set(country)},
+        unit_names=_unit_names(units, id_field),
     )
     frame["dest_country"] = frame["destination"].map(country).to_numpy()
     if weight is None:
@@ -1687,6 +1724,7 @@ def _read_census_od_cells(
             unmatched=unmatched,
             label=label,
             other_levels={k: v for k, v in every.items() if k != level},
+            unit_names=_unit_names(units, id_field) if level == "unit" else None,
         )
     table = _drop_stayer_cells(table, o_labels, d_labels, levels, label, warn=True)
     table = _aggregate(table, ["origin", "destination"] + (["period"] if period else []))

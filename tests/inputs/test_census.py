@@ -216,6 +216,25 @@ def test_unmatched_codes_say_what_they_look_like(units):
         "('SAO PAULO' for 'São Paulo', 'rio de janeiro' for 'Rio-de-Janeiro')"
     ) in msg
     assert "'Z9' for" not in msg  # a code like nothing gets no hint
+    # a table by unit names where the boundaries carry codes
+    named = units.assign(name=["Alto", "Águas", "Arco", "Baía", "Bela", "Cima"])
+    by_name = pd.DataFrame(
+        {"origin": ["ALTO", "Aguas"], "destination": ["A3", "A3"], "count": [1, 2]}
+    )
+    with pytest.raises(UnitCodeError) as err:
+        read_census_od(by_name.assign(origin=["Águas", "ALTO"]), units=named)
+    msg = str(err.value)
+    assert "1 of 'origin' are unit names ('Águas' for 'A2'); map names to ids: mapping=" in msg
+    assert (
+        "1 of 'origin' are unit names in another case or without accents ('ALTO' for 'A1')" in msg
+    )
+    mapping = named[["name", "unit_id"]].rename(columns={"name": "code"})
+    assert pairs(
+        read_census_od(by_name.assign(origin=["Alto", "Águas"]), units=named, mapping=mapping)
+    ) == {
+        ("A1", "A3"),
+        ("A2", "A3"),
+    }
     # immigrants' previous country read as if it were a unit
     abroad = pd.DataFrame({"origin": ["BBB", "CCC"], "destination": ["A1", "A2"], "count": [3, 4]})
     with pytest.raises(
