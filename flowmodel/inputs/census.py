@@ -179,6 +179,11 @@ def _read_table(
     empty spreadsheet columns) are dropped. Rows get a 0-based index (data row - 1).
     """
     if isinstance(source, pd.DataFrame):
+        if sheet is not None or header_row != 1:
+            raise InputFileError(
+                f"{what} table: sheet= and header_row= apply to files, not to a DataFrame. Fix: "
+                "drop them (pandas.read_excel(..., sheet_name=, header=) reads a sheet)."
+            )
         return source.reset_index(drop=True), f"{what} table"
     path = Path(source)
     if not path.exists():

@@ -779,3 +779,7 @@ def test_census_workbook_with_a_title_notes_and_a_matrix(units, tmp_path):
         read_census_od(tmp_path / "old.xls")
     with pytest.raises(InputFileError, match=r"sheet='movers' applies to \.xlsx"):
         read_census_od(csv_path, sheet="movers")
+    with pytest.raises(InputFileError, match=r"apply to files, not to a DataFrame"):
+        read_census_od(matrix, layout="wide", header_row=3)
+    with pytest.raises(InputFileError, match=r"header_row=0: the 1-based row"):
+        read_census_od(csv_path, header_row=0)
