@@ -775,6 +775,7 @@ def read_census_od(
     check_totals: bool = True,
     sheet: str | int | None = None,
     header_row: int = 1,
+    by: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Read an aggregated census OD table into a long flow table.
 
@@ -862,6 +863,10 @@ def read_census_od(
         margin that is not the sum of the printed cells means a shifted row or
         column, or a margin that counts people the matrix does not show). False
         drops margins unchecked.
+    by
+        ``layout="wide"``: columns that split the matrix into several printed
+        one below the other (sex, age group), each with its own margins; their
+        cells are summed per pair (the long table's ``duplicates="sum"``).
     sheet
         The sheet of an ``.xlsx`` workbook: its name or 0-based position
         (default: the first).
@@ -902,13 +907,20 @@ def read_census_od(
             suppressed_max=suppressed_max,
             suppressed_min=suppressed_min,
             check_totals=check_totals,
+            by=list(by),
             # a matrix by region or country leaves the cells that contain the destination empty
             warn_empty=universe is None and origin_level == destination_level == "unit",
         )
         origin, destination, count = "origin", "destination", "count"
         period = "period" if period else None
+        duplicates = "sum" if by else duplicates
     elif layout != "long":
         raise CensusInputError(f"{label}: layout={layout!r}; use 'long' or 'wide'.")
+    elif by:
+        raise CensusInputError(
+            f"{label}: by= applies to layout='wide'. Fix: drop it; a long table split by sex or "
+            "age needs duplicates='sum' (its other columns are not read)."
+        )
     if origin_level != "unit" or destination_level != "unit":
         return _read_census_od_cells(
             table,
@@ -1062,6 +1074,7 @@ def _melt_matrix(
     suppressed_min: float | None,
     check_totals: bool,
     warn_empty: bool,
+    by: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Return a census matrix (a row per origin, a column per destination) as a long table.
 
@@ -1077,10 +1090,17 @@ def _melt_matrix(
     if origin not in columns:
         if origin != "origin":
             _require(table, {"origin": origin}, label)
-        origin = next(c for c in columns if c != period)  # the row labels: the first column
-    if period is not None:
-        _require(table, {"period": period}, label)
-    ids = [origin] + ([period] if period else [])
+        # the row labels: the first column that is not a period or a split
+        origin = next(c for c in columns if c != period and c not in by)
+    _require(table, {"period": period}, label)
+    missing = [c for c in by if c not in columns]
+    if missing:
+        raise InputFileError(
+            f"{label}: by= column(s) {missing} are not in the table (columns: {columns}). Fix: "
+            "name the columns that split the matrix (sex, age group)."
+        )
+    groups = ([period] if period else []) + list(by)
+    ids = [origin, *groups]
     destinations = [c for c in columns if c not in ids]
     nameless = [c for c in destinations if c.startswith("Unnamed:") or not c.strip()]
     if nameless or not destinations:
@@ -1140,7 +1160,7 @@ def _melt_matrix(
     hi[empty] = np.inf  # a margin may count what was not printed
     hi = np.where(np.isnan(hi), np.inf, hi)
     if check_totals:
-        _check_margins(label, codes, destinations, margin_rows, value, lo, hi, table, period)
+        _check_margins(label, codes, destinations, margin_rows, value, lo, hi, table, groups)
     keep = table.loc[~margin_rows, ids].rename(columns={origin: "origin"})
     keep["origin"] = codes[~margin_rows]
     if period:
@@ -1180,17 +1200,25 @@ def _check_margins(
     lo: np.ndarray,
     hi: np.ndarray,
     table: pd.DataFrame,
-    period: str | None,
+    group_cols: list[str],
 ) -> None:
-    """Raise when a matrix's margin lies outside what the cells it sums allow."""
+    """Raise when a matrix's margin lies outside what the cells it sums allow.
+
+    ``group_cols`` (a period, the ``by`` columns) split the table into matrices
+    printed one below the other, each with its own margins.
+    """
     margin_cols = np.array([_is_margin(c) for c in destinations])
     data_row = table.index.to_numpy() + 1
-    groups = table[period].astype(str).to_numpy() if period else np.zeros(len(table), dtype=object)
+    keys = (
+        table[group_cols].astype(str).agg(" / ".join, axis=1).to_numpy()
+        if group_cols
+        else np.zeros(len(table), dtype=object)
+    )
     bad: list[str] = []
-    for g in pd.unique(groups):
-        rows = groups == g
+    for g in pd.unique(keys):
+        rows = keys == g
         inner = rows & ~margin_rows
-        where = f" (period {g})" if period else ""
+        where = f" ({' / '.join(group_cols)} {g})" if group_cols else ""
         # a margin column: the sum of its row's cells
         for i in np.flatnonzero(inner):
             for j in np.flatnonzero(margin_cols):

@@ -783,3 +783,36 @@ def test_census_workbook_with_a_title_notes_and_a_matrix(units, tmp_path):
         read_census_od(matrix, layout="wide", header_row=3)
     with pytest.raises(InputFileError, match=r"header_row=0: the 1-based row"):
         read_census_od(csv_path, header_row=0)
+
+
+def test_census_matrix_split_by_sex_is_summed_per_pair(units, tmp_path):
+    """Two matrices printed one below the other (by sex), each with its own margins."""
+    rows = [
+        ["sex", "origin", "A1", "A2", "Total"],
+        ["male", "A1", "", "4", "4"],
+        ["male", "A2", "<5", "", "2"],
+        ["male", "Total", "2", "4", "6"],
+        ["female", "A1", "", "6", "6"],
+        ["female", "A2", "3", "", "3"],
+        ["female", "Total", "3", "6", "9"],
+    ]
+    path = _matrix_csv(tmp_path, rows)
+    out = read_census_od(path, units=units, layout="wide", by=["sex"], suppressed_min=1)
+    t = out.set_index(["origin", "destination"])
+    assert t.loc[("A1", "A2"), "count"] == 10
+    # "<5" + 3 holds 4..7: a censored sum
+    assert np.isnan(t.loc[("A2", "A1"), "count"])
+    assert (t.loc[("A2", "A1"), "min"], t.loc[("A2", "A1"), "max"]) == (4, 7)
+    # the second matrix's grand total is off (its A1 margin cannot be checked from above:
+    # the stayers' cell is empty)
+    rows[6] = ["female", "Total", "30", "6", "36"]
+    with pytest.raises(
+        CensusInputError,
+        match=r"\[row 'Total' x column 'Total' \(sex female\) \(data row 6\): 36, its column's "
+        r"cells sum to 9\]",
+    ):
+        read_census_od(_matrix_csv(tmp_path, rows, "b.csv"), layout="wide", by=["sex"])
+    with pytest.raises(InputFileError, match=r"by= column\(s\) \['age'\] are not in the table"):
+        read_census_od(path, layout="wide", by=["age"])
+    with pytest.raises(CensusInputError, match=r"by= applies to layout='wide'"):
+        read_census_od(path, by=["sex"])
