@@ -776,6 +776,7 @@ def read_census_od(
     sheet: str | int | None = None,
     header_row: int = 1,
     by: Sequence[str] = (),
+    matrix_rows: Literal["origin", "destination"] = "origin",
 ) -> pd.DataFrame:
     """Read an aggregated census OD table into a long flow table.
 
@@ -867,6 +868,11 @@ def read_census_od(
         ``layout="wide"``: columns that split the matrix into several printed
         one below the other (sex, age group), each with its own margins; their
         cells are summed per pair (the long table's ``duplicates="sum"``).
+    matrix_rows
+        ``layout="wide"``: what the rows are, ``"origin"`` (default: previous
+        residence by row) or ``"destination"`` (current residence, or place of
+        enumeration, by row; the columns are then the origins). The column of row
+        labels is ``origin`` or ``destination`` accordingly (by default the first).
     sheet
         The sheet of an ``.xlsx`` workbook: its name or 0-based position
         (default: the first).
@@ -898,10 +904,15 @@ def read_census_od(
         source, "census OD", encoding=encoding, sep=sep, sheet=sheet, header_row=header_row
     )
     if layout == "wide":
+        if matrix_rows not in ("origin", "destination"):
+            raise CensusInputError(
+                f"{label}: matrix_rows={matrix_rows!r}; use 'origin' or 'destination'."
+            )
         table = _melt_matrix(
             table,
             label,
-            origin=origin,
+            origin=origin if matrix_rows == "origin" else destination,
+            default_label=matrix_rows,
             period=period,
             suppressed=suppressed,
             suppressed_max=suppressed_max,
@@ -1075,6 +1086,7 @@ def _melt_matrix(
     check_totals: bool,
     warn_empty: bool,
     by: Sequence[str] = (),
+    default_label: str = "origin",
 ) -> pd.DataFrame:
     """Return a census matrix (a row per origin, a column per destination) as a long table.
 
@@ -1088,8 +1100,8 @@ def _melt_matrix(
     columns = [str(c) for c in table.columns]
     table = table.set_axis(columns, axis=1)
     if origin not in columns:
-        if origin != "origin":
-            _require(table, {"origin": origin}, label)
+        if origin != default_label:
+            _require(table, {default_label: origin}, label)
         # the row labels: the first column that is not a period or a split
         origin = next(c for c in columns if c != period and c not in by)
     _require(table, {"period": period}, label)
@@ -1105,11 +1117,12 @@ def _melt_matrix(
     nameless = [c for c in destinations if c.startswith("Unnamed:") or not c.strip()]
     if nameless or not destinations:
         raise CensusInputError(
-            f"{label}: layout='wide' needs a destination code as the header of every column "
-            f"but the origin one ({origin!r}); "
+            f"{label}: layout='wide' needs a code as the header of every column but that of "
+            f"the row labels ({origin!r}); "
             + (f"{len(nameless)} column(s) have none" if nameless else "there are no others")
-            + ". Fix: put the destination codes in the first line of the file, and name the "
-            "origin column with origin= when it is not the first."
+            + ". Fix: put the codes in the header line (header_row= when a title sits above "
+            f"it), and name the column of row labels with {default_label}= when it is not the "
+            "first."
         )
     # rows without a single printed cell: blank separator rows, headings, footnotes
     printed = table[destinations].astype("string").apply(lambda col: col.str.strip()).fillna("")
@@ -1128,7 +1141,7 @@ def _melt_matrix(
             _fmt((np.flatnonzero(layout_rows) + 1).tolist()),
         )
         table = table.loc[~layout_rows]
-    codes = _codes(table[origin], label, origin, "origin code (the row label)")
+    codes = _codes(table[origin], label, origin, f"{default_label} code (the row label)")
     margin_rows = codes.map(_is_margin).to_numpy()
     cells = [c for c in destinations if not _is_margin(c)]
     if not cells or margin_rows.all():
@@ -1167,6 +1180,8 @@ def _melt_matrix(
         keep = keep.rename(columns={period: "period"})
     wide = pd.concat([keep, text.loc[~margin_rows, cells]], axis=1)
     long = wide.melt(id_vars=list(keep.columns), var_name="destination", value_name="count")
+    if default_label == "destination":  # rows are destinations: the columns are the origins
+        long = long.rename(columns={"origin": "destination", "destination": "origin"})
     blank = pd.DataFrame(empty, index=table.index, columns=destinations)
     dropped = blank.loc[~margin_rows, cells].melt(value_name="blank")["blank"].to_numpy()
     margin_cols = np.array([_is_margin(c) for c in destinations])

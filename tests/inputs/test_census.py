@@ -694,6 +694,10 @@ def test_brazil_census_as_a_matrix_reads_as_the_tidy_table(tmp_path):
     assert len(wide) == 27 * 26 == len(long)
     pd.testing.assert_frame_equal(wide, long)
     assert wide["count"].sum() == tidy["flow"].sum()
+    # the same table printed the other way round: a row per state of residence
+    matrix.T.astype("Int64").astype("string").fillna("").to_csv(path)
+    transposed = read_census_od(path, layout="wide", matrix_rows="destination")
+    pd.testing.assert_frame_equal(transposed, long)
 
 
 def test_prepare_reads_the_demo_census_printed_as_a_matrix(tmp_path):
