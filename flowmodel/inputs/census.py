@@ -1090,7 +1090,8 @@ def _melt_matrix(
 ) -> pd.DataFrame:
     """Return a census matrix (a row per origin, a column per destination) as a long table.
 
-    Each destination column is parsed as the file's column, so that a bad value is
+    With ``default_label="destination"`` the rows are destinations and the columns
+    origins. Each column is parsed as the file's column, so that a bad value is
     named by its data row and column header; margins (:data:`TOTAL_LABELS`) are
     checked against the cells they sum (``check_totals``) and dropped, and so are
     empty cells (not printed: stayers, or zeros; a warning counts those off the
@@ -1172,8 +1173,19 @@ def _melt_matrix(
             hi[:, j] = np.where(censored, bound, count)  # NaN: unobserved, unbounded
     hi[empty] = np.inf  # a margin may count what was not printed
     hi = np.where(np.isnan(hi), np.inf, hi)
+    # a part of a split matrix labelled as a margin (sex "Total": both sexes) sums the
+    # others: dropped, unchecked
+    part_total = (
+        table[list(by)].map(_is_margin).any(axis=1).to_numpy()
+        if by
+        else np.zeros(len(table), dtype=bool)
+    )
     if check_totals:
-        _check_margins(label, codes, destinations, margin_rows, value, lo, hi, table, groups)
+        p = ~part_total
+        _check_margins(
+            label, codes[p], destinations, margin_rows[p], value[p], lo[p], hi[p], table[p], groups
+        )
+    margin_rows = margin_rows | part_total
     keep = table.loc[~margin_rows, ids].rename(columns={origin: "origin"})
     keep["origin"] = codes[~margin_rows]
     if period:
@@ -1186,13 +1198,19 @@ def _melt_matrix(
     dropped = blank.loc[~margin_rows, cells].melt(value_name="blank")["blank"].to_numpy()
     margin_cols = np.array([_is_margin(c) for c in destinations])
     off_diagonal = int((empty & ~diagonal)[~margin_rows][:, ~margin_cols].sum())
-    margins = [*codes[margin_rows].tolist(), *np.asarray(destinations)[margin_cols].tolist()]
+    margins = [
+        *(f"row {r!r}" for r in dict.fromkeys(codes[margin_rows & ~part_total])),
+        *(f"column {str(c)!r}" for c in np.asarray(destinations)[margin_cols]),
+    ] + ([f"the parts whose {', '.join(by)} is a total"] if part_total.any() else [])
     logger.info(
-        "%s: a matrix of %d origin row(s) x %d destination column(s)%s%s",
+        "%s: a matrix of %d %s row(s) x %d column(s)%s%s",
         label,
         int((~margin_rows).sum()),
+        default_label,
         len(cells),
-        f"; margins {'checked and ' if check_totals else ''}dropped: {margins}" if margins else "",
+        f"; margins {'checked and ' if check_totals else ''}dropped: {', '.join(margins)}"
+        if margins
+        else "",
         f"; {int(dropped.sum())} empty cell(s) read as not printed" if dropped.any() else "",
     )
     if off_diagonal and warn_empty:

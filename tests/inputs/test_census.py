@@ -800,7 +800,9 @@ def test_census_matrix_split_by_sex_is_summed_per_pair(units, tmp_path):
         ["female", "A2", "3", "", "3"],
         ["female", "Total", "3", "6", "9"],
     ]
-    path = _matrix_csv(tmp_path, rows)
+    # a part for both sexes (sex "Total") sums the others: dropped, not counted twice
+    both = [["Total", "A1", "", "10", "10"], ["Total", "A2", "<10", "", "5"]]
+    path = _matrix_csv(tmp_path, rows + both)
     out = read_census_od(path, units=units, layout="wide", by=["sex"], suppressed_min=1)
     t = out.set_index(["origin", "destination"])
     assert t.loc[("A1", "A2"), "count"] == 10
