@@ -620,6 +620,28 @@ def _unit_names(units: Any, id_field: str) -> dict[str, str]:
     return dict(zip(frame[id_field].astype(str), frame["name"].astype(str), strict=True))
 
 
+def _to_unit_ids(
+    table: pd.DataFrame,
+    units: Any,
+    country: pd.Series,
+    id_field: str,
+    mapping: Any,
+    unmatched: Literal["error", "drop"],
+    label: str,
+) -> pd.DataFrame:
+    """:func:`harmonise_codes` of origin and destination to unit ids, with every hint."""
+    return harmonise_codes(
+        table,
+        country.index,
+        mapping=mapping,
+        unmatched=unmatched,
+        label=label,
+        weight=None,
+        other_levels={"country": set(country)},
+        unit_names=_unit_names(units, id_field),
+    )
+
+
 def census_universe(
     country: pd.Series,
     countries: Sequence[str],
@@ -1004,16 +1026,7 @@ def read_census_od(
     country = None
     if units is not None:
         country = _unit_country(units, id_field, country_field)
-        table = harmonise_codes(
-            table,
-            country.index,
-            mapping=mapping,
-            unmatched=unmatched,
-            label=label,
-            weight=None,
-            other_levels={"country": set(country)},
-            unit_names=_unit_names(units, id_field),
-        )
+        table = _to_unit_ids(table, units, country, id_field, mapping, unmatched, label)
     elif mapping is not None or universe is not None or isinstance(sample_fraction, Mapping):
         raise CensusInputError(
             f"{label}: mapping=, universe= and a per-country sample_fraction need the units "
@@ -1548,16 +1561,7 @@ def read_census_persons(
             f"{label}: weight=None needs sample_fraction=<share sampled>. Fix: pass the sample fraction."
         )
     country = _unit_country(units, id_field, country_field)
-    frame = harmonise_codes(
-        frame,
-        country.index,
-        mapping=mapping,
-        unmatched=unmatched,
-        label=label,
-        weight=None,
-        other_levels={"country": set(country)},
-        unit_names=_unit_names(units, id_field),
-    )
+    frame = _to_unit_ids(frame, units, country, id_field, mapping, unmatched, label)
     frame["dest_country"] = frame["destination"].map(country).to_numpy()
     if weight is None:
         fr = _sample_fraction(sample_fraction, frame["dest_country"], label=label)

@@ -575,7 +575,8 @@ def test_census_matrix_reads_as_the_long_table_it_prints(units, tmp_path):
 
 
 def test_census_matrix_margins_that_do_not_add_up_are_an_error(units, tmp_path):
-    # row A2's 7 movers from A1 were printed under A3: two column margins no longer add up
+    # row A2's 7 movers from A1 were printed under A3: the A3 margin no longer adds up (the
+    # A1 margin, 12 against 5 printed, cannot be checked from above: its stayers' cell is empty)
     rows = [
         ["origin", "A1", "A2", "A3", "Total"],
         ["A1", "", "10", "4", "14"],
@@ -588,7 +589,6 @@ def test_census_matrix_margins_that_do_not_add_up_are_an_error(units, tmp_path):
         read_census_od(path, units=units, layout="wide")
     msg = str(err.value)
     assert str(path) in msg and "1 margin(s)" in msg
-    # the A1 column's margin (12) cannot be checked from above: its stayers' cell is empty
     assert (
         "row 'Total' x column 'A3' (data row 4): 4, its column's cells sum to at least 11" in msg
     )
