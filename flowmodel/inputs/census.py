@@ -976,18 +976,7 @@ def read_census_od(
             destination_level=destination_level,
             duplicates=duplicates,
         )
-    _require(
-        table,
-        {"origin": origin, "destination": destination, "count": count, "period": period},
-        label,
-    )
-    cols = [origin, destination, count] + ([period] if period else [])
-    table = table[cols].rename(
-        columns={origin: "origin", destination: "destination", count: "count"}
-    )
-    if period:
-        table = table.rename(columns={period: "period"})
-        table["period"] = table["period"].astype(str)
+    table = _od_columns(table, label, origin, destination, count, period)
     for col, name in (("origin", origin), ("destination", destination)):
         table[col] = _codes(table[col], label, name, "unit code")
     keys = ["origin", "destination"] + (["period"] if period else [])
@@ -1081,6 +1070,43 @@ def _codes(values: pd.Series, label: str, column: str, what: str) -> pd.Series:
             f"drop those rows (e.g. query=\"{column} != ''\" for person records)."
         )
     return text
+
+
+def _od_columns(
+    table: pd.DataFrame,
+    label: str,
+    origin: str,
+    destination: str,
+    count: str,
+    period: str | None,
+) -> pd.DataFrame:
+    """Select and rename a long OD table's columns; refuse its total rows.
+
+    A row whose origin or destination is a margin label (:data:`TOTAL_LABELS`) sums
+    other rows: kept, it would count their movers twice.
+    """
+    _require(
+        table,
+        {"origin": origin, "destination": destination, "count": count, "period": period},
+        label,
+    )
+    cols = [origin, destination, count] + ([period] if period else [])
+    table = table[cols].rename(
+        columns={origin: "origin", destination: "destination", count: "count"}
+    )
+    if period:
+        table = table.rename(columns={period: "period"})
+        table["period"] = table["period"].astype(str)
+    totals = (table["origin"].map(_is_margin) | table["destination"].map(_is_margin)).to_numpy()
+    if totals.any():
+        rows = (table.index[totals] + 1).tolist()
+        raise CensusInputError(
+            f"{label}: {int(totals.sum())} row(s) are totals, not pairs of units (origin or "
+            f"destination {sorted(TOTAL_LABELS)}), at data row(s) {_fmt(rows)}: they would count "
+            "the movers of other rows twice. Fix: delete them (a matrix with margins: "
+            "layout='wide' checks them against the cells and drops them)."
+        )
+    return table
 
 
 def _is_margin(label: Any) -> bool:
@@ -1751,18 +1777,7 @@ def _read_census_od_cells(
         raise CensusInputError(
             f"{label}: origin_level/destination_level need the units table. Fix: pass units="
         )
-    _require(
-        table,
-        {"origin": origin, "destination": destination, "count": count, "period": period},
-        label,
-    )
-    cols = [origin, destination, count] + ([period] if period else [])
-    table = table[cols].rename(
-        columns={origin: "origin", destination: "destination", count: "count"}
-    )
-    if period:
-        table = table.rename(columns={period: "period"})
-        table["period"] = table["period"].astype(str)
+    table = _od_columns(table, label, origin, destination, count, period)
     counts, bounds = parse_counts(
         table["count"],
         suppressed=suppressed,

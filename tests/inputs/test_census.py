@@ -822,3 +822,18 @@ def test_census_matrix_split_by_sex_is_summed_per_pair(units, tmp_path):
         read_census_od(path, layout="wide", by=["age"])
     with pytest.raises(CensusInputError, match=r"by= applies to layout='wide'"):
         read_census_od(path, by=["sex"])
+
+
+def test_census_long_table_with_total_rows_is_refused(units, tmp_path):
+    path = tmp_path / "od.csv"
+    path.write_text("origin,destination,count\nA1,A2,3\nA2,A1,4\nTotal,,7\nA1,total,3\n")
+    with pytest.raises(
+        CensusInputError, match=r"2 row\(s\) are totals.*data row\(s\) \[3, 4\].*delete them"
+    ):
+        read_census_od(path, units=units)
+    with pytest.raises(CensusInputError, match=r"1 row\(s\) are totals"):
+        read_census_od(
+            pd.DataFrame({"origin": ["BBB", "All"], "destination": ["A1", "A1"], "count": [3, 3]}),
+            units=units,
+            origin_level="country",
+        )
