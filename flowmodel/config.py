@@ -332,7 +332,7 @@ class FlowSource(_Section):
         from the source name (``census`` -> ``census_od``; ``cdr`` ->
         ``cdr_events`` when ``towers`` is given, else ``cdr_od``; else ``table``).
     path
-        The table (CSV or Parquet) or the events file.
+        The table (CSV, Excel workbook or Parquet) or the events file.
     towers
         Tower locations (``cell_id``, ``lon``, ``lat``) for ``cdr_events``.
     options
@@ -958,6 +958,7 @@ READERS: dict[str, tuple[str, str, frozenset[str]]] = {
     ),
     "cdr_events": ("flowmodel.inputs.cdr", "cdr_flows", frozenset({"events", "towers", "units"})),
     "cdr_od": ("flowmodel.inputs.cdr", "read_cdr_od", frozenset({"source", "units"})),
+    "estimates": ("flowmodel.inputs.estimates", "read_estimates", frozenset({"source"})),
     "table": ("pandas", "read_csv", frozenset({"filepath_or_buffer"})),
     "table_parquet": ("pandas", "read_parquet", frozenset({"path"})),
 }

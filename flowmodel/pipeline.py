@@ -1091,9 +1091,9 @@ def read_flow_source(
     kind = source.resolved_kind(name)
     options = dict(source.options)
     if kind == "estimates":
-        path = Path(source.path)
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-        return SourceTables(table)
+        from flowmodel.inputs.estimates import read_estimates
+
+        return SourceTables(read_estimates(source.path, **options))
     if kind in ("census_od", "census_persons") and population is not None:
         options.setdefault("population", population)  # plausibility of the counts
     if kind == "census_od":
@@ -1191,26 +1191,16 @@ def _add_estimates(ds: Any, estimates: Mapping[str, tuple[Any, Any]]) -> Any:
     from flowmodel.exceptions import DataContractError, ModelConfigError
 
     for name, (table, source) in estimates.items():
-        opts = dict(source.options)
-        rename = {opts.pop(k, k): k for k in ("origin", "destination", "estimate", "se")}
-        table = table.rename(columns={k: v for k, v in rename.items() if k != v})
         try:
             ds = estimates_to_dataset(
                 ds,
                 table,
                 name=name,
-                origin_level=opts.pop("origin_level", "country"),
-                destination_level=opts.pop("destination_level", "country"),
-                rel_sd=opts.pop("rel_sd", None),
+                origin_level=table.attrs["origin_level"],
+                destination_level=table.attrs["destination_level"],
             )
         except (DataContractError, ModelConfigError) as err:
             raise DataContractError(f"{source.path} (flows.{name}): {err}") from err
-        if opts:
-            raise DataContractError(
-                f"{source.path} (flows.{name}): unknown option(s) {sorted(opts)} for kind "
-                "'estimates'; valid: origin, destination, estimate, se (column names), "
-                "origin_level, destination_level, rel_sd"
-            )
     return ds
 
 

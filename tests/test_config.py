@@ -262,6 +262,20 @@ def test_reader_options_are_checked_against_the_reader(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, text)).flows["other"].options == {"columns": ["a"]}
 
 
+def test_estimates_options_are_checked_before_any_stage(tmp_path: Path) -> None:
+    """kind = "estimates" has a reader like every other kind (its options were not checked)."""
+    (tmp_path / "est.csv").write_text("origin,destination,estimate\nAAA,BBB,10\n")
+    text = MINIMAL + '[flows.pub]\nkind = "estimates"\npath = "est.csv"\n'
+    with pytest.raises(ConfigError, match=r"\[flows\.pub\.options\] rel_sdd: .*'rel_sd'"):
+        load_config(write(tmp_path, text + "options = { rel_sdd = 0.1 }\n"))
+    with pytest.raises(ConfigError, match=r"\[flows\.pub\.options\] rel_sd: expected float"):
+        load_config(write(tmp_path, text + 'options = { rel_sd = "ten percent" }\n'))
+    cfg = load_config(
+        write(tmp_path, text + "options = { rel_sd = 0.1, origin_level = 'unit' }\n")
+    )
+    assert cfg.flows["pub"].options == {"rel_sd": 0.1, "origin_level": "unit"}
+
+
 def test_option_typo_given_by_set_is_caught(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("origin,destination,count\n")
     path = write(tmp_path, MINIMAL + '[flows.census]\npath = "c.csv"\n')

@@ -41,20 +41,19 @@ column                dtype    meaning
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
 import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from flowmodel.exceptions import CensusInputError, InputFileError, UnitCodeError
+from flowmodel.inputs.tables import TableLike, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,6 @@ DEFAULT_SUPPRESSED: dict[str, float | None] = {
 }
 
 Universe = Literal["within", "destination", "abroad", "all"] | None
-TableLike = str | os.PathLike[str] | pd.DataFrame
 
 _THOUSANDS = r"\d{1,3}(?:,\d{3})+(?:\.0*)?"
 _LT = re.compile(r"^\s*<\s*(\d+(?:\.\d+)?)\s*$")
@@ -108,158 +106,6 @@ def _fmt(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
         n = len(items)
     more = f" and {n - MAX_SHOWN} more" if n > MAX_SHOWN else ""
     return f"[{shown}{more}]"
-
-
-def _sniff_delimiter(path: Path, encoding: str, what: str, skip: int = 0) -> str:
-    """Return the delimiter of a CSV file (``,``, ``;``, tab or ``|``) from its first lines.
-
-    ``skip``: lines above the header (a title) that are left out of the sample.
-    """
-    with open(path, encoding=encoding, newline="") as fh:
-        sample = fh.read(1 << 16)
-    if skip:
-        sample = "".join(sample.splitlines(keepends=True)[skip:])
-    if not sample.strip():
-        raise InputFileError(
-            f"{path}: the {what} file is empty. Fix: check the export (a header line and one "
-            "row per cell are expected)."
-        )
-    try:
-        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
-    except csv.Error:
-        return ","  # one column, or too irregular to tell: pandas reports what it finds
-
-
-#: Spreadsheet workbooks read with openpyxl (``pandas.read_excel``)
-_WORKBOOKS = (".xlsx", ".xlsm")
-
-
-def _read_workbook(path: Path, what: str, sheet: str | int | None, skip: int) -> pd.DataFrame:
-    """Read one sheet of a workbook as text (``sheet``: a name or a 0-based position)."""
-    import openpyxl
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # openpyxl on styles and data validation it ignores
-        names = openpyxl.load_workbook(path, read_only=True).sheetnames
-        if (
-            sheet is not None
-            and sheet not in names
-            and not (isinstance(sheet, int) and 0 <= sheet < len(names))
-        ):
-            raise InputFileError(
-                f"{path}: the {what} workbook has no sheet {sheet!r} (sheets: {names}). Fix: pass "
-                "sheet=<name or 0-based position>."
-            )
-        return pd.read_excel(
-            path,
-            sheet_name=0 if sheet is None else sheet,
-            header=skip,
-            dtype=str,
-            keep_default_na=False,
-        )
-
-
-def _read_table(
-    source: TableLike,
-    what: str,
-    *,
-    encoding: str = "utf-8",
-    sep: str | None = None,
-    sheet: str | int | None = None,
-    header_row: int = 1,
-) -> tuple[pd.DataFrame, str]:
-    """Read a CSV/Excel/Parquet/Feather file or copy a DataFrame; return it and a label.
-
-    CSV files are read as text (``encoding``; a UTF-8 byte-order mark is
-    dropped) with the delimiter ``sep``, or the one :class:`csv.Sniffer` finds
-    (``,``, ``;``, tab, ``|``) when None; ``.xlsx`` workbooks as text from
-    ``sheet`` (default the first). ``header_row`` is the 1-based line (CSV) or
-    spreadsheet row holding the column names (title lines above it are skipped).
-    Columns without a name and without a value (a trailing delimiter, formatted
-    empty spreadsheet columns) are dropped. Rows get a 0-based index (data row - 1).
-    """
-    if isinstance(source, pd.DataFrame):
-        if sheet is not None or header_row != 1:
-            raise InputFileError(
-                f"{what} table: sheet= and header_row= apply to files, not to a DataFrame. Fix: "
-                "drop them (pandas.read_excel(..., sheet_name=, header=) reads a sheet)."
-            )
-        return source.reset_index(drop=True), f"{what} table"
-    path = Path(source)
-    if not path.exists():
-        raise InputFileError(f"{path}: no such {what} file. Fix: check the path.")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputFileError(
-            f"{path}: the {what} file is empty (0 bytes). Fix: check the export or the path."
-        )
-    if not isinstance(header_row, int) or header_row < 1:
-        raise InputFileError(
-            f"{path}: header_row={header_row!r}: the 1-based row of the column names. Fix: "
-            "pass a whole number >= 1 (1: the first row)."
-        )
-    suffix = "".join(path.suffixes[-2:]).lower()
-    if sheet is not None and not suffix.endswith(_WORKBOOKS):
-        raise InputFileError(
-            f"{path}: sheet={sheet!r} applies to .xlsx workbooks only. Fix: drop sheet=."
-        )
-    if suffix.endswith((".xls", ".ods")):
-        raise InputFileError(
-            f"{path}: old Excel (.xls) and OpenDocument (.ods) files are not read. Fix: save the "
-            "sheet as .xlsx or CSV."
-        )
-    text_encoding = (
-        "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-    )
-    skip = header_row - 1
-    try:
-        if suffix.endswith((".parquet", ".pq")):
-            table = pd.read_parquet(path)
-        elif suffix.endswith((".feather", ".arrow", ".ipc")):
-            table = pd.read_feather(path)
-        elif suffix.endswith(_WORKBOOKS):
-            table = _read_workbook(path, what, sheet, skip)
-        else:
-            compressed = path.suffix.lower() in (".gz", ".bz2", ".zip", ".xz", ".zst")
-            delimiter = (
-                sep
-                if sep is not None
-                else ","
-                if compressed
-                else _sniff_delimiter(path, text_encoding, what, skip)
-            )
-            table = pd.read_csv(
-                path,
-                dtype=str,
-                keep_default_na=False,
-                sep=delimiter,
-                encoding=text_encoding,
-                skiprows=skip,
-            )
-    except InputFileError:
-        raise
-    except UnicodeDecodeError as err:
-        raise InputFileError(
-            f"{path}: the {what} file is not {encoding} text (byte 0x{err.object[err.start]:02x} "
-            f"at offset {err.start}). Fix: pass its encoding, e.g. encoding='latin-1' (in a run "
-            'config: options = { encoding = "latin-1" }), or save it as UTF-8.'
-        ) from None
-    except (OSError, ValueError, KeyError) as err:
-        reason = " ".join(str(err).split())[:200]
-        raise InputFileError(
-            f"{path}: cannot read {what} file ({type(err).__name__}: {reason}). Fix: give a CSV "
-            "(any of , ; tab | as delimiter, or pass sep=), .xlsx, Parquet or Feather table"
-            + (", and header_row= the row of the column names" if skip else "")
-            + "."
-        ) from err
-    empty_cols = [
-        c
-        for c in table.columns
-        if str(c).startswith("Unnamed:") and table[c].astype("string").fillna("").eq("").all()
-    ]
-    table = table.drop(columns=empty_cols)
-    if table.empty:
-        raise InputFileError(f"{path}: the {what} file has no rows. Fix: check the export.")
-    return table.reset_index(drop=True), str(path)
 
 
 def _require(table: pd.DataFrame, columns: Mapping[str, str | None], label: str) -> None:
@@ -395,7 +241,7 @@ def _mapping_dict(
         return {}
     if isinstance(mapping, Mapping):
         return {str(k): str(v) for k, v in mapping.items()}
-    table, label = _read_table(mapping, "code mapping")
+    table, label = read_table(mapping, "code mapping")
     _require(table, {"from_field": from_field, "to_field": to_field}, label)
     table = table[[from_field, to_field]].astype(str).drop_duplicates()
     dup = table[from_field][table[from_field].duplicated()].unique().tolist()
@@ -922,7 +768,7 @@ def read_census_od(
     UnitCodeError
         Codes matching no unit (unless ``unmatched="drop"``).
     """
-    table, label = _read_table(
+    table, label = read_table(
         source, "census OD", encoding=encoding, sep=sep, sheet=sheet, header_row=header_row
     )
     if layout == "wide":
@@ -1555,7 +1401,7 @@ def read_census_persons(
             encoding=encoding,
             sep=sep,
         )
-    table, label = _read_table(source, "census person records", encoding=encoding, sep=sep)
+    table, label = read_table(source, "census person records", encoding=encoding, sep=sep)
     _require(
         table,
         {"current": current, "previous": previous, "weight": weight, "period": period},
@@ -1868,7 +1714,7 @@ def _read_census_persons_cells(
     skipped; a record whose previous label contains its current unit (a stayer,
     or a move within the region) is not a migrant at this level.
     """
-    table, label = _read_table(source, "census person records", encoding=encoding, sep=sep)
+    table, label = read_table(source, "census person records", encoding=encoding, sep=sep)
     _require(
         table,
         {"current": current, "previous": previous, "weight": weight, "period": period},
