@@ -1167,14 +1167,15 @@ def _check_table_counts(table: Any, path: Path, name: str) -> None:
 
 def _add_marginals(ds: Any, cfg: RunConfig) -> Any:
     """Add every ``[marginals.<name>]`` table as estimates ``estimate_<name>`` (country pairs)."""
-    import pandas as pd
-
     from flowmodel.dataset import marginals_to_dataset
     from flowmodel.exceptions import DataContractError, ModelConfigError
+    from flowmodel.inputs.tables import parse_numbers, read_table
 
     for name, src in cfg.marginals.items():
         path = Path(src.path)
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        table, label = read_table(path, f"marginals.{name}")
+        if "value" in table.columns:
+            table["value"] = parse_numbers(table["value"], label, "value")
         try:
             ds = marginals_to_dataset(ds, table, name=name, rel_sd=src.rel_sd)
         except (DataContractError, ModelConfigError) as err:

@@ -434,6 +434,17 @@ def test_prepare_adds_marginals_and_names_a_bad_file(tiny_world: Path, capsys) -
     code, _, err = run_cli(capsys, "prepare", str(config))
     assert code == EXIT_BAD_INPUT
     assert "bilateral.csv (marginals.bilateral)" in err and "XYZ" in err
+    # published estimates beside them (kind = "estimates"), numbers as offices print them
+    pub = {"origin": codes[:1], "destination": codes[1:2], "estimate": ["1,500"], "se": ["200"]}
+    pd.DataFrame(pub).to_csv(tiny_world / "pub.csv", index=False)
+    table.assign(value="1,000").to_csv(tiny_world / "bilateral.csv", index=False)
+    config.write_text(fusion + '\n[flows.pub]\nkind = "estimates"\npath = "pub.csv"\n')
+    code, _, err = run_cli(capsys, "prepare", str(config))
+    assert code == EXIT_OK, err
+    with xr.open_dataset(tiny_world / "run-marginals" / "dataset.nc", engine="h5netcdf") as ds:
+        assert ds["estimate_pub"].values.tolist() == [1500.0]
+        assert ds["estimate_pub_se"].values.tolist() == [200.0]
+        assert float(ds["estimate_bilateral"].max()) == 1000.0
 
 
 def test_status_shows_a_killed_stage_as_interrupted(tmp_path: Path, capsys, monkeypatch) -> None:

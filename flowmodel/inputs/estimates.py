@@ -10,35 +10,13 @@ as a log-normal observation (docs/models.md). In a run config: ``kind = "estimat
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 
 from flowmodel.exceptions import InputFileError
-from flowmodel.inputs.tables import TableLike, read_table
+from flowmodel.inputs.tables import TableLike, parse_numbers, read_table
 
 __all__ = ["read_estimates"]
-
-_THOUSANDS = re.compile(r"^\d{1,3}(?:,\d{3})+(?:\.\d*)?$")
-
-
-def _numbers(values: pd.Series, label: str, column: str) -> np.ndarray:
-    """Parse a column of numbers (``1,234.5`` too); raise naming the rows of anything else."""
-    text = values.astype("string").str.strip().fillna("")
-    plain = text.where(~text.str.match(_THOUSANDS), text.str.replace(",", "", regex=False))
-    out = pd.to_numeric(plain, errors="coerce").to_numpy(dtype=float)
-    bad = np.isnan(out)
-    if bad.any():
-        rows = (values.index[bad] + 1).tolist()
-        shown = sorted(set(text[bad].replace("", "<empty>")))[:5]
-        raise InputFileError(
-            f"{label}: column {column!r} has {int(bad.sum())} value(s) that are not numbers "
-            f"({shown}) at data row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}. Fix: "
-            "give every estimate as a number (a decimal point, not a comma), or drop the rows "
-            "with none."
-        )
-    return out
 
 
 def read_estimates(
@@ -111,12 +89,12 @@ def read_estimates(
         {
             "origin": table[origin].astype(str).str.strip(),
             "destination": table[destination].astype(str).str.strip(),
-            "estimate": _numbers(table[estimate], label, estimate),
+            "estimate": parse_numbers(table[estimate], label, estimate),
         },
         index=table.index,
     )
     if has_se:
-        out["se"] = _numbers(table[se], label, str(se))
+        out["se"] = parse_numbers(table[se], label, str(se))
     else:
         out["se"] = out["estimate"] * np.sqrt(np.expm1(float(rel_sd) ** 2))
     bad = ~((out["estimate"] > 0) & (out["se"] > 0)).to_numpy()

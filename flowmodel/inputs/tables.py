@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from flowmodel.exceptions import InputFileError
 
-__all__ = ["WORKBOOKS", "TableLike", "read_table"]
+__all__ = ["WORKBOOKS", "TableLike", "parse_numbers", "read_table"]
 
 TableLike = str | os.PathLike[str] | pd.DataFrame
 
@@ -176,3 +178,28 @@ def read_table(
     if table.empty:
         raise InputFileError(f"{path}: the {what} file has no rows. Fix: check the export.")
     return table.reset_index(drop=True), str(path)
+
+
+_THOUSANDS = re.compile(r"^\d{1,3}(?:,\d{3})+(?:\.\d*)?$")
+
+
+def parse_numbers(values: pd.Series, label: str, column: str) -> np.ndarray:
+    """Parse a column of numbers (``1,234.5`` too); raise naming the rows of anything else.
+
+    ``values`` is a table's column (its index: data row - 1, as :func:`read_table` gives);
+    ``label`` and ``column`` name the file and column in the error.
+    """
+    text = values.astype("string").str.strip().fillna("")
+    plain = text.where(~text.str.match(_THOUSANDS), text.str.replace(",", "", regex=False))
+    out = pd.to_numeric(plain, errors="coerce").to_numpy(dtype=float)
+    bad = np.isnan(out)
+    if bad.any():
+        rows = (values.index[bad] + 1).tolist()
+        shown = sorted(set(text[bad].replace("", "<empty>")))[:5]
+        raise InputFileError(
+            f"{label}: column {column!r} has {int(bad.sum())} value(s) that are not numbers "
+            f"({shown}) at data row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}. Fix: "
+            "give every value as a number (a decimal point, not a comma), or drop the rows "
+            "with none."
+        )
+    return out
