@@ -71,6 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flowmodel.exceptions import CDRInputError, InputFileError, MissingCRSError, PrivacyError
+from flowmodel.inputs.tables import MAX_SHOWN, format_items
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -105,16 +106,9 @@ EventSource = (
 
 _DAY0 = 3652  # days from 1970-01-01 to 1980-01-01: the earliest accepted event
 _DAY_BITS, _UNIT_BITS, _SUB_BITS = 16, 20, 28
-_MAX_SHOWN = 10
 _CSV_BLOCK_SIZE = 64 << 20  # bytes of CSV parsed per batch
 _MAX_PENDING = 1 << 25  # raw event keys (8 bytes each) held before a reduction
 _EXTRA_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M")
-
-
-def _fmt(items: Sequence[Any]) -> str:
-    items = list(items)
-    more = f" and {len(items) - _MAX_SHOWN} more" if len(items) > _MAX_SHOWN else ""
-    return "[" + ", ".join(str(i) for i in items[:_MAX_SHOWN]) + more + "]"
 
 
 # ------------------------------------------------------------------------ hashing
@@ -297,13 +291,13 @@ def read_towers(
     if bad.any():
         raise CDRInputError(
             f"{label}: {int(bad.sum())} tower(s) with missing or out-of-range lon/lat: cells "
-            f"{_fmt(out.loc[bad, 'cell_id'])}. Fix: coordinates must be degrees (EPSG:4326)."
+            f"{format_items(out.loc[bad, 'cell_id'])}. Fix: coordinates must be degrees (EPSG:4326)."
         )
     out = out.drop_duplicates()
     dup = out["cell_id"][out["cell_id"].duplicated()].unique().tolist()
     if dup:
         raise CDRInputError(
-            f"{label}: {len(dup)} cell id(s) have more than one location: {_fmt(dup)}. "
+            f"{label}: {len(dup)} cell id(s) have more than one location: {format_items(dup)}. "
             "Fix: keep one location per cell (e.g. the one valid for the study period)."
         )
     return out.reset_index(drop=True)
@@ -394,7 +388,7 @@ def assign_towers(
     miss = out["unit_id"].isna().to_numpy()
     if miss.any():
         cells = out.loc[miss, "cell_id"].tolist()
-        msg = f"{len(cells)} of {len(out)} tower(s) lie outside every unit: cells {_fmt(cells)}"
+        msg = f"{len(cells)} of {len(out)} tower(s) lie outside every unit: cells {format_items(cells)}"
         if outside == "error":
             raise CDRInputError(
                 f"{msg}. Fix: check tower coordinates and the units' CRS, or pass outside='nearest' "
@@ -523,7 +517,7 @@ def _scrubbed(
             if malformed is not None:
                 rows = malformed.locate()
                 if rows:
-                    where = f" at data row(s) {_fmt(rows)} (1 = the first row after the header)"
+                    where = f" at data row(s) {format_items(rows)} (1 = the first row after the header)"
             raise CDRInputError(
                 f"{label}: the events file is malformed{where} ({type(err).__name__} while "
                 "reading; the reader's message is withheld because it may quote raw rows). Fix: "
@@ -1271,7 +1265,9 @@ def detect_homes(
     tu["cell_id"] = tu["cell_id"].astype(str)
     unknown_units = sorted(set(tu["unit_id"].dropna().astype(str)) - set(unit_ids))
     if unknown_units:
-        raise CDRInputError(f"tower_units name unit(s) not in unit_ids: {_fmt(unknown_units)}.")
+        raise CDRInputError(
+            f"tower_units name unit(s) not in unit_ids: {format_items(unknown_units)}."
+        )
     tower_unit = np.array(
         [
             int(upos.get(str(x), -1)) if pd.notna(x) else -1
@@ -1351,8 +1347,8 @@ def detect_homes(
             if k:
                 report[what] += k
                 rows = bad_rows.setdefault(what, [])
-                if len(rows) < _MAX_SHOWN:
-                    rows.extend((np.flatnonzero(mask)[:_MAX_SHOWN] + _row0 + 1).tolist())
+                if len(rows) < MAX_SHOWN:
+                    rows.extend((np.flatnonzero(mask)[:MAX_SHOWN] + _row0 + 1).tolist())
                 _ok &= ~mask
 
         _flag(sid.is_null().to_numpy(zero_copy_only=False), "missing_subscriber")
@@ -1442,7 +1438,7 @@ def detect_homes(
         report["malformed_row"] = malformed.count
         located = malformed.locate()
         bad_rows = {k: _renumber(v, located) for k, v in bad_rows.items()}
-        bad_rows["malformed_row"] = located[:_MAX_SHOWN]
+        bad_rows["malformed_row"] = located[:MAX_SHOWN]
         report["events"] += malformed.count
     _report_bad_events(report, bad_rows, label, on_bad_events, columns=cols)
     if report["events"] == 0:
@@ -1657,7 +1653,7 @@ def _report_bad_events(
     if not bad:
         return
     detail = "; ".join(
-        f"{what[k]}: {v} (data rows {_fmt(bad_rows.get(k, []))})" for k, v in bad.items()
+        f"{what[k]}: {v} (data rows {format_items(bad_rows.get(k, []))})" for k, v in bad.items()
     )
     if on_bad_events == "error":
         raise CDRInputError(
@@ -2718,7 +2714,7 @@ def read_cdr_od(
     values = pd.to_numeric(text.where(~marked, None), errors="coerce").to_numpy(dtype=float)
     bad = ~marked & np.isnan(values)
     if bad.any():
-        examples = sorted(set(text[bad]))[:_MAX_SHOWN]
+        examples = sorted(set(text[bad]))[:MAX_SHOWN]
         raise CDRInputError(
             f"{label}: column {count!r}: {int(bad.sum())} value(s) are neither counts nor redaction markers "
             f"{examples}. Fix: pass redacted_markers=[...] listing the operator's markers."
@@ -2727,7 +2723,7 @@ def read_cdr_od(
     if neg.any():
         raise CDRInputError(
             f"{label}: column {count!r}: {int(neg.sum())} negative count(s) at rows "
-            f"{_fmt((np.flatnonzero(neg) + 1).tolist())}. Fix: counts must be >= 0."
+            f"{format_items((np.flatnonzero(neg) + 1).tolist())}. Fix: counts must be >= 0."
         )
     out["count"] = values
     out["max"] = np.where(marked, float(threshold), np.nan)

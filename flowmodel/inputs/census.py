@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from flowmodel.exceptions import CensusInputError, InputFileError, UnitCodeError
-from flowmodel.inputs.tables import TableLike, read_table
+from flowmodel.inputs.tables import MAX_SHOWN, TableLike, format_items, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +90,8 @@ Universe = Literal["within", "destination", "abroad", "all"] | None
 _THOUSANDS = r"\d{1,3}(?:,\d{3})+(?:\.0*)?"
 _LT = re.compile(r"^\s*<\s*(\d+(?:\.\d+)?)\s*$")
 _LE = re.compile(r"^\s*(?:<=|≤)\s*(\d+(?:\.\d+)?)\s*$")
-MAX_SHOWN = 10
 #: Row and column labels of a matrix's margins (compared without case and surrounding spaces)
 TOTAL_LABELS = frozenset({"total", "totals", "grand total", "all", "sum"})
-
-
-def _fmt(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
-    if isinstance(items, Mapping):
-        pairs = list(items.items())
-        shown = ", ".join(f"{k!s} ({v} {what})".replace(" )", ")") for k, v in pairs[:MAX_SHOWN])
-        n = len(pairs)
-    else:
-        items = list(items)
-        shown = ", ".join(str(i) for i in items[:MAX_SHOWN])
-        n = len(items)
-    more = f" and {n - MAX_SHOWN} more" if n > MAX_SHOWN else ""
-    return f"[{shown}{more}]"
 
 
 def _require(table: pd.DataFrame, columns: Mapping[str, str | None], label: str) -> None:
@@ -199,14 +185,14 @@ def parse_counts(
     if bad:
         raise CensusInputError(
             f"{label}: {sum(bad.values())} value(s) are neither counts nor suppression markers: "
-            f"{_fmt(bad, 'rows')}. Fix: declare the markers, e.g. suppressed={{'<marker>': <bound>}}, "
+            f"{format_items(bad, 'rows')}. Fix: declare the markers, e.g. suppressed={{'<marker>': <bound>}}, "
             "or clean the table (an empty cell is not a zero)."
         )
     neg = ~np.isnan(count) & (count < 0)
     if neg.any():
         rows = [int(row_of(p)) for p in np.flatnonzero(neg)]
         raise CensusInputError(
-            f"{label}: {int(neg.sum())} negative count(s) at data row(s) {_fmt(rows)}. "
+            f"{label}: {int(neg.sum())} negative count(s) at data row(s) {format_items(rows)}. "
             "Fix: counts must be >= 0; correct or drop those rows."
         )
     frac = ~np.isnan(count) & (np.abs(count - np.round(count)) > 1e-9)
@@ -216,7 +202,7 @@ def parse_counts(
         shown = {r: float(count[p]) for r, p in zip(rows[:MAX_SHOWN], where, strict=False)}
         raise CensusInputError(
             f"{label}: {int(frac.sum())} count(s) are not whole numbers, at data row(s) "
-            f"{_fmt(rows)} (values {shown}). Fix: give unweighted sample counts (weighted "
+            f"{format_items(rows)} (values {shown}). Fix: give unweighted sample counts (weighted "
             "estimates divided by the sample fraction are not counts: give the sample counts and "
             "sample_fraction=), or correct the decimal separator."
         )
@@ -247,7 +233,7 @@ def _mapping_dict(
     dup = table[from_field][table[from_field].duplicated()].unique().tolist()
     if dup:
         raise UnitCodeError(
-            f"{label}: code(s) {_fmt(dup)} map to more than one unit id. Fix: a census code must map "
+            f"{label}: code(s) {format_items(dup)} map to more than one unit id. Fix: a census code must map "
             "to exactly one unit; split flows by hand before harmonising."
         )
     return dict(zip(table[from_field], table[to_field], strict=True))
@@ -314,7 +300,7 @@ def harmonise_codes(
     bad_targets = sorted(set(lookup.values()) - valid)
     if bad_targets:
         raise UnitCodeError(
-            f"code mapping: target id(s) {_fmt(bad_targets)} are not unit ids. "
+            f"code mapping: target id(s) {format_items(bad_targets)} are not unit ids. "
             "Fix: map census codes to ids present in the units table."
         )
     out = table.copy()
@@ -345,7 +331,7 @@ def harmonise_codes(
         listing = dict(sorted(listing.items(), key=lambda kv: -kv[1]))
         msg = (
             f"{label}: {len(report)} unit code(s) match no unit id "
-            f"({int((~keep).sum())} of {len(out)} rows): {_fmt(listing, what)}"
+            f"({int((~keep).sum())} of {len(out)} rows): {format_items(listing, what)}"
         ) + "".join(
             _code_hints(col, found, valid, other_levels or {}, unit_names or {})
             for col, found in unmatched_codes.items()
@@ -595,7 +581,7 @@ def _sample_fraction(
             counts = lacking.astype(str).value_counts().to_dict()
             raise CensusInputError(
                 f"{label}: sample_fraction gives no fraction for census countr(ies) "
-                f"{_fmt(counts, 'rows')} (it names {sorted(given)}). Fix: give every census "
+                f"{format_items(counts, 'rows')} (it names {sorted(given)}). Fix: give every census "
                 "country its fraction, e.g. sample_fraction = {"
                 + ", ".join(f"{c} = 0.1" for c in sorted(set(given) | set(counts))[:4])
                 + "}, or one number for all."
@@ -912,7 +898,7 @@ def _codes(values: pd.Series, label: str, column: str, what: str) -> pd.Series:
         rows = (values.index[missing] + 1).tolist()  # tables are read with index = row - 1
         raise CensusInputError(
             f"{label}: column {column!r} is empty at {int(missing.sum())} data row(s) "
-            f"{_fmt(rows)}: the {what} is missing (not an unknown code). Fix: fill it in or "
+            f"{format_items(rows)}: the {what} is missing (not an unknown code). Fix: fill it in or "
             f"drop those rows (e.g. query=\"{column} != ''\" for person records)."
         )
     return text
@@ -948,7 +934,7 @@ def _od_columns(
         rows = (table.index[totals] + 1).tolist()
         raise CensusInputError(
             f"{label}: {int(totals.sum())} row(s) are totals, not pairs of units (origin or "
-            f"destination {sorted(TOTAL_LABELS)}), at data row(s) {_fmt(rows)}: they would count "
+            f"destination {sorted(TOTAL_LABELS)}), at data row(s) {format_items(rows)}: they would count "
             "the movers of other rows twice. Fix: delete them (a matrix with margins: "
             "layout='wide' checks them against the cells and drops them)."
         )
@@ -1024,7 +1010,7 @@ def _melt_matrix(
             "row(s) %s",
             label,
             int(layout_rows.sum()),
-            _fmt((np.flatnonzero(layout_rows) + 1).tolist()),
+            format_items((np.flatnonzero(layout_rows) + 1).tolist()),
         )
         table = table.loc[~layout_rows]
     codes = _codes(table[origin], label, origin, f"{default_label} code (the row label)")
@@ -1158,7 +1144,7 @@ def _check_margins(
     if bad:
         raise CensusInputError(
             f"{label}: layout='wide': {len(bad)} margin(s) are not the sum of the cells they "
-            f"total: {_fmt(bad)}. Fix: check that every row and column sits under its own "
+            f"total: {format_items(bad)}. Fix: check that every row and column sits under its own "
             "label (a shifted row or column, a missing one); a margin that also counts people "
             "the matrix leaves out (previous residence not stated, abroad) cannot be checked: "
             "pass check_totals=False (in a run config: options = { check_totals = false })."
@@ -1190,9 +1176,11 @@ def _check_duplicates(table: pd.DataFrame, keys: list[str], label: str, count: s
             different.append(f"{where}, counts {values}")
     parts = []
     if exact:
-        parts.append(f"{len(exact)} pair(s) on identical rows (a repeated export?) {_fmt(exact)}")
+        parts.append(
+            f"{len(exact)} pair(s) on identical rows (a repeated export?) {format_items(exact)}"
+        )
     if different:
-        parts.append(f"{len(different)} pair(s) with different counts {_fmt(different)}")
+        parts.append(f"{len(different)} pair(s) with different counts {format_items(different)}")
     raise CensusInputError(
         f"{label}: {'; '.join(parts)} (data rows; column {count!r}). Fix: keep one row per pair "
         "(and period); if the table splits pairs over several rows on purpose (by sex, age, "
@@ -1424,7 +1412,7 @@ def read_census_persons(
             rows = (table.index[bad] + 1).tolist()
             raise CensusInputError(
                 f"{label}: column {weight!r}: {int(bad.sum())} missing, non-numeric or non-positive "
-                f"weight(s) at data row(s) {_fmt(rows)}. Fix: person weights must be > 0, or pass "
+                f"weight(s) at data row(s) {format_items(rows)}. Fix: person weights must be > 0, or pass "
                 "weight=None with sample_fraction=<share sampled>."
             )
         frame["weight"] = w
@@ -1522,7 +1510,7 @@ def _label_countries(labels: pd.Series, country: pd.Series, level: str, label: s
     bad = split.index[split > 1].tolist()
     if bad:
         raise CensusInputError(
-            f"{label}: {level} label(s) {_fmt(bad)} contain units of several countries. Fix: make "
+            f"{label}: {level} label(s) {format_items(bad)} contain units of several countries. Fix: make "
             f"the {level} codes unique per country (e.g. prefix them with the country code)"
         )
     return per.first()

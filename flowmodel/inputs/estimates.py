@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from flowmodel.exceptions import InputFileError
-from flowmodel.inputs.tables import TableLike, parse_numbers, read_table
+from flowmodel.inputs.tables import TableLike, format_items, parse_numbers, read_table
 
 __all__ = ["read_estimates"]
 
@@ -102,7 +102,7 @@ def read_estimates(
         rows = (out.index[bad] + 1).tolist()
         raise InputFileError(
             f"{label}: {int(bad.sum())} row(s) with an estimate or standard error that is not "
-            f"> 0, at data row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}: a log-normal "
+            f"> 0, at data row(s) {format_items(rows)}: a log-normal "
             "observation needs both positive. Fix: drop unknown or zero cells from the table."
         )
     out = out.reset_index(drop=True)

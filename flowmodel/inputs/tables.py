@@ -13,16 +13,35 @@ import csv
 import os
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from flowmodel.exceptions import InputFileError
 
-__all__ = ["WORKBOOKS", "TableLike", "parse_numbers", "read_table"]
+__all__ = ["MAX_SHOWN", "WORKBOOKS", "TableLike", "format_items", "parse_numbers", "read_table"]
 
 TableLike = str | os.PathLike[str] | pd.DataFrame
+
+#: How many items (rows, codes, values) an error message lists before "and N more"
+MAX_SHOWN = 10
+
+
+def format_items(items: Mapping[Any, Any] | Sequence[Any], what: str = "") -> str:
+    """Return ``[a, b, ... and 3 more]`` for a message; a mapping as ``[key (value what), ...]``."""
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+        shown = ", ".join(f"{k!s} ({v} {what})".replace(" )", ")") for k, v in pairs[:MAX_SHOWN])
+        n = len(pairs)
+    else:
+        items = list(items)
+        shown = ", ".join(str(i) for i in items[:MAX_SHOWN])
+        n = len(items)
+    more = f" and {n - MAX_SHOWN} more" if n > MAX_SHOWN else ""
+    return f"[{shown}{more}]"
 
 
 def _sniff_delimiter(path: Path, encoding: str, what: str, skip: int = 0) -> str:
@@ -198,7 +217,7 @@ def parse_numbers(values: pd.Series, label: str, column: str) -> np.ndarray:
         shown = sorted(set(text[bad].replace("", "<empty>")))[:5]
         raise InputFileError(
             f"{label}: column {column!r} has {int(bad.sum())} value(s) that are not numbers "
-            f"({shown}) at data row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}. Fix: "
+            f"({shown}) at data row(s) {format_items(rows)}. Fix: "
             "give every value as a number (a decimal point, not a comma), or drop the rows "
             "with none."
         )
