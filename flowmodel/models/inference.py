@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pymc as pm
+import pytensor
 import xarray as xr
 
 from flowmodel.exceptions import (
@@ -53,6 +54,7 @@ __all__ = [
     "check_finite",
     "diagnostics_messages",
     "prior_draws",
+    "reproducible_kernels",
     "require_backend",
     "run_inference",
     "stack_samples",
@@ -875,6 +877,20 @@ _DISPATCH: dict[str, Callable[..., xr.DataTree]] = {
 }
 
 
+def reproducible_kernels() -> Any:
+    """Context in which PyTensor compiles its numba kernels without fast-math.
+
+    With fast-math (PyTensor's default) LLVM may reassociate sums and fuse
+    multiply-adds differently when a kernel is compiled afresh and when it is
+    loaded from numba's cache, so the same model, data and seed gave another fit
+    on a machine whose cache was cold: a Laplace mode 4e-6 posterior sd away, and
+    NUTS chains on another path (market-share MAE 0.039 against 0.029 on the same
+    world). Without it the kernels follow IEEE arithmetic and a seed gives one
+    answer (docs/performance.md: the cost, within about 10% a step).
+    """
+    return pytensor.config.change_flags(numba__fastmath=False)
+
+
 def run_inference(
     model: pm.Model,
     backend: str,
@@ -891,6 +907,20 @@ def run_inference(
     them, so that a run config's settings for ``backend = "auto"`` hold whichever
     backend it chooses). The posterior is checked with :func:`check_finite`.
     """
+    with reproducible_kernels():
+        return _run_inference(
+            model, backend, kwargs, random_seed=random_seed, progressbar=progressbar
+        )
+
+
+def _run_inference(
+    model: pm.Model,
+    backend: str,
+    kwargs: Mapping[str, Any],
+    *,
+    random_seed: int | None,
+    progressbar: bool,
+) -> xr.DataTree:
     kwargs = dict(kwargs)
     if backend != "laplace":
         ignored = [k for k in LAPLACE_KEYWORDS if kwargs.pop(k, None) is not None]
@@ -1046,7 +1076,7 @@ def prior_draws(
     level = forward.level
     forward.setLevel(logging.WARNING)
     try:
-        with model, warnings.catch_warnings():
+        with model, warnings.catch_warnings(), reproducible_kernels():
             warnings.filterwarnings("ignore", message=r"(?s).*[Pp]otential", category=UserWarning)
             prior = pm.sample_prior_predictive(
                 draws=draws, var_names=names, random_seed=random_seed
