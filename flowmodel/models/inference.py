@@ -891,6 +891,7 @@ def reproducible_kernels() -> Any:
     return pytensor.config.change_flags(numba__fastmath=False)
 
 
+@reproducible_kernels()
 def run_inference(
     model: pm.Model,
     backend: str,
@@ -905,22 +906,9 @@ def run_inference(
     understands (``tune``, ``target_accept`` and ``cores`` apply to NUTS only;
     :data:`LAPLACE_KEYWORDS` to Laplace only: another backend logs that it ignores
     them, so that a run config's settings for ``backend = "auto"`` hold whichever
-    backend it chooses). The posterior is checked with :func:`check_finite`.
+    backend it chooses). The posterior is checked with :func:`check_finite`. The
+    model's kernels are compiled without fast-math (:func:`reproducible_kernels`).
     """
-    with reproducible_kernels():
-        return _run_inference(
-            model, backend, kwargs, random_seed=random_seed, progressbar=progressbar
-        )
-
-
-def _run_inference(
-    model: pm.Model,
-    backend: str,
-    kwargs: Mapping[str, Any],
-    *,
-    random_seed: int | None,
-    progressbar: bool,
-) -> xr.DataTree:
     kwargs = dict(kwargs)
     if backend != "laplace":
         ignored = [k for k in LAPLACE_KEYWORDS if kwargs.pop(k, None) is not None]

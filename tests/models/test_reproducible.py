@@ -50,3 +50,26 @@ def test_a_seed_gives_one_fit_with_a_cold_or_a_warm_kernel_cache(tmp_path: Path)
     assert (tmp_path / "kernels").is_dir()  # the first process did compile into it
     assert fits[0].size > 50 and np.isfinite(fits[0]).all()
     np.testing.assert_array_equal(fits[0], fits[1])
+
+
+def test_inference_compiles_without_fast_math_and_restores_the_users_setting(monkeypatch) -> None:
+    """The flag is off while a backend runs, and the user's PyTensor setting is back after."""
+    import pymc as pm
+    import pytensor
+
+    from flowmodel.models import inference
+
+    seen = []
+
+    def backend(model, **kwargs):
+        seen.append(pytensor.config.numba__fastmath)
+        return inference._point_to_idata(model, model.initial_point())
+
+    monkeypatch.setitem(inference._DISPATCH, "map", backend)
+    monkeypatch.setattr(inference, "_fit_map", lambda model, **kw: backend(model, **kw))
+    with pm.Model() as model:
+        pm.Normal("x")
+    with pytensor.config.change_flags(numba__fastmath=True):
+        inference.run_inference(model, "map", {}, random_seed=0, progressbar=False)
+        assert pytensor.config.numba__fastmath is True
+    assert seen == [False]
